@@ -1,0 +1,601 @@
+//! One route file, checked against the schema (version 1) on its own. References between
+//! upstreams and routes are resolved later, when files are merged into a table.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use super::json::Json;
+use crate::sniff::{ServerName, MAX_LABEL_LEN};
+
+/// Bounds of one table; each is documented in the README.
+pub mod limits {
+    /// Bytes of one route file. 100,000 routes take about 6 MB.
+    pub const MAX_FILE_BYTES: u64 = 64 << 20;
+    /// Routes in a table, all files of a folder together.
+    pub const MAX_ROUTES: usize = 1_000_000;
+    /// Upstreams in a table.
+    pub const MAX_UPSTREAMS: usize = 100_000;
+    /// Servers in one upstream.
+    pub const MAX_SERVERS: usize = 256;
+    /// Largest server weight.
+    pub const MAX_WEIGHT: u32 = 1000;
+    /// Length of an upstream name.
+    pub const MAX_UPSTREAM_NAME: usize = 128;
+    /// Length of a route name (a DNS name: 253).
+    pub const MAX_ROUTE_NAME: usize = 253;
+    /// `*.json` files in a folder source.
+    pub const MAX_FILES: usize = 10_000;
+}
+use limits::*;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub upstreams: Vec<UpstreamDef>,
+    pub routes: Vec<(RouteKey, Targets)>,
+    pub default: Option<Targets>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamDef {
+    pub name: String,
+    pub kind: UpstreamKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamKind {
+    Servers(Vec<ServerDef>),
+    /// The name of an `upstream {}` block of nginx.conf.
+    Nginx(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerDef {
+    pub ip: IpAddr,
+    /// `None`: the port the client connected to.
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub backup: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RouteKey {
+    Exact(String),
+    /// `*.example.com`, stored as `example.com`.
+    Wildcard(String),
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteKey::Exact(name) => f.write_str(name),
+            RouteKey::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// Upstream names per protocol; a plain string in the file sets both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    pub tls: Option<String>,
+    pub http: Option<String>,
+}
+
+/// Where in a document a value sits, e.g. `upstreams.rancher.servers[2]`.
+#[derive(Clone, Copy)]
+pub enum JsonPath<'a> {
+    Root,
+    Key(&'a JsonPath<'a>, &'a str),
+    Index(&'a JsonPath<'a>, usize),
+}
+
+impl fmt::Display for JsonPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            JsonPath::Root => f.write_str("(top level)"),
+            JsonPath::Key(JsonPath::Root, key) if is_plain_key(key) => f.write_str(key),
+            JsonPath::Key(parent, key) if is_plain_key(key) => write!(f, "{parent}.{key}"),
+            JsonPath::Key(JsonPath::Root, key) => write!(f, "[{key:?}]"),
+            JsonPath::Key(parent, key) => write!(f, "{parent}[{key:?}]"),
+            JsonPath::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
+fn is_plain_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A value that breaks the schema: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for SchemaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn fail<T>(path: &JsonPath, message: impl Into<String>) -> Result<T, SchemaError> {
+    Err(SchemaError {
+        path: path.to_string(),
+        message: message.into(),
+    })
+}
+
+fn object<'j>(value: &'j Json, path: &JsonPath) -> Result<&'j [(String, Json)], SchemaError> {
+    match value {
+        Json::Object(entries) => Ok(entries),
+        other => fail(path, format!("expected an object, found {}", other.kind())),
+    }
+}
+
+fn string<'j>(value: &'j Json, path: &JsonPath) -> Result<&'j str, SchemaError> {
+    match value {
+        Json::String(s) => Ok(s),
+        other => fail(path, format!("expected a string, found {}", other.kind())),
+    }
+}
+
+fn integer(
+    value: &Json,
+    path: &JsonPath,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, SchemaError> {
+    match value {
+        Json::Number(n)
+            if n.fract() == 0.0
+                && *n >= f64::from(*range.start())
+                && *n <= f64::from(*range.end()) =>
+        {
+            Ok(*n as u32)
+        }
+        _ => fail(
+            path,
+            format!(
+                "expected an integer from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        ),
+    }
+}
+
+impl Document {
+    pub fn from_json(root: &Json) -> Result<Document, SchemaError> {
+        let top = JsonPath::Root;
+        let mut doc = Document {
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            default: None,
+        };
+        for (key, value) in object(root, &top)? {
+            let path = JsonPath::Key(&top, key);
+            match key.as_str() {
+                "version" => {
+                    if *value != Json::Number(1.0) {
+                        return fail(&path, "only version 1 is known");
+                    }
+                }
+                "upstreams" => doc.upstreams = upstreams(value, &path)?,
+                "routes" => doc.routes = routes(value, &path)?,
+                "default" => doc.default = Some(targets(value, &path)?),
+                _ => {
+                    return fail(
+                        &path,
+                        "unknown field (expected version, upstreams, routes or default)",
+                    )
+                }
+            }
+        }
+        Ok(doc)
+    }
+}
+
+fn upstreams(value: &Json, path: &JsonPath) -> Result<Vec<UpstreamDef>, SchemaError> {
+    let entries = object(value, path)?;
+    if entries.len() > MAX_UPSTREAMS {
+        return fail(path, format!("more than {MAX_UPSTREAMS} upstreams"));
+    }
+    entries
+        .iter()
+        .map(|(name, def)| {
+            let path = JsonPath::Key(path, name);
+            check_upstream_name(name, &path)?;
+            Ok(UpstreamDef {
+                name: name.clone(),
+                kind: upstream(def, &path)?,
+            })
+        })
+        .collect()
+}
+
+fn check_upstream_name(name: &str, path: &JsonPath) -> Result<(), SchemaError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_UPSTREAM_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        fail(
+            path,
+            format!("an upstream name is 1 to {MAX_UPSTREAM_NAME} of [A-Za-z0-9_.-]"),
+        )
+    }
+}
+
+fn upstream(value: &Json, path: &JsonPath) -> Result<UpstreamKind, SchemaError> {
+    let mut servers = None;
+    let mut nginx = None;
+    for (key, value) in object(value, path)? {
+        let path = JsonPath::Key(path, key);
+        match key.as_str() {
+            "servers" => servers = Some(server_list(value, &path)?),
+            "nginx_upstream" => nginx = Some(string(value, &path)?.to_owned()),
+            "balance" | "max_fails" | "fail_timeout" | "check" => {
+                return fail(&path, "not supported by this version of nginx-edge yet");
+            }
+            _ => return fail(&path, "unknown field (expected servers or nginx_upstream)"),
+        }
+    }
+    match (servers, nginx) {
+        (Some(servers), None) => Ok(UpstreamKind::Servers(servers)),
+        (None, Some(name)) => {
+            check_upstream_name(&name, &JsonPath::Key(path, "nginx_upstream"))?;
+            Ok(UpstreamKind::Nginx(name))
+        }
+        (Some(_), Some(_)) => fail(path, "servers and nginx_upstream exclude each other"),
+        (None, None) => fail(path, "needs servers or nginx_upstream"),
+    }
+}
+
+fn server_list(value: &Json, path: &JsonPath) -> Result<Vec<ServerDef>, SchemaError> {
+    let Json::Array(items) = value else {
+        return fail(path, format!("expected an array, found {}", value.kind()));
+    };
+    if items.is_empty() || items.len() > MAX_SERVERS {
+        return fail(path, format!("expected 1 to {MAX_SERVERS} servers"));
+    }
+    let mut servers: Vec<ServerDef> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let path = JsonPath::Index(path, i);
+        let server = server(item, &path)?;
+        if servers
+            .iter()
+            .any(|s| s.ip == server.ip && s.port == server.port)
+        {
+            return fail(&path, "duplicate server address");
+        }
+        servers.push(server);
+    }
+    if servers.iter().all(|s| s.backup) {
+        return fail(path, "every server is a backup");
+    }
+    Ok(servers)
+}
+
+fn server(value: &Json, path: &JsonPath) -> Result<ServerDef, SchemaError> {
+    let mut server = ServerDef {
+        ip: IpAddr::from([0, 0, 0, 0]),
+        port: None,
+        weight: 1,
+        backup: false,
+    };
+    let address = match value {
+        Json::String(address) => address,
+        Json::Object(entries) => {
+            let mut address = None;
+            for (key, value) in entries {
+                let path = JsonPath::Key(path, key);
+                match key.as_str() {
+                    "address" => address = Some(string(value, &path)?),
+                    "weight" => server.weight = integer(value, &path, 1..=MAX_WEIGHT)?,
+                    "backup" => match value {
+                        Json::Bool(b) => server.backup = *b,
+                        _ => return fail(&path, "expected true or false"),
+                    },
+                    _ => return fail(&path, "unknown field (expected address, weight or backup)"),
+                }
+            }
+            address.ok_or_else(|| SchemaError {
+                path: path.to_string(),
+                message: "a server needs an address".into(),
+            })?
+        }
+        other => {
+            return fail(
+                path,
+                format!(
+                    "expected an address string or an object, found {}",
+                    other.kind()
+                ),
+            )
+        }
+    };
+    (server.ip, server.port) = parse_address(address).ok_or_else(|| SchemaError {
+        path: path.to_string(),
+        message: format!(
+            "\"{address}\" is not an IP address with an optional port (IPv6 as [addr]:port)"
+        ),
+    })?;
+    Ok(server)
+}
+
+/// `10.0.0.1`, `10.0.0.1:8443`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:8443`.
+/// Host names are refused: resolving them would block the event loop (use `nginx_upstream`).
+pub fn parse_address(text: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some((ip, None));
+    }
+    if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+        return inner
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|ip| (IpAddr::V6(ip), None));
+    }
+    let addr: SocketAddr = text.parse().ok()?;
+    (addr.port() != 0).then_some((addr.ip(), Some(addr.port())))
+}
+
+fn routes(value: &Json, path: &JsonPath) -> Result<Vec<(RouteKey, Targets)>, SchemaError> {
+    let entries = object(value, path)?;
+    if entries.len() > MAX_ROUTES {
+        return fail(path, format!("more than {MAX_ROUTES} routes"));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    entries
+        .iter()
+        .map(|(key, value)| {
+            let path = JsonPath::Key(path, key);
+            let key = route_key(key, &path)?;
+            if !seen.insert(key.clone()) {
+                return fail(
+                    &path,
+                    format!("duplicate route (\"{key}\" once lower-cased)"),
+                );
+            }
+            Ok((key, targets(value, &path)?))
+        })
+        .collect()
+}
+
+fn route_key(key: &str, path: &JsonPath) -> Result<RouteKey, SchemaError> {
+    let (wildcard, name) = match key.strip_prefix("*.") {
+        Some(suffix) => (true, suffix),
+        None => (false, key),
+    };
+    let valid = name.len() <= MAX_ROUTE_NAME
+        && !name.ends_with('.')
+        && !name.starts_with('[')
+        && ServerName::parse(name.as_bytes()).is_some();
+    if !valid {
+        return fail(
+            path,
+            format!(
+                "a route is a host name (labels of [A-Za-z0-9_-], at most {MAX_LABEL_LEN} bytes each, \
+                 {MAX_ROUTE_NAME} in all) or *. followed by one"
+            ),
+        );
+    }
+    let name = name.to_ascii_lowercase();
+    Ok(if wildcard {
+        RouteKey::Wildcard(name)
+    } else {
+        RouteKey::Exact(name)
+    })
+}
+
+fn targets(value: &Json, path: &JsonPath) -> Result<Targets, SchemaError> {
+    match value {
+        Json::String(name) => {
+            check_upstream_name(name, path)?;
+            Ok(Targets {
+                tls: Some(name.clone()),
+                http: Some(name.clone()),
+            })
+        }
+        Json::Object(entries) => {
+            let mut t = Targets {
+                tls: None,
+                http: None,
+            };
+            for (key, value) in entries {
+                let path = JsonPath::Key(path, key);
+                let slot = match key.as_str() {
+                    "tls" => &mut t.tls,
+                    "http" => &mut t.http,
+                    _ => return fail(&path, "unknown field (expected tls or http)"),
+                };
+                let name = string(value, &path)?;
+                check_upstream_name(name, &path)?;
+                *slot = Some(name.to_owned());
+            }
+            if t.tls.is_none() && t.http.is_none() {
+                return fail(path, "names no upstream (expected tls, http or both)");
+            }
+            Ok(t)
+        }
+        other => fail(
+            path,
+            format!(
+                "expected an upstream name or {{\"tls\": .., \"http\": ..}}, found {}",
+                other.kind()
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Result<Document, String> {
+        let json: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Document::from_json(&json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reads_the_design_example() {
+        let d = doc(r#"{
+          "version": 1,
+          "upstreams": {
+            "rancher": { "servers": ["192.168.0.1", "192.168.0.2:8443", "[2001:db8::1]:443", "2001:db8::2"] },
+            "hetzner": { "servers": [ { "address": "203.0.113.7", "weight": 2 },
+                                      { "address": "203.0.113.8:8443", "backup": true } ] },
+            "local":   { "nginx_upstream": "local_vhosts" }
+          },
+          "routes": {
+            "Rancher.Example.com": "rancher",
+            "*.apps.example.com":  "hetzner",
+            "argocd.example.com":  { "tls": "hetzner" }
+          },
+          "default": "local"
+        }"#)
+        .unwrap();
+        assert_eq!(d.upstreams.len(), 3);
+        let UpstreamKind::Servers(ref servers) = d.upstreams[0].kind else {
+            panic!()
+        };
+        assert_eq!(servers[0].port, None);
+        assert_eq!(servers[1].port, Some(8443));
+        assert_eq!(servers[2].ip, "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(servers[3].port, None);
+        let UpstreamKind::Servers(ref servers) = d.upstreams[1].kind else {
+            panic!()
+        };
+        assert_eq!((servers[0].weight, servers[1].backup), (2, true));
+        assert_eq!(
+            d.upstreams[2].kind,
+            UpstreamKind::Nginx("local_vhosts".into())
+        );
+        assert_eq!(d.routes[0].0, RouteKey::Exact("rancher.example.com".into()));
+        assert_eq!(d.routes[1].0, RouteKey::Wildcard("apps.example.com".into()));
+        assert_eq!(
+            d.routes[2].1,
+            Targets {
+                tls: Some("hetzner".into()),
+                http: None
+            }
+        );
+        assert_eq!(d.default.unwrap().http.as_deref(), Some("local"));
+    }
+
+    #[test]
+    fn errors_give_the_json_path() {
+        let cases = [
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1", "10.0.0.2", "nope"]}}}"#,
+                "upstreams.u.servers[2]: \"nope\" is not an IP address",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1", "10.0.0.1"]}}}"#,
+                "upstreams.u.servers[1]: duplicate server address",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": [{"address": "10.0.0.1", "weight": 0}]}}}"#,
+                "upstreams.u.servers[0].weight: expected an integer from 1 to 1000",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": [{"adress": "10.0.0.1"}]}}}"#,
+                "upstreams.u.servers[0].adress: unknown field",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": []}}}"#,
+                "upstreams.u.servers: expected 1 to 256 servers",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1:0"]}}}"#,
+                "upstreams.u.servers[0]:",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["example.com:80"]}}}"#,
+                "upstreams.u.servers[0]:",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": [{"address": "10.0.0.1", "backup": true}]}}}"#,
+                "upstreams.u.servers: every server is a backup",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "nginx_upstream": "x"}}}"#,
+                "upstreams.u: servers and nginx_upstream exclude each other",
+            ),
+            (
+                r#"{"upstreams": {"u w": {"nginx_upstream": "x"}}}"#,
+                "upstreams[\"u w\"]: an upstream name",
+            ),
+            (
+                r#"{"routes": {"a.example.com": 3}}"#,
+                "routes[\"a.example.com\"]: expected an upstream name",
+            ),
+            (
+                r#"{"routes": {"a.example.com": {"tls": "u", "ftp": "u"}}}"#,
+                "routes[\"a.example.com\"].ftp: unknown field",
+            ),
+            (
+                r#"{"routes": {"a.example.com": {}}}"#,
+                "routes[\"a.example.com\"]: names no upstream",
+            ),
+            (
+                r#"{"routes": {"A.example.com": "u", "a.example.com": "u"}}"#,
+                "routes[\"a.example.com\"]: duplicate route",
+            ),
+            (
+                r#"{"routes": {"a/b": "u"}}"#,
+                "routes[\"a/b\"]: a route is a host name",
+            ),
+            (
+                r#"{"routes": {"*": "u"}}"#,
+                "routes[\"*\"]: a route is a host name",
+            ),
+            (
+                r#"{"routes": {"a.*.com": "u"}}"#,
+                "routes[\"a.*.com\"]: a route is a host name",
+            ),
+            (r#"{"version": 2}"#, "version: only version 1 is known"),
+            (r#"{"upstream": {}}"#, "upstream: unknown field"),
+            (r#"[]"#, "(top level): expected an object, found an array"),
+        ];
+        for (text, want) in cases {
+            let err = doc(text).unwrap_err();
+            assert!(
+                err.starts_with(want),
+                "{text}\n  got:  {err}\n  want: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("10.1.2.3"),
+            Some(("10.1.2.3".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_address("10.1.2.3:443"),
+            Some(("10.1.2.3".parse().unwrap(), Some(443)))
+        );
+        assert_eq!(parse_address("[::1]"), Some(("::1".parse().unwrap(), None)));
+        assert_eq!(
+            parse_address("[::1]:80"),
+            Some(("::1".parse().unwrap(), Some(80)))
+        );
+        for bad in [
+            "",
+            "10.1.2",
+            "10.1.2.3:",
+            "10.1.2.3:65536",
+            "localhost:80",
+            "::1:80:x",
+            "[::1",
+        ] {
+            assert_eq!(parse_address(bad), None, "{bad}");
+        }
+    }
+}

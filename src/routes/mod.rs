@@ -1,0 +1,9 @@
+//! Pure: the route table schema, its validation, lookup and the sources it is read from.
+
+pub mod balance;
+pub mod document;
+mod json;
+pub mod source;
+pub mod table;
+
+pub use json::Json;

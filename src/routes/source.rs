@@ -1,0 +1,581 @@
+//! A route source on disk: one JSON file, or a folder whose `*.json` files are merged in name
+//! order. Change is detected by (device, inode, size, mtime) after following symlinks, so both
+//! an atomic rename and a Kubernetes ConfigMap `..data` symlink swap are seen.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::document::limits::{MAX_FILES, MAX_FILE_BYTES};
+use super::document::Document;
+use super::json::Json;
+use super::table::RouteTable;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Error,
+    Warn,
+    Notice,
+}
+
+/// Something to log about a refresh, once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub level: Level,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Folder,
+}
+
+impl Kind {
+    fn of(meta: &fs::Metadata) -> Kind {
+        if meta.is_dir() {
+            Kind::Folder
+        } else {
+            Kind::File
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "a file",
+            Kind::Folder => "a folder",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
+/// One file of a source: the version last seen, and the last version that was accepted.
+#[derive(Debug)]
+struct Unit {
+    name: OsString,
+    path: PathBuf,
+    stamp: Stamp,
+    good: Option<Rc<Document>>,
+    /// The accepted version before `good`, while `good` is new in this refresh.
+    previous: Option<Option<Rc<Document>>>,
+}
+
+#[derive(Debug)]
+pub struct Source {
+    path: PathBuf,
+    kind: Kind,
+    units: Vec<Unit>,
+    table: Rc<RouteTable>,
+    generation: u64,
+    last_error: Option<String>,
+    /// The problem last reported for the source as a whole, so that it is logged once.
+    unreadable: Option<String>,
+}
+
+/// `nginx_upstream` names that exist in nginx.conf.
+pub type UpstreamCheck<'a> = &'a dyn Fn(&str) -> bool;
+
+impl Source {
+    /// Reads a source at configuration time: any error, in any file, is fatal.
+    pub fn open(
+        path: &Path,
+        upstream_exists: UpstreamCheck,
+    ) -> Result<(Source, Vec<Event>), String> {
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut source = Source {
+            path: path.to_owned(),
+            kind: Kind::of(&meta),
+            units: Vec::new(),
+            table: Rc::default(),
+            generation: 0,
+            last_error: None,
+            unreadable: None,
+        };
+        let events = source.refresh(upstream_exists);
+        if let Some(e) = events
+            .iter()
+            .find(|e| e.level != Level::Notice && !is_merge_warning(e))
+        {
+            return Err(e.message.clone());
+        }
+        let warnings = events.into_iter().filter(is_merge_warning).collect();
+        Ok((source, warnings))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn table(&self) -> &Rc<RouteTable> {
+        &self.table
+    }
+
+    /// How many tables have been swapped in, the first included.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Looks for changes and swaps in a new table if there are any. Never fails: problems come
+    /// back as events, and the last good table keeps serving.
+    pub fn refresh(&mut self, upstream_exists: UpstreamCheck) -> Vec<Event> {
+        let mut events = Vec::new();
+        let listing = match self.list() {
+            Ok(listing) => {
+                if self.unreadable.take().is_some() {
+                    events.push(notice(format!("{} is readable again", self.path.display())));
+                }
+                listing
+            }
+            Err(message) => {
+                if self.unreadable.as_ref() != Some(&message) {
+                    self.unreadable = Some(message.clone());
+                    let message = format!("{message}; the last good table keeps serving");
+                    self.last_error = Some(message.clone());
+                    events.push(Event {
+                        level: Level::Warn,
+                        message,
+                    });
+                }
+                return events;
+            }
+        };
+
+        let accepted_before = self.accepted();
+        let mut units = Vec::with_capacity(listing.len());
+        let mut old = std::mem::take(&mut self.units).into_iter().peekable();
+        for (name, path, stamp) in listing {
+            while old.next_if(|u| u.name < name).is_some() {}
+            let mut unit = match old.next_if(|u| u.name == name) {
+                Some(unit) if unit.stamp == stamp => {
+                    units.push(unit);
+                    continue;
+                }
+                Some(unit) => unit,
+                None => Unit {
+                    name,
+                    path,
+                    stamp,
+                    good: None,
+                    previous: None,
+                },
+            };
+            unit.stamp = stamp;
+            match read_document(&unit.path) {
+                Ok(doc) => unit.previous = Some(unit.good.replace(Rc::new(doc))),
+                Err(message) => {
+                    events.push(rejected(
+                        &message,
+                        unit.good.is_some() || self.generation > 0,
+                    ));
+                    self.last_error = Some(message);
+                }
+            }
+            units.push(unit);
+        }
+        self.units = units;
+        if self.generation > 0 && self.accepted() == accepted_before {
+            return events;
+        }
+        self.rebuild(upstream_exists, &mut events);
+        for unit in &mut self.units {
+            unit.previous = None;
+        }
+        events
+    }
+
+    /// Merges the accepted documents. A file whose references do not resolve is rejected
+    /// (reverted to its previous version, or left out) until the merge succeeds.
+    fn rebuild(&mut self, upstream_exists: UpstreamCheck, events: &mut Vec<Event>) {
+        loop {
+            let (docs, owners): (Vec<&Document>, Vec<usize>) = self
+                .units
+                .iter()
+                .enumerate()
+                .filter_map(|(i, u)| u.good.as_deref().map(|d| (d, i)))
+                .unzip();
+            match RouteTable::merge(&docs, upstream_exists) {
+                Ok((table, warnings)) => {
+                    for w in warnings {
+                        let file = self.units[owners[w.file]].path.display();
+                        events.push(Event {
+                            level: Level::Warn,
+                            message: format!("{file}: {}", w.message),
+                        });
+                    }
+                    self.generation += 1;
+                    self.table = Rc::new(table);
+                    let routes = self.table.route_count();
+                    let files = docs.len();
+                    events.push(notice(format!(
+                        "{}: table {} loaded, {routes} routes from {files} file(s)",
+                        self.path.display(),
+                        self.generation
+                    )));
+                    return;
+                }
+                Err(err) => {
+                    let culprit = owners[err.file];
+                    let message =
+                        format!("{}: {}", self.units[culprit].path.display(), err.message);
+                    events.push(rejected(&message, self.generation > 0));
+                    self.last_error = Some(message);
+                    // Revert the culprit if it is new; otherwise what changed around it.
+                    let revert: Vec<usize> = if self.units[culprit].previous.is_some() {
+                        vec![culprit]
+                    } else {
+                        let fresh: Vec<usize> = (0..self.units.len())
+                            .filter(|&i| self.units[i].previous.is_some())
+                            .collect();
+                        if fresh.is_empty() {
+                            vec![culprit]
+                        } else {
+                            fresh
+                        }
+                    };
+                    for i in revert {
+                        let unit = &mut self.units[i];
+                        unit.good = unit.previous.take().unwrap_or(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Identifies the documents in force: a refresh that leaves it unchanged swaps nothing.
+    fn accepted(&self) -> Vec<(OsString, *const Document)> {
+        self.units
+            .iter()
+            .filter_map(|u| u.good.as_ref().map(|d| (u.name.clone(), Rc::as_ptr(d))))
+            .collect()
+    }
+
+    /// The files of the source, sorted by name, with their stamps.
+    fn list(&self) -> Result<Vec<(OsString, PathBuf, Stamp)>, String> {
+        let shown = self.path.display();
+        let meta = fs::metadata(&self.path).map_err(|e| format!("{shown}: {e}"))?;
+        let kind = Kind::of(&meta);
+        if kind != self.kind {
+            return Err(format!(
+                "{shown} is now {} (it was {})",
+                kind.as_str(),
+                self.kind.as_str()
+            ));
+        }
+        if kind == Kind::File {
+            let name = self.path.file_name().unwrap_or_default().to_owned();
+            return Ok(vec![(name, self.path.clone(), Stamp::of(&meta))]);
+        }
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.path).map_err(|e| format!("{shown}: {e}"))? {
+            let entry = entry.map_err(|e| format!("{shown}: {e}"))?;
+            let name = entry.file_name();
+            let bytes = name.as_encoded_bytes();
+            // Kubernetes mounts keep their versions in hidden "..data" folders.
+            if bytes.starts_with(b".") || !bytes.ends_with(b".json") {
+                continue;
+            }
+            let path = entry.path();
+            match fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => files.push((name, path, Stamp::of(&meta))),
+                Ok(_) => {}
+                // A dangling symlink or a file removed since the listing: not a route file.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+            if files.len() > MAX_FILES {
+                return Err(format!("{shown}: more than {MAX_FILES} *.json files"));
+            }
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(files)
+    }
+}
+
+fn is_merge_warning(e: &Event) -> bool {
+    e.level == Level::Warn && e.message.contains(", ignored")
+}
+
+fn notice(message: String) -> Event {
+    Event {
+        level: Level::Notice,
+        message,
+    }
+}
+
+fn rejected(message: &str, keeps_serving: bool) -> Event {
+    let tail = if keeps_serving {
+        "; rejected, the last good version keeps serving"
+    } else {
+        ""
+    };
+    Event {
+        level: Level::Error,
+        message: format!("{message}{tail}"),
+    }
+}
+
+/// Reads and validates one file. Errors name the file and give line:column for syntax errors
+/// and the JSON path for schema errors.
+pub fn read_document(path: &Path) -> Result<Document, String> {
+    let shown = path.display();
+    let mut text = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
+    }
+    let json: Json = serde_json::from_slice(&text).map_err(|e| {
+        let full = e.to_string();
+        let what = full
+            .rsplit_once(" at line ")
+            .map_or(full.as_str(), |(what, _)| what);
+        format!("{shown}:{}:{}: {what}", e.line(), e.column())
+    })?;
+    Document::from_json(&json).map_err(|e| format!("{shown}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sniff::Protocol;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let path =
+                std::env::temp_dir().join(format!("edge-source-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        /// Writes atomically, as operators are told to.
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            let tmp = self.0.join(format!(".{name}.tmp"));
+            fs::write(&tmp, text).unwrap();
+            fs::rename(&tmp, &path).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn upstream_of(source: &Source, name: &str) -> Option<String> {
+        source
+            .table()
+            .lookup(Some(name), Protocol::Tls)
+            .map(|m| m.upstream.name.to_string())
+    }
+
+    const A: &str =
+        r#"{"upstreams": {"a": {"servers": ["127.0.0.1"]}}, "routes": {"a.test": "a"}}"#;
+    const B: &str = r#"{"upstreams": {"b": {"servers": ["127.0.0.2"]}}, "routes": {"b.test": "b", "x.test": "a"}}"#;
+
+    #[test]
+    fn config_time_errors_are_fatal_and_precise() {
+        let dir = Dir::new("fatal");
+        let file = dir.write(
+            "r.json",
+            "{\n  \"routes\": {\n    \"a.test\": \"a\",\n  }\n}",
+        );
+        let err = Source::open(&file, &|_| true).unwrap_err();
+        assert_eq!(err, format!("{}:4:3: trailing comma", file.display()));
+        dir.write("r.json", r#"{"routes": {"a.test": "nope"}}"#);
+        let err = Source::open(&file, &|_| true).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "{}: routes[\"a.test\"]: unknown upstream \"nope\"",
+                file.display()
+            )
+        );
+        dir.write(
+            "r.json",
+            r#"{"upstreams": {"a": {"servers": ["10.0.0.1", "10.0.0.x"]}}}"#,
+        );
+        let err = Source::open(&file, &|_| true).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: upstreams.a.servers[1]: ", file.display())),
+            "{err}"
+        );
+        let err = Source::open(&dir.0.join("missing.json"), &|_| true).unwrap_err();
+        assert!(err.contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_file_keeps_the_last_good_table_and_is_reported_once() {
+        let dir = Dir::new("keep");
+        let file = dir.write("r.json", A);
+        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        assert_eq!(source.generation(), 1);
+        assert!(source.refresh(&|_| true).is_empty(), "nothing changed");
+        dir.write("r.json", "{oops");
+        let events = source.refresh(&|_| true);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].level, Level::Error);
+        assert!(
+            events[0]
+                .message
+                .contains("r.json:1:2: key must be a string; rejected"),
+            "{events:?}"
+        );
+        assert!(
+            source.refresh(&|_| true).is_empty(),
+            "reported once per change"
+        );
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        dir.write("r.json", B.replace("\"a\"", "\"b\"").as_str());
+        let events = source.refresh(&|_| true);
+        assert_eq!(events[0].level, Level::Notice, "{events:?}");
+        assert_eq!(source.generation(), 2);
+        assert_eq!(upstream_of(&source, "a.test"), None);
+        assert_eq!(upstream_of(&source, "x.test").as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn missing_source_warns_once_and_keeps_serving() {
+        let dir = Dir::new("missing");
+        let file = dir.write("r.json", A);
+        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        fs::remove_file(&file).unwrap();
+        let events = source.refresh(&|_| true);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].level, Level::Warn);
+        assert!(source.refresh(&|_| true).is_empty());
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        fs::create_dir(&file).unwrap();
+        let events = source.refresh(&|_| true);
+        assert!(
+            events[0]
+                .message
+                .contains("is now a folder (it was a file)"),
+            "{events:?}"
+        );
+        fs::remove_dir(&file).unwrap();
+        dir.write("r.json", A);
+        let events = source.refresh(&|_| true);
+        assert_eq!(
+            events[0].message,
+            format!("{} is readable again", file.display())
+        );
+    }
+
+    #[test]
+    fn folder_files_are_units() {
+        let dir = Dir::new("folder");
+        dir.write("10-a.json", A);
+        dir.write("20-b.json", B);
+        fs::write(dir.0.join("notes.txt"), "ignored").unwrap();
+        let (mut source, warnings) = Source::open(&dir.0, &|_| true).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(
+            upstream_of(&source, "x.test").as_deref(),
+            Some("a"),
+            "reference across files"
+        );
+
+        // A broken file keeps its last good version; the others update.
+        dir.write("20-b.json", "[");
+        dir.write("10-a.json", &A.replace("a.test", "a2.test"));
+        let events = source.refresh(&|_| true);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.level == Level::Error && e.message.contains("20-b.json:1:1")),
+            "{events:?}"
+        );
+        assert_eq!(upstream_of(&source, "a2.test").as_deref(), Some("a"));
+        assert_eq!(upstream_of(&source, "b.test").as_deref(), Some("b"));
+
+        // A new version that removes an upstream another file uses is rejected whole.
+        dir.write("20-b.json", B);
+        source.refresh(&|_| true);
+        dir.write("10-a.json", r#"{"routes": {"a.test": "b"}}"#);
+        let events = source.refresh(&|_| true);
+        assert!(
+            events.iter().any(|e| e.level == Level::Error
+                && e.message
+                    .contains("20-b.json: routes[\"x.test\"]: unknown upstream \"a\"")),
+            "{events:?}"
+        );
+        assert_eq!(
+            upstream_of(&source, "a2.test").as_deref(),
+            Some("a"),
+            "10-a.json reverted"
+        );
+
+        // The same route in two files: the earlier file's stands, with a warning.
+        dir.write("30-c.json", r#"{"routes": {"b.test": "a"}}"#);
+        let events = source.refresh(&|_| true);
+        assert!(
+            events.iter().any(|e| e.level == Level::Warn
+                && e.message
+                    .contains("30-c.json: routes[\"b.test\"]: already routed")),
+            "{events:?}"
+        );
+        assert_eq!(upstream_of(&source, "b.test").as_deref(), Some("b"));
+
+        // Removing a file removes its routes.
+        fs::remove_file(dir.0.join("20-b.json")).unwrap();
+        fs::remove_file(dir.0.join("30-c.json")).unwrap();
+        source.refresh(&|_| true);
+        assert_eq!(upstream_of(&source, "b.test"), None);
+        assert_eq!(upstream_of(&source, "a2.test").as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn symlink_swap_is_seen() {
+        let dir = Dir::new("symlink");
+        fs::create_dir(dir.0.join("..v1")).unwrap();
+        fs::write(dir.0.join("..v1/routes.json"), A).unwrap();
+        std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/routes.json", dir.0.join("routes.json")).unwrap();
+        let (mut source, _) = Source::open(&dir.0, &|_| true).unwrap();
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        fs::create_dir(dir.0.join("..v2")).unwrap();
+        fs::write(
+            dir.0.join("..v2/routes.json"),
+            A.replace("a.test", "v2.test"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..v2", dir.0.join("..data_tmp")).unwrap();
+        fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).unwrap();
+        source.refresh(&|_| true);
+        assert_eq!(upstream_of(&source, "v2.test").as_deref(), Some("a"));
+        assert_eq!(source.generation(), 2);
+    }
+}

@@ -1,0 +1,421 @@
+//! The route table a worker serves from: documents merged, references resolved, and the
+//! name lookup (exact, then longest wildcard suffix, then default).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::balance::RoundRobin;
+use super::document::{limits::MAX_ROUTES, Document, RouteKey, Targets, UpstreamKind};
+use crate::sniff::Protocol;
+
+pub type UpstreamId = u32;
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Box<str>,
+    pub kind: Backend,
+}
+
+#[derive(Debug)]
+pub enum Backend {
+    /// Balanced by the module.
+    Servers(RoundRobin),
+    /// Handed to nginx by name.
+    Nginx(Box<str>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    tls: Option<UpstreamId>,
+    http: Option<UpstreamId>,
+}
+
+impl Route {
+    fn upstream(&self, protocol: Protocol) -> Option<UpstreamId> {
+        match protocol {
+            Protocol::Tls => self.tls,
+            Protocol::Http => self.http,
+        }
+    }
+}
+
+/// Which rule matched a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchedBy<'t> {
+    Exact(&'t str),
+    /// The suffix after `*.`.
+    Wildcard(&'t str),
+    Default,
+}
+
+impl fmt::Display for MatchedBy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatchedBy::Exact(name) => f.write_str(name),
+            MatchedBy::Wildcard(suffix) => write!(f, "*.{suffix}"),
+            MatchedBy::Default => f.write_str("default"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Match<'t> {
+    pub by: MatchedBy<'t>,
+    pub upstream: &'t Upstream,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    upstreams: Vec<Upstream>,
+    exact: HashMap<Box<str>, Route>,
+    wildcard: HashMap<Box<str>, Route>,
+    default: Option<Route>,
+}
+
+/// Something worth a warning that does not reject the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeWarning {
+    pub file: usize,
+    pub message: String,
+}
+
+/// A reference to an upstream that no file defines, found in file `file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeError {
+    pub file: usize,
+    pub message: String,
+}
+
+impl RouteTable {
+    /// Merges documents in order. A name defined twice (upstream, route or default) keeps its
+    /// first definition and yields a warning. `nginx_upstream_exists` tells which nginx.conf
+    /// upstream blocks exist.
+    pub fn merge(
+        documents: &[&Document],
+        nginx_upstream_exists: &dyn Fn(&str) -> bool,
+    ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
+        let mut table = RouteTable::default();
+        let mut warnings = Vec::new();
+        let mut ids: HashMap<&str, (UpstreamId, usize)> = HashMap::new();
+
+        for (file, doc) in documents.iter().enumerate() {
+            for def in &doc.upstreams {
+                if let Some(&(_, first)) = ids.get(def.name.as_str()) {
+                    warnings.push(MergeWarning {
+                        file,
+                        message: format!(
+                            "upstreams.{}: already defined in an earlier file (#{first}), ignored",
+                            def.name
+                        ),
+                    });
+                    continue;
+                }
+                let kind = match &def.kind {
+                    UpstreamKind::Servers(servers) => {
+                        Backend::Servers(RoundRobin::new(servers.clone()))
+                    }
+                    UpstreamKind::Nginx(name) => {
+                        if !nginx_upstream_exists(name) {
+                            return Err(MergeError {
+                                file,
+                                message: format!(
+                                    "upstreams.{}.nginx_upstream: no \"upstream {name} {{}}\" block in the stream section of nginx.conf",
+                                    def.name
+                                ),
+                            });
+                        }
+                        Backend::Nginx(name.as_str().into())
+                    }
+                };
+                ids.insert(&def.name, (table.upstreams.len() as UpstreamId, file));
+                table.upstreams.push(Upstream {
+                    name: def.name.as_str().into(),
+                    kind,
+                });
+            }
+        }
+
+        let resolve =
+            |file: usize, path: &dyn fmt::Display, t: &Targets| -> Result<Route, MergeError> {
+                let id = |name: &Option<String>, proto: &str| match name {
+                    None => Ok(None),
+                    Some(name) => {
+                        ids.get(name.as_str())
+                            .map(|&(id, _)| Some(id))
+                            .ok_or_else(|| MergeError {
+                                file,
+                                message: format!("{path}{proto}: unknown upstream \"{name}\""),
+                            })
+                    }
+                };
+                let proto_suffix = |p: &'static str| if t.tls == t.http { "" } else { p };
+                Ok(Route {
+                    tls: id(&t.tls, proto_suffix(".tls"))?,
+                    http: id(&t.http, proto_suffix(".http"))?,
+                })
+            };
+
+        let total: usize = documents.iter().map(|d| d.routes.len()).sum();
+        if total > MAX_ROUTES {
+            return Err(MergeError {
+                file: documents.len().saturating_sub(1),
+                message: format!("{total} routes in all, more than the limit of {MAX_ROUTES}"),
+            });
+        }
+        for (file, doc) in documents.iter().enumerate() {
+            for (key, targets) in &doc.routes {
+                let route = resolve(file, &format_args!("routes[\"{key}\"]"), targets)?;
+                let (map, name) = match key {
+                    RouteKey::Exact(name) => (&mut table.exact, name),
+                    RouteKey::Wildcard(suffix) => (&mut table.wildcard, suffix),
+                };
+                if map.contains_key(name.as_str()) {
+                    warnings.push(MergeWarning {
+                        file,
+                        message: format!(
+                            "routes[\"{key}\"]: already routed by an earlier file, ignored"
+                        ),
+                    });
+                    continue;
+                }
+                map.insert(name.as_str().into(), route);
+            }
+            if let Some(targets) = &doc.default {
+                let route = resolve(file, &"default", targets)?;
+                if table.default.is_some() {
+                    warnings.push(MergeWarning {
+                        file,
+                        message: "default: already set by an earlier file, ignored".into(),
+                    });
+                } else {
+                    table.default = Some(route);
+                }
+            }
+        }
+        Ok((table, warnings))
+    }
+
+    /// Finds the upstream for a name read from a client (already lower-cased), or for a
+    /// connection without a name. Costs one hash lookup, plus one per label for wildcards.
+    pub fn lookup(&self, name: Option<&str>, protocol: Protocol) -> Option<Match<'_>> {
+        let found = name.and_then(|name| self.lookup_name(name, protocol));
+        let (by, id) = match found {
+            Some(found) => found,
+            None => (MatchedBy::Default, self.default?.upstream(protocol)?),
+        };
+        Some(Match {
+            by,
+            upstream: &self.upstreams[id as usize],
+        })
+    }
+
+    fn lookup_name<'t>(
+        &'t self,
+        name: &str,
+        protocol: Protocol,
+    ) -> Option<(MatchedBy<'t>, UpstreamId)> {
+        if let Some((key, route)) = self.exact.get_key_value(name) {
+            if let Some(id) = route.upstream(protocol) {
+                return Some((MatchedBy::Exact(key), id));
+            }
+        }
+        if self.wildcard.is_empty() {
+            return None;
+        }
+        // Longest suffix first: for a.b.example.com try b.example.com, example.com, com.
+        let mut rest = name;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some((key, route)) = self.wildcard.get_key_value(rest) {
+                if let Some(id) = route.upstream(protocol) {
+                    return Some((MatchedBy::Wildcard(key), id));
+                }
+            }
+        }
+        None
+    }
+
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+}
+
+impl Upstream {
+    pub fn servers(&self) -> Option<&RoundRobin> {
+        match &self.kind {
+            Backend::Servers(rr) => Some(rr),
+            Backend::Nginx(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::json::Json;
+
+    fn document(text: &str) -> Document {
+        let json: Json = serde_json::from_str(text).unwrap();
+        Document::from_json(&json).unwrap()
+    }
+
+    fn table(texts: &[&str]) -> (RouteTable, Vec<MergeWarning>) {
+        let docs: Vec<Document> = texts.iter().map(|t| document(t)).collect();
+        let refs: Vec<&Document> = docs.iter().collect();
+        RouteTable::merge(&refs, &|name| name == "vhosts").unwrap()
+    }
+
+    fn find(t: &RouteTable, name: Option<&str>, p: Protocol) -> Option<(String, String)> {
+        t.lookup(name, p)
+            .map(|m| (m.by.to_string(), m.upstream.name.to_string()))
+    }
+
+    fn pair(by: &str, up: &str) -> Option<(String, String)> {
+        Some((by.to_owned(), up.to_owned()))
+    }
+
+    const BASE: &str = r#"{
+        "upstreams": {
+            "a": {"servers": ["127.0.0.1"]}, "b": {"servers": ["127.0.0.2"]},
+            "c": {"servers": ["127.0.0.3"]}, "local": {"nginx_upstream": "vhosts"}
+        },
+        "routes": {
+            "exact.example.com": "a",
+            "*.example.com": "b",
+            "*.deep.example.com": "c",
+            "deep.example.com": "a",
+            "split.example.com": {"tls": "a"}
+        }
+    }"#;
+
+    #[test]
+    fn exact_beats_wildcard_and_longest_suffix_wins() {
+        let (t, warnings) = table(&[BASE]);
+        assert!(warnings.is_empty());
+        assert_eq!(
+            find(&t, Some("exact.example.com"), Protocol::Tls),
+            pair("exact.example.com", "a")
+        );
+        assert_eq!(
+            find(&t, Some("x.example.com"), Protocol::Tls),
+            pair("*.example.com", "b")
+        );
+        assert_eq!(
+            find(&t, Some("x.y.example.com"), Protocol::Tls),
+            pair("*.example.com", "b")
+        );
+        assert_eq!(
+            find(&t, Some("x.deep.example.com"), Protocol::Http),
+            pair("*.deep.example.com", "c")
+        );
+        assert_eq!(
+            find(&t, Some("deep.example.com"), Protocol::Http),
+            pair("deep.example.com", "a")
+        );
+        // The wildcard covers names below the suffix, not the suffix itself.
+        assert_eq!(find(&t, Some("example.com"), Protocol::Tls), None);
+        assert_eq!(find(&t, Some("other.test"), Protocol::Tls), None);
+        assert_eq!(find(&t, None, Protocol::Tls), None);
+    }
+
+    #[test]
+    fn a_route_without_the_protocol_falls_through() {
+        let (t, _) = table(&[BASE]);
+        assert_eq!(
+            find(&t, Some("split.example.com"), Protocol::Tls),
+            pair("split.example.com", "a")
+        );
+        assert_eq!(
+            find(&t, Some("split.example.com"), Protocol::Http),
+            pair("*.example.com", "b")
+        );
+    }
+
+    #[test]
+    fn default_serves_unmatched_and_nameless() {
+        let (t, _) = table(&[BASE, r#"{"default": "local"}"#]);
+        assert_eq!(
+            find(&t, Some("other.test"), Protocol::Tls),
+            pair("default", "local")
+        );
+        assert_eq!(find(&t, None, Protocol::Http), pair("default", "local"));
+        assert!(
+            matches!(t.lookup(None, Protocol::Http).unwrap().upstream.kind, Backend::Nginx(ref n) if &**n == "vhosts")
+        );
+    }
+
+    #[test]
+    fn merge_keeps_first_definition_and_resolves_across_files() {
+        let (t, warnings) = table(&[
+            BASE,
+            r#"{"upstreams": {"a": {"servers": ["10.9.9.9"]}, "d": {"servers": ["127.0.0.4"]}},
+                "routes": {"exact.example.com": "d", "new.test": "a"}, "default": "b"}"#,
+            r#"{"routes": {"other.test": "d"}, "default": "c"}"#,
+        ]);
+        assert_eq!(
+            find(&t, Some("exact.example.com"), Protocol::Tls),
+            pair("exact.example.com", "a")
+        );
+        assert_eq!(
+            find(&t, Some("other.test"), Protocol::Tls),
+            pair("other.test", "d")
+        );
+        assert_eq!(
+            find(&t, Some("nowhere.test"), Protocol::Tls),
+            pair("default", "b")
+        );
+        let files: Vec<usize> = warnings.iter().map(|w| w.file).collect();
+        assert_eq!(files, [1, 1, 2], "{warnings:?}");
+        assert!(warnings[0]
+            .message
+            .starts_with("upstreams.a: already defined"));
+        assert!(warnings[1]
+            .message
+            .starts_with("routes[\"exact.example.com\"]: already routed"));
+    }
+
+    #[test]
+    fn unknown_references_name_file_and_path() {
+        let docs = [
+            document(BASE),
+            document(r#"{"routes": {"x.test": {"http": "nope"}}}"#),
+        ];
+        let err = RouteTable::merge(&[&docs[0], &docs[1]], &|_| true).unwrap_err();
+        assert_eq!(
+            err,
+            MergeError {
+                file: 1,
+                message: "routes[\"x.test\"].http: unknown upstream \"nope\"".into()
+            }
+        );
+        let doc = document(r#"{"upstreams": {"l": {"nginx_upstream": "missing"}}}"#);
+        let err = RouteTable::merge(&[&doc], &|_| false).unwrap_err();
+        assert!(err
+            .message
+            .starts_with("upstreams.l.nginx_upstream: no \"upstream missing {}\""));
+        let doc = document(r#"{"default": "x"}"#);
+        let err = RouteTable::merge(&[&doc], &|_| false).unwrap_err();
+        assert_eq!(err.message, "default: unknown upstream \"x\"");
+    }
+
+    #[test]
+    fn lookup_does_not_depend_on_table_size() {
+        let routes: Vec<String> = (0..20_000)
+            .map(|i| format!("\"host{i}.example.net\": \"a\""))
+            .collect();
+        let text = format!(
+            r#"{{"upstreams": {{"a": {{"servers": ["127.0.0.1"]}}}}, "routes": {{{}}}}}"#,
+            routes.join(",")
+        );
+        let (t, _) = table(&[&text]);
+        assert_eq!(t.route_count(), 20_000);
+        assert_eq!(
+            find(&t, Some("host19999.example.net"), Protocol::Tls),
+            pair("host19999.example.net", "a")
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Host names as read from clients: validated and normalised into a fixed buffer.
+
+use core::fmt;
+
+/// Longest name accepted from a client, in bytes; longer ones count as no name.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest DNS label accepted from a client.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// A lower-cased host name without port or trailing dot: a DNS name, an IPv4 literal, or an
+/// IPv6 literal kept in brackets. Lives on the stack; reading one never allocates.
+#[derive(Clone, Copy)]
+pub struct ServerName {
+    len: u8,
+    buf: [u8; MAX_NAME_LEN],
+}
+
+impl ServerName {
+    /// Validates and lower-cases `raw`, which has no port. One trailing dot is dropped.
+    /// Returns `None` for anything that is not a plausible host name: empty or too long,
+    /// a label over 63 bytes, empty labels (`a..b`), or bytes outside `[A-Za-z0-9._-]`
+    /// (control characters, spaces, `/`, `@`, `%`, ...).
+    pub fn parse(raw: &[u8]) -> Option<ServerName> {
+        let raw = raw.strip_suffix(b".").unwrap_or(raw);
+        if raw.first() == Some(&b'[') {
+            return Self::parse_ipv6_literal(raw);
+        }
+        if raw.is_empty() || raw.len() > MAX_NAME_LEN {
+            return None;
+        }
+        let mut name = ServerName {
+            len: raw.len() as u8,
+            buf: [0; MAX_NAME_LEN],
+        };
+        let mut label = 0usize;
+        for (i, &b) in raw.iter().enumerate() {
+            match b {
+                b'.' => {
+                    if label == 0 {
+                        return None;
+                    }
+                    label = 0;
+                }
+                b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => label += 1,
+                b'A'..=b'Z' => label += 1,
+                _ => return None,
+            }
+            if label > MAX_LABEL_LEN {
+                return None;
+            }
+            name.buf[i] = b.to_ascii_lowercase();
+        }
+        (label > 0).then_some(name)
+    }
+
+    fn parse_ipv6_literal(raw: &[u8]) -> Option<ServerName> {
+        let inner = raw.strip_prefix(b"[")?.strip_suffix(b"]")?;
+        let text = core::str::from_utf8(inner).ok()?;
+        text.parse::<core::net::Ipv6Addr>().ok()?;
+        let mut name = ServerName {
+            len: raw.len() as u8,
+            buf: [0; MAX_NAME_LEN],
+        };
+        for (dst, &b) in name.buf.iter_mut().zip(raw) {
+            *dst = b.to_ascii_lowercase();
+        }
+        Some(name)
+    }
+
+    /// Splits `host[:port]` (or `[v6]:port`) and parses the host part. The port, if any,
+    /// must be decimal digits; it is dropped.
+    pub fn parse_authority(authority: &[u8]) -> Option<ServerName> {
+        let host = if authority.first() == Some(&b'[') {
+            let end = authority.iter().position(|&b| b == b']')? + 1;
+            let (host, rest) = authority.split_at(end);
+            if !rest.is_empty() && !is_port(rest.strip_prefix(b":")?) {
+                return None;
+            }
+            host
+        } else {
+            match authority.iter().rposition(|&b| b == b':') {
+                Some(colon) if is_port(&authority[colon + 1..]) => &authority[..colon],
+                Some(_) => return None,
+                None => authority,
+            }
+        };
+        Self::parse(host)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII bytes are ever stored.
+        core::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+fn is_port(digits: &[u8]) -> bool {
+    (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+}
+
+impl PartialEq for ServerName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl fmt::Debug for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServerName({:?})", self.as_str())
+    }
+}
+
+impl fmt::Display for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(raw: &str) -> Option<String> {
+        ServerName::parse(raw.as_bytes()).map(|n| n.as_str().to_owned())
+    }
+
+    fn authority(raw: &str) -> Option<String> {
+        ServerName::parse_authority(raw.as_bytes()).map(|n| n.as_str().to_owned())
+    }
+
+    #[test]
+    fn lower_cases_and_drops_one_trailing_dot() {
+        assert_eq!(
+            name("Rancher.Example.COM.").as_deref(),
+            Some("rancher.example.com")
+        );
+        assert_eq!(name("a.b..").as_deref(), None);
+        assert_eq!(
+            name("under_score-1.test").as_deref(),
+            Some("under_score-1.test")
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_host_name() {
+        for bad in [
+            "",
+            ".",
+            ".a",
+            "a..b",
+            "a b",
+            "a/b",
+            "a\0b",
+            "a\r\nb",
+            "..",
+            "a@b",
+            "a%2eb",
+            "é.test",
+            "[::1",
+            "[not-v6]",
+            "*.example.com",
+        ] {
+            assert_eq!(name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn enforces_name_and_label_lengths() {
+        let label63 = "a".repeat(63);
+        assert!(name(&format!("{label63}.test")).is_some());
+        assert!(name(&format!("{label63}a.test")).is_none());
+        let long = ["abcdefg"; 32].join(".");
+        assert_eq!(long.len(), 255);
+        assert!(name(&long).is_some());
+        assert!(name(&format!("{long}x")).is_none());
+        // The trailing dot does not count toward the limit.
+        assert!(name(&format!("{long}.")).is_some());
+    }
+
+    #[test]
+    fn keeps_ipv6_literals_in_brackets() {
+        assert_eq!(name("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(
+            authority("[2001:DB8::1]:8080").as_deref(),
+            Some("[2001:db8::1]")
+        );
+        assert_eq!(authority("[::1]x"), None);
+        assert_eq!(name("127.0.0.1").as_deref(), Some("127.0.0.1"));
+    }
+
+    #[test]
+    fn authority_drops_a_numeric_port() {
+        assert_eq!(authority("Example.com:80").as_deref(), Some("example.com"));
+        assert_eq!(
+            authority("example.com.:5002").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(authority("example.com:").as_deref(), None);
+        assert_eq!(authority("example.com:http"), None);
+        assert_eq!(authority("example.com:123456"), None);
+        assert_eq!(authority("a:1:2"), None);
+    }
+}
