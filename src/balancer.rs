@@ -1,0 +1,185 @@
+//! Peer callbacks of the module-owned upstream group (`nginx_edge`): nginx's proxy module asks
+//! them for a server, and tells them how the attempt went.
+
+use core::ffi::c_void;
+use core::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+
+use nginx_sys::{
+    ngx_conf_t, ngx_int_t, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_stream_session_t,
+    ngx_stream_upstream_srv_conf_t, ngx_uint_t, sockaddr, sockaddr_in, sockaddr_in6, socklen_t,
+    NGX_BUSY, NGX_ERROR, NGX_LOG_ERR, NGX_OK,
+};
+use ngx::ngx_log_error;
+
+use crate::routes::balance::{RoundRobin, Tried};
+use crate::stream;
+
+/// Per-session balancer state, in the connection's pool.
+struct PeerData {
+    servers: *const RoundRobin,
+    tried: Tried,
+    /// The port the client connected to, for servers listed without one.
+    local_port: u16,
+    pool: *mut nginx_sys::ngx_pool_t,
+}
+
+pub unsafe extern "C" fn init_upstream(
+    _cf: *mut ngx_conf_t,
+    us: *mut ngx_stream_upstream_srv_conf_t,
+) -> ngx_int_t {
+    (*us).peer.init = Some(init_peer);
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn init_peer(
+    s: *mut ngx_stream_session_t,
+    _us: *mut ngx_stream_upstream_srv_conf_t,
+) -> ngx_int_t {
+    let c = &*(*s).connection;
+    let servers = stream::session_ctx(s)
+        .and_then(|ctx| ctx.upstream())
+        .and_then(|u| u.servers());
+    let Some(servers) = servers else {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            c.log,
+            "edge: proxy_pass to nginx_edge in a server without edge_route"
+        );
+        return NGX_ERROR as ngx_int_t;
+    };
+    let data = nginx_sys::ngx_palloc(c.pool, core::mem::size_of::<PeerData>()).cast::<PeerData>();
+    if data.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    data.write(PeerData {
+        servers,
+        tried: Tried::default(),
+        local_port: local_port(c.local_sockaddr),
+        pool: c.pool,
+    });
+    let peer = &mut (*(*s).upstream).peer;
+    peer.data = data.cast();
+    peer.get = Some(get_peer);
+    peer.free = Some(free_peer);
+    peer.tries = servers.servers().len() as ngx_uint_t;
+    // nginx calls these without a NULL check when proxy_ssl is on.
+    peer.set_session = Some(set_session);
+    peer.save_session = Some(save_session);
+    NGX_OK as ngx_int_t
+}
+
+unsafe fn local_port(sa: *mut sockaddr) -> u16 {
+    if sa.is_null() {
+        return 0;
+    }
+    match i32::from((*sa).sa_family) {
+        libc::AF_INET => u16::from_be((*sa.cast::<sockaddr_in>()).sin_port),
+        libc::AF_INET6 => u16::from_be((*sa.cast::<sockaddr_in6>()).sin6_port),
+        _ => 0,
+    }
+}
+
+unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    let pc = &mut *pc;
+    let data = &mut *data.cast::<PeerData>();
+    let servers = &*data.servers;
+    let Some(i) = servers.pick(&data.tried) else {
+        return NGX_BUSY as ngx_int_t;
+    };
+    data.tried.insert(i);
+    let server = &servers.servers()[i];
+    let addr = SocketAddr::new(server.ip, server.port.unwrap_or(data.local_port));
+    match write_sockaddr(data.pool, addr) {
+        Some((sa, len, name)) => {
+            pc.sockaddr = sa;
+            pc.socklen = len;
+            pc.name = name;
+            NGX_OK as ngx_int_t
+        }
+        None => NGX_ERROR as ngx_int_t,
+    }
+}
+
+unsafe extern "C" fn free_peer(
+    pc: *mut ngx_peer_connection_t,
+    _data: *mut c_void,
+    _state: ngx_uint_t,
+) {
+    // The proxy module stops retrying when this reaches zero.
+    let pc = &mut *pc;
+    pc.tries = pc.tries.saturating_sub(1);
+}
+
+unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) {}
+
+/// The sockaddr and its printable name, in the pool: the table may be swapped mid-session.
+unsafe fn write_sockaddr(
+    pool: *mut nginx_sys::ngx_pool_t,
+    addr: SocketAddr,
+) -> Option<(*mut sockaddr, socklen_t, *mut ngx_str_t)> {
+    let (sa, len) = match addr.ip() {
+        IpAddr::V4(ip) => {
+            let sin = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in>())
+                .cast::<sockaddr_in>();
+            let sin = sin.as_mut()?;
+            sin.sin_family = libc::AF_INET as _;
+            sin.sin_port = addr.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
+            (
+                core::ptr::from_mut(sin).cast::<sockaddr>(),
+                core::mem::size_of::<sockaddr_in>(),
+            )
+        }
+        IpAddr::V6(ip) => {
+            let sin6 = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in6>())
+                .cast::<sockaddr_in6>();
+            let sin6 = sin6.as_mut()?;
+            sin6.sin6_family = libc::AF_INET6 as _;
+            sin6.sin6_port = addr.port().to_be();
+            sin6.sin6_addr.__in6_u.__u6_addr8 = ip.octets();
+            (
+                core::ptr::from_mut(sin6).cast::<sockaddr>(),
+                core::mem::size_of::<sockaddr_in6>(),
+            )
+        }
+    };
+    // "[ffff:...:ffff]:65535" is at most 47 bytes.
+    const NAME_MAX: usize = 48;
+    let text = ngx_pnalloc(pool, NAME_MAX).cast::<u8>();
+    let name = nginx_sys::ngx_palloc(pool, core::mem::size_of::<ngx_str_t>()).cast::<ngx_str_t>();
+    if text.is_null() || name.is_null() {
+        return None;
+    }
+    let mut w = SliceWriter {
+        buf: core::slice::from_raw_parts_mut(text, NAME_MAX),
+        len: 0,
+    };
+    write!(w, "{addr}").ok()?;
+    name.write(ngx_str_t {
+        len: w.len,
+        data: text,
+    });
+    Some((sa, len as socklen_t, name))
+}
+
+struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Write for SliceWriter<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}

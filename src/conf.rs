@@ -1,0 +1,275 @@
+//! Directives, configuration structures and their merge.
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use nginx_sys::{
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_msec_t, ngx_parse_time,
+    ngx_str_t, ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
+    NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_STREAM_MAIN_CONF, NGX_STREAM_SRV_CONF,
+    NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
+};
+use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
+
+use crate::routes::source::{Event, Level, Source};
+use crate::stream;
+
+/// The module-owned upstream group that `$edge_upstream` names for `servers` routes.
+pub const GROUP_NAME: &str = "nginx_edge";
+
+const DEFAULT_INTERVAL_MS: ngx_msec_t = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Unset,
+    Off,
+    Tls,
+    Http,
+    Auto,
+}
+
+/// One `edge_routes` source, shared by every server that names the same path.
+pub struct SourceSlot {
+    pub path: PathBuf,
+    pub interval: ngx_msec_t,
+    /// `file:line` of the directive, for configuration errors.
+    pub declared_at: String,
+    pub source: Option<Source>,
+    /// The worker's re-check timer; `data` points back at this slot.
+    pub timer: ngx_event_t,
+}
+
+#[derive(Default)]
+pub struct MainConf {
+    pub sources: Vec<Box<SourceSlot>>,
+    /// Names of the `upstream {}` blocks a route's `nginx_upstream` may name.
+    pub nginx_upstreams: HashSet<String>,
+    pub group: Option<ptr::NonNull<ngx_stream_upstream_srv_conf_t>>,
+}
+
+pub struct SrvConf {
+    pub mode: Mode,
+    pub source: *mut SourceSlot,
+}
+
+impl MainConf {
+    pub fn upstream_exists(&self, name: &str) -> bool {
+        self.nginx_upstreams.contains(name)
+    }
+}
+
+pub static mut COMMANDS: [ngx_command_t; 3] = [
+    ngx_command_t {
+        name: ngx_string!("edge_routes"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
+        set: Some(set_edge_routes),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("edge_route"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(set_edge_route),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    let a = &*(*cf).args;
+    stream::array_items(a.elts, a.nelts)
+}
+
+unsafe fn directive_position(cf: *mut ngx_conf_t) -> String {
+    let file = &(*(*cf).conf_file).file;
+    format!(
+        "{}:{}",
+        String::from_utf8_lossy(file.name.as_bytes()),
+        (*(*cf).conf_file).line
+    )
+}
+
+/// `edge_routes PATH [interval=TIME];`
+unsafe extern "C" fn set_edge_routes(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let scf = &mut *conf.cast::<SrvConf>();
+    if !scf.source.is_null() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let args = args(cf);
+    let mut interval = DEFAULT_INTERVAL_MS;
+    for arg in &args[2..] {
+        let Some(value) = arg.strip_prefix("interval=") else {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid parameter \"{}\"", arg);
+            return NGX_CONF_ERROR;
+        };
+        let mut value = value;
+        let ms = ngx_parse_time(&mut value, 0);
+        if ms == NGX_ERROR as isize || ms <= 0 {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid interval \"{}\"", value);
+            return NGX_CONF_ERROR;
+        }
+        interval = ms as ngx_msec_t;
+    }
+    // Relative paths are relative to the configuration prefix, like include.
+    let mut name = args[1];
+    if ngx_conf_full_name((*cf).cycle, &mut name, 1) != 0 {
+        return NGX_CONF_ERROR;
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(name.as_bytes()).into_owned());
+
+    let mcf = stream::cf_main_conf(cf);
+    if let Some(slot) = mcf.sources.iter_mut().find(|s| s.path == path) {
+        slot.interval = slot.interval.min(interval);
+        scf.source = &mut **slot;
+        return NGX_CONF_OK;
+    }
+    let mut slot = Box::new(SourceSlot {
+        path,
+        interval,
+        declared_at: directive_position(cf),
+        source: None,
+        timer: core::mem::zeroed(),
+    });
+    scf.source = &mut *slot;
+    mcf.sources.push(slot);
+    NGX_CONF_OK
+}
+
+/// `edge_route tls | http | auto;`
+unsafe extern "C" fn set_edge_route(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let scf = &mut *conf.cast::<SrvConf>();
+    if scf.mode != Mode::Unset {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    scf.mode = match args(cf)[1].as_bytes() {
+        b"tls" => Mode::Tls,
+        b"http" => Mode::Http,
+        b"auto" => Mode::Auto,
+        b"off" => Mode::Off,
+        other => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{}\", it must be \"tls\", \"http\", \"auto\" or \"off\"",
+                String::from_utf8_lossy(other)
+            );
+            return NGX_CONF_ERROR;
+        }
+    };
+    NGX_CONF_OK
+}
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    let pool = Pool::from_ngx_pool((*cf).pool);
+    pool.allocate(MainConf::default()).cast()
+}
+
+/// Runs once the whole stream block is parsed, so every `upstream {}` block is known: reads
+/// every route source now, so that `nginx -t` rejects a bad table.
+pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    let mcf = &mut *conf.cast::<MainConf>();
+    let umcf = stream::cf_upstream_main_conf(cf);
+    let upstreams = stream::array_items::<*mut ngx_stream_upstream_srv_conf_t>(
+        umcf.upstreams.elts,
+        umcf.upstreams.nelts,
+    );
+    for &uscf in upstreams {
+        let uscf = &*uscf;
+        // Only `upstream NAME {}` blocks: proxy_pass host:port makes implicit ones.
+        if uscf.flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t != 0 && uscf.port == 0 {
+            let name = String::from_utf8_lossy(uscf.host.as_bytes()).into_owned();
+            if name != GROUP_NAME {
+                mcf.nginx_upstreams.insert(name);
+            }
+        }
+    }
+    let log = (*cf).log;
+    let exists = |name: &str| mcf.nginx_upstreams.contains(name);
+    for slot in &mut mcf.sources {
+        match Source::open(&slot.path, &exists) {
+            Ok((source, warnings)) => {
+                for event in warnings {
+                    ngx_log_error!(NGX_LOG_WARN, log, "edge_routes: {}", event.message);
+                }
+                slot.source = Some(source);
+            }
+            Err(message) => {
+                ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "edge_routes: {} (edge_routes in {})",
+                    message,
+                    slot.declared_at
+                );
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+    NGX_CONF_OK
+}
+
+pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    let pool = Pool::from_ngx_pool((*cf).pool);
+    pool.allocate(SrvConf {
+        mode: Mode::Unset,
+        source: ptr::null_mut(),
+    })
+    .cast()
+}
+
+pub unsafe extern "C" fn merge_srv_conf(
+    cf: *mut ngx_conf_t,
+    prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let prev = &*prev.cast::<SrvConf>();
+    let conf = &mut *conf.cast::<SrvConf>();
+    if conf.source.is_null() {
+        conf.source = prev.source;
+    }
+    if conf.mode == Mode::Unset {
+        conf.mode = Mode::Off;
+    }
+    if conf.mode != Mode::Off && conf.source.is_null() {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"edge_route\" needs \"edge_routes\" in this server or in stream"
+        );
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
+
+pub fn log_level(level: Level) -> ngx_uint_t {
+    (match level {
+        Level::Error => nginx_sys::NGX_LOG_ERR,
+        Level::Warn => nginx_sys::NGX_LOG_WARN,
+        Level::Notice => nginx_sys::NGX_LOG_NOTICE,
+    }) as ngx_uint_t
+}
+
+pub fn log_events(log: *mut nginx_sys::ngx_log_t, events: &[Event]) {
+    for event in events {
+        ngx_log_error!(
+            log_level(event.level),
+            log,
+            "edge_routes: {}",
+            event.message
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! The preread phase handler: waits for the first bytes, names the route, and fills the
+//! session context that the variables and the balancer read. nginx side only; the parsing is
+//! in `sniff`, the lookup in `routes`.
+
+use std::rc::Rc;
+
+use nginx_sys::{
+    ngx_int_t, ngx_str_t, ngx_stream_session_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO,
+    NGX_STREAM_FORBIDDEN,
+};
+use ngx::core::Pool;
+use ngx::ngx_log_error;
+
+use crate::conf::Mode;
+use crate::routes::table::{MatchedBy, RouteTable, Upstream};
+use crate::sniff::{http, tls, Peek, Protocol, ServerName};
+use crate::stream;
+
+/// What the module learnt about a session. Lives in the connection's pool; holds its route
+/// table so that a table swapped in mid-session cannot pull anything from under it.
+pub struct SessionCtx {
+    pub protocol: Option<Protocol>,
+    pub name: Option<ServerName>,
+    /// Comma-separated ALPN protocols, in the connection's pool.
+    pub alpn: ngx_str_t,
+    pub route: Option<RouteKind>,
+    /// Points into `table`, which this context keeps alive.
+    pub upstream: *const Upstream,
+    table: Option<Rc<RouteTable>>,
+    done: bool,
+    /// Reassembly space for a ClientHello split over records; empty (no allocation) otherwise.
+    scratch: Vec<u8>,
+}
+
+/// Which route matched; keys point into the session's table.
+#[derive(Clone, Copy)]
+pub enum RouteKind {
+    Exact(*const str),
+    Wildcard(*const str),
+    Default,
+}
+
+impl SessionCtx {
+    pub fn upstream(&self) -> Option<&Upstream> {
+        // SAFETY: `upstream` points into `self.table`, held for the session's lifetime.
+        unsafe { self.upstream.as_ref() }
+    }
+}
+
+pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
+    let conf = stream::srv_conf(s);
+    let c = &mut *(*s).connection;
+    if conf.mode == Mode::Off || c.type_ != libc::SOCK_STREAM {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    if c.buffer.is_null() {
+        return NGX_AGAIN as ngx_int_t;
+    }
+    let ctx = match stream::session_ctx(s) {
+        Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
+        Some(ctx) => ctx,
+        None => {
+            let pool = Pool::from_ngx_pool(c.pool);
+            let ctx = pool.allocate(SessionCtx {
+                protocol: None,
+                name: None,
+                alpn: ngx_str_t::empty(),
+                route: None,
+                upstream: core::ptr::null(),
+                table: None,
+                done: false,
+                scratch: Vec::new(),
+            });
+            if ctx.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            stream::set_session_ctx(s, ctx);
+            &mut *ctx
+        }
+    };
+    let b = &*c.buffer;
+    let data = core::slice::from_raw_parts(b.pos, b.last.offset_from(b.pos) as usize);
+    let Some(&first) = data.first() else {
+        return NGX_AGAIN as ngx_int_t;
+    };
+    let protocol = match conf.mode {
+        Mode::Tls => Protocol::Tls,
+        Mode::Http => Protocol::Http,
+        _ => Protocol::detect(first),
+    };
+    let buffer_full = b.last == b.end;
+
+    let rejected: Option<&'static str> = match protocol {
+        Protocol::Tls => match tls::read_client_hello(data, &mut ctx.scratch) {
+            Peek::NeedMore if !buffer_full => return NGX_AGAIN as ngx_int_t,
+            Peek::NeedMore => Some("ClientHello larger than preread_buffer_size"),
+            Peek::Done(hello) => {
+                ctx.name = hello.server_name;
+                if let Some(list) = hello.alpn {
+                    ctx.alpn = join_alpn(c.pool, list);
+                }
+                None
+            }
+            Peek::Invalid(reason) => Some(reason.as_str()),
+        },
+        Protocol::Http => match http::read_host(data) {
+            Peek::NeedMore if !buffer_full => return NGX_AGAIN as ngx_int_t,
+            Peek::NeedMore => Some("HTTP request head larger than preread_buffer_size"),
+            Peek::Done(name) => {
+                ctx.name = name;
+                None
+            }
+            Peek::Invalid(reason) => Some(reason.as_str()),
+        },
+    };
+    ctx.scratch = Vec::new();
+    ctx.protocol = Some(protocol);
+    ctx.done = true;
+    if let Some(reason) = rejected {
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            c.log,
+            "edge: {}, routing as a connection without a name",
+            reason
+        );
+    }
+
+    let slot = &*conf.source;
+    let Some(source) = slot.source.as_ref() else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    let table = Rc::clone(source.table());
+    let name = ctx.name.as_ref().map(ServerName::as_str);
+    let Some(found) = table.lookup(name, protocol) else {
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            c.log,
+            "edge: no route for \"{}\" ({}) and no default, closing",
+            name.unwrap_or(""),
+            protocol.as_str()
+        );
+        return NGX_STREAM_FORBIDDEN as ngx_int_t;
+    };
+    ctx.route = Some(match found.by {
+        MatchedBy::Exact(key) => RouteKind::Exact(key),
+        MatchedBy::Wildcard(suffix) => RouteKind::Wildcard(suffix),
+        MatchedBy::Default => RouteKind::Default,
+    });
+    ctx.upstream = found.upstream;
+    ctx.table = Some(table);
+    NGX_DECLINED as ngx_int_t
+}
+
+/// `h2,http/1.1` from the wire's length-prefixed list, in the connection's pool.
+unsafe fn join_alpn(pool: *mut nginx_sys::ngx_pool_t, list: &[u8]) -> ngx_str_t {
+    // The joined form is never longer than the wire form: each length byte becomes a comma.
+    let p = nginx_sys::ngx_pnalloc(pool, list.len()).cast::<u8>();
+    if p.is_null() {
+        return ngx_str_t::empty();
+    }
+    let out = core::slice::from_raw_parts_mut(p, list.len());
+    let mut len = 0;
+    for proto in tls::alpn_protocols(list) {
+        if len > 0 {
+            out[len] = b',';
+            len += 1;
+        }
+        out[len..len + proto.len()].copy_from_slice(proto);
+        len += proto.len();
+    }
+    ngx_str_t { len, data: p }
+}

@@ -1,0 +1,65 @@
+//! Typed access to the stream module's configuration and session slots: the only place that
+//! indexes nginx's `void **` arrays.
+
+use core::ptr::addr_of;
+
+use nginx_sys::{
+    ngx_conf_t, ngx_cycle_t, ngx_module_t, ngx_stream_conf_ctx_t, ngx_stream_module,
+    ngx_stream_session_t, ngx_stream_upstream_main_conf_t, ngx_stream_upstream_module,
+};
+
+use crate::conf::{MainConf, SrvConf};
+use crate::preread::SessionCtx;
+
+fn edge() -> &'static ngx_module_t {
+    // SAFETY: the module table is written by nginx only while loading modules.
+    unsafe { &*addr_of!(crate::ngx_stream_edge_module) }
+}
+
+unsafe fn slot<T>(confs: *mut *mut core::ffi::c_void, module: &ngx_module_t) -> *mut T {
+    (*confs.add(module.ctx_index)).cast()
+}
+
+/// The module's main configuration while parsing the stream block.
+pub unsafe fn cf_main_conf<'a>(cf: *mut ngx_conf_t) -> &'a mut MainConf {
+    let ctx = (*cf).ctx.cast::<ngx_stream_conf_ctx_t>();
+    &mut *slot::<MainConf>((*ctx).main_conf, edge())
+}
+
+/// The stream upstream module's main configuration while parsing the stream block.
+pub unsafe fn cf_upstream_main_conf<'a>(
+    cf: *mut ngx_conf_t,
+) -> &'a mut ngx_stream_upstream_main_conf_t {
+    let ctx = (*cf).ctx.cast::<ngx_stream_conf_ctx_t>();
+    &mut *slot((*ctx).main_conf, &*addr_of!(ngx_stream_upstream_module))
+}
+
+/// The module's main configuration in a running cycle, if the configuration has a stream block.
+pub unsafe fn cycle_main_conf<'a>(cycle: *mut ngx_cycle_t) -> Option<&'a mut MainConf> {
+    let index = (*addr_of!(ngx_stream_module)).index;
+    let ctx = (*(*cycle).conf_ctx.add(index)).cast::<ngx_stream_conf_ctx_t>();
+    if ctx.is_null() {
+        return None;
+    }
+    slot::<MainConf>((*ctx).main_conf, edge()).as_mut()
+}
+
+pub unsafe fn srv_conf<'a>(s: *mut ngx_stream_session_t) -> &'a SrvConf {
+    &*slot::<SrvConf>((*s).srv_conf, edge())
+}
+
+pub unsafe fn session_ctx<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
+    slot::<SessionCtx>((*s).ctx, edge()).as_mut()
+}
+
+pub unsafe fn set_session_ctx(s: *mut ngx_stream_session_t, ctx: *mut SessionCtx) {
+    *(*s).ctx.add(edge().ctx_index) = ctx.cast();
+}
+
+/// `*mut T` from an nginx array's elements.
+pub unsafe fn array_items<'a, T>(elts: *mut core::ffi::c_void, n: usize) -> &'a [T] {
+    if n == 0 {
+        return &[];
+    }
+    core::slice::from_raw_parts(elts.cast::<T>().cast_const(), n)
+}

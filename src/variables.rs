@@ -1,0 +1,137 @@
+//! `$edge_upstream`, `$edge_server_name`, `$edge_route`, `$edge_protocol`, `$edge_alpn`.
+
+use nginx_sys::{
+    ngx_conf_t, ngx_int_t, ngx_pnalloc, ngx_str_t, ngx_stream_add_variable, ngx_stream_session_t,
+    ngx_stream_variable_value_t, NGX_ERROR, NGX_OK, NGX_STREAM_VAR_NOCACHEABLE,
+};
+use ngx::ngx_string;
+
+use crate::conf::GROUP_NAME;
+use crate::preread::{RouteKind, SessionCtx};
+use crate::routes::table::Backend;
+use crate::stream;
+
+type Getter = unsafe extern "C" fn(
+    *mut ngx_stream_session_t,
+    *mut ngx_stream_variable_value_t,
+    usize,
+) -> ngx_int_t;
+
+const VARIABLES: [(ngx_str_t, Getter); 5] = [
+    (ngx_string!("edge_upstream"), edge_upstream),
+    (ngx_string!("edge_server_name"), edge_server_name),
+    (ngx_string!("edge_route"), edge_route),
+    (ngx_string!("edge_protocol"), edge_protocol),
+    (ngx_string!("edge_alpn"), edge_alpn),
+];
+
+pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
+    for (name, get) in VARIABLES {
+        let mut name = name;
+        // Not cacheable: a value read before the preread phase ends must not stick.
+        let var = ngx_stream_add_variable(cf, &mut name, NGX_STREAM_VAR_NOCACHEABLE as _);
+        if var.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*var).get_handler = Some(get);
+        (*var).data = 0;
+    }
+    NGX_OK as ngx_int_t
+}
+
+unsafe fn set(v: *mut ngx_stream_variable_value_t, data: *const u8, len: usize) -> ngx_int_t {
+    let v = &mut *v;
+    v.set_len(len as u32);
+    v.set_valid(1);
+    v.set_no_cacheable(1);
+    v.set_not_found(0);
+    v.data = data.cast_mut();
+    NGX_OK as ngx_int_t
+}
+
+unsafe fn set_bytes(v: *mut ngx_stream_variable_value_t, bytes: &[u8]) -> ngx_int_t {
+    set(v, bytes.as_ptr(), bytes.len())
+}
+
+unsafe fn not_found(v: *mut ngx_stream_variable_value_t) -> ngx_int_t {
+    (*v).set_not_found(1);
+    NGX_OK as ngx_int_t
+}
+
+unsafe fn with_ctx(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    f: impl FnOnce(&SessionCtx) -> Option<ngx_int_t>,
+) -> ngx_int_t {
+    match stream::session_ctx(s) {
+        Some(ctx) => f(ctx).unwrap_or_else(|| not_found(v)),
+        None => not_found(v),
+    }
+}
+
+unsafe extern "C" fn edge_upstream(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        Some(match &ctx.upstream()?.kind {
+            Backend::Servers(_) => set_bytes(v, GROUP_NAME.as_bytes()),
+            Backend::Nginx(name) => set_bytes(v, name.as_bytes()),
+        })
+    })
+}
+
+unsafe extern "C" fn edge_server_name(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        Some(set_bytes(v, ctx.name.as_ref()?.as_bytes()))
+    })
+}
+
+unsafe extern "C" fn edge_route(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        Some(match ctx.route? {
+            // SAFETY: route keys point into the table the context holds.
+            RouteKind::Exact(key) => set_bytes(v, (*key).as_bytes()),
+            RouteKind::Wildcard(suffix) => {
+                let suffix = (*suffix).as_bytes();
+                let len = suffix.len() + 2;
+                let p = ngx_pnalloc((*(*s).connection).pool, len).cast::<u8>();
+                if p.is_null() {
+                    return Some(NGX_ERROR as ngx_int_t);
+                }
+                let out = core::slice::from_raw_parts_mut(p, len);
+                out[..2].copy_from_slice(b"*.");
+                out[2..].copy_from_slice(suffix);
+                set(v, p, len)
+            }
+            RouteKind::Default => set_bytes(v, b"default"),
+        })
+    })
+}
+
+unsafe extern "C" fn edge_protocol(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        Some(set_bytes(v, ctx.protocol?.as_str().as_bytes()))
+    })
+}
+
+unsafe extern "C" fn edge_alpn(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| Some(set(v, ctx.alpn.data, ctx.alpn.len)))
+}
