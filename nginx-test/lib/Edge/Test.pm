@@ -1,0 +1,262 @@
+package Edge::Test;
+
+# A small Test::Nginx-style harness: writes nginx.conf from a template with free ports and the
+# test directory filled in, starts the nginx under test with the module, talks to it like
+# clients do, and stops it at the end, keeping the logs when a test failed.
+#
+# Environment: TEST_NGINX_BINARY (the nginx), TEST_NGINX_MODULE (our .so),
+# TEST_NGINX_PRELOAD (load_module lines the nginx needs first, e.g. Debian's stream module),
+# TEST_NGINX_LEAVE (keep the test directory).
+
+use strict;
+use warnings;
+
+use Exporter 'import';
+use File::Temp ();
+use IO::Socket::INET;
+use IO::Select;
+use POSIX qw(WNOHANG);
+use Test::More;
+use Time::HiRes qw(time sleep);
+
+our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for);
+
+sub new {
+    my ($class, %opts) = @_;
+    my $dir = File::Temp::tempdir('edge-test-XXXXXX', TMPDIR => 1, CLEANUP => 0);
+    # Workers run as an unprivileged user when nginx starts as root: they must read the routes.
+    chmod 0755, $dir;
+    return bless {
+        dir => $dir,
+        binary => $ENV{TEST_NGINX_BINARY} || die("TEST_NGINX_BINARY is not set\n"),
+        module => $ENV{TEST_NGINX_MODULE} || die("TEST_NGINX_MODULE is not set\n"),
+        ports => {},
+        %opts,
+    }, $class;
+}
+
+sub dir { $_[0]{dir} }
+
+# A free TCP port on 127.0.0.1, the same one for the same name within a test.
+sub port {
+    my ($self, $name) = @_;
+    return $self->{ports}{$name} //= do {
+        my $s = IO::Socket::INET->new(Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0,
+            Proto => 'tcp', ReuseAddr => 1) or die "no free port: $!\n";
+        my $p = $s->sockport;
+        close $s;
+        $p;
+    };
+}
+
+# Fills %%PORT_name%%, %%TESTDIR%% and %%MODULES%% in a template.
+sub expand {
+    my ($self, $text) = @_;
+    my $modules = ($ENV{TEST_NGINX_PRELOAD} // '') . "load_module $self->{module};\n";
+    $text =~ s/%%MODULES%%/$modules/g;
+    $text =~ s/%%TESTDIR%%/$self->{dir}/g;
+    $text =~ s/%%PORT_(\w+)%%/$self->port($1)/ge;
+    return $text;
+}
+
+sub write_file {
+    my ($self, $name, $content) = @_;
+    my $path = "$self->{dir}/$name";
+    open my $fh, '>', $path or die "$path: $!\n";
+    print $fh $content;
+    close $fh;
+    chmod 0644, $path;
+    return $path;
+}
+
+# Writes a route file atomically (temporary file, then rename), as operators are told to.
+sub write_routes {
+    my ($self, $name, $content) = @_;
+    my $tmp = $self->write_file(".$name.tmp", $self->expand($content));
+    rename $tmp, "$self->{dir}/$name" or die "rename: $!\n";
+    return "$self->{dir}/$name";
+}
+
+sub read_file {
+    my ($self, $name) = @_;
+    open my $fh, '<', "$self->{dir}/$name" or return '';
+    local $/;
+    return scalar <$fh>;
+}
+
+# The standard frame around a stream {} body; backends are `return` servers in it.
+sub config {
+    my ($self, $stream, %opts) = @_;
+    my $user = $> == 0 ? "user nobody nogroup;\n" : '';
+    my $workers = $opts{workers} // 1;
+    my $conf = <<"EOF";
+%%MODULES%%
+${user}daemon off;
+master_process on;
+worker_processes $workers;
+pid %%TESTDIR%%/nginx.pid;
+error_log %%TESTDIR%%/error.log info;
+events { worker_connections 1024; }
+stream {
+    log_format edge '\$remote_addr proto=\$edge_protocol name=\$edge_server_name route=\$edge_route upstream=\$edge_upstream alpn=\$edge_alpn addr=\$upstream_addr status=\$status';
+    access_log %%TESTDIR%%/access.log edge;
+$stream
+}
+EOF
+    return $self->write_file('nginx.conf', $self->expand($conf));
+}
+
+# `nginx -t`: returns (ok, output).
+sub test_config {
+    my ($self) = @_;
+    my $d = $self->{dir};
+    my $out = `$self->{binary} -t -p $d/ -c $d/nginx.conf -e $d/error.log 2>&1`;
+    return ($? == 0, $out);
+}
+
+sub run {
+    my ($self) = @_;
+    my $conf = $self->read_file('nginx.conf');
+    my $pid = fork() // die "fork: $!\n";
+    if ($pid == 0) {
+        open STDOUT, '>', "$self->{dir}/stdout.log";
+        open STDERR, '>&', \*STDOUT;
+        exec $self->{binary}, '-p', "$self->{dir}/", '-c', "$self->{dir}/nginx.conf",
+            '-e', "$self->{dir}/error.log";
+        exit 127;
+    }
+    $self->{pid} = $pid;
+    for my $port (values %{$self->{ports}}) {
+        next unless $conf =~ /listen\s+127\.0\.0\.1:$port\b/;
+        wait_for(sub {
+            die "nginx exited:\n" . $self->read_file('stdout.log') . $self->read_file('error.log')
+                if waitpid($pid, WNOHANG) == $pid;
+            my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 1);
+            close $s if $s;
+            return $s;
+        }, "nginx listening on $port");
+    }
+    return $self;
+}
+
+sub pid { $_[0]{pid} }
+
+# `nginx -s reload`, waiting until the new workers run.
+sub reload {
+    my ($self) = @_;
+    my $count = sub { scalar(() = $self->read_file('error.log') =~ /start worker process/g) };
+    my $before = $count->();
+    kill 'HUP', $self->{pid};
+    wait_for(sub { $count->() > $before }, 'new workers after reload');
+}
+
+sub stop {
+    my ($self) = @_;
+    my $pid = delete $self->{pid} or return;
+    kill 'QUIT', $pid;
+    my $deadline = time + 30;
+    while (time < $deadline) {
+        return if waitpid($pid, WNOHANG) == $pid;
+        sleep 0.05;
+    }
+    kill 'KILL', $pid;
+    waitpid($pid, 0);
+}
+
+sub DESTROY {
+    my ($self) = @_;
+    $self->stop;
+    if (Test::More->builder->is_passing && !$ENV{TEST_NGINX_LEAVE}) {
+        File::Path::rmtree($self->{dir});
+    } else {
+        diag("logs kept in $self->{dir}");
+        diag("error.log:\n" . $self->read_file('error.log')) unless Test::More->builder->is_passing;
+    }
+}
+
+use File::Path ();
+
+# Polls $cond until it returns true or the deadline (default 30 s) passes.
+sub wait_for {
+    my ($cond, $what, $timeout) = @_;
+    my $deadline = time + ($timeout // 30);
+    while (time < $deadline) {
+        my $r = $cond->();
+        return $r if $r;
+        sleep 0.05;
+    }
+    die "timed out waiting for $what\n";
+}
+
+sub wait_for_log {
+    my ($self, $re, $file) = @_;
+    $file //= 'error.log';
+    wait_for(sub { $self->read_file($file) =~ $re }, "$re in $file");
+}
+
+# Connects, sends @$chunks (pausing between them if asked), and returns what the peer sends
+# until it closes.
+sub raw_exchange {
+    my ($port, $chunks, %opts) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 10)
+        or die "connect $port: $!\n";
+    setsockopt($s, 6, 1, pack('l', 1));    # TCP_NODELAY: each chunk its own segment
+    for my $chunk (@$chunks) {
+        defined syswrite($s, $chunk) or last;
+        sleep $opts{pause} if $opts{pause};
+    }
+    my $sel = IO::Select->new($s);
+    my $out = '';
+    my $deadline = time + ($opts{timeout} // 20);
+    while (time < $deadline) {
+        last unless $sel->can_read($deadline - time);
+        my $n = sysread($s, my $buf, 65536);
+        last unless $n;
+        $out .= $buf;
+    }
+    close $s;
+    return $out;
+}
+
+sub http_get {
+    my ($port, $host, %opts) = @_;
+    my $head = "GET " . ($opts{target} // '/') . " HTTP/" . ($opts{version} // '1.1') . "\r\n";
+    $head .= "Host: $host\r\n" if defined $host;
+    $head .= "\r\n";
+    return raw_exchange($port, [$head], %opts);
+}
+
+# A TLS ClientHello handshake message. `pad` adds a padding extension to reach the size of
+# post-quantum hellos.
+sub client_hello {
+    my (%o) = @_;
+    my $ext = '';
+    if (defined $o{sni}) {
+        my $n = $o{sni};
+        $ext .= pack('n n n C n a*', 0, length($n) + 5, length($n) + 3, 0, length($n), $n);
+    }
+    if ($o{alpn}) {
+        my $list = join '', map { pack('C a*', length $_, $_) } @{$o{alpn}};
+        $ext .= pack('n n n a*', 16, length($list) + 2, length($list), $list);
+    }
+    $ext .= pack('n n C n', 43, 3, 2, 0x0304);    # supported_versions: TLS 1.3
+    $ext .= pack('n n a*', 21, $o{pad}, "\0" x $o{pad}) if $o{pad};
+    my $body = pack('n', 0x0303) . ("\x07" x 32) . pack('C', 32) . ("\x09" x 32)
+        . pack('n n n', 4, 0x1301, 0x1302) . pack('C C', 1, 0)
+        . pack('n', length $ext) . $ext;
+    return pack('C', 1) . substr(pack('N', length $body), 1) . $body;
+}
+
+# Wraps a handshake message into TLS records of at most $size bytes each.
+sub tls_records {
+    my ($msg, $size) = @_;
+    $size //= 16384;
+    my $out = '';
+    for (my $i = 0; $i < length $msg; $i += $size) {
+        my $part = substr($msg, $i, $size);
+        $out .= pack('C n n', 22, 0x0301, length $part) . $part;
+    }
+    return $out;
+}
+
+1;
