@@ -72,7 +72,8 @@ sub write_file {
 # Writes a route file atomically (temporary file, then rename), as operators are told to.
 sub write_routes {
     my ($self, $name, $content) = @_;
-    my $tmp = $self->write_file(".$name.tmp", $self->expand($content));
+    my ($sub, $base) = $name =~ m{^(.*/)?([^/]+)$};
+    my $tmp = $self->write_file(($sub // '') . ".$base.tmp", $self->expand($content));
     rename $tmp, "$self->{dir}/$name" or die "rename: $!\n";
     return "$self->{dir}/$name";
 }
@@ -148,6 +149,14 @@ sub reload {
     my $before = $count->();
     kill 'HUP', $self->{pid};
     wait_for(sub { $count->() > $before }, 'new workers after reload');
+}
+
+# `nginx -s reload` that the master must refuse: waits for the message.
+sub reload_fails_with {
+    my ($self, $re) = @_;
+    my $before = length $self->read_file('error.log');
+    kill 'HUP', $self->{pid};
+    wait_for(sub { substr($self->read_file('error.log'), $before) =~ $re }, "reload refused with $re");
 }
 
 sub stop {
