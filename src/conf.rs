@@ -44,6 +44,8 @@ pub struct SourceSlot {
 
 #[derive(Default)]
 pub struct MainConf {
+    // Boxed: server configurations and timers point at a slot while the list grows.
+    #[allow(clippy::vec_box)]
     pub sources: Vec<Box<SourceSlot>>,
     /// Names of the `upstream {}` blocks a route's `nginx_upstream` may name.
     pub nginx_upstreams: HashSet<String>,

@@ -1,76 +1,93 @@
 //! nginx-edge: a stream module that routes TLS by SNI and HTTP by Host, from a JSON route
 //! table reloaded without reloading nginx. This file only wires the module together.
 
-use core::ptr::{addr_of, addr_of_mut};
-
-use nginx_sys::{
-    ngx_array_push, ngx_conf_t, ngx_int_t, ngx_module_t, ngx_stream_core_main_conf_t,
-    ngx_stream_core_module, ngx_stream_handler_pt, ngx_stream_module_t,
-    ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
-    NGX_ERROR, NGX_OK, NGX_STREAM_MODULE, NGX_STREAM_UPSTREAM_CREATE,
-};
+//! The pure parts (`sniff`, `routes`) know nothing of nginx; unit tests build only them,
+//! since a test binary cannot link against nginx's symbols.
 
 pub mod routes;
 pub mod sniff;
 
+#[cfg(not(test))]
 mod balancer;
+#[cfg(not(test))]
 mod conf;
+#[cfg(not(test))]
 mod preread;
+#[cfg(not(test))]
 mod reload;
+#[cfg(not(test))]
 mod stream;
+#[cfg(not(test))]
 mod variables;
 
-static MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
-    preconfiguration: Some(preconfiguration),
-    postconfiguration: Some(postconfiguration),
-    create_main_conf: Some(conf::create_main_conf),
-    init_main_conf: Some(conf::init_main_conf),
-    create_srv_conf: Some(conf::create_srv_conf),
-    merge_srv_conf: Some(conf::merge_srv_conf),
-};
+#[cfg(not(test))]
+pub use wiring::ngx_stream_edge_module;
 
-ngx::ngx_modules!(ngx_stream_edge_module);
+#[cfg(not(test))]
+mod wiring {
+    use core::ptr::{addr_of, addr_of_mut};
 
-#[used]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_stream_edge_module: ngx_module_t = ngx_module_t {
-    ctx: addr_of!(MODULE_CTX).cast_mut().cast(),
-    commands: unsafe { addr_of_mut!(conf::COMMANDS[0]) },
-    type_: NGX_STREAM_MODULE as ngx_uint_t,
-    init_process: Some(reload::init_worker),
-    ..ngx_module_t::default()
-};
+    use nginx_sys::{
+        ngx_array_push, ngx_conf_t, ngx_int_t, ngx_module_t, ngx_stream_core_main_conf_t,
+        ngx_stream_core_module, ngx_stream_handler_pt, ngx_stream_module_t,
+        ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
+        NGX_ERROR, NGX_OK, NGX_STREAM_MODULE, NGX_STREAM_UPSTREAM_CREATE,
+    };
 
-/// Variables, and the upstream group `proxy_pass $edge_upstream` reaches for `servers` routes.
-unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    if variables::add_variables(cf) != NGX_OK as ngx_int_t {
-        return NGX_ERROR as ngx_int_t;
+    use crate::{balancer, conf, preread, reload, stream, variables};
+
+    static MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
+        preconfiguration: Some(preconfiguration),
+        postconfiguration: Some(postconfiguration),
+        create_main_conf: Some(conf::create_main_conf),
+        init_main_conf: Some(conf::init_main_conf),
+        create_srv_conf: Some(conf::create_srv_conf),
+        merge_srv_conf: Some(conf::merge_srv_conf),
+    };
+
+    ngx::ngx_modules!(ngx_stream_edge_module);
+
+    #[used]
+    #[allow(non_upper_case_globals)]
+    pub static mut ngx_stream_edge_module: ngx_module_t = ngx_module_t {
+        ctx: addr_of!(MODULE_CTX).cast_mut().cast(),
+        commands: unsafe { addr_of_mut!(conf::COMMANDS[0]) },
+        type_: NGX_STREAM_MODULE as ngx_uint_t,
+        init_process: Some(reload::init_worker),
+        ..ngx_module_t::default()
+    };
+
+    /// Variables, and the upstream group `proxy_pass $edge_upstream` reaches for `servers` routes.
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        if variables::add_variables(cf) != NGX_OK as ngx_int_t {
+            return NGX_ERROR as ngx_int_t;
+        }
+        let mut url: ngx_url_t = core::mem::zeroed();
+        url.host = ngx::ngx_string!("nginx_edge");
+        url.url = url.host;
+        url.set_no_port(1);
+        let uscf = ngx_stream_upstream_add(cf, &mut url, NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t);
+        if uscf.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*uscf).peer.init_upstream = Some(balancer::init_upstream);
+        let mcf = stream::cf_main_conf(cf);
+        mcf.group = core::ptr::NonNull::new(uscf);
+        NGX_OK as ngx_int_t
     }
-    let mut url: ngx_url_t = core::mem::zeroed();
-    url.host = ngx::ngx_string!("nginx_edge");
-    url.url = url.host;
-    url.set_no_port(1);
-    let uscf = ngx_stream_upstream_add(cf, &mut url, NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t);
-    if uscf.is_null() {
-        return NGX_ERROR as ngx_int_t;
-    }
-    (*uscf).peer.init_upstream = Some(balancer::init_upstream);
-    let mcf = stream::cf_main_conf(cf);
-    mcf.group = core::ptr::NonNull::new(uscf);
-    NGX_OK as ngx_int_t
-}
 
-unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
-    let cmcf = &mut *(*(*ctx)
-        .main_conf
-        .add((*addr_of!(ngx_stream_core_module)).ctx_index))
-    .cast::<ngx_stream_core_main_conf_t>();
-    let phase = &mut cmcf.phases[ngx_stream_phases_NGX_STREAM_PREREAD_PHASE as usize];
-    let h = ngx_array_push(&mut phase.handlers).cast::<ngx_stream_handler_pt>();
-    if h.is_null() {
-        return NGX_ERROR as ngx_int_t;
+    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
+        let cmcf = &mut *(*(*ctx)
+            .main_conf
+            .add((*addr_of!(ngx_stream_core_module)).ctx_index))
+        .cast::<ngx_stream_core_main_conf_t>();
+        let phase = &mut cmcf.phases[ngx_stream_phases_NGX_STREAM_PREREAD_PHASE as usize];
+        let h = ngx_array_push(&mut phase.handlers).cast::<ngx_stream_handler_pt>();
+        if h.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        *h = Some(preread::preread_handler);
+        NGX_OK as ngx_int_t
     }
-    *h = Some(preread::preread_handler);
-    NGX_OK as ngx_int_t
 }
