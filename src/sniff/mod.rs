@@ -1,6 +1,8 @@
 //! Pure readers of the first bytes a client sends. They know nothing of nginx.
 
 pub mod http;
+#[cfg(test)]
+mod mutate;
 mod name;
 pub mod tls;
 
