@@ -49,7 +49,6 @@ pub struct MainConf {
     pub sources: Vec<Box<SourceSlot>>,
     /// Names of the `upstream {}` blocks a route's `nginx_upstream` may name.
     pub nginx_upstreams: HashSet<String>,
-    pub group: Option<ptr::NonNull<ngx_stream_upstream_srv_conf_t>>,
 }
 
 pub struct SrvConf {

@@ -34,7 +34,7 @@ mod wiring {
         NGX_ERROR, NGX_OK, NGX_STREAM_MODULE, NGX_STREAM_UPSTREAM_CREATE,
     };
 
-    use crate::{balancer, conf, preread, reload, stream, variables};
+    use crate::{balancer, conf, preread, reload, variables};
 
     static MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
         preconfiguration: Some(preconfiguration),
@@ -71,8 +71,6 @@ mod wiring {
             return NGX_ERROR as ngx_int_t;
         }
         (*uscf).peer.init_upstream = Some(balancer::init_upstream);
-        let mcf = stream::cf_main_conf(cf);
-        mcf.group = core::ptr::NonNull::new(uscf);
         NGX_OK as ngx_int_t
     }
 
