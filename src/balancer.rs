@@ -8,19 +8,28 @@ use std::net::{IpAddr, SocketAddr};
 use nginx_sys::{
     ngx_conf_t, ngx_int_t, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_stream_session_t,
     ngx_stream_upstream_srv_conf_t, ngx_uint_t, sockaddr, sockaddr_in, sockaddr_in6, socklen_t,
-    NGX_BUSY, NGX_ERROR, NGX_LOG_ERR, NGX_OK,
+    NGX_BUSY, NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PEER_FAILED,
 };
 use ngx::ngx_log_error;
 
-use crate::routes::balance::{RoundRobin, Tried};
-use crate::stream;
+use crate::health::{fnv1a, now_ms, Transition};
+use crate::routes::balance::{Pool, Tried};
+use crate::routes::table::Upstream;
+use crate::{report, stream};
 
 /// Per-session balancer state, in the connection's pool.
 struct PeerData {
-    servers: *const RoundRobin,
+    /// Points into the session's route table, which the session context keeps alive.
+    upstream: *const Upstream,
+    servers: *const Pool,
     tried: Tried,
+    /// The server of the current try, until nginx frees it.
+    current: Option<usize>,
     /// The port the client connected to, for servers listed without one.
     local_port: u16,
+    /// A hash of the client address, for `balance: hash`.
+    client: u64,
+    session: *mut ngx_stream_session_t,
     pool: *mut nginx_sys::ngx_pool_t,
 }
 
@@ -37,10 +46,8 @@ unsafe extern "C" fn init_peer(
     _us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
     let c = &*(*s).connection;
-    let servers = stream::session_ctx(s)
-        .and_then(|ctx| ctx.upstream())
-        .and_then(|u| u.servers());
-    let Some(servers) = servers else {
+    let upstream = stream::session_ctx(s).and_then(|ctx| ctx.upstream());
+    let Some((upstream, servers)) = upstream.and_then(|u| Some((u, u.servers()?))) else {
         ngx_log_error!(
             NGX_LOG_ERR,
             c.log,
@@ -53,9 +60,13 @@ unsafe extern "C" fn init_peer(
         return NGX_ERROR as ngx_int_t;
     }
     data.write(PeerData {
+        upstream,
         servers,
         tried: Tried::default(),
+        current: None,
         local_port: local_port(c.local_sockaddr),
+        client: client_hash(c),
+        session: s,
         pool: c.pool,
     });
     let peer = &mut (*(*s).upstream).peer;
@@ -67,6 +78,23 @@ unsafe extern "C" fn init_peer(
     peer.set_session = Some(set_session);
     peer.save_session = Some(save_session);
     NGX_OK as ngx_int_t
+}
+
+/// The client's address, without the port: from the PROXY protocol header when the listener
+/// has one (the edge is then behind a load balancer), else from the socket.
+unsafe fn client_hash(c: &nginx_sys::ngx_connection_t) -> u64 {
+    if let Some(pp) = c.proxy_protocol.as_ref() {
+        return fnv1a(pp.src_addr.as_bytes());
+    }
+    let sa = c.sockaddr;
+    if sa.is_null() {
+        return 0;
+    }
+    match i32::from((*sa).sa_family) {
+        libc::AF_INET => fnv1a(&(*sa.cast::<sockaddr_in>()).sin_addr.s_addr.to_ne_bytes()),
+        libc::AF_INET6 => fnv1a(&(*sa.cast::<sockaddr_in6>()).sin6_addr.__in6_u.__u6_addr8),
+        _ => 0,
+    }
 }
 
 unsafe fn local_port(sa: *mut sockaddr) -> u16 {
@@ -84,9 +112,29 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let pc = &mut *pc;
     let data = &mut *data.cast::<PeerData>();
     let servers = &*data.servers;
-    let Some(i) = servers.pick(&data.tried) else {
+    let Some(pick) = servers.pick(&data.tried, data.client, now_ms()) else {
         return NGX_BUSY as ngx_int_t;
     };
+    let i = pick.index;
+    if let Some(open) = pick.fail_open {
+        let c = &*(*data.session).connection;
+        let name = &(*data.upstream).name;
+        if open {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                c.log,
+                "edge: every server of upstream \"{}\" is down, trying them anyway",
+                name
+            );
+        } else {
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                c.log,
+                "edge: upstream \"{}\" has a server up again, no longer failing open",
+                name
+            );
+        }
+    }
     data.tried.insert(i);
     let server = &servers.servers()[i];
     let addr = SocketAddr::new(server.ip, server.port.unwrap_or(data.local_port));
@@ -95,20 +143,104 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             pc.sockaddr = sa;
             pc.socklen = len;
             pc.name = name;
+            servers.health(i).connected();
+            data.current = Some(i);
             NGX_OK as ngx_int_t
         }
         None => NGX_ERROR as ngx_int_t,
     }
 }
 
+/// nginx is done with the current try: `NGX_PEER_FAILED` when the connect failed or timed
+/// out (it will ask for the next server), 0 when the session ends.
 unsafe extern "C" fn free_peer(
     pc: *mut ngx_peer_connection_t,
-    _data: *mut c_void,
-    _state: ngx_uint_t,
+    data: *mut c_void,
+    state: ngx_uint_t,
 ) {
-    // The proxy module stops retrying when this reaches zero.
     let pc = &mut *pc;
+    let data = &mut *data.cast::<PeerData>();
+    // The proxy module stops retrying when this reaches zero.
     pc.tries = pc.tries.saturating_sub(1);
+    let Some(i) = data.current.take() else {
+        return;
+    };
+    let servers = &*data.servers;
+    let record = servers.health(i);
+    record.released();
+    let transition = if state & NGX_PEER_FAILED as ngx_uint_t != 0 {
+        let policy = servers.policy();
+        record.failed(now_ms(), policy.max_fails, policy.fail_timeout_ms)
+    } else if (*(*data.session).upstream).connected() != 0 {
+        record.succeeded()
+    } else {
+        None
+    };
+    if let Some(t) = transition {
+        let c = &*(*data.session).connection;
+        log_transition(c.log, &(*data.upstream).name, servers, i, t);
+    }
+}
+
+/// Logs a server going down or up, once, by the process that changed its state.
+pub unsafe fn log_transition(
+    log: *mut nginx_sys::ngx_log_t,
+    upstream: &str,
+    servers: &Pool,
+    i: usize,
+    t: Transition,
+) {
+    let address = report::address(&servers.servers()[i]);
+    let policy = servers.policy();
+    match t {
+        Transition::Down(why) => {
+            let reason = match why {
+                crate::health::Why::Passive => format!(
+                    "{} connect failure(s) within {}ms (max_fails), out for {}ms",
+                    policy.max_fails, policy.fail_timeout_ms, policy.fail_timeout_ms
+                ),
+                _ => {
+                    let check = policy.check.as_ref();
+                    let view = servers.health(i).view(now_ms());
+                    format!(
+                        "{} check failed {} time(s) in a row, last: {}",
+                        check.map_or("", |c| report::check_kind(c.kind)),
+                        check.map_or(0, |c| c.fall),
+                        view.last_outcome.as_str()
+                    )
+                }
+            };
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "edge: upstream \"{}\" server {} is down: {}",
+                upstream,
+                address,
+                reason
+            );
+        }
+        Transition::Up(why) => {
+            let reason = match why {
+                crate::health::Why::Passive => "a connect succeeded after fail_timeout".to_owned(),
+                _ => {
+                    let check = policy.check.as_ref();
+                    format!(
+                        "{} check passed {} time(s) in a row",
+                        check.map_or("", |c| report::check_kind(c.kind)),
+                        check.map_or(0, |c| c.rise)
+                    )
+                }
+            };
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "edge: upstream \"{}\" server {} is up: {}",
+                upstream,
+                address,
+                reason
+            );
+        }
+    }
 }
 
 unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {

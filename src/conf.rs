@@ -1,21 +1,22 @@
 //! Directives, configuration structures and their merge.
 
 use core::ffi::{c_char, c_void};
-use core::ptr;
+use core::ptr::{self, NonNull};
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_msec_t, ngx_parse_time,
-    ngx_str_t, ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
-    NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_STREAM_MAIN_CONF, NGX_STREAM_SRV_CONF,
-    NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
+    ngx_shm_zone_t, ngx_str_t, ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN,
+    NGX_STREAM_MAIN_CONF, NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET,
+    NGX_STREAM_UPSTREAM_CREATE,
 };
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 
 use crate::routes::source::{Event, Level, Source};
-use crate::stream;
+use crate::{status, stream, zone};
 
 /// The module-owned upstream group that `$edge_upstream` names for `servers` routes.
 pub const GROUP_NAME: &str = "nginx_edge";
@@ -49,11 +50,15 @@ pub struct MainConf {
     pub sources: Vec<Box<SourceSlot>>,
     /// Names of the `upstream {}` blocks a route's `nginx_upstream` may name.
     pub nginx_upstreams: HashSet<String>,
+    /// The health zone: `edge_zone`'s, or a default one once a source is declared.
+    pub zone: Option<NonNull<ngx_shm_zone_t>>,
 }
 
 pub struct SrvConf {
     pub mode: Mode,
     pub source: *mut SourceSlot,
+    /// `edge_status`: this server answers with the live state instead of proxying.
+    pub status: bool,
 }
 
 impl MainConf {
@@ -62,7 +67,7 @@ impl MainConf {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 3] = [
+pub static mut COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx_string!("edge_routes"),
         type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
@@ -79,13 +84,24 @@ pub static mut COMMANDS: [ngx_command_t; 3] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("edge_zone"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
+        set: Some(zone::set_edge_zone),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("edge_status"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(status::set_edge_status),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
-
-unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
-    let a = &*(*cf).args;
-    stream::array_items(a.elts, a.nelts)
-}
 
 unsafe fn directive_position(cf: *mut ngx_conf_t) -> String {
     let file = &(*(*cf).conf_file).file;
@@ -106,7 +122,7 @@ unsafe extern "C" fn set_edge_routes(
     if !scf.source.is_null() {
         return c"is duplicate".as_ptr().cast_mut();
     }
-    let args = args(cf);
+    let args = stream::conf_args(cf);
     let mut interval = DEFAULT_INTERVAL_MS;
     for arg in &args[2..] {
         let Some(value) = arg.strip_prefix("interval=") else {
@@ -156,7 +172,7 @@ unsafe extern "C" fn set_edge_route(
     if scf.mode != Mode::Unset {
         return c"is duplicate".as_ptr().cast_mut();
     }
-    scf.mode = match args(cf)[1].as_bytes() {
+    scf.mode = match stream::conf_args(cf)[1].as_bytes() {
         b"tls" => Mode::Tls,
         b"http" => Mode::Http,
         b"auto" => Mode::Auto,
@@ -220,6 +236,16 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
             }
         }
     }
+    if mcf.zone.is_none() && !mcf.sources.is_empty() {
+        let mut name = ngx_str_t {
+            len: zone::DEFAULT_NAME.len(),
+            data: zone::DEFAULT_NAME.as_ptr().cast_mut(),
+        };
+        mcf.zone = zone::add(cf, &mut name, zone::DEFAULT_SIZE);
+        if mcf.zone.is_none() {
+            return NGX_CONF_ERROR;
+        }
+    }
     NGX_CONF_OK
 }
 
@@ -228,6 +254,7 @@ pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     pool.allocate(SrvConf {
         mode: Mode::Unset,
         source: ptr::null_mut(),
+        status: false,
     })
     .cast()
 }

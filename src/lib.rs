@@ -4,11 +4,15 @@
 //! The pure parts (`sniff`, `routes`) know nothing of nginx; unit tests build only them,
 //! since a test binary cannot link against nginx's symbols.
 
+pub mod health;
+pub mod report;
 pub mod routes;
 pub mod sniff;
 
 #[cfg(not(test))]
 mod balancer;
+#[cfg(not(test))]
+mod check;
 #[cfg(not(test))]
 mod conf;
 #[cfg(not(test))]
@@ -16,9 +20,13 @@ mod preread;
 #[cfg(not(test))]
 mod reload;
 #[cfg(not(test))]
+mod status;
+#[cfg(not(test))]
 mod stream;
 #[cfg(not(test))]
 mod variables;
+#[cfg(not(test))]
+mod zone;
 
 #[cfg(not(test))]
 pub use wiring::ngx_stream_edge_module;

@@ -30,6 +30,8 @@ pub struct SessionCtx {
     done: bool,
     /// Reassembly space for a ClientHello split over records; empty (no allocation) otherwise.
     scratch: Vec<u8>,
+    /// The request and answer of an `edge_status` server.
+    pub status: Option<crate::status::Exchange>,
 }
 
 /// Which route matched; keys point into the session's table.
@@ -41,6 +43,27 @@ pub enum RouteKind {
 }
 
 impl SessionCtx {
+    /// A new, empty context in the session's pool, dropped with it.
+    pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
+        let pool = Pool::from_ngx_pool((*(*s).connection).pool);
+        let ctx = pool.allocate(SessionCtx {
+            protocol: None,
+            name: None,
+            alpn: ngx_str_t::empty(),
+            route: None,
+            upstream: core::ptr::null(),
+            table: None,
+            done: false,
+            scratch: Vec::new(),
+            status: None,
+        });
+        if ctx.is_null() {
+            return None;
+        }
+        stream::set_session_ctx(s, ctx);
+        Some(&mut *ctx)
+    }
+
     pub fn upstream(&self) -> Option<&Upstream> {
         // SAFETY: `upstream` points into `self.table`, held for the session's lifetime.
         unsafe { self.upstream.as_ref() }
@@ -60,22 +83,10 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
         Some(ctx) => ctx,
         None => {
-            let pool = Pool::from_ngx_pool(c.pool);
-            let ctx = pool.allocate(SessionCtx {
-                protocol: None,
-                name: None,
-                alpn: ngx_str_t::empty(),
-                route: None,
-                upstream: core::ptr::null(),
-                table: None,
-                done: false,
-                scratch: Vec::new(),
-            });
-            if ctx.is_null() {
+            let Some(ctx) = SessionCtx::attach(s) else {
                 return NGX_ERROR as ngx_int_t;
-            }
-            stream::set_session_ctx(s, ctx);
-            &mut *ctx
+            };
+            ctx
         }
     };
     let b = &*c.buffer;

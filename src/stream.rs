@@ -63,3 +63,9 @@ pub unsafe fn array_items<'a, T>(elts: *mut core::ffi::c_void, n: usize) -> &'a 
     }
     core::slice::from_raw_parts(elts.cast::<T>().cast_const(), n)
 }
+
+/// The current directive's arguments, the name first.
+pub unsafe fn conf_args<'a>(cf: *mut ngx_conf_t) -> &'a [nginx_sys::ngx_str_t] {
+    let a = &*(*cf).args;
+    array_items(a.elts, a.nelts)
+}

@@ -1,9 +1,11 @@
-//! Choosing a server of an upstream: smooth weighted round robin (as nginx's), skipping servers
-//! already tried by the session, backups only once every primary has been tried.
+//! Choosing a server of an upstream: smooth weighted round robin (as nginx's), least
+//! connections, or a consistent hash of the client address; skipping servers the session has
+//! tried and servers that are down, backups only once no primary is left.
 
 use std::cell::Cell;
 
-use super::document::{limits::MAX_SERVERS, ServerDef};
+use super::document::{limits::MAX_SERVERS, Balance, Policy, ServerDef};
+use crate::health::{mix, Key, Record};
 
 /// Servers a session has tried, by index. Fixed size: no allocation per connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -19,35 +21,163 @@ impl Tried {
     }
 }
 
+/// The servers of one upstream, its policy, and this worker's view of their health.
 #[derive(Debug)]
-pub struct RoundRobin {
+pub struct Pool {
     servers: Vec<ServerDef>,
-    /// Per-worker smooth weighted round robin state, one per server.
+    policy: Policy,
+    /// Smooth weighted round robin state, per worker, one per server.
     current: Vec<Cell<i64>>,
+    /// Per server, for `hash`: a hash of its address.
+    address_hash: Vec<u64>,
+    /// Per-worker records, used until (or instead of, when the zone is full) shared ones.
+    local: Box<[Record]>,
+    shared: Box<[Cell<Option<&'static Record>>]>,
+    /// This worker is sending connections to servers that are all down.
+    fail_open: Cell<bool>,
+    /// The name an active check sends (SNI or Host): the check's own, else a route's.
+    check_name: Option<Box<str>>,
 }
 
-impl RoundRobin {
-    pub fn new(servers: Vec<ServerDef>) -> RoundRobin {
+/// A server chosen for a try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub index: usize,
+    /// `Some(true)`: every server is down and this worker starts trying them anyway;
+    /// `Some(false)`: it stops, a server is up again. Each is logged once.
+    pub fail_open: Option<bool>,
+}
+
+impl Pool {
+    pub fn new(servers: Vec<ServerDef>, policy: Policy) -> Pool {
         debug_assert!(servers.len() <= MAX_SERVERS);
-        let current = servers.iter().map(|_| Cell::new(0)).collect();
-        RoundRobin { servers, current }
+        let n = servers.len();
+        let address_hash = servers
+            .iter()
+            .map(|s| Key::new("", s.ip, s.port).hash())
+            .collect();
+        Pool {
+            servers,
+            policy,
+            current: (0..n).map(|_| Cell::new(0)).collect(),
+            address_hash,
+            local: (0..n).map(|_| Record::default()).collect(),
+            shared: (0..n).map(|_| Cell::new(None)).collect(),
+            fail_open: Cell::new(false),
+            check_name: None,
+        }
     }
 
     pub fn servers(&self) -> &[ServerDef] {
         &self.servers
     }
 
-    /// The next server to try, or `None` once every server has been tried.
-    pub fn pick(&self, tried: &Tried) -> Option<usize> {
-        self.pick_among(tried, false)
-            .or_else(|| self.pick_among(tried, true))
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
-    fn pick_among(&self, tried: &Tried, backup: bool) -> Option<usize> {
+    pub fn check_name(&self) -> Option<&str> {
+        self.check_name.as_deref()
+    }
+
+    pub(super) fn set_check_name(&mut self, name: Option<Box<str>>) {
+        self.check_name = name;
+    }
+
+    /// The health record of server `i`: the shared one once attached, else this worker's.
+    pub fn health(&self, i: usize) -> &Record {
+        self.shared[i].get().unwrap_or(&self.local[i])
+    }
+
+    pub fn is_shared(&self, i: usize) -> bool {
+        self.shared[i].get().is_some()
+    }
+
+    /// Makes server `i` use a record shared with the other workers.
+    pub fn attach(&self, i: usize, record: &'static Record) {
+        self.shared[i].set(Some(record));
+    }
+
+    /// The server for the next try: an available one not tried yet (backups only once no
+    /// primary is left), by the upstream's `balance`; when every server is down, an untried
+    /// one all the same (fail open). `client` is a hash of the client address, for `hash`.
+    pub fn pick(&self, tried: &Tried, client: u64, now: u64) -> Option<Pick> {
+        let available = |i: usize| !tried.contains(i) && self.health(i).available(now);
+        if let Some(index) = self.choose(false, client, &available) {
+            return Some(self.picked(index, false));
+        }
+        if let Some(index) = self.choose(true, client, &available) {
+            return Some(self.picked(index, false));
+        }
+        if (0..self.servers.len()).any(|i| self.health(i).available(now)) {
+            // Some server is up, and this session has tried it already.
+            return None;
+        }
+        let untried = |i: usize| !tried.contains(i);
+        let index = self
+            .choose(false, client, &untried)
+            .or_else(|| self.choose(true, client, &untried))?;
+        Some(self.picked(index, true))
+    }
+
+    fn picked(&self, index: usize, fail_open: bool) -> Pick {
+        let was = self.fail_open.replace(fail_open);
+        Pick {
+            index,
+            fail_open: (was != fail_open).then_some(fail_open),
+        }
+    }
+
+    fn choose(&self, backup: bool, client: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let candidate = |i: usize| self.servers[i].backup == backup && eligible(i);
+        match self.policy.balance {
+            Balance::RoundRobin => self.round_robin(&candidate),
+            Balance::LeastConn => {
+                // Fewest active connections per unit of weight; ties by round robin.
+                let load = |i: usize| {
+                    (
+                        u64::from(self.health(i).conns()),
+                        u64::from(self.servers[i].weight),
+                    )
+                };
+                let mut best: Option<(u64, u64)> = None;
+                for i in (0..self.servers.len()).filter(|&i| candidate(i)) {
+                    let (c, w) = load(i);
+                    if best.is_none_or(|(bc, bw)| c * bw < bc * w) {
+                        best = Some((c, w));
+                    }
+                }
+                let (bc, bw) = best?;
+                self.round_robin(&|i| {
+                    candidate(i) && {
+                        let (c, w) = load(i);
+                        c * bw == bc * w
+                    }
+                })
+            }
+            Balance::Hash => {
+                // Weighted rendezvous hashing: a client keeps its server while that server
+                // is up, and only the clients of a server that goes down move.
+                let mut best: Option<(f64, usize)> = None;
+                for i in (0..self.servers.len()).filter(|&i| candidate(i)) {
+                    let h = mix(client ^ self.address_hash[i]);
+                    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                    let score = f64::from(self.servers[i].weight) / -u.ln();
+                    if best.is_none_or(|(b, _)| score > b) {
+                        best = Some((score, i));
+                    }
+                }
+                best.map(|(_, i)| i)
+            }
+        }
+    }
+
+    /// nginx's smooth weighted round robin among the servers `candidate` admits.
+    fn round_robin(&self, candidate: &dyn Fn(usize) -> bool) -> Option<usize> {
         let mut best: Option<usize> = None;
         let mut total = 0i64;
         for (i, server) in self.servers.iter().enumerate() {
-            if server.backup != backup || tried.contains(i) {
+            if !candidate(i) {
                 continue;
             }
             let weight = i64::from(server.weight);
@@ -67,8 +197,8 @@ impl RoundRobin {
 mod tests {
     use super::*;
 
-    fn servers(spec: &[(u32, bool)]) -> RoundRobin {
-        RoundRobin::new(
+    fn pool(spec: &[(u32, bool)], balance: Balance) -> Pool {
+        Pool::new(
             spec.iter()
                 .enumerate()
                 .map(|(i, &(weight, backup))| ServerDef {
@@ -78,30 +208,146 @@ mod tests {
                     backup,
                 })
                 .collect(),
+            Policy {
+                balance,
+                ..Policy::default()
+            },
         )
+    }
+
+    fn next(p: &Pool) -> usize {
+        p.pick(&Tried::default(), 0, 0).unwrap().index
     }
 
     #[test]
     fn smooth_weighted_order() {
-        let rr = servers(&[(5, false), (1, false), (1, false)]);
-        let picks: Vec<usize> = (0..7)
-            .map(|_| rr.pick(&Tried::default()).unwrap())
-            .collect();
+        let rr = pool(&[(5, false), (1, false), (1, false)], Balance::RoundRobin);
+        let picks: Vec<usize> = (0..7).map(|_| next(&rr)).collect();
         // nginx's smooth sequence for 5,1,1: a a b a c a a.
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
     fn retries_skip_tried_servers_then_use_backups() {
-        let rr = servers(&[(1, false), (1, true), (1, false)]);
+        let rr = pool(&[(1, false), (1, true), (1, false)], Balance::RoundRobin);
         let mut tried = Tried::default();
         let mut order = Vec::new();
-        while let Some(i) = rr.pick(&tried) {
-            tried.insert(i);
-            order.push(i);
+        while let Some(p) = rr.pick(&tried, 0, 0) {
+            tried.insert(p.index);
+            order.push(p.index);
         }
         assert_eq!(order.len(), 3);
         assert_eq!(order[2], 1, "the backup comes last: {order:?}");
+    }
+
+    #[test]
+    fn down_servers_are_skipped_and_backups_used_when_all_primaries_are_down() {
+        let p = pool(&[(1, false), (1, false), (1, true)], Balance::RoundRobin);
+        p.health(0).failed(10, 1, 1000);
+        for _ in 0..4 {
+            assert_eq!(next_at(&p, 20), 1);
+        }
+        p.health(1).failed(10, 1, 1000);
+        assert_eq!(next_at(&p, 20), 2, "backup once every primary is down");
+        // fail_timeout over: the primaries are tried again.
+        assert_ne!(next_at(&p, 2000), 2);
+    }
+
+    fn next_at(p: &Pool, now: u64) -> usize {
+        p.pick(&Tried::default(), 0, now).unwrap().index
+    }
+
+    #[test]
+    fn fail_open_when_every_server_is_down_logged_once_each_way() {
+        let p = pool(&[(1, false), (1, true)], Balance::RoundRobin);
+        p.health(0).failed(0, 1, 1000);
+        p.health(1).failed(0, 1, 1000);
+        let first = p.pick(&Tried::default(), 0, 1).unwrap();
+        assert_eq!(
+            first,
+            Pick {
+                index: 0,
+                fail_open: Some(true)
+            },
+            "primaries first"
+        );
+        assert_eq!(p.pick(&Tried::default(), 0, 1).unwrap().fail_open, None);
+        let mut tried = Tried::default();
+        tried.insert(0);
+        assert_eq!(p.pick(&tried, 0, 1).unwrap().index, 1);
+        tried.insert(1);
+        assert_eq!(p.pick(&tried, 0, 1), None, "each server once per session");
+        p.health(1).succeeded();
+        assert_eq!(
+            p.pick(&Tried::default(), 0, 1).unwrap(),
+            Pick {
+                index: 1,
+                fail_open: Some(false)
+            }
+        );
+    }
+
+    #[test]
+    fn no_fail_open_while_an_up_server_was_tried() {
+        let p = pool(&[(1, false), (1, false)], Balance::RoundRobin);
+        p.health(1).failed(0, 1, 1000);
+        let mut tried = Tried::default();
+        tried.insert(0);
+        assert_eq!(p.pick(&tried, 0, 1), None);
+    }
+
+    #[test]
+    fn least_conn_follows_shared_counts_and_weights() {
+        let p = pool(&[(1, false), (1, false), (2, false)], Balance::LeastConn);
+        // Counts another worker made are seen through the shared records.
+        let shared: &'static [Record] = Box::leak((0..3).map(|_| Record::default()).collect());
+        for (i, r) in shared.iter().enumerate() {
+            p.attach(i, r);
+        }
+        shared[0].connected();
+        shared[1].connected();
+        shared[1].connected();
+        shared[2].connected();
+        shared[2].connected();
+        // 1/1, 2/1, 2/2: server 0 and 2 tie at 1 per weight; 1 is never picked.
+        let picks: Vec<usize> = (0..6).map(|_| next(&p)).collect();
+        assert!(picks.iter().all(|&i| i != 1), "{picks:?}");
+        assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
+        shared[0].connected();
+        shared[0].connected();
+        assert_eq!(next(&p), 2);
+    }
+
+    #[test]
+    fn hash_keeps_clients_on_their_server_and_moves_only_a_downed_servers_clients() {
+        let p = pool(&[(1, false), (1, false), (1, false)], Balance::Hash);
+        let clients: Vec<u64> = (0..300u32)
+            .map(|c| crate::health::fnv1a(&c.to_be_bytes()))
+            .collect();
+        let before: Vec<usize> = clients
+            .iter()
+            .map(|&c| p.pick(&Tried::default(), c, 0).unwrap().index)
+            .collect();
+        for (i, &c) in clients.iter().enumerate() {
+            assert_eq!(
+                p.pick(&Tried::default(), c, 0).unwrap().index,
+                before[i],
+                "stable"
+            );
+        }
+        for s in 0..3 {
+            let n = before.iter().filter(|&&b| b == s).count();
+            assert!((60..=140).contains(&n), "server {s} has {n} of 300 clients");
+        }
+        p.health(1).failed(0, 1, 10_000);
+        for (i, &c) in clients.iter().enumerate() {
+            let now = p.pick(&Tried::default(), c, 1).unwrap().index;
+            if before[i] == 1 {
+                assert_ne!(now, 1);
+            } else {
+                assert_eq!(now, before[i], "client {i} moved although its server is up");
+            }
+        }
     }
 
     #[test]

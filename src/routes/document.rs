@@ -25,6 +25,12 @@ pub mod limits {
     pub const MAX_ROUTE_NAME: usize = 253;
     /// `*.json` files in a folder source.
     pub const MAX_FILES: usize = 10_000;
+    /// Largest `max_fails`.
+    pub const MAX_FAILS: u32 = 1000;
+    /// Largest `rise` and `fall`.
+    pub const MAX_RISE_FALL: u32 = 100;
+    /// Longest `fail_timeout`, check `interval` and `timeout`: one hour.
+    pub const MAX_DURATION_MS: u64 = 3_600_000;
 }
 use limits::*;
 
@@ -39,6 +45,74 @@ pub struct Document {
 pub struct UpstreamDef {
     pub name: String,
     pub kind: UpstreamKind,
+    /// Balancing and health; only `servers` upstreams may set it.
+    pub policy: Policy,
+}
+
+/// How the module balances a `servers` upstream and judges its servers' health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub balance: Balance,
+    /// Failures within `fail_timeout` that take a server out; 0 turns passive checks off.
+    pub max_fails: u32,
+    pub fail_timeout_ms: u64,
+    pub check: Option<CheckDef>,
+    /// A server first seen by an upstream with a check starts as down until it passes `rise`.
+    pub start_down: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            balance: Balance::RoundRobin,
+            max_fails: 1,
+            fail_timeout_ms: 10_000,
+            check: None,
+            start_down: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    Hash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    Tcp,
+    Tls,
+    Http,
+}
+
+/// An active check, run against every server of the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckDef {
+    pub kind: CheckKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+    /// Port for servers listed without one; else 443 for tcp and tls, 80 for http.
+    pub port: Option<u16>,
+    /// `tls`: the SNI to send; `http`: the Host. Default: the first route naming the upstream.
+    pub name: Option<String>,
+    /// `http`: the path requested.
+    pub path: String,
+    /// `http`: accepted status classes, bit N for Nxx.
+    pub expect: u8,
+}
+
+impl CheckDef {
+    /// The port probed for a server listed without one.
+    pub fn default_port(&self) -> u16 {
+        self.port.unwrap_or(match self.kind {
+            CheckKind::Tcp | CheckKind::Tls => 443,
+            CheckKind::Http => 80,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -207,9 +281,11 @@ fn upstreams(value: &Json, path: &JsonPath) -> Result<Vec<UpstreamDef>, SchemaEr
         .map(|(name, def)| {
             let path = JsonPath::Key(path, name);
             check_upstream_name(name, &path)?;
+            let (kind, policy) = upstream(def, &path)?;
             Ok(UpstreamDef {
                 name: name.clone(),
-                kind: upstream(def, &path)?,
+                kind,
+                policy,
             })
         })
         .collect()
@@ -231,29 +307,190 @@ fn check_upstream_name(name: &str, path: &JsonPath) -> Result<(), SchemaError> {
     }
 }
 
-fn upstream(value: &Json, path: &JsonPath) -> Result<UpstreamKind, SchemaError> {
+fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), SchemaError> {
     let mut servers = None;
     let mut nginx = None;
+    let mut policy = Policy::default();
+    // The first field that only a `servers` upstream may have.
+    let mut health_field = None;
     for (key, value) in object(value, path)? {
         let path = JsonPath::Key(path, key);
         match key.as_str() {
             "servers" => servers = Some(server_list(value, &path)?),
             "nginx_upstream" => nginx = Some(string(value, &path)?.to_owned()),
-            "balance" | "max_fails" | "fail_timeout" | "check" => {
-                return fail(&path, "not supported by this version of nginx-edge yet");
+            "balance" => {
+                policy.balance = match string(value, &path)? {
+                    "round_robin" => Balance::RoundRobin,
+                    "least_conn" => Balance::LeastConn,
+                    "hash" => Balance::Hash,
+                    _ => return fail(&path, "expected \"round_robin\", \"least_conn\" or \"hash\""),
+                }
             }
-            _ => return fail(&path, "unknown field (expected servers or nginx_upstream)"),
+            "max_fails" => policy.max_fails = integer(value, &path, 0..=MAX_FAILS)?,
+            "fail_timeout" => policy.fail_timeout_ms = duration(value, &path, 1..=MAX_DURATION_MS)?,
+            "check" => policy.check = Some(check(value, &path)?),
+            "start" => {
+                policy.start_down = match string(value, &path)? {
+                    "up" => false,
+                    "down" => true,
+                    _ => return fail(&path, "expected \"up\" or \"down\""),
+                }
+            }
+            _ => {
+                return fail(
+                    &path,
+                    "unknown field (expected servers, nginx_upstream, balance, max_fails, fail_timeout, check or start)",
+                )
+            }
+        }
+        if key != "servers" && key != "nginx_upstream" && health_field.is_none() {
+            health_field = Some(key.as_str());
         }
     }
+    if policy.start_down && policy.check.is_none() {
+        return fail(
+            &JsonPath::Key(path, "start"),
+            "\"down\" needs a check to bring the servers up",
+        );
+    }
     match (servers, nginx) {
-        (Some(servers), None) => Ok(UpstreamKind::Servers(servers)),
+        (Some(servers), None) => Ok((UpstreamKind::Servers(servers), policy)),
         (None, Some(name)) => {
+            if let Some(field) = health_field {
+                return fail(
+                    &JsonPath::Key(path, field),
+                    "applies to servers only: an nginx_upstream is balanced by its upstream{} block",
+                );
+            }
             check_upstream_name(&name, &JsonPath::Key(path, "nginx_upstream"))?;
-            Ok(UpstreamKind::Nginx(name))
+            Ok((UpstreamKind::Nginx(name), Policy::default()))
         }
         (Some(_), Some(_)) => fail(path, "servers and nginx_upstream exclude each other"),
         (None, None) => fail(path, "needs servers or nginx_upstream"),
     }
+}
+
+/// `"2s"`, `"500ms"`, `"1m"`, `"1h"`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 9 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let scale = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+fn duration(
+    value: &Json,
+    path: &JsonPath,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, SchemaError> {
+    let ms = match value {
+        Json::String(s) => parse_duration(s),
+        Json::Number(n) if n.fract() == 0.0 && *n >= 0.0 && *n < 1e9 => Some(*n as u64 * 1000),
+        _ => None,
+    };
+    match ms {
+        Some(ms) if range.contains(&ms) => Ok(ms),
+        _ => fail(
+            path,
+            format!(
+                "expected a duration from {}ms to {}s, such as \"2s\" or \"500ms\"",
+                range.start(),
+                range.end() / 1000
+            ),
+        ),
+    }
+}
+
+fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
+    let mut def = CheckDef {
+        kind: CheckKind::Tcp,
+        interval_ms: 2000,
+        timeout_ms: 1000,
+        rise: 2,
+        fall: 3,
+        port: None,
+        name: None,
+        path: "/".into(),
+        expect: 0b1100, // 2xx and 3xx, as HAProxy
+    };
+    let mut kind = None;
+    for (key, value) in object(value, path)? {
+        let path = JsonPath::Key(path, key);
+        match key.as_str() {
+            "type" => {
+                kind = Some(match string(value, &path)? {
+                    "tcp" => CheckKind::Tcp,
+                    "tls" => CheckKind::Tls,
+                    "http" => CheckKind::Http,
+                    _ => return fail(&path, "expected \"tcp\", \"tls\" or \"http\""),
+                })
+            }
+            "interval" => def.interval_ms = duration(value, &path, 100..=MAX_DURATION_MS)?,
+            "timeout" => def.timeout_ms = duration(value, &path, 1..=MAX_DURATION_MS)?,
+            "rise" => def.rise = integer(value, &path, 1..=MAX_RISE_FALL)?,
+            "fall" => def.fall = integer(value, &path, 1..=MAX_RISE_FALL)?,
+            "port" => def.port = Some(integer(value, &path, 1..=65535)? as u16),
+            "sni" | "host" => {
+                let name = string(value, &path)?;
+                let ok = ServerName::parse(name.as_bytes())
+                    .is_some_and(|n| n.as_str() == name.to_ascii_lowercase());
+                if !ok {
+                    return fail(&path, format!("\"{name}\" is not a host name"));
+                }
+                def.name = Some(name.to_ascii_lowercase());
+            }
+            "path" => {
+                let p = string(value, &path)?;
+                if !p.starts_with('/') || p.len() > 1024 || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    return fail(&path, "expected an absolute path without spaces, up to 1024 bytes");
+                }
+                def.path = p.into();
+            }
+            "expect" => {
+                let items: Vec<&Json> = match value {
+                    Json::Array(items) if !items.is_empty() => items.iter().collect(),
+                    Json::Array(_) => return fail(&path, "expected at least one status class"),
+                    other => vec![other],
+                };
+                def.expect = 0;
+                for item in items {
+                    match string(item, &path)?.as_bytes() {
+                        [c @ b'1'..=b'5', b'x', b'x'] => def.expect |= 1 << (c - b'0'),
+                        _ => return fail(&path, "expected status classes such as \"2xx\" or [\"2xx\", \"3xx\"]"),
+                    }
+                }
+            }
+            _ => {
+                return fail(
+                    &path,
+                    "unknown field (expected type, interval, timeout, rise, fall, port, sni, host, path or expect)",
+                )
+            }
+        }
+    }
+    def.kind = kind.ok_or_else(|| SchemaError {
+        path: path.to_string(),
+        message: "a check needs a type (tcp, tls or http)".into(),
+    })?;
+    if def.timeout_ms > def.interval_ms {
+        return fail(
+            &JsonPath::Key(path, "timeout"),
+            "must not be longer than the interval",
+        );
+    }
+    Ok(def)
 }
 
 fn server_list(value: &Json, path: &JsonPath) -> Result<Vec<ServerDef>, SchemaError> {
@@ -558,6 +795,54 @@ mod tests {
                 r#"{"routes": {"a.*.com": "u"}}"#,
                 "routes[\"a.*.com\"]: a route is a host name",
             ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "balance": "random"}}}"#,
+                "upstreams.u.balance: expected \"round_robin\"",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "fail_timeout": "5 s"}}}"#,
+                "upstreams.u.fail_timeout: expected a duration",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "max_fails": -1}}}"#,
+                "upstreams.u.max_fails: expected an integer from 0 to 1000",
+            ),
+            (
+                r#"{"upstreams": {"u": {"nginx_upstream": "x", "max_fails": 2}}}"#,
+                "upstreams.u.max_fails: applies to servers only",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"interval": "1s"}}}}"#,
+                "upstreams.u.check: a check needs a type",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "udp"}}}}"#,
+                "upstreams.u.check.type: expected \"tcp\"",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "tcp", "interval": "50ms"}}}}"#,
+                "upstreams.u.check.interval: expected a duration from 100ms",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "tcp", "interval": "1s", "timeout": "2s"}}}}"#,
+                "upstreams.u.check.timeout: must not be longer than the interval",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "http", "expect": ["2xx", "600"]}}}}"#,
+                "upstreams.u.check.expect: expected status classes",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "http", "path": "no-slash"}}}}"#,
+                "upstreams.u.check.path: expected an absolute path",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "tls", "sni": "a b"}}}}"#,
+                "upstreams.u.check.sni: \"a b\" is not a host name",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "start": "down"}}}"#,
+                "upstreams.u.start: \"down\" needs a check",
+            ),
             (r#"{"version": 2}"#, "version: only version 1 is known"),
             (r#"{"upstream": {}}"#, "upstream: unknown field"),
             (r#"[]"#, "(top level): expected an object, found an array"),
@@ -568,6 +853,60 @@ mod tests {
                 err.starts_with(want),
                 "{text}\n  got:  {err}\n  want: {want}"
             );
+        }
+    }
+
+    #[test]
+    fn reads_balancing_and_checks() {
+        let d = doc(r#"{"upstreams": {
+            "rancher": {
+              "servers": ["192.168.0.1", "192.168.0.2", "192.168.0.3"],
+              "balance": "least_conn",
+              "max_fails": 3, "fail_timeout": "5s",
+              "check": { "type": "tcp", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 3 }
+            },
+            "web": {
+              "servers": ["10.0.0.1:8080"], "balance": "hash", "start": "down",
+              "check": { "type": "http", "path": "/healthz", "host": "Web.Example.com",
+                         "expect": ["2xx"], "interval": 1, "port": 8081 }
+            },
+            "plain": { "servers": ["10.0.0.2"] }
+        }}"#)
+        .unwrap();
+        let p = &d.upstreams[0].policy;
+        assert_eq!(
+            (p.balance, p.max_fails, p.fail_timeout_ms),
+            (Balance::LeastConn, 3, 5000)
+        );
+        let c = p.check.as_ref().unwrap();
+        assert_eq!(
+            (c.kind, c.interval_ms, c.timeout_ms, c.rise, c.fall),
+            (CheckKind::Tcp, 2000, 1000, 2, 3)
+        );
+        assert_eq!(c.default_port(), 443);
+        let p = &d.upstreams[1].policy;
+        assert!(p.start_down);
+        let c = p.check.as_ref().unwrap();
+        assert_eq!(c.path, "/healthz");
+        assert_eq!(c.name.as_deref(), Some("web.example.com"));
+        assert_eq!(
+            (c.expect, c.interval_ms, c.default_port()),
+            (0b100, 1000, 8081)
+        );
+        assert_eq!(d.upstreams[2].policy, Policy::default());
+        assert_eq!(Policy::default().max_fails, 1);
+        assert_eq!(Policy::default().fail_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Some(2000));
+        assert_eq!(parse_duration("250ms"), Some(250));
+        assert_eq!(parse_duration("3"), Some(3000));
+        assert_eq!(parse_duration("1m"), Some(60_000));
+        assert_eq!(parse_duration("1h"), Some(3_600_000));
+        for bad in ["", "s", "1.5s", "-1s", "1d", "1 s", "9999999999s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }
 

@@ -2,7 +2,7 @@
 
 pub mod balance;
 pub mod document;
-mod json;
+pub(crate) mod json;
 pub mod source;
 pub mod table;
 

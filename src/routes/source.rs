@@ -90,6 +90,8 @@ pub struct Source {
     units: Vec<Unit>,
     table: Rc<RouteTable>,
     generation: u64,
+    /// When the current table was swapped in.
+    loaded_at: Option<std::time::SystemTime>,
     last_error: Option<String>,
     /// The problem last reported for the source as a whole, so that it is logged once.
     unreadable: Option<String>,
@@ -111,6 +113,7 @@ impl Source {
             units: Vec::new(),
             table: Rc::default(),
             generation: 0,
+            loaded_at: None,
             last_error: None,
             unreadable: None,
         };
@@ -136,6 +139,10 @@ impl Source {
     /// How many tables have been swapped in, the first included.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    pub fn loaded_at(&self) -> Option<std::time::SystemTime> {
+        self.loaded_at
     }
 
     pub fn last_error(&self) -> Option<&str> {
@@ -230,6 +237,7 @@ impl Source {
                         });
                     }
                     self.generation += 1;
+                    self.loaded_at = Some(std::time::SystemTime::now());
                     self.table = Rc::new(table);
                     let routes = self.table.route_count();
                     let files = docs.len();

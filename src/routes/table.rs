@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::balance::RoundRobin;
-use super::document::{limits::MAX_ROUTES, Document, RouteKey, Targets, UpstreamKind};
+use super::balance::Pool;
+use super::document::{limits::MAX_ROUTES, CheckKind, Document, RouteKey, Targets, UpstreamKind};
 use crate::sniff::Protocol;
 
 pub type UpstreamId = u32;
@@ -19,7 +19,7 @@ pub struct Upstream {
 #[derive(Debug)]
 pub enum Backend {
     /// Balanced by the module.
-    Servers(RoundRobin),
+    Servers(Box<Pool>),
     /// Handed to nginx by name.
     Nginx(Box<str>),
 }
@@ -112,7 +112,7 @@ impl RouteTable {
                 }
                 let kind = match &def.kind {
                     UpstreamKind::Servers(servers) => {
-                        Backend::Servers(RoundRobin::new(servers.clone()))
+                        Backend::Servers(Box::new(Pool::new(servers.clone(), def.policy.clone())))
                     }
                     UpstreamKind::Nginx(name) => {
                         if !nginx_upstream_exists(name) {
@@ -192,7 +192,50 @@ impl RouteTable {
                 }
             }
         }
+        table.name_checks(documents);
         Ok((table, warnings))
+    }
+
+    /// Gives each active check its SNI or Host: the check's own `sni`/`host`, else the first
+    /// exact route (in file order) that sends the check's protocol to the upstream.
+    fn name_checks(&mut self, documents: &[&Document]) {
+        let by_name: HashMap<&str, usize> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (&*u.name, i))
+            .collect();
+        let mut names: Vec<Option<Box<str>>> = vec![None; self.upstreams.len()];
+        for doc in documents {
+            for (key, targets) in &doc.routes {
+                let RouteKey::Exact(name) = key else { continue };
+                for target in [&targets.tls, &targets.http].into_iter().flatten() {
+                    let Some(&i) = by_name.get(target.as_str()) else {
+                        continue;
+                    };
+                    let Backend::Servers(pool) = &self.upstreams[i].kind else {
+                        continue;
+                    };
+                    let Some(check) = &pool.policy().check else {
+                        continue;
+                    };
+                    let wanted = match check.kind {
+                        CheckKind::Tls => &targets.tls,
+                        CheckKind::Http => &targets.http,
+                        CheckKind::Tcp => continue,
+                    };
+                    if names[i].is_none() && wanted.as_deref() == Some(&*self.upstreams[i].name) {
+                        names[i] = Some(name.as_str().into());
+                    }
+                }
+            }
+        }
+        for (upstream, name) in self.upstreams.iter_mut().zip(names) {
+            if let Backend::Servers(pool) = &mut upstream.kind {
+                let own = pool.policy().check.as_ref().and_then(|c| c.name.clone());
+                pool.set_check_name(own.map(Into::into).or(name));
+            }
+        }
     }
 
     /// Finds the upstream for a name read from a client (already lower-cased), or for a
@@ -245,7 +288,7 @@ impl RouteTable {
 }
 
 impl Upstream {
-    pub fn servers(&self) -> Option<&RoundRobin> {
+    pub fn servers(&self) -> Option<&Pool> {
         match &self.kind {
             Backend::Servers(rr) => Some(rr),
             Backend::Nginx(_) => None,
@@ -291,6 +334,35 @@ mod tests {
             "split.example.com": {"tls": "a"}
         }
     }"#;
+
+    #[test]
+    fn checks_take_their_name_from_the_first_route_of_their_protocol() {
+        let (t, _) = table(&[r#"{
+            "upstreams": {
+              "t": {"servers": ["10.0.0.1"], "check": {"type": "tls"}},
+              "h": {"servers": ["10.0.0.2"], "check": {"type": "http"}},
+              "own": {"servers": ["10.0.0.3"], "check": {"type": "tls", "sni": "own.example.com"}},
+              "none": {"servers": ["10.0.0.4"], "check": {"type": "tls"}}
+            },
+            "routes": {
+              "*.wild.example.com": "t",
+              "http-only.example.com": {"http": "t"},
+              "first.example.com": "t",
+              "second.example.com": "t",
+              "web.example.com": {"tls": "t", "http": "h"},
+              "x.example.com": "own",
+              "y.example.com": {"http": "none"}
+            }
+        }"#]);
+        let name = |u: &str| {
+            let up = t.upstreams().iter().find(|x| &*x.name == u).unwrap();
+            up.servers().unwrap().check_name().map(str::to_owned)
+        };
+        assert_eq!(name("t").as_deref(), Some("first.example.com"));
+        assert_eq!(name("h").as_deref(), Some("web.example.com"));
+        assert_eq!(name("own").as_deref(), Some("own.example.com"));
+        assert_eq!(name("none"), None);
+    }
 
     #[test]
     fn exact_beats_wildcard_and_longest_suffix_wins() {

@@ -1,0 +1,301 @@
+//! Active checks. Each worker ticks every `TICK_MS`; for every server of an upstream with a
+//! `check`, the first worker to claim the record's due time (a compare-and-swap in the shared
+//! zone) probes it, so a server gets one probe per interval whatever the number of workers.
+//! A probe is a non-blocking connection in the worker's event loop, bounded by its timeout.
+
+use core::ffi::c_void;
+use core::ptr::{addr_of_mut, null_mut};
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use nginx_sys::{
+    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_connect_peer,
+    ngx_event_get_peer, ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_handle_write_event,
+    ngx_log_t, ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in,
+    sockaddr_in6, socklen_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_CRIT, NGX_OK,
+};
+
+use crate::balancer::log_transition;
+use crate::conf::MainConf;
+use crate::health::probe::{client_hello, http_request, judge};
+use crate::health::{now_ms, Outcome};
+use crate::routes::document::CheckKind;
+use crate::routes::table::{Backend, RouteTable};
+
+/// How often a worker looks for due checks; a probe starts at most this late.
+const TICK_MS: u64 = 100;
+/// Bytes of an answer read before judging it: a status line or a record header suffices.
+const ANSWER_MAX: usize = 64;
+
+static mut TICKER: ngx_event_t = unsafe { core::mem::zeroed() };
+static mut MAIN_CONF: *const MainConf = null_mut();
+/// The log probes connect with: the cycle's, but quiet below `crit`, since a refused probe is
+/// an expected outcome and is logged by us as a state change instead.
+static mut PROBE_LOG: ngx_log_t = unsafe { core::mem::zeroed() };
+static mut SEED: u64 = 0;
+
+pub unsafe fn init_worker(cycle: *mut ngx_cycle_t, mcf: *const MainConf) {
+    MAIN_CONF = mcf;
+    PROBE_LOG = *(*cycle).log;
+    PROBE_LOG.log_level = NGX_LOG_CRIT as _;
+    SEED = crate::health::fnv1a(&(libc::getpid() as u64 ^ now_ms()).to_le_bytes());
+    let ev = &mut *addr_of_mut!(TICKER);
+    ev.handler = Some(tick);
+    ev.log = (*cycle).log;
+    ev.data = addr_of_mut!(TICKER).cast();
+    ev.set_cancelable(1);
+    ngx_add_timer(ev, TICK_MS as _);
+}
+
+fn exiting() -> bool {
+    // SAFETY: plain reads of nginx's process flags.
+    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
+}
+
+unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
+    if exiting() {
+        return;
+    }
+    let now = now_ms();
+    for slot in &(*MAIN_CONF).sources {
+        let Some(source) = slot.source.as_ref() else {
+            continue;
+        };
+        let table = source.table();
+        for (u, upstream) in table.upstreams().iter().enumerate() {
+            let Backend::Servers(pool) = &upstream.kind else {
+                continue;
+            };
+            let Some(check) = &pool.policy().check else {
+                continue;
+            };
+            for i in 0..pool.servers().len() {
+                if pool.health(i).claim_check(now, check.interval_ms) {
+                    start(Rc::clone(table), u, i, now, (*ev).log);
+                }
+            }
+        }
+    }
+    ngx_add_timer(ev, TICK_MS as _);
+}
+
+/// One probe in flight; owned by its connection (`c->data`) until `finish`.
+struct Probe {
+    table: Rc<RouteTable>,
+    upstream: usize,
+    server: usize,
+    kind: CheckKind,
+    expect: u8,
+    request: Vec<u8>,
+    sent: usize,
+    answer: [u8; ANSWER_MAX],
+    got: usize,
+    connected: bool,
+    peer: ngx_peer_connection_t,
+    sockaddr: sockaddr_in6,
+    name: ngx_str_t,
+    name_text: String,
+    log: *mut ngx_log_t,
+}
+
+unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut ngx_log_t) {
+    let Backend::Servers(pool) = &table.upstreams()[u].kind else {
+        return;
+    };
+    let Some(check) = pool.policy().check.as_ref() else {
+        return;
+    };
+    let server = &pool.servers()[i];
+    let addr = SocketAddr::new(server.ip, server.port.unwrap_or(check.default_port()));
+    let name_text = addr.to_string();
+    let request = match check.kind {
+        CheckKind::Tcp => Vec::new(),
+        CheckKind::Tls => {
+            SEED = SEED.wrapping_add(1);
+            client_hello(pool.check_name(), SEED ^ now)
+        }
+        CheckKind::Http => http_request(&check.path, pool.check_name().unwrap_or(&name_text)),
+    };
+    let timeout = check.timeout_ms;
+    let mut probe = Box::new(Probe {
+        kind: check.kind,
+        expect: check.expect,
+        request,
+        sent: 0,
+        answer: [0; ANSWER_MAX],
+        got: 0,
+        connected: false,
+        peer: core::mem::zeroed(),
+        sockaddr: core::mem::zeroed(),
+        name: ngx_str_t::default(),
+        name_text,
+        log,
+        table: Rc::clone(&table),
+        upstream: u,
+        server: i,
+    });
+    let socklen = write_sockaddr(&mut probe.sockaddr, addr);
+    probe.name = ngx_str_t {
+        len: probe.name_text.len(),
+        data: probe.name_text.as_ptr().cast_mut(),
+    };
+    let p = &mut *probe;
+    p.peer.sockaddr = addr_of_mut!(p.sockaddr).cast();
+    p.peer.socklen = socklen;
+    p.peer.name = addr_of_mut!(p.name);
+    p.peer.get = Some(ngx_event_get_peer);
+    p.peer.log = addr_of_mut!(PROBE_LOG);
+    p.peer.set_log_error(1); // NGX_ERROR_ERR: connect errors at `err`, which PROBE_LOG drops
+
+    let rc = ngx_event_connect_peer(&mut p.peer);
+    if rc == NGX_ERROR as isize || rc == NGX_DECLINED as isize || p.peer.connection.is_null() {
+        let outcome = if rc == NGX_DECLINED as isize {
+            Outcome::Refused
+        } else {
+            Outcome::Error
+        };
+        finish(probe, null_mut(), outcome);
+        return;
+    }
+    let c = &mut *p.peer.connection;
+    c.data = Box::into_raw(probe).cast();
+    (*c.read).handler = Some(on_read);
+    (*c.write).handler = Some(on_write);
+    // One deadline for the whole probe, on the write event; cancelable so that a worker
+    // shutting down does not wait for it.
+    (*c.write).set_cancelable(1);
+    ngx_add_timer(c.write, timeout as _);
+    if rc == NGX_OK as isize {
+        on_write(c.write);
+    }
+}
+
+fn write_sockaddr(out: &mut sockaddr_in6, addr: SocketAddr) -> socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_in6 is larger than sockaddr_in and suitably aligned.
+            let sin = unsafe { &mut *core::ptr::from_mut(out).cast::<sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as _;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            core::mem::size_of::<sockaddr_in>() as socklen_t
+        }
+        SocketAddr::V6(a) => {
+            out.sin6_family = libc::AF_INET6 as _;
+            out.sin6_port = a.port().to_be();
+            out.sin6_addr.__in6_u.__u6_addr8 = a.ip().octets();
+            core::mem::size_of::<sockaddr_in6>() as socklen_t
+        }
+    }
+}
+
+unsafe fn probe_of<'a>(c: *mut ngx_connection_t) -> &'a mut Probe {
+    &mut *(*c).data.cast::<Probe>()
+}
+
+unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
+    let c = (*wev).data.cast::<ngx_connection_t>();
+    let p = probe_of(c);
+    if (*wev).timedout() != 0 {
+        return finish_conn(c, Outcome::Timeout);
+    }
+    if !p.connected {
+        match socket_error(c) {
+            0 => p.connected = true,
+            libc::ECONNREFUSED => return finish_conn(c, Outcome::Refused),
+            libc::ETIMEDOUT => return finish_conn(c, Outcome::Timeout),
+            _ => return finish_conn(c, Outcome::Error),
+        }
+        if p.kind == CheckKind::Tcp {
+            return finish_conn(c, Outcome::Ok);
+        }
+    }
+    while p.sent < p.request.len() {
+        let rest = &p.request[p.sent..];
+        let n = ((*c).send.unwrap())(c, rest.as_ptr().cast_mut(), rest.len());
+        if n == NGX_AGAIN as isize {
+            if ngx_handle_write_event(wev, 0) != NGX_OK as isize {
+                return finish_conn(c, Outcome::Error);
+            }
+            return;
+        }
+        if n <= 0 {
+            return finish_conn(c, Outcome::Closed);
+        }
+        p.sent += n as usize;
+    }
+    if ngx_handle_read_event((*c).read, 0) != NGX_OK as isize {
+        return finish_conn(c, Outcome::Error);
+    }
+    if (*(*c).read).ready() != 0 {
+        on_read((*c).read);
+    }
+}
+
+unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
+    let c = (*rev).data.cast::<ngx_connection_t>();
+    let p = probe_of(c);
+    if p.sent < p.request.len() {
+        // Not our turn yet (the server talks first, or a spurious wake-up).
+        return;
+    }
+    loop {
+        let room = &mut p.answer[p.got..];
+        if room.is_empty() {
+            return finish_conn(c, Outcome::BadAnswer);
+        }
+        let n = ((*c).recv.unwrap())(c, room.as_mut_ptr(), room.len());
+        if n == NGX_AGAIN as isize {
+            if ngx_handle_read_event(rev, 0) != NGX_OK as isize {
+                return finish_conn(c, Outcome::Error);
+            }
+            return;
+        }
+        if n <= 0 {
+            return finish_conn(c, Outcome::Closed);
+        }
+        p.got += n as usize;
+        if let Some(outcome) = judge(p.kind, p.expect, &p.answer[..p.got]) {
+            return finish_conn(c, outcome);
+        }
+    }
+}
+
+unsafe fn socket_error(c: *mut ngx_connection_t) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = core::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    if libc::getsockopt(
+        (*c).fd,
+        libc::SOL_SOCKET,
+        libc::SO_ERROR,
+        core::ptr::from_mut(&mut err).cast::<c_void>(),
+        &mut len,
+    ) == -1
+    {
+        return *libc::__errno_location();
+    }
+    err
+}
+
+unsafe fn finish_conn(c: *mut ngx_connection_t, outcome: Outcome) {
+    let probe = Box::from_raw((*c).data.cast::<Probe>());
+    finish(probe, c, outcome);
+}
+
+/// Closes the probe's connection and records the outcome, logging a state change.
+unsafe fn finish(probe: Box<Probe>, c: *mut ngx_connection_t, outcome: Outcome) {
+    if !c.is_null() {
+        ngx_close_connection(c);
+    }
+    let upstream = &probe.table.upstreams()[probe.upstream];
+    let Backend::Servers(pool) = &upstream.kind else {
+        return;
+    };
+    let Some(check) = pool.policy().check.as_ref() else {
+        return;
+    };
+    let record = pool.health(probe.server);
+    if let Some(t) = record.checked(now_ms(), outcome, check.rise, check.fall) {
+        log_transition(probe.log, &upstream.name, pool, probe.server, t);
+    }
+}

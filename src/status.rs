@@ -1,0 +1,208 @@
+//! `edge_status`: a stream server that answers one HTTP/1.1 GET with the worker's view of the
+//! route sources and the health of every server (`/` or `/status` as JSON, `/metrics` as
+//! Prometheus text), then closes. It reads nothing but the request line and headers.
+
+use core::ffi::{c_char, c_void};
+use std::time::SystemTime;
+
+use nginx_sys::{
+    ngx_add_timer, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_event_t, ngx_handle_read_event,
+    ngx_handle_write_event, ngx_stream_core_module, ngx_stream_core_srv_conf_t,
+    ngx_stream_finalize_session, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN, NGX_LOG_INFO, NGX_OK,
+    NGX_STREAM_BAD_REQUEST, NGX_STREAM_INTERNAL_SERVER_ERROR, NGX_STREAM_OK,
+};
+use ngx::core::NGX_CONF_OK;
+use ngx::ngx_log_error;
+
+use crate::conf::SrvConf;
+use crate::health::now_ms;
+use crate::preread::SessionCtx;
+use crate::report::{self, Clock, Request, SourceInfo, ZoneInfo};
+use crate::{reload, stream, zone};
+
+/// Longest request head read.
+const REQUEST_MAX: usize = 4096;
+/// Time a client has to send its request, and then to take the answer.
+const TIMEOUT_MS: usize = 10_000;
+
+/// One status request: the bytes read, then the answer being written.
+#[derive(Default)]
+pub struct Exchange {
+    request: Vec<u8>,
+    answer: Vec<u8>,
+    sent: usize,
+    status: ngx_uint_t,
+}
+
+/// `edge_status;`
+pub unsafe extern "C" fn set_edge_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let scf = &mut *conf.cast::<SrvConf>();
+    if scf.status {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    scf.status = true;
+    let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
+    let index = (*core::ptr::addr_of!(ngx_stream_core_module)).ctx_index;
+    let cscf = &mut *(*(*ctx).srv_conf.add(index)).cast::<ngx_stream_core_srv_conf_t>();
+    if cscf.handler.is_some() {
+        return c"cannot be used with proxy_pass or return in the same server"
+            .as_ptr()
+            .cast_mut();
+    }
+    cscf.handler = Some(handler);
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
+    let c = &mut *(*s).connection;
+    let ctx = match stream::session_ctx(s) {
+        Some(ctx) => ctx,
+        None => match SessionCtx::attach(s) {
+            Some(ctx) => ctx,
+            None => return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _),
+        },
+    };
+    let mut exchange = Exchange::default();
+    // Bytes a preread handler may already have taken off the socket.
+    if let Some(b) = c.buffer.as_mut() {
+        let n = b.last.offset_from(b.pos) as usize;
+        if n > 0 {
+            exchange
+                .request
+                .extend_from_slice(core::slice::from_raw_parts(b.pos, n.min(REQUEST_MAX)));
+            b.pos = b.last;
+        }
+    }
+    ctx.status = Some(exchange);
+    (*c.read).handler = Some(on_read);
+    (*c.write).handler = Some(on_write);
+    on_read(c.read);
+}
+
+unsafe fn exchange<'a>(c: *mut ngx_connection_t) -> (*mut ngx_stream_session_t, &'a mut Exchange) {
+    let s = (*c).data.cast::<ngx_stream_session_t>();
+    let ctx = stream::session_ctx(s).expect("status context");
+    (s, ctx.status.as_mut().expect("status exchange"))
+}
+
+unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
+    let c = (*rev).data.cast::<ngx_connection_t>();
+    let (s, ex) = exchange(c);
+    if (*rev).timedout() != 0 {
+        ngx_log_error!(NGX_LOG_INFO, (*c).log, "edge_status: client timed out");
+        return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
+    }
+    loop {
+        match report::parse_request(&ex.request) {
+            Request::Get(path) => {
+                let path = path.to_owned();
+                return answer(c, &path);
+            }
+            Request::Bad(code) => {
+                let (status, text) = if code == 405 {
+                    ("405 Method Not Allowed", "only GET is answered\n")
+                } else {
+                    ("400 Bad Request", "not an HTTP request\n")
+                };
+                ex.answer = report::http_response(status, "text/plain", text);
+                ex.status = NGX_STREAM_BAD_REQUEST as _;
+                return on_write((*c).write);
+            }
+            Request::Incomplete if ex.request.len() >= REQUEST_MAX => {
+                ex.answer = report::http_response(
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    "request head too large\n",
+                );
+                ex.status = NGX_STREAM_BAD_REQUEST as _;
+                return on_write((*c).write);
+            }
+            Request::Incomplete => {}
+        }
+        let mut chunk = [0u8; 1024];
+        let room = (REQUEST_MAX - ex.request.len()).min(chunk.len());
+        let n = ((*c).recv.unwrap())(c, chunk.as_mut_ptr(), room);
+        if n == NGX_AGAIN as isize {
+            if (*rev).timer_set() == 0 {
+                ngx_add_timer(rev, TIMEOUT_MS as _);
+            }
+            if ngx_handle_read_event(rev, 0) != NGX_OK as isize {
+                return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _);
+            }
+            return;
+        }
+        if n <= 0 {
+            // Closed or reset before a whole request: nothing to answer.
+            return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
+        }
+        ex.request.extend_from_slice(&chunk[..n as usize]);
+    }
+}
+
+unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
+    let (_, ex) = exchange(c);
+    let mcf = reload::worker_main_conf();
+    let sources: Vec<SourceInfo> = mcf
+        .map(|m| {
+            m.sources
+                .iter()
+                .filter_map(|slot| {
+                    let source = slot.source.as_ref()?;
+                    Some(SourceInfo {
+                        path: slot.path.to_str().unwrap_or("?"),
+                        generation: source.generation(),
+                        loaded_at: source.loaded_at(),
+                        last_error: source.last_error(),
+                        table: source.table(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let zone = zone::zone().map(|z| ZoneInfo {
+        name: &z.name,
+        capacity: z.capacity(),
+        used: z.live(),
+    });
+    let clock = Clock {
+        monotonic_ms: now_ms(),
+        wall: SystemTime::now(),
+    };
+    ex.answer = report::respond(path, &sources, zone, clock);
+    ex.status = NGX_STREAM_OK as _;
+    on_write((*c).write);
+}
+
+unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
+    let c = (*wev).data.cast::<ngx_connection_t>();
+    let (s, ex) = exchange(c);
+    if (*wev).timedout() != 0 {
+        ngx_log_error!(NGX_LOG_INFO, (*c).log, "edge_status: client timed out");
+        return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
+    }
+    if ex.answer.is_empty() {
+        return; // still reading the request
+    }
+    while ex.sent < ex.answer.len() {
+        let rest = &ex.answer[ex.sent..];
+        let n = ((*c).send.unwrap())(c, rest.as_ptr().cast_mut(), rest.len());
+        if n == NGX_AGAIN as isize {
+            if (*wev).timer_set() == 0 {
+                ngx_add_timer(wev, TIMEOUT_MS as _);
+            }
+            if ngx_handle_write_event(wev, 0) != NGX_OK as isize {
+                return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _);
+            }
+            return;
+        }
+        if n <= 0 {
+            return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
+        }
+        ex.sent += n as usize;
+    }
+    ngx_stream_finalize_session(s, ex.status);
+}
