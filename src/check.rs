@@ -235,9 +235,9 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
 unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
     let c = (*rev).data.cast::<ngx_connection_t>();
     let p = probe_of(c);
-    if p.sent < p.request.len() {
-        // Not our turn yet (the server talks first, or a spurious wake-up).
-        return;
+    if !p.connected || p.sent < p.request.len() {
+        // epoll reports a failed connect on both events: find out, or go on sending.
+        return on_write((*c).write);
     }
     loop {
         let room = &mut p.answer[p.got..];

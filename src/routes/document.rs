@@ -426,6 +426,7 @@ fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
         expect: 0b1100, // 2xx and 3xx, as HAProxy
     };
     let mut kind = None;
+    let mut timeout = None;
     for (key, value) in object(value, path)? {
         let path = JsonPath::Key(path, key);
         match key.as_str() {
@@ -438,7 +439,7 @@ fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
                 })
             }
             "interval" => def.interval_ms = duration(value, &path, 100..=MAX_DURATION_MS)?,
-            "timeout" => def.timeout_ms = duration(value, &path, 1..=MAX_DURATION_MS)?,
+            "timeout" => timeout = Some(duration(value, &path, 1..=MAX_DURATION_MS)?),
             "rise" => def.rise = integer(value, &path, 1..=MAX_RISE_FALL)?,
             "fall" => def.fall = integer(value, &path, 1..=MAX_RISE_FALL)?,
             "port" => def.port = Some(integer(value, &path, 1..=65535)? as u16),
@@ -484,6 +485,8 @@ fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
         path: path.to_string(),
         message: "a check needs a type (tcp, tls or http)".into(),
     })?;
+    // Unset, the timeout is 1s, or the interval if that is shorter.
+    def.timeout_ms = timeout.unwrap_or(def.timeout_ms.min(def.interval_ms));
     if def.timeout_ms > def.interval_ms {
         return fail(
             &JsonPath::Key(path, "timeout"),

@@ -19,7 +19,7 @@ use POSIX qw(WNOHANG);
 use Test::More;
 use Time::HiRes qw(time sleep);
 
-our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for);
+our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for http_request);
 
 sub new {
     my ($class, %opts) = @_;
@@ -175,6 +175,7 @@ sub stop {
 sub DESTROY {
     my ($self) = @_;
     $self->stop;
+    $self->stop_backend($_) for keys %{$self->{backends} // {}};
     if (Test::More->builder->is_passing && !$ENV{TEST_NGINX_LEAVE}) {
         File::Path::rmtree($self->{dir});
     } else {
@@ -207,8 +208,8 @@ sub wait_for_log {
 # until it closes.
 sub raw_exchange {
     my ($port, $chunks, %opts) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 10)
-        or die "connect $port: $!\n";
+    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 10,
+        $opts{local} ? (LocalAddr => $opts{local}) : ()) or die "connect $port: $!\n";
     setsockopt($s, 6, 1, pack('l', 1));    # TCP_NODELAY: each chunk its own segment
     for my $chunk (@$chunks) {
         defined syswrite($s, $chunk) or last;
@@ -227,12 +228,146 @@ sub raw_exchange {
     return $out;
 }
 
-sub http_get {
-    my ($port, $host, %opts) = @_;
+sub http_request {
+    my ($host, %opts) = @_;
     my $head = "GET " . ($opts{target} // '/') . " HTTP/" . ($opts{version} // '1.1') . "\r\n";
     $head .= "Host: $host\r\n" if defined $host;
-    $head .= "\r\n";
-    return raw_exchange($port, [$head], %opts);
+    return "$head\r\n";
+}
+
+sub http_get {
+    my ($port, $host, %opts) = @_;
+    return raw_exchange($port, [http_request($host, %opts)], %opts);
+}
+
+# A backend that a test can stop and start again: a child process listening on
+# $opts{addr} (127.0.0.1) port PORT_$name. Modes:
+#   text  writes its name and closes (after the client's bytes, if any, have arrived);
+#   hold  writes its name and keeps the connection until the client closes it;
+#   http  answers one request with status $opts{status} (200) and its name as the body;
+#   tls   completes a TLS handshake ($opts{cert}, $opts{key}), then writes its name.
+# Stopping (SIGTERM) takes the connections the kernel has already accepted, then stops
+# listening, so that later connects are refused rather than reset.
+sub backend {
+    my ($self, $name, %o) = @_;
+    my $port = $self->port($name);
+    my $addr = $o{addr} // '127.0.0.1';
+    my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => $addr, LocalPort => $port,
+        Proto => 'tcp', ReuseAddr => 1) or die "backend $name on $addr:$port: $!\n";
+    my $pid = fork() // die "fork: $!\n";
+    if ($pid == 0) {
+        _serve($listen, $name, %o);
+        POSIX::_exit(0);
+    }
+    close $listen;
+    $self->{backends}{$name} = $pid;
+    return $port;
+}
+
+sub stop_backend {
+    my ($self, $name) = @_;
+    my $pid = delete $self->{backends}{$name} or return;
+    kill 'TERM', $pid;
+    waitpid($pid, 0);
+}
+
+sub _serve {
+    my ($listen, $name, %o) = @_;
+    my $mode = $o{mode} // 'text';
+    my $stop = 0;
+    local $SIG{TERM} = sub { $stop = 1 };
+    local $SIG{PIPE} = 'IGNORE';
+    $listen->blocking(0);
+    my $sel = IO::Select->new($listen);
+    my (%buf, %answered);
+    my $answer = sub {
+        my ($c) = @_;
+        if ($mode eq 'http') {
+            my $status = $o{status} // 200;
+            syswrite($c, "HTTP/1.0 $status X\r\nContent-Length: " . length($name)
+                . "\r\nConnection: close\r\n\r\n$name");
+        } else {
+            syswrite($c, $name);
+        }
+        $answered{fileno $c} = 1;
+        # FIN after the answer; the socket is closed once the peer closes its side, so that
+        # unread bytes never turn the close into a reset.
+        shutdown($c, 1) unless $mode eq 'hold';
+    };
+    my $accept = sub {
+        while (my $c = $listen->accept) {
+            $c->blocking(0);
+            if ($mode eq 'tls') {
+                require IO::Socket::SSL;
+                $c->blocking(1);
+                my $ok = IO::Socket::SSL->start_SSL($c, SSL_server => 1, Timeout => 5,
+                    SSL_cert_file => $o{cert}, SSL_key_file => $o{key});
+                if ($ok) { print {$c} $name; $c->close(SSL_fast_shutdown => 1); }
+                else { close $c }
+                next;
+            }
+            $buf{fileno $c} = '';
+            $sel->add($c);
+            $answer->($c) if $mode eq 'text' || $mode eq 'hold';
+        }
+    };
+    while (1) {
+        if ($stop) {
+            $accept->();
+            $sel->remove($listen);
+            close $listen;
+            last;
+        }
+        for my $fh ($sel->can_read(0.05)) {
+            if ($fh == $listen) { $accept->(); next }
+            my $n = sysread($fh, my $chunk, 65536);
+            if (!$n) {
+                delete $buf{fileno $fh};
+                delete $answered{fileno $fh};
+                $sel->remove($fh);
+                close $fh;
+                next;
+            }
+            $buf{fileno $fh} .= $chunk;
+            $answer->($fh) if $mode eq 'http' && !$answered{fileno $fh} && $buf{fileno $fh} =~ /\r\n\r\n/;
+        }
+    }
+    # Let the accepted connections finish (their peers close them), for a few seconds at most.
+    my $deadline = time + 5;
+    while ($sel->count && time < $deadline) {
+        for my $fh ($sel->can_read(0.05)) {
+            my $n = sysread($fh, my $chunk, 65536);
+            if (!$n) { $sel->remove($fh); close $fh; next }
+            $buf{fileno $fh} .= $chunk;
+            $answer->($fh) if $mode eq 'http' && !$answered{fileno $fh} && $buf{fileno $fh} =~ /\r\n\r\n/;
+        }
+    }
+}
+
+# GET $path from an edge_status listener: (status code, body).
+sub status_get {
+    my ($port, $path) = @_;
+    my $r = raw_exchange($port, ["GET $path HTTP/1.1\r\nHost: localhost\r\n\r\n"]);
+    my ($head, $body) = split /\r\n\r\n/, $r, 2;
+    my ($code) = ($head // '') =~ m{^HTTP/1\.1 (\d{3}) };
+    return ($code // 0, $body // '');
+}
+
+# The edge_status JSON, decoded.
+sub status_json {
+    my ($port) = @_;
+    require JSON::PP;
+    my ($code, $body) = status_get($port, '/status');
+    die "status answered $code\n" unless $code == 200;
+    return JSON::PP::decode_json($body);
+}
+
+# A server's entry in the status JSON.
+sub server_state {
+    my ($port, $upstream, $address) = @_;
+    my $st = status_json($port);
+    my ($s) = grep { $_->{address} eq $address } @{$st->{upstreams}{$upstream}{servers} // []};
+    return $s;
 }
 
 # A TLS ClientHello handshake message. `pad` adds a padding extension to reach the size of
