@@ -62,8 +62,8 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             continue;
         };
         let table = source.table();
-        for (u, upstream) in table.upstreams().iter().enumerate() {
-            let Backend::Servers(pool) = &upstream.kind else {
+        for u in table.checked() {
+            let Backend::Servers(pool) = &table.upstreams()[u].kind else {
                 continue;
             };
             let Some(check) = &pool.policy().check else {

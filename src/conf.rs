@@ -272,6 +272,14 @@ pub unsafe extern "C" fn merge_srv_conf(
     if conf.mode == Mode::Unset {
         conf.mode = Mode::Off;
     }
+    if conf.status && !status::is_handler(cf) {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"edge_status\" cannot be used with \"proxy_pass\" or \"return\" in the same server"
+        );
+        return NGX_CONF_ERROR;
+    }
     if conf.mode != Mode::Off && conf.source.is_null() {
         ngx_conf_log_error!(
             NGX_LOG_EMERG,

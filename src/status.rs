@@ -45,9 +45,7 @@ pub unsafe extern "C" fn set_edge_status(
         return c"is duplicate".as_ptr().cast_mut();
     }
     scf.status = true;
-    let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
-    let index = (*core::ptr::addr_of!(ngx_stream_core_module)).ctx_index;
-    let cscf = &mut *(*(*ctx).srv_conf.add(index)).cast::<ngx_stream_core_srv_conf_t>();
+    let cscf = core_srv_conf(cf);
     if cscf.handler.is_some() {
         return c"cannot be used with proxy_pass or return in the same server"
             .as_ptr()
@@ -55,6 +53,21 @@ pub unsafe extern "C" fn set_edge_status(
     }
     cscf.handler = Some(handler);
     NGX_CONF_OK
+}
+
+unsafe fn core_srv_conf<'a>(cf: *mut ngx_conf_t) -> &'a mut ngx_stream_core_srv_conf_t {
+    let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
+    let index = (*core::ptr::addr_of!(ngx_stream_core_module)).ctx_index;
+    &mut *(*(*ctx).srv_conf.add(index)).cast::<ngx_stream_core_srv_conf_t>()
+}
+
+/// Whether the server being merged still answers with `edge_status` (a later `proxy_pass` or
+/// `return` would have replaced the handler).
+pub unsafe fn is_handler(cf: *mut ngx_conf_t) -> bool {
+    let ours: unsafe extern "C" fn(*mut ngx_stream_session_t) = handler;
+    core_srv_conf(cf)
+        .handler
+        .is_some_and(|h| core::ptr::fn_addr_eq(h, ours))
 }
 
 unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {

@@ -70,6 +70,8 @@ pub struct RouteTable {
     exact: HashMap<Box<str>, Route>,
     wildcard: HashMap<Box<str>, Route>,
     default: Option<Route>,
+    /// Indices of the upstreams with an active check, for the check timer.
+    checked: Vec<UpstreamId>,
 }
 
 /// Something worth a warning that does not reject the table.
@@ -230,10 +232,14 @@ impl RouteTable {
                 }
             }
         }
-        for (upstream, name) in self.upstreams.iter_mut().zip(names) {
+        for (i, (upstream, name)) in self.upstreams.iter_mut().zip(names).enumerate() {
             if let Backend::Servers(pool) = &mut upstream.kind {
-                let own = pool.policy().check.as_ref().and_then(|c| c.name.clone());
+                let Some(check) = &pool.policy().check else {
+                    continue;
+                };
+                let own = check.name.clone();
                 pool.set_check_name(own.map(Into::into).or(name));
+                self.checked.push(i as UpstreamId);
             }
         }
     }
@@ -280,6 +286,11 @@ impl RouteTable {
 
     pub fn upstreams(&self) -> &[Upstream] {
         &self.upstreams
+    }
+
+    /// The upstreams with an active check, by index into `upstreams()`.
+    pub fn checked(&self) -> impl Iterator<Item = usize> + '_ {
+        self.checked.iter().map(|&i| i as usize)
     }
 
     pub fn route_count(&self) -> usize {
@@ -362,6 +373,8 @@ mod tests {
         assert_eq!(name("h").as_deref(), Some("web.example.com"));
         assert_eq!(name("own").as_deref(), Some("own.example.com"));
         assert_eq!(name("none"), None);
+        let checked: Vec<&str> = t.checked().map(|i| &*t.upstreams()[i].name).collect();
+        assert_eq!(checked, ["t", "h", "own", "none"]);
     }
 
     #[test]
