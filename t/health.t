@@ -30,7 +30,8 @@ my $routes = <<'EOF';
             "check": {"type": "tls", "interval": "500ms", "timeout": "400ms", "rise": 2, "fall": 3}},
     "later": {"servers": ["127.0.0.1:%%PORT_late%%"], "start": "down",
               "check": {"type": "tcp", "interval": "300ms", "rise": 2}},
-    "kept": {"servers": ["127.0.0.1:%%PORT_gone%%", "127.0.0.1:%%PORT_k2%%"], "fail_timeout": "60s"}
+    "kept": {"servers": ["127.0.0.1:%%PORT_gone%%", "127.0.0.1:%%PORT_k2%%"], "fail_timeout": "60s"},
+    "once": {"servers": ["127.0.0.1:%%PORT_once%%"], "check": {"type": "tcp", "interval": "1h"}}
   },
   "routes": {
     "passive.test": "passive", "tcp.test": "tcp", "http.test": "http",
@@ -47,6 +48,7 @@ $t->backend('http1', mode => 'http');
 $t->backend('http503', mode => 'http', status => 503);
 $t->backend('tls1', mode => 'tls', cert => "$dir/backend.crt", key => "$dir/backend.key");
 $t->backend('plain');
+$t->backend('once', log => 'once.log');
 $t->config(<<'EOF', workers => 2);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
     edge_zone health 256k;
@@ -139,6 +141,14 @@ $t->backend('late');
 wait_for(sub { $state->('later', "127.0.0.1:$late")->{state} eq 'up' }, 'up after rise checks');
 is(http_get($edge, 'later.test'), 'late', 'then it takes traffic');
 
+# --- One probe per server per interval, whatever the number of workers (interval 1h here).
+my $once = $t->port('once');
+wait_for(sub { ($state->('once', "127.0.0.1:$once")->{last_check} // {})->{result} }, 'the first probe');
+# Both workers keep ticking: wait until the tcp upstream has been probed twice more.
+my $at = $state->('tcp', "127.0.0.1:$tcp1")->{last_check}{at};
+wait_for(sub { $state->('tcp', "127.0.0.1:$tcp1")->{last_check}{at} >= $at + 1 }, 'two more tcp probes');
+is($t->read_file('once.log'), "accept\n", 'two workers, one probe');
+
 # --- Health and counters survive a route-table reload and nginx -s reload.
 my $gone = $t->port('gone');
 is(http_get($edge, 'kept.test'), 'k2', 'retried past a refused server');
@@ -150,8 +160,13 @@ $t->wait_for_log(qr/table 2 loaded/);
 wait_for(sub { Edge::Test::status_json($status)->{sources}[0]{generation} == 2 }, 'generation 2 in status');
 $s = $state->('kept', "127.0.0.1:$gone");
 is_deeply([$s->{state}, $s->{why}, $s->{total}], ['down', 'passive', $total], 'kept across a table reload');
+my $exited = () = $t->read_file('error.log') =~ /worker process \d+ exited with code 0/g;
 $t->reload;
 wait_for(sub { Edge::Test::status_json($status)->{sources}[0]{generation} == 1 }, 'new workers answer');
+wait_for(sub { (() = $t->read_file('error.log') =~ /worker process \d+ exited with code 0/g) == $exited + 2 },
+    'old workers exit');
+pass('the old workers exit although their checks were running');
+is($t->read_file('once.log'), "accept\n", 'the new workers do not probe before the interval is over');
 $s = $state->('kept', "127.0.0.1:$gone");
 is_deeply([$s->{state}, $s->{why}, $s->{total}], ['down', 'passive', $total], 'kept across nginx -s reload');
 is(http_get($edge, 'kept.test'), 'k2', 'and the down server is not tried after the reload');
@@ -159,7 +174,7 @@ is(http_get($edge, 'kept.test'), 'k2', 'and the down server is not tried after t
 # --- Status: JSON fields, Prometheus text, errors.
 my $st = Edge::Test::status_json($status);
 is($st->{zone}{name}, 'health', 'zone name');
-is($st->{zone}{used}, 10, 'one zone record per server of every upstream');
+is($st->{zone}{used}, 11, 'one zone record per server of every upstream');
 like($st->{sources}[0]{path}, qr{/routes\.json$}, 'source path');
 ok($st->{sources}[0]{loaded_at} > 1e9, 'source load time');
 is($st->{upstreams}{tcp}{check}{type}, 'tcp', 'check type');

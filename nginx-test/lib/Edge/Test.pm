@@ -246,6 +246,7 @@ sub http_get {
 #   hold  writes its name and keeps the connection until the client closes it;
 #   http  answers one request with status $opts{status} (200) and its name as the body;
 #   tls   completes a TLS handshake ($opts{cert}, $opts{key}), then writes its name.
+# With $opts{log}, each accepted connection appends a line to that file in the test folder.
 # Stopping (SIGTERM) takes the connections the kernel has already accepted, then stops
 # listening, so that later connects are refused rather than reset.
 sub backend {
@@ -254,6 +255,7 @@ sub backend {
     my $addr = $o{addr} // '127.0.0.1';
     my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => $addr, LocalPort => $port,
         Proto => 'tcp', ReuseAddr => 1) or die "backend $name on $addr:$port: $!\n";
+    $o{log} = "$self->{dir}/$o{log}" if $o{log};
     my $pid = fork() // die "fork: $!\n";
     if ($pid == 0) {
         _serve($listen, $name, %o);
@@ -296,6 +298,7 @@ sub _serve {
     };
     my $accept = sub {
         while (my $c = $listen->accept) {
+            if ($o{log} && open my $log, '>>', $o{log}) { print {$log} "accept\n"; close $log }
             $c->blocking(0);
             if ($mode eq 'tls') {
                 require IO::Socket::SSL;
