@@ -15,6 +15,8 @@ system("openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=backend.test -days 2
     . "-keyout $dir/backend.key -out $dir/backend.crt 2>/dev/null") == 0
     or BAIL_OUT('openssl cannot make a certificate');
 chmod 0644, "$dir/backend.key";
+# A certificate only for sni.test: a backend that picks its certificate by SNI fails any other.
+system("cp $dir/backend.crt $dir/sni.test.crt && cp $dir/backend.key $dir/sni.test.key") == 0 or die;
 
 my $routes = <<'EOF';
 {
@@ -31,11 +33,16 @@ my $routes = <<'EOF';
     "later": {"servers": ["127.0.0.1:%%PORT_late%%"], "start": "down",
               "check": {"type": "tcp", "interval": "300ms", "rise": 2}},
     "kept": {"servers": ["127.0.0.1:%%PORT_gone%%", "127.0.0.1:%%PORT_k2%%"], "fail_timeout": "60s"},
+    "sni": {"servers": ["127.0.0.1:%%PORT_bysni%%", "127.0.0.1:%%PORT_tls12%%"],
+            "check": {"type": "tls", "interval": "300ms"}},
+    "badsni": {"servers": ["127.0.0.1:%%PORT_bysni%%"],
+               "check": {"type": "tls", "sni": "other.test", "interval": "300ms", "fall": 1}},
     "once": {"servers": ["127.0.0.1:%%PORT_once%%"], "check": {"type": "tcp", "interval": "1h"}}
   },
   "routes": {
     "passive.test": "passive", "tcp.test": "tcp", "http.test": "http",
-    "tls.test": "tls", "later.test": "later", "kept.test": "kept"%%EXTRA%%
+    "tls.test": "tls", "later.test": "later", "kept.test": "kept",
+    "*.wild.test": "sni", "sni.test": "sni", "badsni.test": "badsni"%%EXTRA%%
   }
 }
 EOF
@@ -57,6 +64,10 @@ $t->config(<<'EOF', workers => 2);
     server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
     server { listen 127.0.0.1:%%PORT_p2%%; return "p2"; }
     server { listen 127.0.0.1:%%PORT_k2%%; return "k2"; }
+    server { listen 127.0.0.1:%%PORT_bysni%% ssl; ssl_certificate %%TESTDIR%%/$ssl_server_name.crt;
+             ssl_certificate_key %%TESTDIR%%/$ssl_server_name.key; return "bysni"; }
+    server { listen 127.0.0.1:%%PORT_tls12%% ssl; ssl_protocols TLSv1.2; return "tls12";
+             ssl_certificate %%TESTDIR%%/backend.crt; ssl_certificate_key %%TESTDIR%%/backend.key; }
 EOF
 $t->run;
 my $edge = $t->port('edge');
@@ -134,6 +145,17 @@ $t->backend('tls1', mode => 'tls', cert => "$dir/backend.crt", key => "$dir/back
 wait_for(sub { $state->('tls', "127.0.0.1:$tls1")->{state} eq 'up' }, 'TLS server up once started');
 pass('tls check follows the server being stopped and started');
 
+# --- The tls check sends the first exact route's name as SNI, or its own `sni`; and it gets
+# a ServerHello from a TLS 1.2-only server too.
+my ($bysni, $tls12) = ($t->port('bysni'), $t->port('tls12'));
+wait_for(sub { ($state->('sni', "127.0.0.1:$bysni")->{last_check} // {})->{result} }, 'sni checked');
+is($state->('sni', "127.0.0.1:$bysni")->{state}, 'up', 'SNI sni.test: the backend has its certificate');
+is(Edge::Test::status_json($status)->{upstreams}{sni}{check}{name}, 'sni.test', 'the name is the route\'s');
+wait_for(sub { $state->('badsni', "127.0.0.1:$bysni")->{state} eq 'down' }, 'other.test fails');
+is($state->('badsni', "127.0.0.1:$bysni")->{last_check}{result}, 'unexpected answer', 'an alert for other.test');
+wait_for(sub { ($state->('sni', "127.0.0.1:$tls12")->{last_check} // {})->{result} }, 'tls12 checked');
+is($state->('sni', "127.0.0.1:$tls12")->{last_check}{result}, 'ok', 'a TLS 1.2-only server answers');
+
 # --- "start": "down": a new server takes no traffic until it has passed rise checks.
 my $late = $t->port('late');
 is($state->('later', "127.0.0.1:$late")->{why}, 'start down', 'a new server starts down');
@@ -174,7 +196,7 @@ is(http_get($edge, 'kept.test'), 'k2', 'and the down server is not tried after t
 # --- Status: JSON fields, Prometheus text, errors.
 my $st = Edge::Test::status_json($status);
 is($st->{zone}{name}, 'health', 'zone name');
-is($st->{zone}{used}, 11, 'one zone record per server of every upstream');
+is($st->{zone}{used}, 14, 'one zone record per server of every upstream');
 like($st->{sources}[0]{path}, qr{/routes\.json$}, 'source path');
 ok($st->{sources}[0]{loaded_at} > 1e9, 'source load time');
 is($st->{upstreams}{tcp}{check}{type}, 'tcp', 'check type');
