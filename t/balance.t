@@ -33,6 +33,7 @@ $t->config(<<'EOF', workers => 2);
     server { listen 127.0.0.1:%%PORT_edge%% reuseport; edge_route http; proxy_pass $edge_upstream; }
     server { listen 127.0.0.1:%%PORT_tries%% reuseport; edge_route http; proxy_pass $edge_upstream;
              proxy_next_upstream_tries 2; }
+    server { listen 127.0.0.1:%%PORT_pp%% proxy_protocol; edge_route http; proxy_pass $edge_upstream; }
     server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
     server { listen 127.0.0.1:%%PORT_spare%%; return "spare"; }
     server { listen 127.0.0.1:%%PORT_ok%%; return "ok"; }
@@ -76,6 +77,20 @@ for my $ip (@clients) {
 }
 my %used = map { $_ => 1 } values %home;
 cmp_ok(scalar keys %used, '>=', 2, 'clients are spread over the servers');
+
+# Behind a load balancer speaking PROXY protocol, the client is the header's source address.
+my $pp = $t->port('pp');
+my %pp_home;
+for my $i (1 .. 12) {
+    my $src = "10.9.0.$i";
+    my @got = map {
+        raw_exchange($pp, ["PROXY TCP4 $src 127.0.0.1 " . (40000 + $_) . " 80\r\n" . http_request('hs.test')])
+    } 1 .. 2;
+    $pp_home{$src} = $got[0] if $got[0] eq $got[1];
+}
+is(scalar keys %pp_home, 12, 'each PROXY protocol source keeps its server');
+my %pp_used = map { $_ => 1 } values %pp_home;
+cmp_ok(scalar keys %pp_used, '>=', 2, 'and the sources are spread, although they all come from 127.0.0.1');
 my ($victim) = sort { scalar(grep { $home{$_} eq $b } @clients) <=> scalar(grep { $home{$_} eq $a } @clients) }
     keys %used;
 $t->stop_backend($victim);

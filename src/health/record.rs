@@ -271,7 +271,9 @@ impl Record {
         self.conns.load(Relaxed)
     }
 
-    /// A connect to this server failed. `max_fails == 0` turns passive checks off.
+    /// A connect to this server failed. `max_fails == 0` turns passive checks off. Workers
+    /// update the window without a lock: two failures racing at a window's edge may both
+    /// count in the new window, which can only take a failing server out sooner.
     pub fn failed(&self, now: u64, max_fails: u32, fail_timeout_ms: u64) -> Option<Transition> {
         if max_fails == 0 {
             return None;
