@@ -10,15 +10,16 @@ use std::rc::Rc;
 
 use nginx_sys::{
     ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_connect_peer,
-    ngx_event_get_peer, ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_handle_write_event,
-    ngx_log_t, ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in,
-    sockaddr_in6, socklen_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_CRIT, NGX_OK,
+    ngx_event_get_peer, ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_log_t,
+    ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in, sockaddr_in6,
+    socklen_t, NGX_DECLINED, NGX_ERROR, NGX_LOG_CRIT, NGX_OK,
 };
 
 use crate::balancer::log_transition;
 use crate::conf::MainConf;
 use crate::health::probe::{client_hello, http_request, judge};
 use crate::health::{now_ms, Outcome};
+use crate::io::{self, Received, Sent};
 use crate::routes::document::CheckKind;
 use crate::routes::table::{Backend, RouteTable};
 
@@ -210,19 +211,10 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
             return finish_conn(c, Outcome::Ok);
         }
     }
-    while p.sent < p.request.len() {
-        let rest = &p.request[p.sent..];
-        let n = ((*c).send.unwrap())(c, rest.as_ptr().cast_mut(), rest.len());
-        if n == NGX_AGAIN as isize {
-            if ngx_handle_write_event(wev, 0) != NGX_OK as isize {
-                return finish_conn(c, Outcome::Error);
-            }
-            return;
-        }
-        if n <= 0 {
-            return finish_conn(c, Outcome::Closed);
-        }
-        p.sent += n as usize;
+    match io::send_rest(c, &p.request, &mut p.sent) {
+        Sent::All => {}
+        Sent::Again => return,
+        Sent::Failed => return finish_conn(c, Outcome::Closed),
     }
     if ngx_handle_read_event((*c).read, 0) != NGX_OK as isize {
         return finish_conn(c, Outcome::Error);
@@ -244,17 +236,11 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
         if room.is_empty() {
             return finish_conn(c, Outcome::BadAnswer);
         }
-        let n = ((*c).recv.unwrap())(c, room.as_mut_ptr(), room.len());
-        if n == NGX_AGAIN as isize {
-            if ngx_handle_read_event(rev, 0) != NGX_OK as isize {
-                return finish_conn(c, Outcome::Error);
-            }
-            return;
+        match io::recv(c, room) {
+            Received::Bytes(n) => p.got += n,
+            Received::Again => return,
+            Received::Closed => return finish_conn(c, Outcome::Closed),
         }
-        if n <= 0 {
-            return finish_conn(c, Outcome::Closed);
-        }
-        p.got += n as usize;
         if let Some(outcome) = judge(p.kind, p.expect, &p.answer[..p.got]) {
             return finish_conn(c, outcome);
         }

@@ -16,6 +16,8 @@ mod check;
 #[cfg(not(test))]
 mod conf;
 #[cfg(not(test))]
+mod io;
+#[cfg(not(test))]
 mod preread;
 #[cfg(not(test))]
 mod reload;

@@ -6,16 +6,17 @@ use core::ffi::{c_char, c_void};
 use std::time::SystemTime;
 
 use nginx_sys::{
-    ngx_add_timer, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_event_t, ngx_handle_read_event,
-    ngx_handle_write_event, ngx_stream_core_module, ngx_stream_core_srv_conf_t,
-    ngx_stream_finalize_session, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN, NGX_LOG_INFO, NGX_OK,
-    NGX_STREAM_BAD_REQUEST, NGX_STREAM_INTERNAL_SERVER_ERROR, NGX_STREAM_OK,
+    ngx_add_timer, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_event_t,
+    ngx_stream_core_module, ngx_stream_core_srv_conf_t, ngx_stream_finalize_session,
+    ngx_stream_session_t, ngx_uint_t, NGX_LOG_INFO, NGX_STREAM_BAD_REQUEST,
+    NGX_STREAM_INTERNAL_SERVER_ERROR, NGX_STREAM_OK,
 };
 use ngx::core::NGX_CONF_OK;
 use ngx::ngx_log_error;
 
 use crate::conf::SrvConf;
 use crate::health::now_ms;
+use crate::io::{self, Received, Sent};
 use crate::preread::SessionCtx;
 use crate::report::{self, Clock, Request, SourceInfo, ZoneInfo};
 use crate::{reload, stream, zone};
@@ -138,21 +139,17 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
         }
         let mut chunk = [0u8; 1024];
         let room = (REQUEST_MAX - ex.request.len()).min(chunk.len());
-        let n = ((*c).recv.unwrap())(c, chunk.as_mut_ptr(), room);
-        if n == NGX_AGAIN as isize {
-            if (*rev).timer_set() == 0 {
-                ngx_add_timer(rev, TIMEOUT_MS as _);
+        match io::recv(c, &mut chunk[..room]) {
+            Received::Bytes(n) => ex.request.extend_from_slice(&chunk[..n]),
+            Received::Again => {
+                if (*rev).timer_set() == 0 {
+                    ngx_add_timer(rev, TIMEOUT_MS as _);
+                }
+                return;
             }
-            if ngx_handle_read_event(rev, 0) != NGX_OK as isize {
-                return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _);
-            }
-            return;
-        }
-        if n <= 0 {
             // Closed or reset before a whole request: nothing to answer.
-            return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
+            Received::Closed => return ngx_stream_finalize_session(s, NGX_STREAM_OK as _),
         }
-        ex.request.extend_from_slice(&chunk[..n as usize]);
     }
 }
 
@@ -200,22 +197,13 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
     if ex.answer.is_empty() {
         return; // still reading the request
     }
-    while ex.sent < ex.answer.len() {
-        let rest = &ex.answer[ex.sent..];
-        let n = ((*c).send.unwrap())(c, rest.as_ptr().cast_mut(), rest.len());
-        if n == NGX_AGAIN as isize {
+    match io::send_rest(c, &ex.answer, &mut ex.sent) {
+        Sent::All => ngx_stream_finalize_session(s, ex.status),
+        Sent::Again => {
             if (*wev).timer_set() == 0 {
                 ngx_add_timer(wev, TIMEOUT_MS as _);
             }
-            if ngx_handle_write_event(wev, 0) != NGX_OK as isize {
-                return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _);
-            }
-            return;
         }
-        if n <= 0 {
-            return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
-        }
-        ex.sent += n as usize;
+        Sent::Failed => ngx_stream_finalize_session(s, NGX_STREAM_OK as _),
     }
-    ngx_stream_finalize_session(s, ex.status);
 }
