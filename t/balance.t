@@ -21,9 +21,11 @@ $t->write_routes('routes.json', <<'EOF');
     "fo": {"servers": ["127.0.0.1:%%PORT_fx%%", "127.0.0.1:%%PORT_fy%%"],
            "check": {"type": "tcp", "interval": "300ms", "rise": 100, "fall": 1}},
     "tries": {"servers": ["127.0.0.1:%%PORT_c1%%", "127.0.0.1:%%PORT_c2%%", "127.0.0.1:%%PORT_ok%%"],
-              "max_fails": 0}
+              "max_fails": 0},
+    "slow": {"servers": ["127.0.0.1:%%PORT_bh1%%", "127.0.0.1:%%PORT_bh2%%", "127.0.0.1:%%PORT_ok%%"],
+             "max_fails": 0}
   },
-  "routes": {"lc.test": "lc", "hs.test": "hs", "bk.test": "bk", "fo.test": "fo", "tries.test": "tries"}
+  "routes": {"lc.test": "lc", "hs.test": "hs", "bk.test": "bk", "fo.test": "fo", "tries.test": "tries", "slow.test": "slow"}
 }
 EOF
 $t->backend($_, mode => 'hold') for qw(la lb);
@@ -33,6 +35,8 @@ $t->config(<<'EOF', workers => 2);
     server { listen 127.0.0.1:%%PORT_edge%% reuseport; edge_route http; proxy_pass $edge_upstream; }
     server { listen 127.0.0.1:%%PORT_tries%% reuseport; edge_route http; proxy_pass $edge_upstream;
              proxy_next_upstream_tries 2; }
+    server { listen 127.0.0.1:%%PORT_slow%% reuseport; edge_route http; proxy_pass $edge_upstream;
+             proxy_connect_timeout 300ms; proxy_next_upstream_timeout 500ms; }
     server { listen 127.0.0.1:%%PORT_pp%% proxy_protocol; edge_route http; proxy_pass $edge_upstream; }
     server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
     server { listen 127.0.0.1:%%PORT_spare%%; return "spare"; }
@@ -137,5 +141,33 @@ my $max = 0;
 for (@lines) { my ($addr) = /addr=(.*?) status/; my $n = () = $addr =~ /,/g; $max = $n + 1 if $n + 1 > $max }
 is($max, 2, 'at most 2 tries per session, as proxy_next_upstream_tries says');
 ok((grep { /status=502/ } @lines), 'a session that meets two refusing servers gets 502');
+
+# --- proxy_next_upstream_timeout: servers whose accept queue is full drop SYNs, so connects
+# time out (300ms); after two, 600ms have passed, more than the 500ms allowed for retries.
+my @blackholes;
+for my $name (qw(bh1 bh2)) {
+    my $l = IO::Socket::INET->new(Listen => 1, LocalAddr => '127.0.0.1', LocalPort => $t->port($name),
+        ReuseAddr => 1) or die "$name: $!";
+    my @fill;
+    for (1 .. 8) {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $t->port($name),
+            Blocking => 0) or last;
+        push @fill, $s;
+    }
+    push @blackholes, $l, @fill;
+    ok(!IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $t->port($name), Timeout => 1),
+        "$name does not complete connects");
+}
+my $slow = $t->port('slow');
+my $mark3 = length $t->read_file('access.log');
+http_get($slow, 'slow.test') for 1 .. 6;
+wait_for(sub { scalar(() = substr($t->read_file('access.log'), $mark3) =~ /name=slow\.test/g) == 6 }, 'log');
+my @slow = substr($t->read_file('access.log'), $mark3) =~ /(name=slow\.test .*)/g;
+my $most = 0;
+for (@slow) { my ($addr) = /addr=(.*?) status/; my $n = 1 + (() = $addr =~ /,/g); $most = $n if $n > $most }
+is($most, 2, 'no third try once proxy_next_upstream_timeout has passed');
+ok((grep { /addr=\S+, \S+ status=502/ } @slow), 'two timed-out connects: 502');
+like($t->read_file('error.log'), qr/upstream timed out \(110: Connection timed out\) while connecting to upstream/,
+    'the connects timed out');
 
 done_testing;
