@@ -6,7 +6,8 @@ package Edge::Test;
 #
 # Environment: TEST_NGINX_BINARY (the nginx), TEST_NGINX_MODULE (our .so),
 # TEST_NGINX_PRELOAD (load_module lines the nginx needs first, e.g. Debian's stream module),
-# TEST_NGINX_LEAVE (keep the test directory).
+# TEST_NGINX_LEAVE (keep the test directory), TEST_NGINX_VALGRIND (a folder: run nginx under
+# valgrind memcheck, one log per process there; nginx-test/valgrind reads them).
 
 use strict;
 use warnings;
@@ -122,7 +123,13 @@ sub run {
     if ($pid == 0) {
         open STDOUT, '>', "$self->{dir}/stdout.log";
         open STDERR, '>&', \*STDOUT;
-        exec $self->{binary}, '-p', "$self->{dir}/", '-c', "$self->{dir}/nginx.conf",
+        my @valgrind;
+        if (my $logs = $ENV{TEST_NGINX_VALGRIND}) {
+            (my $script = $0) =~ s{.*/}{};
+            @valgrind = ('valgrind', '--tool=memcheck', '--leak-check=no', '--track-origins=yes',
+                '--num-callers=30', "--log-file=$logs/$script.%p.log");
+        }
+        exec @valgrind, $self->{binary}, '-p', "$self->{dir}/", '-c', "$self->{dir}/nginx.conf",
             '-e', "$self->{dir}/error.log";
         exit 127;
     }
