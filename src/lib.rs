@@ -1,47 +1,48 @@
 //! nginx-edge: a stream module that routes TLS by SNI and HTTP by Host, from a JSON route
 //! table reloaded without reloading nginx. This file only wires the module together.
 
-//! The pure parts (`sniff`, `routes`) know nothing of nginx; unit tests build only them,
-//! since a test binary cannot link against nginx's symbols.
+//! The pure parts (`sniff`, `routes`, `health`, `report`) know nothing of nginx; unit tests
+//! and fuzz targets build only them, since a test binary cannot link against nginx's symbols.
 
 pub mod health;
 pub mod report;
 pub mod routes;
 pub mod sniff;
 
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod balancer;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod check;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod conf;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod io;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod preread;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod reload;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod status;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod stream;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod variables;
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod zone;
 
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 pub use wiring::ngx_stream_edge_module;
 
-#[cfg(not(test))]
+#[cfg(all(feature = "module", not(test)))]
 mod wiring {
     use core::ptr::{addr_of, addr_of_mut};
 
     use nginx_sys::{
         ngx_array_push, ngx_conf_t, ngx_int_t, ngx_module_t, ngx_stream_core_main_conf_t,
         ngx_stream_core_module, ngx_stream_handler_pt, ngx_stream_module_t,
-        ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
-        NGX_ERROR, NGX_OK, NGX_STREAM_MODULE, NGX_STREAM_UPSTREAM_CREATE,
+        ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
+        ngx_stream_upstream_add, ngx_uint_t, ngx_url_t, NGX_ERROR, NGX_OK, NGX_STREAM_MODULE,
+        NGX_STREAM_UPSTREAM_CREATE,
     };
 
     use crate::{balancer, conf, preread, reload, variables};
@@ -90,12 +91,20 @@ mod wiring {
             .main_conf
             .add((*addr_of!(ngx_stream_core_module)).ctx_index))
         .cast::<ngx_stream_core_main_conf_t>();
-        let phase = &mut cmcf.phases[ngx_stream_phases_NGX_STREAM_PREREAD_PHASE as usize];
-        let h = ngx_array_push(&mut phase.handlers).cast::<ngx_stream_handler_pt>();
-        if h.is_null() {
-            return NGX_ERROR as ngx_int_t;
+        for (phase, handler) in [
+            (
+                ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
+                preread::preread_handler as unsafe extern "C" fn(_) -> _,
+            ),
+            (ngx_stream_phases_NGX_STREAM_LOG_PHASE, preread::log_handler),
+        ] {
+            let phase = &mut cmcf.phases[phase as usize];
+            let h = ngx_array_push(&mut phase.handlers).cast::<ngx_stream_handler_pt>();
+            if h.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            *h = Some(handler);
         }
-        *h = Some(preread::preread_handler);
         NGX_OK as ngx_int_t
     }
 }

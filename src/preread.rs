@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use nginx_sys::{
     ngx_int_t, ngx_str_t, ngx_stream_session_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO,
-    NGX_STREAM_FORBIDDEN,
+    NGX_OK, NGX_STREAM_FORBIDDEN,
 };
 use ngx::core::Pool;
 use ngx::ngx_log_error;
@@ -160,6 +160,41 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     ctx.upstream = found.upstream;
     ctx.table = Some(table);
     NGX_DECLINED as ngx_int_t
+}
+
+/// Log phase: a session of an `edge_route` server that ends before the name was read (the
+/// client closed, or `preread_timeout` passed: nginx closes those without a word) is logged
+/// once here, with the client address.
+pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
+    let conf = stream::srv_conf(s);
+    if conf.mode == Mode::Off || conf.status {
+        return NGX_OK as ngx_int_t;
+    }
+    if stream::session_ctx(s).is_some_and(|ctx| ctx.done) {
+        return NGX_OK as ngx_int_t;
+    }
+    let c = &*(*s).connection;
+    let what = match conf.mode {
+        Mode::Tls => "ClientHello",
+        Mode::Http => "HTTP request head",
+        _ => "ClientHello or HTTP request head",
+    };
+    if (*c.read).timedout() != 0 {
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            c.log,
+            "edge: no complete {} within preread_timeout, closed",
+            what
+        );
+    } else {
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            c.log,
+            "edge: the client closed before sending a complete {}",
+            what
+        );
+    }
+    NGX_OK as ngx_int_t
 }
 
 /// `h2,http/1.1` from the wire's length-prefixed list, in the connection's pool.

@@ -22,7 +22,7 @@ my $routes = <<'EOF';
 {
   "upstreams": {
     "passive": {"servers": ["127.0.0.1:%%PORT_p1%%", "127.0.0.1:%%PORT_p2%%"],
-                "max_fails": 1, "fail_timeout": "3s"},
+                "max_fails": 1, "fail_timeout": "8s"},
     "tcp": {"servers": ["127.0.0.1:%%PORT_tcp1%%"],
             "check": {"type": "tcp", "interval": "500ms", "timeout": "400ms", "rise": 2, "fall": 3}},
     "http": {"servers": ["127.0.0.1:%%PORT_http1%%", "127.0.0.1:%%PORT_http503%%"],
@@ -34,9 +34,9 @@ my $routes = <<'EOF';
               "check": {"type": "tcp", "interval": "300ms", "rise": 2}},
     "kept": {"servers": ["127.0.0.1:%%PORT_gone%%", "127.0.0.1:%%PORT_k2%%"], "fail_timeout": "60s"},
     "sni": {"servers": ["127.0.0.1:%%PORT_bysni%%", "127.0.0.1:%%PORT_tls12%%"],
-            "check": {"type": "tls", "interval": "300ms"}},
+            "check": {"type": "tls", "interval": "1s"}},
     "badsni": {"servers": ["127.0.0.1:%%PORT_bysni%%"],
-               "check": {"type": "tls", "sni": "other.test", "interval": "300ms", "fall": 1}},
+               "check": {"type": "tls", "sni": "other.test", "interval": "1s", "fall": 1}},
     "once": {"servers": ["127.0.0.1:%%PORT_once%%"], "check": {"type": "tcp", "interval": "1h"}}
   },
   "routes": {
@@ -78,7 +78,7 @@ my $state = sub { Edge::Test::server_state($status, @_) // {} };
 # --- Passive: one refused connect takes p1 out for every worker; it comes back afterwards.
 $t->stop_backend('p1');
 is(http_get($edge, 'passive.test'), 'p2', 'a refused server is retried past') for 1 .. 2;
-$t->wait_for_log(qr/upstream "passive" server 127\.0\.0\.1:$p1 is down: 1 connect failure\(s\) within 3000ms/);
+$t->wait_for_log(qr/upstream "passive" server 127\.0\.0\.1:$p1 is down: 1 connect failure\(s\) within 8000ms/);
 my $mark = length $t->read_file('access.log');
 my %got;
 $got{http_get($edge, 'passive.test')}++ for 1 .. 20;

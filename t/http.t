@@ -4,7 +4,8 @@
 use strict;
 use warnings;
 use Test::More;
-use Edge::Test qw(http_get raw_exchange);
+use IO::Socket::INET;
+use Edge::Test qw(http_get raw_exchange wait_for);
 
 my $t = Edge::Test->new;
 $t->write_routes('routes.json', <<'EOF');
@@ -29,6 +30,8 @@ $t->config(<<'EOF');
     edge_routes %%TESTDIR%%/routes.json;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass $edge_upstream; }
     server { listen 127.0.0.1:%%PORT_auto%%; edge_route auto; proxy_pass $edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_slow%%; edge_route http; proxy_pass $edge_upstream;
+             preread_timeout 500ms; }
     server { listen 127.0.0.1:%%PORT_a%%; return "backend-a"; }
     server { listen 127.0.0.1:%%PORT_b%%; return "backend-b"; }
     server { listen 127.0.0.1:%%PORT_c%%; return "backend-c"; }
@@ -69,5 +72,21 @@ is(raw_exchange($auto, [tls_records(client_hello(sni => 'split.example.com'))]),
 $t->wait_for_log(qr/proto=http name=a\.example\.com route=a\.example\.com upstream=nginx_edge alpn= addr=127\.0\.0\.1:\d+ status=200/, 'access.log');
 like($t->read_file('access.log'), qr/proto=tls name=split\.example\.com route=split\.example\.com/, 'auto logged as tls');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]|no host in upstream/, 'no alerts in error.log');
+
+# A head that never completes is closed at preread_timeout, and that is logged with the client.
+my $slow = $t->port('slow');
+my $mark = length $t->read_file('error.log');
+is(raw_exchange($slow, ["GET / HTTP/1.1\r\nHost: a.exa"], timeout => 20), '', 'an incomplete head is closed');
+wait_for(sub { substr($t->read_file('error.log'), $mark)
+        =~ /\[info\] .* edge: no complete HTTP request head within preread_timeout, closed.*client: 127\.0\.0\.1, server: 127\.0\.0\.1:$slow/ },
+    'timeout logged');
+pass('the preread timeout is logged, with the client address');
+$mark = length $t->read_file('error.log');
+close(IO::Socket::INET->new(PeerAddr => "127.0.0.1:$slow") or die "connect: $!");
+wait_for(sub { substr($t->read_file('error.log'), $mark)
+        =~ /edge: the client closed before sending a complete HTTP request head.*client: 127\.0\.0\.1, server: 127\.0\.0\.1:$slow/ },
+    'early close logged');
+pass('a client that closes before a whole head is logged too');
+unlike(substr($t->read_file('error.log'), $mark), qr/within preread_timeout/, 'and not as a timeout');
 
 done_testing;

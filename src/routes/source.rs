@@ -368,14 +368,47 @@ pub fn read_document(path: &Path) -> Result<Document, String> {
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
     }
-    let json: Json = serde_json::from_slice(&text).map_err(|e| {
+    parse_document(&text).map_err(|e| match e {
+        DocumentError::Syntax { .. } => format!("{shown}:{e}"),
+        DocumentError::Schema(_) => format!("{shown}: {e}"),
+    })
+}
+
+/// Why a route file's bytes are not a document.
+#[derive(Debug)]
+pub enum DocumentError {
+    /// Not JSON, or a duplicate key: `line:column: what`.
+    Syntax {
+        line: usize,
+        column: usize,
+        what: String,
+    },
+    Schema(super::document::SchemaError),
+}
+
+impl std::fmt::Display for DocumentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DocumentError::Syntax { line, column, what } => write!(f, "{line}:{column}: {what}"),
+            DocumentError::Schema(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Parses and checks one route file's contents.
+pub fn parse_document(text: &[u8]) -> Result<Document, DocumentError> {
+    let json: Json = serde_json::from_slice(text).map_err(|e| {
         let full = e.to_string();
         let what = full
             .rsplit_once(" at line ")
             .map_or(full.as_str(), |(what, _)| what);
-        format!("{shown}:{}:{}: {what}", e.line(), e.column())
+        DocumentError::Syntax {
+            line: e.line(),
+            column: e.column(),
+            what: what.to_owned(),
+        }
     })?;
-    Document::from_json(&json).map_err(|e| format!("{shown}: {e}"))
+    Document::from_json(&json).map_err(DocumentError::Schema)
 }
 
 #[cfg(test)]

@@ -1,0 +1,32 @@
+//! The ClientHello reader on arbitrary bytes: never panics, and agrees with itself when the
+//! same bytes come in two reads (a prefix first).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ngx_stream_edge_module::sniff::{tls, Peek};
+
+fuzz_target!(|data: &[u8]| {
+    let mut scratch = Vec::new();
+    let whole = tls::read_client_hello(data, &mut scratch);
+    if let Peek::Done(hello) = &whole {
+        if let Some(name) = &hello.server_name {
+            assert!(name.as_str().len() <= 255);
+            assert!(!name.as_str().bytes().any(|b| b.is_ascii_uppercase()));
+        }
+        if let Some(list) = hello.alpn {
+            for proto in tls::alpn_protocols(list) {
+                assert!(!proto.is_empty());
+            }
+        }
+    }
+    // A prefix of a complete hello never reads as a different hello.
+    if data.len() > 1 {
+        let mut scratch = Vec::new();
+        if let Peek::Done(prefix) = tls::read_client_hello(&data[..data.len() / 2], &mut scratch) {
+            if let Peek::Done(full) = &whole {
+                assert_eq!(prefix.server_name.as_ref().map(|n| n.as_str().to_owned()),
+                           full.server_name.as_ref().map(|n| n.as_str().to_owned()));
+            }
+        }
+    }
+});

@@ -1,0 +1,15 @@
+//! The HTTP request-head reader on arbitrary bytes: never panics; a name it returns is a
+//! normalised host name.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ngx_stream_edge_module::sniff::{http, Peek};
+
+fuzz_target!(|data: &[u8]| {
+    if let Peek::Done(Some(name)) = http::read_host(data) {
+        let s = name.as_str();
+        assert!(!s.is_empty() && s.len() <= 255, "{s:?}");
+        assert!(!s.ends_with('.'), "{s:?}");
+        assert!(!s.bytes().any(|b| b.is_ascii_uppercase()), "{s:?}");
+    }
+});
