@@ -24,8 +24,10 @@ fuzz_target!(|data: &[u8]| {
         let mut scratch = Vec::new();
         if let Peek::Done(prefix) = tls::read_client_hello(&data[..data.len() / 2], &mut scratch) {
             if let Peek::Done(full) = &whole {
-                assert_eq!(prefix.server_name.as_ref().map(|n| n.as_str().to_owned()),
-                           full.server_name.as_ref().map(|n| n.as_str().to_owned()));
+                assert_eq!(
+                    prefix.server_name.as_ref().map(|n| n.as_str().to_owned()),
+                    full.server_name.as_ref().map(|n| n.as_str().to_owned())
+                );
             }
         }
     }
