@@ -78,3 +78,6 @@ for my $kind (qw(tcp http)) {
 print "expected bounds at the defaults: down within fall x interval = 6 s (+ timeout 1 s for a\n"
     . "silent server), up within rise x interval = 4 s; passive: down at the first failed connect,\n"
     . "up at the first successful connect once fail_timeout (10 s) has passed.\n";
+
+# Stop nginx while Test::More is still there to ask (not during global destruction).
+undef $t;

@@ -86,5 +86,8 @@ printf "still open at the end: %d\n", $still_open;
 printf "normal client meanwhile: %d connections, %d failed, latency median %.1f ms, p99 %.1f ms, max %.1f ms\n",
     scalar @lat, $fail, pct(50, @lat), pct(99, @lat), pct(100, @lat);
 my $errors = () = $t->read_file('error.log') =~ /\[(alert|crit|emerg)\]/g;
-printf "error.log: %d alert/crit/emerg lines, %d info lines for preread timeouts\n", $errors,
-    scalar(() = $t->read_file('error.log') =~ /timed out/g);
+printf "error.log: %d alert/crit/emerg lines; %d preread timeouts logged at info (with the client address)\n", $errors,
+    scalar(() = $t->read_file('error.log') =~ /within preread_timeout/g);
+
+# Stop nginx while Test::More is still there to ask (not during global destruction).
+undef $t;
