@@ -4,6 +4,7 @@ use core::ffi::{c_char, c_void};
 use core::ptr::{self, NonNull};
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_msec_t, ngx_parse_time,
@@ -15,7 +16,7 @@ use nginx_sys::{
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 
-use crate::routes::source::{Event, Level, Source};
+use crate::routes::source::{Done, Event, Level, Source};
 use crate::{status, stream, zone};
 
 /// The module-owned upstream group that `$edge_upstream` names for `servers` routes.
@@ -41,6 +42,12 @@ pub struct SourceSlot {
     pub source: Option<Source>,
     /// The worker's re-check timer; `data` points back at this slot.
     pub timer: ngx_event_t,
+    /// The refresh work running on a thread, in a worker.
+    pub job: Option<std::thread::JoinHandle<Done>>,
+    /// The table generation the worker last attached to the health zone.
+    pub attached: u64,
+    /// Time the worker's event loop has spent on the refresh under way.
+    pub busy: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -49,7 +56,8 @@ pub struct MainConf {
     #[allow(clippy::vec_box)]
     pub sources: Vec<Box<SourceSlot>>,
     /// Names of the `upstream {}` blocks a route's `nginx_upstream` may name.
-    pub nginx_upstreams: HashSet<String>,
+    /// Shared with the threads that merge tables.
+    pub nginx_upstreams: Arc<HashSet<String>>,
     /// The health zone: `edge_zone`'s, or a default one once a source is declared.
     pub zone: Option<NonNull<ngx_shm_zone_t>>,
 }
@@ -156,6 +164,9 @@ unsafe extern "C" fn set_edge_routes(
         declared_at: directive_position(cf),
         source: None,
         timer: core::mem::zeroed(),
+        job: None,
+        attached: 0,
+        busy: std::time::Duration::ZERO,
     });
     scf.source = &mut *slot;
     mcf.sources.push(slot);
@@ -204,17 +215,19 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
         umcf.upstreams.elts,
         umcf.upstreams.nelts,
     );
+    let mut names = HashSet::new();
     for &uscf in upstreams {
         let uscf = &*uscf;
         // Only `upstream NAME {}` blocks: proxy_pass host:port makes implicit ones.
         if uscf.flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t != 0 && uscf.port == 0 {
             let name = String::from_utf8_lossy(uscf.host.as_bytes()).into_owned();
             if name != GROUP_NAME {
-                mcf.nginx_upstreams.insert(name);
+                names.insert(name);
             }
         }
     }
     let log = (*cf).log;
+    mcf.nginx_upstreams = Arc::new(names);
     let exists = |name: &str| mcf.nginx_upstreams.contains(name);
     for slot in &mut mcf.sources {
         match Source::open(&slot.path, &exists) {

@@ -3,11 +3,20 @@
 use core::ptr::addr_of_mut;
 
 use nginx_sys::{
-    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_exiting, ngx_int_t, ngx_quit, ngx_terminate,
-    NGX_OK,
+    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_exiting, ngx_int_t, ngx_msec_t, ngx_quit,
+    ngx_terminate, NGX_LOG_ALERT, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
 };
 
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ngx::ngx_log_error;
+
 use crate::conf::{log_events, MainConf, SourceSlot};
+use crate::routes::source::{Done, Retired, Step, Work};
 use crate::{check, stream, zone};
 
 pub unsafe extern "C" fn init_worker(cycle: *mut ngx_cycle_t) -> ngx_int_t {
@@ -29,9 +38,10 @@ pub unsafe extern "C" fn init_worker(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 
     zone::init_worker((*mcf_ptr).zone, (*cycle).log);
     if let Some(zone) = zone::zone() {
-        for slot in &(*mcf_ptr).sources {
+        for slot in &mut (*mcf_ptr).sources {
             if let Some(source) = slot.source.as_ref() {
                 zone.attach(source.table(), (*cycle).log);
+                slot.attached = source.generation();
             }
         }
         let ev = &mut *addr_of_mut!(TOUCH);
@@ -71,21 +81,132 @@ unsafe extern "C" fn on_touch(ev: *mut ngx_event_t) {
 /// The worker's configuration, for the upstream check of `nginx_upstream` routes.
 static mut MAIN_CONF: *mut MainConf = core::ptr::null_mut();
 
+/// While a refresh's work runs on a thread, the timer polls it this often.
+const POLL_MS: ngx_msec_t = 5;
+
+/// Re-checks a source. The slow part of a change (reading, parsing, checking, merging) runs
+/// on a thread of its own, so that the worker's event loop only lists the files and, at the
+/// end, swaps the new table in.
 unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     if ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 {
         return;
     }
+    let entered = Instant::now();
     let slot = &mut *(*ev).data.cast::<SourceSlot>();
     let mcf = &*MAIN_CONF;
-    if let Some(source) = slot.source.as_mut() {
-        let generation = source.generation();
-        let events = source.refresh(&|name| mcf.upstream_exists(name));
-        log_events((*ev).log, &events);
-        if source.generation() != generation {
-            if let Some(zone) = zone::zone() {
-                zone.attach(source.table(), (*ev).log);
+    let log = (*ev).log;
+    let Some(source) = slot.source.as_mut() else {
+        ngx_add_timer(ev, slot.interval);
+        return;
+    };
+    let mut step = match slot.job.take() {
+        Some(job) if !job.is_finished() => {
+            slot.job = Some(job);
+            slot.busy += entered.elapsed();
+            ngx_add_timer(ev, POLL_MS);
+            return;
+        }
+        Some(job) => match job.join() {
+            Ok(done) => source.resume(done),
+            Err(_) => {
+                ngx_log_error!(
+                    NGX_LOG_ALERT,
+                    log,
+                    "edge_routes: {}: the thread building the table failed; the last good table keeps serving",
+                    slot.path.display()
+                );
+                source.abandon();
+                ngx_add_timer(ev, slot.interval);
+                return;
+            }
+        },
+        None => {
+            slot.busy = Duration::ZERO;
+            source.start()
+        }
+    };
+    loop {
+        match step {
+            Step::Finished(events) => {
+                log_events(log, &events);
+                if source.generation() != slot.attached {
+                    slot.attached = source.generation();
+                    if let Some(zone) = zone::zone() {
+                        zone.attach(source.table(), log);
+                    }
+                    retire(source.take_retired());
+                    let busy = slot.busy + entered.elapsed();
+                    ngx_log_error!(
+                        NGX_LOG_NOTICE,
+                        log,
+                        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
+                        slot.path.display(),
+                        source.generation(),
+                        busy.as_secs_f64() * 1000.0
+                    );
+                } else {
+                    retire(source.take_retired());
+                }
+                ngx_add_timer(ev, slot.interval);
+                return;
+            }
+            Step::NeedWork(work) => {
+                let names = Arc::clone(&mcf.nginx_upstreams);
+                match spawn(work, names) {
+                    Ok(job) => {
+                        slot.job = Some(job);
+                        slot.busy += entered.elapsed();
+                        ngx_add_timer(ev, POLL_MS);
+                        return;
+                    }
+                    Err(e) => {
+                        ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "edge_routes: no thread for the table ({}), building it in the event loop",
+                            e
+                        );
+                        source.abandon();
+                        step = Step::Finished(source.refresh(&|n| mcf.upstream_exists(n)));
+                    }
+                }
             }
         }
     }
-    ngx_add_timer(ev, slot.interval);
+}
+
+/// Runs `work` on a thread of its own.
+fn spawn(work: Work, names: Arc<HashSet<String>>) -> std::io::Result<JoinHandle<Done>> {
+    spawn_quiet("edge-routes", move || work.run(&|n| names.contains(n)))
+}
+
+/// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own
+/// thread, which handles them.
+fn spawn_quiet<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    // SAFETY: signal-mask calls on this thread only, restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        spawned
+    }
+}
+
+/// Drops what a refresh replaced on a thread when nothing else holds it: freeing a 100,000
+/// route table takes tens of milliseconds.
+fn retire(retired: Retired) {
+    let table = retired.table.and_then(|t| Rc::try_unwrap(t).ok());
+    if table.is_none() && retired.documents.is_empty() {
+        return;
+    }
+    let documents = retired.documents;
+    let garbage = (table, documents);
+    // Without a thread, it is dropped here.
+    let _ = spawn_quiet("edge-retire", move || drop(garbage));
 }

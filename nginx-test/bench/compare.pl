@@ -275,17 +275,20 @@ for my $size (10, 10_000, 100_000) {
 
     # Reload figures at the largest size only.
     if ($size == 100_000) {
-        my @stall;
+        my (@stall, @build);
         for my $i (1 .. 3) {
-            my $before = () = slurp("$dir/edge.err") =~ /table \d+ loaded/g;
+            my $before = () = slurp("$dir/edge.err") =~ /in service; this worker's event loop spent/g;
             edge_routes($size, 'routes.json.tmp');
             # A different mtime or size: change the file a little each time.
             open my $f, '>>', "$dir/routes.json.tmp"; print $f ' ' x $i; close $f;
             rename "$dir/routes.json.tmp", "$dir/routes.json";
             my $deadline = time + 60;
-            sleep 0.05 until (() = slurp("$dir/edge.err") =~ /table \d+ loaded/g) > $before || time > $deadline;
-            my @ms = slurp("$dir/edge.err") =~ /table \d+ loaded, .* in ([\d.]+) ms/g;
-            push @stall, $ms[-1];
+            sleep 0.05 until (() = slurp("$dir/edge.err") =~ /in service; this worker's event loop spent/g) > $before
+                || time > $deadline;
+            my @busy = slurp("$dir/edge.err") =~ /event loop spent ([\d.]+) ms/g;
+            my @wall = slurp("$dir/edge.err") =~ /table \d+ loaded, .* in ([\d.]+) ms/g;
+            push @stall, $busy[-1];
+            push @build, $wall[-1];
         }
         my $rss_after = worker_rss($procs{'nginx-edge'});
         my $map_master = $procs{'nginx map'};
@@ -300,8 +303,10 @@ for my $size (10, 10_000, 100_000) {
         $start = time;
         system("haproxy -c -q -f $dir/haproxy.cfg >/dev/null 2>&1");
         my $haproxy_load = (time - $start) * 1000;
-        push @rows, sprintf('reload, 100,000 routes: nginx-edge file swap, worker busy %s ms (median %.1f); '
-            . 'worker RSS after 3 swaps %dk', join('/', map { sprintf '%.1f', $_ } @stall), median(@stall), $rss_after);
+        push @rows, sprintf('reload, 100,000 routes: nginx-edge file swap, worker event loop busy %s ms (median %.2f), '
+            . 'table built on a thread in %s ms; worker RSS after 3 swaps %dk',
+            join('/', map { sprintf '%.2f', $_ } @stall), median(@stall), join('/', map { sprintf '%.0f', $_ } @build),
+            $rss_after);
         push @rows, sprintf('                       nginx -s reload of the map: %.0f ms until the new worker starts '
             . '(master parses, old worker keeps serving)', $map_reload);
         push @rows, sprintf('                       haproxy -c with the 100,000-line map (its reload parse): %.0f ms',

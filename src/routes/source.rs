@@ -8,11 +8,13 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::document::limits::{MAX_FILES, MAX_FILE_BYTES};
 use super::document::Document;
 use super::json::Json;
-use super::table::RouteTable;
+use super::table::{MergeError, MergeWarning, RouteTable};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -51,7 +53,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Stamp {
     dev: u64,
     ino: u64,
@@ -78,9 +80,9 @@ struct Unit {
     name: OsString,
     path: PathBuf,
     stamp: Stamp,
-    good: Option<Rc<Document>>,
+    good: Option<Arc<Document>>,
     /// The accepted version before `good`, while `good` is new in this refresh.
-    previous: Option<Option<Rc<Document>>>,
+    previous: Option<Option<Arc<Document>>>,
 }
 
 #[derive(Debug)]
@@ -95,6 +97,64 @@ pub struct Source {
     last_error: Option<String>,
     /// The problem last reported for the source as a whole, so that it is logged once.
     unreadable: Option<String>,
+    /// A refresh waiting for its work (parsing, merging) to be done.
+    pending: Option<Pending>,
+    /// What a refresh replaced, to be dropped where it costs the event loop nothing.
+    retired: Retired,
+}
+
+/// The state of a refresh between its steps.
+#[derive(Debug)]
+struct Pending {
+    started: Instant,
+    events: Vec<Event>,
+    accepted_before: Vec<(OsString, *const Document)>,
+    /// Units whose files are being parsed.
+    reading: Vec<usize>,
+    /// For a merge: the unit of each document merged.
+    owners: Vec<usize>,
+}
+
+/// The slow part of a refresh: pure, so that a worker can run it on another thread.
+#[derive(Debug)]
+pub enum Work {
+    /// Read and check these files.
+    Parse(Vec<PathBuf>),
+    /// Merge these documents into a table.
+    Merge(Vec<Arc<Document>>),
+}
+
+#[derive(Debug)]
+pub enum Done {
+    Parsed(Vec<Result<Document, String>>),
+    Merged(Result<(RouteTable, Vec<MergeWarning>), MergeError>),
+}
+
+impl Work {
+    /// `upstream_exists` tells which nginx.conf upstream blocks a route may name.
+    pub fn run(self, upstream_exists: &dyn Fn(&str) -> bool) -> Done {
+        match self {
+            Work::Parse(paths) => Done::Parsed(paths.iter().map(|p| read_document(p)).collect()),
+            Work::Merge(docs) => {
+                let docs: Vec<&Document> = docs.iter().map(|d| &**d).collect();
+                Done::Merged(RouteTable::merge(&docs, upstream_exists))
+            }
+        }
+    }
+}
+
+/// Where a refresh stands: done with its events, or waiting for `work`.
+#[derive(Debug)]
+pub enum Step {
+    Finished(Vec<Event>),
+    NeedWork(Work),
+}
+
+/// A replaced table and documents no longer in force.
+#[derive(Debug, Default)]
+pub struct Retired {
+    pub table: Option<Rc<RouteTable>>,
+    pub documents: Vec<Arc<Document>>,
 }
 
 /// `nginx_upstream` names that exist in nginx.conf.
@@ -116,6 +176,8 @@ impl Source {
             loaded_at: None,
             last_error: None,
             unreadable: None,
+            pending: None,
+            retired: Retired::default(),
         };
         let events = source.refresh(upstream_exists);
         if let Some(e) = events
@@ -150,9 +212,47 @@ impl Source {
     }
 
     /// Looks for changes and swaps in a new table if there are any. Never fails: problems come
-    /// back as events, and the last good table keeps serving.
+    /// back as events, and the last good table keeps serving. Does the work in place: see
+    /// `start` and `resume` for doing it elsewhere.
     pub fn refresh(&mut self, upstream_exists: UpstreamCheck) -> Vec<Event> {
-        let started = std::time::Instant::now();
+        let mut step = self.start();
+        loop {
+            match step {
+                Step::Finished(events) => {
+                    self.retired = Retired::default();
+                    return events;
+                }
+                Step::NeedWork(work) => step = self.resume(work.run(upstream_exists)),
+            }
+        }
+    }
+
+    /// Gives up a refresh whose work was lost: every file is read again next time.
+    pub fn abandon(&mut self) {
+        self.pending = None;
+        for unit in &mut self.units {
+            unit.stamp = Stamp::default();
+            if let Some(previous) = unit.previous.take() {
+                unit.good = previous;
+            }
+        }
+    }
+
+    /// Whether a refresh waits for its work.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// What the last refresh replaced: for the caller to drop off the event loop.
+    pub fn take_retired(&mut self) -> Retired {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Begins a refresh: lists the source (cheap: one stat per file) and says what work the
+    /// changes need, if any. Call `resume` with the work's result until it finishes.
+    pub fn start(&mut self) -> Step {
+        debug_assert!(self.pending.is_none(), "a refresh is already under way");
+        let started = Instant::now();
         let mut events = Vec::new();
         let listing = match self.list() {
             Ok(listing) => {
@@ -171,15 +271,18 @@ impl Source {
                         message,
                     });
                 }
-                return events;
+                return Step::Finished(events);
             }
         };
 
         let accepted_before = self.accepted();
         let mut units = Vec::with_capacity(listing.len());
+        let mut reading = Vec::new();
         let mut old = std::mem::take(&mut self.units).into_iter().peekable();
         for (name, path, stamp) in listing {
-            while old.next_if(|u| u.name < name).is_some() {}
+            while let Some(gone) = old.next_if(|u| u.name < name) {
+                self.retired.documents.extend(gone.good);
+            }
             let mut unit = match old.next_if(|u| u.name == name) {
                 Some(unit) if unit.stamp == stamp => {
                     units.push(unit);
@@ -195,100 +298,148 @@ impl Source {
                 },
             };
             unit.stamp = stamp;
-            match read_document(&unit.path) {
-                Ok(doc) => unit.previous = Some(unit.good.replace(Rc::new(doc))),
-                Err(message) => {
-                    events.push(rejected(
-                        &message,
-                        unit.good.is_some() || self.generation > 0,
-                    ));
-                    self.last_error = Some(message);
-                }
-            }
+            reading.push(units.len());
             units.push(unit);
         }
+        self.retired.documents.extend(old.filter_map(|u| u.good));
         self.units = units;
-        if self.generation > 0 && self.accepted() == accepted_before {
-            return events;
+        self.pending = Some(Pending {
+            started,
+            events,
+            accepted_before,
+            reading,
+            owners: Vec::new(),
+        });
+        if self.pending.as_ref().is_some_and(|p| !p.reading.is_empty()) {
+            let paths = self.pending.as_ref().unwrap().reading.iter();
+            let paths = paths.map(|&i| self.units[i].path.clone()).collect();
+            return Step::NeedWork(Work::Parse(paths));
         }
-        self.rebuild(upstream_exists, started, &mut events);
-        for unit in &mut self.units {
-            unit.previous = None;
-        }
-        events
+        self.after_parse()
     }
 
-    /// Merges the accepted documents. A file whose references do not resolve is rejected
-    /// (reverted to its previous version, or left out) until the merge succeeds.
-    fn rebuild(
-        &mut self,
-        upstream_exists: UpstreamCheck,
-        started: std::time::Instant,
-        events: &mut Vec<Event>,
-    ) {
-        loop {
-            let (docs, owners): (Vec<&Document>, Vec<usize>) = self
-                .units
-                .iter()
-                .enumerate()
-                .filter_map(|(i, u)| u.good.as_deref().map(|d| (d, i)))
-                .unzip();
-            match RouteTable::merge(&docs, upstream_exists) {
-                Ok((table, warnings)) => {
-                    for w in warnings {
-                        let file = self.units[owners[w.file]].path.display();
-                        events.push(Event {
-                            level: Level::Warn,
-                            message: format!("{file}: {}", w.message),
-                        });
+    /// Goes on with a refresh once its work is done.
+    pub fn resume(&mut self, done: Done) -> Step {
+        match done {
+            Done::Parsed(results) => {
+                let mut pending = self.pending.take().expect("a refresh under way");
+                let fresh = self.generation > 0;
+                for (&i, result) in pending.reading.iter().zip(results) {
+                    let unit = &mut self.units[i];
+                    match result {
+                        Ok(doc) => unit.previous = Some(unit.good.replace(Arc::new(doc))),
+                        Err(message) => {
+                            pending
+                                .events
+                                .push(rejected(&message, unit.good.is_some() || fresh));
+                            self.last_error = Some(message);
+                        }
                     }
-                    self.generation += 1;
-                    self.loaded_at = Some(std::time::SystemTime::now());
-                    self.table = Rc::new(table);
-                    let routes = self.table.route_count();
-                    let files = docs.len();
-                    // Read, parsed, checked and merged: the time this worker's loop was busy.
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    events.push(notice(format!(
-                        "{}: table {} loaded, {routes} routes from {files} file(s) in {ms:.1} ms",
-                        self.path.display(),
-                        self.generation
-                    )));
-                    return;
                 }
-                Err(err) => {
-                    let culprit = owners[err.file];
-                    let message =
-                        format!("{}: {}", self.units[culprit].path.display(), err.message);
-                    events.push(rejected(&message, self.generation > 0));
-                    self.last_error = Some(message);
-                    // Revert the culprit if it is new; otherwise what changed around it.
-                    let revert: Vec<usize> = if self.units[culprit].previous.is_some() {
+                self.pending = Some(pending);
+                self.after_parse()
+            }
+            Done::Merged(result) => self.merged(result),
+        }
+    }
+
+    fn after_parse(&mut self) -> Step {
+        let pending = self.pending.as_ref().expect("a refresh under way");
+        if self.generation > 0 && self.accepted() == pending.accepted_before {
+            return self.finish();
+        }
+        self.merge_work()
+    }
+
+    /// The accepted documents, to merge.
+    fn merge_work(&mut self) -> Step {
+        let (docs, owners): (Vec<Arc<Document>>, Vec<usize>) = self
+            .units
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.good.clone().map(|d| (d, i)))
+            .unzip();
+        self.pending.as_mut().expect("a refresh under way").owners = owners;
+        Step::NeedWork(Work::Merge(docs))
+    }
+
+    /// A file whose references do not resolve is rejected (reverted to its previous version,
+    /// or left out) and the rest merged again, until a merge succeeds.
+    fn merged(&mut self, result: Result<(RouteTable, Vec<MergeWarning>), MergeError>) -> Step {
+        let mut pending = self.pending.take().expect("a refresh under way");
+        let owners = std::mem::take(&mut pending.owners);
+        match result {
+            Ok((table, warnings)) => {
+                for w in warnings {
+                    let file = self.units[owners[w.file]].path.display();
+                    pending.events.push(Event {
+                        level: Level::Warn,
+                        message: format!("{file}: {}", w.message),
+                    });
+                }
+                self.generation += 1;
+                self.loaded_at = Some(std::time::SystemTime::now());
+                let old = std::mem::replace(&mut self.table, Rc::new(table));
+                self.retired.table = Some(old);
+                let routes = self.table.route_count();
+                let files = owners.len();
+                // From the first stat to the new table, wherever the work was done (in a
+                // worker, mostly on a thread of its own).
+                let ms = pending.started.elapsed().as_secs_f64() * 1000.0;
+                pending.events.push(notice(format!(
+                    "{}: table {} loaded, {routes} routes from {files} file(s) in {ms:.1} ms",
+                    self.path.display(),
+                    self.generation
+                )));
+                self.pending = Some(pending);
+                self.finish()
+            }
+            Err(err) => {
+                let culprit = owners[err.file];
+                let message = format!("{}: {}", self.units[culprit].path.display(), err.message);
+                pending.events.push(rejected(&message, self.generation > 0));
+                self.last_error = Some(message);
+                // Revert the culprit if it is new; otherwise what changed around it.
+                let revert: Vec<usize> = if self.units[culprit].previous.is_some() {
+                    vec![culprit]
+                } else {
+                    let fresh: Vec<usize> = (0..self.units.len())
+                        .filter(|&i| self.units[i].previous.is_some())
+                        .collect();
+                    if fresh.is_empty() {
                         vec![culprit]
                     } else {
-                        let fresh: Vec<usize> = (0..self.units.len())
-                            .filter(|&i| self.units[i].previous.is_some())
-                            .collect();
-                        if fresh.is_empty() {
-                            vec![culprit]
-                        } else {
-                            fresh
-                        }
-                    };
-                    for i in revert {
-                        let unit = &mut self.units[i];
-                        unit.good = unit.previous.take().unwrap_or(None);
+                        fresh
                     }
+                };
+                for i in revert {
+                    let unit = &mut self.units[i];
+                    let back = unit.previous.take().unwrap_or(None);
+                    self.retired
+                        .documents
+                        .extend(std::mem::replace(&mut unit.good, back));
                 }
+                self.pending = Some(pending);
+                self.merge_work()
             }
         }
+    }
+
+    fn finish(&mut self) -> Step {
+        let pending = self.pending.take().expect("a refresh under way");
+        for unit in &mut self.units {
+            if let Some(Some(previous)) = unit.previous.take() {
+                self.retired.documents.push(previous);
+            }
+        }
+        Step::Finished(pending.events)
     }
 
     /// Identifies the documents in force: a refresh that leaves it unchanged swaps nothing.
     fn accepted(&self) -> Vec<(OsString, *const Document)> {
         self.units
             .iter()
-            .filter_map(|u| u.good.as_ref().map(|d| (u.name.clone(), Rc::as_ptr(d))))
+            .filter_map(|u| u.good.as_ref().map(|d| (u.name.clone(), Arc::as_ptr(d))))
             .collect()
     }
 
