@@ -242,7 +242,9 @@ sub median { my @s = sort { $a <=> $b } @_; return $s[int(@s / 2)] }
 
 my @loads = ('tls new conn', 'tls keep-alive', 'http new conn');
 my @rows;
-for my $size (10, 10_000, 100_000) {
+# BENCH_SIZES (e.g. "10"), for a shorter run; "none" keeps only the failover figures.
+my @sizes = grep { /^\d+$/ } split /,/, ($ENV{BENCH_SIZES} // "10,10000,100000");
+for my $size (@sizes) {
     my @configs = $size == 100_000 ? ('direct', 'nginx-edge', 'nginx map')
                                     : ('direct', 'nginx-edge', 'nginx map', 'haproxy', 'sniproxy');
     my $ports = start_proxies($size, @configs);
@@ -315,6 +317,96 @@ for my $size (10, 10_000, 100_000) {
     }
     stop_proxies();
 }
+
+# --- Failover: TLS, a new connection per request, while one of three backends is killed
+# (SIGKILL: its socket closes, later connects are refused) two seconds into a 6 s run.
+my @fb = map { port() } 1 .. 3;
+sub start_fb {
+    my ($i) = @_;
+    write_file("fb$i.conf", <<"CONF");
+$user
+master_process off; daemon off; pid $dir/fb$i.pid; error_log $dir/fb$i.err;
+events { worker_connections 8192; }
+http { access_log off;
+    server { listen 127.0.0.1:$fb[$i] ssl; ssl_certificate $dir/b.crt; ssl_certificate_key $dir/b.key;
+             location / { return 200 "ok\\n"; } } }
+CONF
+    start("fb$i", $nginx, '-p', "$dir/", '-c', "$dir/fb$i.conf", '-e', "$dir/fb$i.err");
+    wait_port($fb[$i], "backend $i");
+}
+start_fb($_) for 0 .. 2;
+my %fo;
+{
+    my ($e, $m, $h) = (port(), port(), port());
+    my $servers = join ', ', map { qq("127.0.0.1:$_") } @fb;
+    write_file('fo-routes.json', qq({"upstreams": {"three": {"servers": [$servers]}}, "routes": {"localhost": "three"}}\n));
+    write_file('fo-edge.conf', <<"CONF");
+load_module $module;
+$user
+worker_processes 1; daemon off; pid $dir/fo-edge.pid; error_log $dir/fo-edge.err notice;
+events { worker_connections 8192; }
+stream { edge_routes $dir/fo-routes.json;
+    server { listen 127.0.0.1:$e; edge_route tls; proxy_pass \$edge_upstream; } }
+CONF
+    my $up = join '', map { "        server 127.0.0.1:$_;\n" } @fb;
+    write_file('fo-map.conf', <<"CONF");
+$user
+worker_processes 1; daemon off; pid $dir/fo-map.pid; error_log $dir/fo-map.err notice;
+events { worker_connections 8192; }
+stream { map \$ssl_preread_server_name \$backend { localhost three; }
+    upstream three {
+$up    }
+    server { listen 127.0.0.1:$m; ssl_preread on; proxy_pass \$backend; } }
+CONF
+    my $hs = join '', map { "    server s$_ 127.0.0.1:$fb[$_] check inter 2s\n" } 0 .. 2;
+    write_file('fo-haproxy.cfg', <<"CONF");
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch
+frontend tls
+    bind 127.0.0.1:$h
+    tcp-request inspect-delay 5s
+    tcp-request content accept if { req_ssl_hello_type 1 }
+    use_backend three if { req.ssl_sni -i localhost }
+backend three
+$hs
+CONF
+    start('fo nginx-edge', $nginx, '-p', "$dir/", '-c', "$dir/fo-edge.conf", '-e', "$dir/fo-edge.err");
+    start('fo nginx map', $nginx, '-p', "$dir/", '-c', "$dir/fo-map.conf", '-e', "$dir/fo-map.err");
+    start('fo haproxy', 'haproxy', '-W', '-db', '-f', "$dir/fo-haproxy.cfg");
+    wait_port($_, 'failover proxy') for $e, $m, $h;
+    for my $config (['nginx-edge', $e], ['nginx map', $m], ['haproxy', $h]) {
+        my ($name, $port) = @$config;
+        start_fb(1) unless $procs{fb1};
+        sleep 3;    # let HAProxy's checks see it up again
+        open my $wrk, '-|', 'wrk', '-t1', "-c$conns", '-d6s', '-H', 'Connection: close',
+            "https://localhost:$port/" or die "wrk: $!";
+        sleep 2;
+        kill 'KILL', $procs{fb1};
+        waitpid(delete $procs{fb1}, 0);
+        my $out = do { local $/; <$wrk> } // '';
+        close $wrk;
+        my ($requests) = $out =~ /(\d+) requests in/;
+        my $errors = 0;
+        $errors += $_ for $out =~ /(?:connect|read|write|timeout) (\d+)/g;
+        $errors += $1 if $out =~ /Non-2xx or 3xx responses: (\d+)/;
+        $fo{$name} = [$requests // 0, $errors];
+    }
+    stop($_, 'QUIT') for 'fo nginx-edge', 'fo nginx map';
+    stop('fo haproxy');
+}
+stop("fb$_") for 0 .. 2;
+push @rows, 'failover: TLS, new connection per request, one of 3 backends SIGKILLed 2 s into a 6 s wrk run';
+push @rows, sprintf('          %-11s %7d requests, %d client-visible errors', $_, @{$fo{$_}}) for 'nginx-edge', 'nginx map', 'haproxy';
+push @rows, '          sniproxy: one address per name, nothing to fail over to';
+push @rows, '';
 
 my $cpu = (slurp('/proc/cpuinfo') =~ /model name\s*:\s*(.*)/)[0] // '?';
 my $ncpu = () = slurp('/proc/cpuinfo') =~ /^processor/mg;
