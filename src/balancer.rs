@@ -2,7 +2,6 @@
 //! them for a server, and tells them how the attempt went.
 
 use core::ffi::c_void;
-use core::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use nginx_sys::{
@@ -138,7 +137,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     data.tried.insert(i);
     let server = &servers.servers()[i];
     let addr = SocketAddr::new(server.ip, server.port.unwrap_or(data.local_port));
-    match write_sockaddr(data.pool, addr) {
+    match write_sockaddr(data.pool, addr, servers.ip_text(i)) {
         Some((sa, len, name)) => {
             pc.sockaddr = sa;
             pc.socklen = len;
@@ -253,6 +252,7 @@ unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c
 unsafe fn write_sockaddr(
     pool: *mut nginx_sys::ngx_pool_t,
     addr: SocketAddr,
+    ip_text: &str,
 ) -> Option<(*mut sockaddr, socklen_t, *mut ngx_str_t)> {
     let (sa, len) = match addr.ip() {
         IpAddr::V4(ip) => {
@@ -287,31 +287,14 @@ unsafe fn write_sockaddr(
     if text.is_null() || name.is_null() {
         return None;
     }
-    let mut w = SliceWriter {
-        buf: core::slice::from_raw_parts_mut(text, NAME_MAX),
-        len: 0,
-    };
-    write!(w, "{addr}").ok()?;
+    let len_name = report::peer_name(
+        ip_text,
+        addr.port(),
+        core::slice::from_raw_parts_mut(text, NAME_MAX),
+    );
     name.write(ngx_str_t {
-        len: w.len,
+        len: len_name,
         data: text,
     });
     Some((sa, len as socklen_t, name))
-}
-
-struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    len: usize,
-}
-
-impl Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.len + s.len();
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(core::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
 }

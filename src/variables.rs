@@ -5,6 +5,7 @@ use nginx_sys::{
     ngx_stream_variable_value_t, NGX_ERROR, NGX_OK, NGX_STREAM_VAR_NOCACHEABLE,
 };
 use ngx::ngx_string;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::conf::GROUP_NAME;
 use crate::preread::{RouteKind, SessionCtx};
@@ -25,7 +26,31 @@ const VARIABLES: [(ngx_str_t, Getter); 5] = [
     (ngx_string!("edge_alpn"), edge_alpn),
 ];
 
+/// Whether the flags word of a variable value is laid out as `packed_flags` assumes, checked
+/// once: bindgen's bit-by-bit setters cost a few hundred instructions per value.
+static PACKED_FLAGS: AtomicBool = AtomicBool::new(false);
+
+/// `len:28, valid:1, no_cacheable:1, not_found:1, escape:1`, from the lowest bit, as GCC lays
+/// out the bitfield on the targets nginx runs on; checked against bindgen's setters.
+fn packed_flags(len: u32) -> u32 {
+    len | 1 << 28 | 1 << 29
+}
+
+fn check_packed_flags() -> bool {
+    // SAFETY: a zeroed value is valid; the flags word is its first field (repr(C)).
+    unsafe {
+        let mut v: ngx_stream_variable_value_t = core::mem::zeroed();
+        let len = 0x0abc_def1;
+        v.set_len(len);
+        v.set_valid(1);
+        v.set_no_cacheable(1);
+        v.set_not_found(0);
+        core::ptr::from_ref(&v).cast::<u32>().read() == packed_flags(len)
+    }
+}
+
 pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
+    PACKED_FLAGS.store(check_packed_flags(), Ordering::Relaxed);
     for (name, get) in VARIABLES {
         let mut name = name;
         // Not cacheable: a value read before the preread phase ends must not stick.
@@ -40,12 +65,16 @@ pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
 }
 
 unsafe fn set(v: *mut ngx_stream_variable_value_t, data: *const u8, len: usize) -> ngx_int_t {
-    let v = &mut *v;
-    v.set_len(len as u32);
-    v.set_valid(1);
-    v.set_no_cacheable(1);
-    v.set_not_found(0);
-    v.data = data.cast_mut();
+    if PACKED_FLAGS.load(Ordering::Relaxed) {
+        v.cast::<u32>().write(packed_flags(len as u32));
+    } else {
+        let v = &mut *v;
+        v.set_len(len as u32);
+        v.set_valid(1);
+        v.set_no_cacheable(1);
+        v.set_not_found(0);
+    }
+    (*v).data = data.cast_mut();
     NGX_OK as ngx_int_t
 }
 

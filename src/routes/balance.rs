@@ -30,6 +30,9 @@ pub struct Pool {
     current: Vec<Cell<i64>>,
     /// Per server, for `hash`: a hash of its address.
     address_hash: Vec<u64>,
+    /// Per server, its address as nginx names peers (`10.0.0.1`, `[2001:db8::1]`), without
+    /// the port, which may be the listener's.
+    ip_text: Vec<Box<str>>,
     /// Per-worker records, used until (or instead of, when the zone is full) shared ones.
     local: Box<[Record]>,
     shared: Box<[Cell<Option<&'static Record>>]>,
@@ -56,9 +59,17 @@ impl Pool {
             .iter()
             .map(|s| Key::new("", s.ip, s.port).hash())
             .collect();
+        let ip_text = servers
+            .iter()
+            .map(|s| match s.ip {
+                std::net::IpAddr::V4(ip) => ip.to_string().into(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]").into(),
+            })
+            .collect();
         Pool {
             servers,
             policy,
+            ip_text,
             current: (0..n).map(|_| Cell::new(0)).collect(),
             address_hash,
             local: (0..n).map(|_| Record::default()).collect(),
@@ -70,6 +81,10 @@ impl Pool {
 
     pub fn servers(&self) -> &[ServerDef] {
         &self.servers
+    }
+
+    pub fn ip_text(&self, i: usize) -> &str {
+        &self.ip_text[i]
     }
 
     pub fn policy(&self) -> &Policy {
