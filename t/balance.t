@@ -131,14 +131,20 @@ $t->wait_for_log(qr/every server of upstream "fo" is down, trying them anyway/);
 wait_for(sub { $state->('fo', "127.0.0.1:$fy")->{state} eq 'checking' }, 'fy rising');
 ok($state->('fo', "127.0.0.1:$fy")->{down}, 'fy passes its checks but stays down until rise');
 
+# Six sessions to $name on $port: their access-log lines, and the most servers one tried.
+sub sessions {
+    my ($port, $name) = @_;
+    my $mark = length $t->read_file('access.log');
+    http_get($port, $name) for 1 .. 6;
+    wait_for(sub { scalar(() = substr($t->read_file('access.log'), $mark) =~ /name=\Q$name\E /g) == 6 }, 'log');
+    my @lines = substr($t->read_file('access.log'), $mark) =~ /(name=\Q$name\E .*)/g;
+    my $most = 0;
+    for (@lines) { my ($addr) = /addr=(.*?) status/; my $n = 1 + (() = $addr =~ /,/g); $most = $n if $n > $most }
+    return ($most, @lines);
+}
+
 # --- proxy_next_upstream_tries bounds the retries (max_fails 0: no passive marking).
-my $tries = $t->port('tries');
-my $mark2 = length $t->read_file('access.log');
-http_get($tries, 'tries.test') for 1 .. 6;
-wait_for(sub { scalar(() = substr($t->read_file('access.log'), $mark2) =~ /name=tries\.test/g) == 6 }, 'log');
-my @lines = substr($t->read_file('access.log'), $mark2) =~ /(name=tries\.test .*)/g;
-my $max = 0;
-for (@lines) { my ($addr) = /addr=(.*?) status/; my $n = () = $addr =~ /,/g; $max = $n + 1 if $n + 1 > $max }
+my ($max, @lines) = sessions($t->port('tries'), 'tries.test');
 is($max, 2, 'at most 2 tries per session, as proxy_next_upstream_tries says');
 ok((grep { /status=502/ } @lines), 'a session that meets two refusing servers gets 502');
 
@@ -158,13 +164,7 @@ for my $name (qw(bh1 bh2)) {
     ok(!IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $t->port($name), Timeout => 1),
         "$name does not complete connects");
 }
-my $slow = $t->port('slow');
-my $mark3 = length $t->read_file('access.log');
-http_get($slow, 'slow.test') for 1 .. 6;
-wait_for(sub { scalar(() = substr($t->read_file('access.log'), $mark3) =~ /name=slow\.test/g) == 6 }, 'log');
-my @slow = substr($t->read_file('access.log'), $mark3) =~ /(name=slow\.test .*)/g;
-my $most = 0;
-for (@slow) { my ($addr) = /addr=(.*?) status/; my $n = 1 + (() = $addr =~ /,/g); $most = $n if $n > $most }
+my ($most, @slow) = sessions($t->port('slow'), 'slow.test');
 is($most, 2, 'no third try once proxy_next_upstream_timeout has passed');
 ok((grep { /addr=\S+, \S+ status=502/ } @slow), 'two timed-out connects: 502');
 like($t->read_file('error.log'), qr/upstream timed out \(110: Connection timed out\) while connecting to upstream/,

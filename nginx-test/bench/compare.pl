@@ -106,6 +106,18 @@ sub edge_routes {
         . qq(                "httpback": {"servers": ["127.0.0.1:$b_http"]}},\n  "routes": {\n$routes\n  }\n}\n));
 }
 
+# HAProxy's frame: one thread, TCP mode, the timeouts every config shares.
+my $haproxy_head = <<'CFG';
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+CFG
+
 # Starts every proxy for a table of $n names; returns {config => {tls => port, http => port}}.
 sub start_proxies {
     my ($n, @which) = @_;
@@ -152,15 +164,7 @@ EOF
         my ($t, $h) = (port(), port());
         write_file('sni.map', join('', map { "$_ tlsback\n" } names($n)));
         write_file('host.map', join('', map { "$_ httpback\n" } names($n)));
-        write_file('haproxy.cfg', <<"EOF");
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+        write_file('haproxy.cfg', $haproxy_head . <<"EOF");
 frontend tls
     bind 127.0.0.1:$t
     tcp-request inspect-delay 5s
@@ -359,15 +363,7 @@ $up    }
     server { listen 127.0.0.1:$m; ssl_preread on; proxy_pass \$backend; } }
 CONF
     my $hs = join '', map { "    server s$_ 127.0.0.1:$fb[$_] check inter 2s\n" } 0 .. 2;
-    write_file('fo-haproxy.cfg', <<"CONF");
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+    write_file('fo-haproxy.cfg', $haproxy_head . <<"CONF");
     retries 3
     option redispatch
 frontend tls
