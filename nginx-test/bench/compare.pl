@@ -239,8 +239,24 @@ sub wrk {
     my $errors = 0;
     $errors += $_ for $out =~ /(?:connect|read|write|timeout) (\d+)/g;
     $errors += $1 if $out =~ /Non-2xx or 3xx responses: (\d+)/;
-    return ($rps // 0, $p99, $errors);
+    my ($requests) = $out =~ /(\d+) requests in/;
+    return ($rps // 0, $p99, $errors, $requests // 0);
 }
+
+# CPU time (user + system, in clock ticks) of a process and its children (a master's workers).
+sub cpu_ticks {
+    my ($root) = @_;
+    my $ticks = 0;
+    for my $stat (glob '/proc/[0-9]*/stat') {
+        my $line = slurp($stat);
+        my ($pid, $rest) = $line =~ /^(\d+) \(.*\) (.*)$/ or next;
+        my @f = split ' ', $rest;    # fields from the state on: ppid is $f[1], utime $f[11]
+        next unless $pid == $root || $f[1] == $root;
+        $ticks += $f[11] + $f[12];
+    }
+    return $ticks;
+}
+my $tick_us = 1e6 / (POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100);
 
 sub median { my @s = sort { $a <=> $b } @_; return $s[int(@s / 2)] }
 
@@ -258,23 +274,32 @@ for my $size (@sizes) {
         for my $load (@loads) {
             for my $config (@order) {
                 my $port = $ports->{$config}{$load =~ /^tls/ ? 'tls' : 'http'} or next;
-                push @{$runs{$load}{$config}}, [wrk($load, $port)];
+                # The proxy's own CPU per request: steadier than req/s when wrk, the proxy
+                # and the backend share two cores.
+                my $pid = $procs{$config};
+                my $before = $pid ? cpu_ticks($pid) : 0;
+                my @r = wrk($load, $port);
+                my $cpu = $pid && $r[3] ? (cpu_ticks($pid) - $before) * $tick_us / $r[3] : 0;
+                push @{$runs{$load}{$config}}, [@r[0 .. 2], $cpu];
             }
         }
     }
     my %rss = map { $_ => worker_rss($procs{$_}) } grep { $procs{$_} } @configs;
     for my $load (@loads) {
         my $map = $runs{$load}{'nginx map'} ? median(map { $_->[0] } @{$runs{$load}{'nginx map'}}) : 0;
+        my $map_cpu = $runs{$load}{'nginx map'} ? median(map { $_->[3] } @{$runs{$load}{'nginx map'}}) : 0;
         my $direct = median(map { $_->[0] } @{$runs{$load}{direct}});
         for my $config (@configs) {
             my $r = $runs{$load}{$config} or next;
             my @rps = map { $_->[0] } @$r;
             my $med = median(@rps);
-            push @rows, sprintf "%-15s %7s  %-11s %9.0f  %9.0f-%-9.0f %7.2f  %7s  %7.2f  %6d  %8s",
+            my $cpu = median(map { $_->[3] } @$r);
+            push @rows, sprintf "%-15s %7s  %-11s %9.0f  %9.0f-%-9.0f %7.2f  %7s  %7.2f  %6d  %8s  %7s  %7s",
                 $load, $size, $config, $med, (sort { $a <=> $b } @rps)[0, -1],
                 median(map { $_->[1] } @$r), $map ? sprintf('%.3f', $med / $map) : '-',
                 $direct ? $med / $direct : 0, (0 + eval { my $e = 0; $e += $_->[2] for @$r; $e }),
-                $rss{$config} ? "$rss{$config}k" : '-';
+                $rss{$config} ? "$rss{$config}k" : '-', $cpu ? sprintf('%.1f', $cpu) : '-',
+                $cpu && $map_cpu ? sprintf('%.3f', $cpu / $map_cpu) : '-';
         }
     }
     push @rows, '';
@@ -413,6 +438,7 @@ my ($wv) = `wrk -v 2>&1` =~ /wrk (\S+)/;
 print "machine: $cpu, $ncpu CPU(s); nginx $nv, haproxy $hv, sniproxy " . ($sv // '?') . ", wrk " . ($wv // '?') . "\n";
 print "each proxy: 1 worker/thread; wrk: 1 thread, $conns connections, ${seconds}s per run, $rounds rounds alternating the order\n";
 print "backend: nginx (1 worker) answering 'ok' over HTTPS and HTTP on loopback; SNI/Host 'localhost' in the middle of the table\n\n";
-printf "%-15s %7s  %-11s %9s  %-19s %7s  %7s  %7s  %6s  %8s\n",
-    'load', 'routes', 'config', 'req/s', 'min-max', 'p99 ms', 'vs map', 'vs dir', 'errors', 'RSS';
+printf "%-15s %7s  %-11s %9s  %-19s %7s  %7s  %7s  %6s  %8s  %7s  %7s\n",
+    'load', 'routes', 'config', 'req/s', 'min-max', 'p99 ms', 'vs map', 'vs dir', 'errors', 'RSS', 'cpu us', 'cpu/map';
+print "(cpu us: the proxy's own CPU time per request, median; cpu/map: that against nginx map)\n";
 print "$_\n" for @rows;
