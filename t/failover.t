@@ -64,7 +64,7 @@ note(sprintf 'fb stopped -> marked down in %.2f s under load', $marked - $stoppe
 # Enough connections started after the mark (the clients record each start time).
 my $after_mark = sub {
     my $n = 0;
-    for my $c (1 .. $clients) { $n += grep { (split / /)[1] > $marked } split /\n/, $t->read_file("client$c.txt") }
+    for my $c (1 .. $clients) { $n += grep { ((split / /)[1] // 0) > $marked } split /\n/, $t->read_file("client$c.txt") }
     $n;
 };
 wait_for(sub { $after_mark->() >= 200 }, 'load after the mark', 120);

@@ -11,12 +11,9 @@ use Edge::Test qw(http_get raw_exchange wait_for);
 
 my $t = Edge::Test->new;
 my $dir = $t->dir;
-system("openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=backend.test -days 2 "
-    . "-keyout $dir/backend.key -out $dir/backend.crt 2>/dev/null") == 0
-    or BAIL_OUT('openssl cannot make a certificate');
-chmod 0644, "$dir/backend.key";
+$t->certificate('backend', 'backend.test');
 # A certificate only for sni.test: a backend that picks its certificate by SNI fails any other.
-system("cp $dir/backend.crt $dir/sni.test.crt && cp $dir/backend.key $dir/sni.test.key") == 0 or die;
+$t->certificate('sni.test');
 
 my $routes = <<'EOF';
 {

@@ -10,10 +10,7 @@ use Edge::Test qw(client_hello tls_records raw_exchange);
 
 my $t = Edge::Test->new;
 my $dir = $t->dir;
-system("openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=backend.test -days 2 "
-    . "-keyout $dir/backend.key -out $dir/backend.crt >/dev/null 2>&1") == 0
-    or BAIL_OUT('openssl cannot make a certificate');
-chmod 0644, "$dir/backend.key";
+$t->certificate('backend', 'backend.test');
 
 $t->write_routes('routes.json', <<'EOF');
 {

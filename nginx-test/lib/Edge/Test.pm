@@ -79,6 +79,18 @@ sub write_routes {
     return "$self->{dir}/$name";
 }
 
+# A self-signed certificate in the test folder: NAME.crt and NAME.key (readable by the
+# workers), for CN $cn (default NAME). Returns the two paths.
+sub certificate {
+    my ($self, $name, $cn) = @_;
+    my ($crt, $key) = map { "$self->{dir}/$name.$_" } qw(crt key);
+    my $subject = '/CN=' . ($cn // $name);
+    system("openssl req -x509 -newkey rsa:2048 -nodes -subj $subject -days 2 -keyout $key -out $crt >/dev/null 2>&1") == 0
+        or die "openssl cannot make a certificate for $name\n";
+    chmod 0644, $key;
+    return ($crt, $key);
+}
+
 sub read_file {
     my ($self, $name) = @_;
     open my $fh, '<', "$self->{dir}/$name" or return '';
