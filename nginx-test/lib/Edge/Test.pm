@@ -191,16 +191,23 @@ sub stop {
     waitpid($pid, 0);
 }
 
+# Whether the script passed, noted before global destruction, when Test::More may be gone.
+my $passed;
+END { $passed = eval { Test::More->builder->is_passing } // 1 }
+
 sub DESTROY {
     my ($self) = @_;
     $self->stop;
     $self->stop_backend($_) for keys %{$self->{backends} // {}};
-    if (Test::More->builder->is_passing && !$ENV{TEST_NGINX_LEAVE}) {
+    my $late = ${^GLOBAL_PHASE} eq 'DESTRUCT';
+    my $passing = $late ? $passed // 1 : Test::More->builder->is_passing;
+    if ($passing && !$ENV{TEST_NGINX_LEAVE}) {
         File::Path::rmtree($self->{dir});
-    } else {
-        diag("logs kept in $self->{dir}");
-        diag("error.log:\n" . $self->read_file('error.log')) unless Test::More->builder->is_passing;
+        return;
     }
+    my $say = $late ? sub { print STDERR map { "# $_\n" } split /\n/, $_[0] } : \&diag;
+    $say->("logs kept in $self->{dir}");
+    $say->("error.log:\n" . $self->read_file('error.log')) unless $passing;
 }
 
 use File::Path ();
