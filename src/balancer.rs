@@ -13,6 +13,7 @@ use ngx::ngx_log_error;
 
 use crate::health::{fnv1a, now_ms, Transition};
 use crate::routes::balance::{Pool, Tried};
+use crate::routes::document::Balance;
 use crate::routes::table::Upstream;
 use crate::{report, stream};
 
@@ -64,7 +65,12 @@ unsafe extern "C" fn init_peer(
         tried: Tried::default(),
         current: None,
         local_port: local_port(c.local_sockaddr),
-        client: client_hash(c),
+        // Only `hash` balancing reads it.
+        client: if servers.policy().balance == Balance::Hash {
+            client_hash(c)
+        } else {
+            0
+        },
         session: s,
         pool: c.pool,
     });

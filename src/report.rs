@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::fmt::Write;
-use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
@@ -46,12 +45,11 @@ fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as f64 / 1000.0
 }
 
+/// A server as the route file lists it: `10.0.0.1`, `10.0.0.1:443`, `[2001:db8::1]:443`.
 pub fn address(s: &ServerDef) -> String {
-    match (s.ip, s.port) {
-        (IpAddr::V4(ip), None) => ip.to_string(),
-        (IpAddr::V4(ip), Some(port)) => format!("{ip}:{port}"),
-        (IpAddr::V6(ip), None) => format!("[{ip}]"),
-        (IpAddr::V6(ip), Some(port)) => format!("[{ip}]:{port}"),
+    match s.port {
+        None => s.host(),
+        Some(port) => format!("{}:{port}", s.host()),
     }
 }
 

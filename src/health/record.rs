@@ -365,6 +365,19 @@ impl Record {
 
     /// The upstream has no (more) active check: nothing may keep the server down but passive.
     pub fn clear_active(&self) {
+        // Every table load of every worker calls this: no shared-memory write when idle.
+        let idle = [
+            &self.active_down,
+            &self.ok_run,
+            &self.fail_run,
+            &self.last_outcome,
+        ]
+        .iter()
+        .all(|f| f.load(Relaxed) == 0)
+            && self.next_check_ms.load(Relaxed) == 0;
+        if idle {
+            return;
+        }
         if self.active_down.swap(0, Relaxed) != 0 {
             let passive = self.passive_down.load(Relaxed) != 0;
             self.why.store(

@@ -59,13 +59,7 @@ impl Pool {
             .iter()
             .map(|s| Key::new("", s.ip, s.port).hash())
             .collect();
-        let ip_text = servers
-            .iter()
-            .map(|s| match s.ip {
-                std::net::IpAddr::V4(ip) => ip.to_string().into(),
-                std::net::IpAddr::V6(ip) => format!("[{ip}]").into(),
-            })
-            .collect();
+        let ip_text = servers.iter().map(|s| s.host().into()).collect();
         Pool {
             servers,
             policy,

@@ -131,6 +131,16 @@ pub struct ServerDef {
     pub backup: bool,
 }
 
+impl ServerDef {
+    /// The address as nginx names peers, without a port: `10.0.0.1`, `[2001:db8::1]`.
+    pub fn host(&self) -> String {
+        match self.ip {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
     Exact(String),

@@ -238,11 +238,6 @@ impl Source {
         }
     }
 
-    /// Whether a refresh waits for its work.
-    pub fn is_pending(&self) -> bool {
-        self.pending.is_some()
-    }
-
     /// What the last refresh replaced: for the caller to drop off the event loop.
     pub fn take_retired(&mut self) -> Retired {
         std::mem::take(&mut self.retired)
