@@ -2,7 +2,7 @@
 //! them for a server, and tells them how the attempt went.
 
 use core::ffi::c_void;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use nginx_sys::{
     ngx_conf_t, ngx_int_t, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_stream_session_t,
@@ -11,11 +11,11 @@ use nginx_sys::{
 };
 use ngx::ngx_log_error;
 
+use crate::balance::{Pool, Tried};
 use crate::health::{fnv1a, now_ms, Transition};
-use crate::routes::balance::{Pool, Tried};
-use crate::routes::document::Balance;
 use crate::routes::table::Upstream;
-use crate::{report, stream};
+use crate::upstream::Balance;
+use crate::{io, report, session, worker};
 
 /// Per-session balancer state, in the connection's pool.
 struct PeerData {
@@ -23,8 +23,10 @@ struct PeerData {
     upstream: *const Upstream,
     servers: *const Pool,
     tried: Tried,
-    /// The server of the current try, until nginx frees it.
-    current: Option<usize>,
+    /// The server of the current try, until nginx frees it, and its record's generation.
+    current: Option<(usize, u32)>,
+    /// The worker's connection-count slot in the zone.
+    slot: Option<usize>,
     /// The port the client connected to, for servers listed without one.
     local_port: u16,
     /// A hash of the client address, for `balance: hash`.
@@ -46,7 +48,7 @@ unsafe extern "C" fn init_peer(
     _us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
     let c = &*(*s).connection;
-    let upstream = stream::session_ctx(s).and_then(|ctx| ctx.upstream());
+    let upstream = session::get(s).and_then(|ctx| ctx.upstream());
     let Some((upstream, servers)) = upstream.and_then(|u| Some((u, u.servers()?))) else {
         ngx_log_error!(
             NGX_LOG_ERR,
@@ -64,6 +66,7 @@ unsafe extern "C" fn init_peer(
         servers,
         tried: Tried::default(),
         current: None,
+        slot: worker::get().and_then(|w| w.slot),
         local_port: local_port(c.local_sockaddr),
         // Only `hash` balancing reads it.
         client: if servers.policy().balance == Balance::Hash {
@@ -124,6 +127,9 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     if let Some(open) = pick.fail_open {
         let c = &*(*data.session).connection;
         let name = &(*data.upstream).name;
+        if let Some(w) = worker::get() {
+            w.set_failing_open(name, open);
+        }
         if open {
             ngx_log_error!(
                 NGX_LOG_WARN,
@@ -143,13 +149,14 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     data.tried.insert(i);
     let server = &servers.servers()[i];
     let addr = SocketAddr::new(server.ip, server.port.unwrap_or(data.local_port));
-    match write_sockaddr(data.pool, addr, servers.ip_text(i)) {
+    match peer_address(data.pool, addr, servers.ip_text(i)) {
         Some((sa, len, name)) => {
             pc.sockaddr = sa;
             pc.socklen = len;
             pc.name = name;
-            servers.health(i).connected();
-            data.current = Some(i);
+            let record = servers.health(i);
+            record.connected(data.slot);
+            data.current = Some((i, record.generation()));
             NGX_OK as ngx_int_t
         }
         None => NGX_ERROR as ngx_int_t,
@@ -167,12 +174,16 @@ unsafe extern "C" fn free_peer(
     let data = &mut *data.cast::<PeerData>();
     // The proxy module stops retrying when this reaches zero.
     pc.tries = pc.tries.saturating_sub(1);
-    let Some(i) = data.current.take() else {
+    let Some((i, generation)) = data.current.take() else {
         return;
     };
     let servers = &*data.servers;
     let record = servers.health(i);
-    record.released();
+    record.released(data.slot, generation);
+    if record.generation() != generation {
+        // The record was made anew for another server meanwhile: nothing of it is ours.
+        return;
+    }
     let transition = if state & NGX_PEER_FAILED as ngx_uint_t != 0 {
         let policy = servers.policy();
         record.failed(now_ms(), policy.max_fails, policy.fail_timeout_ms)
@@ -255,37 +266,16 @@ unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_
 unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) {}
 
 /// The sockaddr and its printable name, in the pool: the table may be swapped mid-session.
-unsafe fn write_sockaddr(
+unsafe fn peer_address(
     pool: *mut nginx_sys::ngx_pool_t,
     addr: SocketAddr,
     ip_text: &str,
 ) -> Option<(*mut sockaddr, socklen_t, *mut ngx_str_t)> {
-    let (sa, len) = match addr.ip() {
-        IpAddr::V4(ip) => {
-            let sin = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in>())
-                .cast::<sockaddr_in>();
-            let sin = sin.as_mut()?;
-            sin.sin_family = libc::AF_INET as _;
-            sin.sin_port = addr.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
-            (
-                core::ptr::from_mut(sin).cast::<sockaddr>(),
-                core::mem::size_of::<sockaddr_in>(),
-            )
-        }
-        IpAddr::V6(ip) => {
-            let sin6 = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in6>())
-                .cast::<sockaddr_in6>();
-            let sin6 = sin6.as_mut()?;
-            sin6.sin6_family = libc::AF_INET6 as _;
-            sin6.sin6_port = addr.port().to_be();
-            sin6.sin6_addr.__in6_u.__u6_addr8 = ip.octets();
-            (
-                core::ptr::from_mut(sin6).cast::<sockaddr>(),
-                core::mem::size_of::<sockaddr_in6>(),
-            )
-        }
-    };
+    let sa = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in6>()).cast::<sockaddr>();
+    if sa.is_null() {
+        return None;
+    }
+    let len = io::write_sockaddr(sa, addr);
     // "[ffff:...:ffff]:65535" is at most 47 bytes.
     const NAME_MAX: usize = 48;
     let text = ngx_pnalloc(pool, NAME_MAX).cast::<u8>();
@@ -302,5 +292,5 @@ unsafe fn write_sockaddr(
         len: len_name,
         data: text,
     });
-    Some((sa, len as socklen_t, name))
+    Some((sa, len, name))
 }

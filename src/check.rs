@@ -9,43 +9,29 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use nginx_sys::{
-    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_connect_peer,
+    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_event_connect_peer,
     ngx_event_get_peer, ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_log_t,
-    ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in, sockaddr_in6,
-    socklen_t, NGX_DECLINED, NGX_ERROR, NGX_LOG_CRIT, NGX_OK,
+    ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in6, NGX_DECLINED,
+    NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
 };
+use ngx::ngx_log_error;
 
 use crate::balancer::log_transition;
-use crate::conf::MainConf;
-use crate::health::probe::{client_hello, http_request, judge};
+use crate::health::probe::{client_hello, http_request, judge, proxy_header};
 use crate::health::{now_ms, Outcome};
-use crate::io::{self, Received, Sent};
-use crate::routes::document::CheckKind;
+use crate::io::{self, write_sockaddr, Received, Sent};
 use crate::routes::table::{Backend, RouteTable};
+use crate::upstream::CheckKind;
+use crate::worker::{self, Worker};
 
 /// How often a worker looks for due checks; a probe starts at most this late.
 const TICK_MS: u64 = 100;
 /// Bytes of an answer read before judging it: a status line or a record header suffices.
 const ANSWER_MAX: usize = 64;
 
-static mut TICKER: ngx_event_t = unsafe { core::mem::zeroed() };
-static mut MAIN_CONF: *const MainConf = null_mut();
-/// The log probes connect with: the cycle's, but quiet below `crit`, since a refused probe is
-/// an expected outcome and is logged by us as a state change instead.
-static mut PROBE_LOG: ngx_log_t = unsafe { core::mem::zeroed() };
-static mut SEED: u64 = 0;
-
-pub unsafe fn init_worker(cycle: *mut ngx_cycle_t, mcf: *const MainConf) {
-    MAIN_CONF = mcf;
-    PROBE_LOG = *(*cycle).log;
-    PROBE_LOG.log_level = NGX_LOG_CRIT as _;
-    SEED = crate::health::fnv1a(&(libc::getpid() as u64 ^ now_ms()).to_le_bytes());
-    let ev = &mut *addr_of_mut!(TICKER);
-    ev.handler = Some(tick);
-    ev.log = (*cycle).log;
-    ev.data = addr_of_mut!(TICKER).cast();
-    ev.set_cancelable(1);
-    ngx_add_timer(ev, TICK_MS as _);
+/// Arms the worker's check ticker.
+pub unsafe fn start() {
+    worker::start_checks(Some(tick), TICK_MS as _);
 }
 
 fn exiting() -> bool {
@@ -57,12 +43,9 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
     if exiting() {
         return;
     }
+    let Some(w) = worker::get() else { return };
     let now = now_ms();
-    for slot in &(*MAIN_CONF).sources {
-        let Some(source) = slot.source.as_ref() else {
-            continue;
-        };
-        let table = source.table();
+    for table in w.tables() {
         for u in table.checked() {
             let Backend::Servers(pool) = &table.upstreams()[u].kind else {
                 continue;
@@ -72,7 +55,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             };
             for i in 0..pool.servers().len() {
                 if pool.health(i).claim_check(now, check.interval_ms) {
-                    start(Rc::clone(table), u, i, now, (*ev).log);
+                    start_probe(w, Rc::clone(table), u, i, now);
                 }
             }
         }
@@ -85,8 +68,12 @@ struct Probe {
     table: Rc<RouteTable>,
     upstream: usize,
     server: usize,
+    /// The record's generation when the probe started: the outcome is written only into
+    /// the record of the same server.
+    generation: u32,
     kind: CheckKind,
     expect: u8,
+    /// The PROXY protocol header, if any, then the check's request.
     request: Vec<u8>,
     sent: usize,
     answer: [u8; ANSWER_MAX],
@@ -99,7 +86,7 @@ struct Probe {
     log: *mut ngx_log_t,
 }
 
-unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut ngx_log_t) {
+unsafe fn start_probe(w: &Worker, table: Rc<RouteTable>, u: usize, i: usize, now: u64) {
     let Backend::Servers(pool) = &table.upstreams()[u].kind else {
         return;
     };
@@ -109,15 +96,21 @@ unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut n
     let server = &pool.servers()[i];
     let addr = SocketAddr::new(server.ip, server.port.unwrap_or(check.default_port()));
     let name_text = addr.to_string();
-    let request = match check.kind {
-        CheckKind::Tcp => Vec::new(),
+    let mut request = check
+        .proxy_protocol
+        .map_or(Vec::new(), |v| proxy_header(v).to_vec());
+    match check.kind {
+        CheckKind::Tcp => {}
         CheckKind::Tls => {
-            SEED = SEED.wrapping_add(1);
-            client_hello(pool.check_name(), SEED ^ now)
+            let seed = w.checks.seed.get().wrapping_add(1);
+            w.checks.seed.set(seed);
+            request.extend_from_slice(&client_hello(pool.check_name(), seed ^ now));
         }
-        CheckKind::Http => http_request(&check.path, pool.check_name().unwrap_or(&name_text)),
-    };
-    let timeout = check.timeout_ms;
+        CheckKind::Http => request.extend_from_slice(&http_request(
+            &check.path,
+            pool.check_name().unwrap_or(&name_text),
+        )),
+    }
     let mut probe = Box::new(Probe {
         kind: check.kind,
         expect: check.expect,
@@ -130,12 +123,13 @@ unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut n
         sockaddr: core::mem::zeroed(),
         name: ngx_str_t::default(),
         name_text,
-        log,
+        log: w.log,
+        generation: pool.health(i).generation(),
         table: Rc::clone(&table),
         upstream: u,
         server: i,
     });
-    let socklen = write_sockaddr(&mut probe.sockaddr, addr);
+    let socklen = write_sockaddr(addr_of_mut!(probe.sockaddr).cast(), addr);
     probe.name = ngx_str_t {
         len: probe.name_text.len(),
         data: probe.name_text.as_ptr().cast_mut(),
@@ -145,18 +139,28 @@ unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut n
     p.peer.socklen = socklen;
     p.peer.name = addr_of_mut!(p.name);
     p.peer.get = Some(ngx_event_get_peer);
-    p.peer.log = addr_of_mut!(PROBE_LOG);
-    p.peer.set_log_error(1); // NGX_ERROR_ERR: connect errors at `err`, which PROBE_LOG drops
+    p.peer.log = core::ptr::from_ref(&w.checks.probe_log).cast_mut();
+    p.peer.set_log_error(1); // NGX_ERROR_ERR: connect errors at `err`, which probe_log drops
 
     let rc = ngx_event_connect_peer(&mut p.peer);
-    if rc == NGX_ERROR as isize || rc == NGX_DECLINED as isize || p.peer.connection.is_null() {
-        let outcome = if rc == NGX_DECLINED as isize {
-            Outcome::Refused
-        } else {
-            Outcome::Error
-        };
-        finish(probe, null_mut(), outcome);
+    if rc == NGX_ERROR as isize {
+        // No socket or no free connection here: the server is not to blame.
+        if !w.checks.cannot_start.replace(true) {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                w.log,
+                "edge: a check of upstream \"{}\" server {} could not be started here (no free connection or socket, see above); not counted against the server",
+                table.upstreams()[u].name,
+                p.name_text
+            );
+        }
         return;
+    }
+    if w.checks.cannot_start.replace(false) {
+        ngx_log_error!(NGX_LOG_NOTICE, w.log, "edge: checks start again");
+    }
+    if rc == NGX_DECLINED as isize || p.peer.connection.is_null() {
+        return finish(probe, null_mut(), Outcome::Refused);
     }
     let c = &mut *p.peer.connection;
     c.data = Box::into_raw(probe).cast();
@@ -165,28 +169,9 @@ unsafe fn start(table: Rc<RouteTable>, u: usize, i: usize, now: u64, log: *mut n
     // One deadline for the whole probe, on the write event; cancelable so that a worker
     // shutting down does not wait for it.
     (*c.write).set_cancelable(1);
-    ngx_add_timer(c.write, timeout as _);
+    ngx_add_timer(c.write, check.timeout_ms as _);
     if rc == NGX_OK as isize {
         on_write(c.write);
-    }
-}
-
-fn write_sockaddr(out: &mut sockaddr_in6, addr: SocketAddr) -> socklen_t {
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_in6 is larger than sockaddr_in and suitably aligned.
-            let sin = unsafe { &mut *core::ptr::from_mut(out).cast::<sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as _;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            core::mem::size_of::<sockaddr_in>() as socklen_t
-        }
-        SocketAddr::V6(a) => {
-            out.sin6_family = libc::AF_INET6 as _;
-            out.sin6_port = a.port().to_be();
-            out.sin6_addr.__in6_u.__u6_addr8 = a.ip().octets();
-            core::mem::size_of::<sockaddr_in6>() as socklen_t
-        }
     }
 }
 
@@ -207,14 +192,15 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
             libc::ETIMEDOUT => return finish_conn(c, Outcome::Timeout),
             _ => return finish_conn(c, Outcome::Error),
         }
-        if p.kind == CheckKind::Tcp {
-            return finish_conn(c, Outcome::Ok);
-        }
     }
     match io::send_rest(c, &p.request, &mut p.sent) {
         Sent::All => {}
         Sent::Again => return,
         Sent::Failed => return finish_conn(c, Outcome::Closed),
+    }
+    if p.kind == CheckKind::Tcp {
+        // Connected, and the PROXY header (if any) is out: nothing to wait for.
+        return finish_conn(c, Outcome::Ok);
     }
     if ngx_handle_read_event((*c).read, 0) != NGX_OK as isize {
         return finish_conn(c, Outcome::Error);
@@ -281,7 +267,8 @@ unsafe fn finish(probe: Box<Probe>, c: *mut ngx_connection_t, outcome: Outcome) 
         return;
     };
     let record = pool.health(probe.server);
-    if let Some(t) = record.checked(now_ms(), outcome, check.rise, check.fall) {
+    let now = now_ms();
+    if let Some(t) = record.checked_as(probe.generation, now, outcome, check.rise, check.fall) {
         log_transition(probe.log, &upstream.name, pool, probe.server, t);
     }
 }

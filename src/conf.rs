@@ -7,17 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_msec_t, ngx_parse_time,
-    ngx_shm_zone_t, ngx_str_t, ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN,
-    NGX_STREAM_MAIN_CONF, NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET,
-    NGX_STREAM_UPSTREAM_CREATE,
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_msec_t, ngx_pagesize, ngx_parse_size,
+    ngx_parse_time, ngx_shm_zone_t, ngx_str_t, ngx_stream_core_module, ngx_stream_core_srv_conf_t,
+    ngx_stream_session_t, ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_ERROR, NGX_LOG_EMERG,
+    NGX_LOG_WARN, NGX_STREAM_UPSTREAM_CREATE,
 };
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
-use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
+use ngx::{ngx_conf_log_error, ngx_log_error};
 
-use crate::routes::source::{Done, Event, Level, Source};
-use crate::{status, stream, zone};
+use crate::routes::source::{Event, Level, Source};
+use crate::{stream, zone};
 
 /// The module-owned upstream group that `$edge_upstream` names for `servers` routes.
 pub const GROUP_NAME: &str = "nginx_edge";
@@ -33,21 +32,14 @@ pub enum Mode {
     Auto,
 }
 
-/// One `edge_routes` source, shared by every server that names the same path.
+/// One `edge_routes` source, shared by every server that names the same path. Read at
+/// configuration time; a worker then refreshes `source` (see `worker`).
 pub struct SourceSlot {
     pub path: PathBuf,
     pub interval: ngx_msec_t,
     /// `file:line` of the directive, for configuration errors.
     pub declared_at: String,
     pub source: Option<Source>,
-    /// The worker's re-check timer; `data` points back at this slot.
-    pub timer: ngx_event_t,
-    /// The refresh work running on a thread, in a worker.
-    pub job: Option<std::thread::JoinHandle<Done>>,
-    /// The table generation the worker last attached to the health zone.
-    pub attached: u64,
-    /// Time the worker's event loop has spent on the refresh under way.
-    pub busy: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -65,51 +57,18 @@ pub struct MainConf {
 pub struct SrvConf {
     pub mode: Mode,
     pub source: *mut SourceSlot,
-    /// `edge_status`: this server answers with the live state instead of proxying.
-    pub status: bool,
+    /// `edge_status`: this server answers with the live state instead of proxying, through
+    /// this content handler.
+    pub status: Option<StatusHandler>,
 }
+
+pub type StatusHandler = unsafe extern "C" fn(*mut ngx_stream_session_t);
 
 impl MainConf {
     pub fn upstream_exists(&self, name: &str) -> bool {
         self.nginx_upstreams.contains(name)
     }
 }
-
-pub static mut COMMANDS: [ngx_command_t; 5] = [
-    ngx_command_t {
-        name: ngx_string!("edge_routes"),
-        type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
-        set: Some(set_edge_routes),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("edge_route"),
-        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(set_edge_route),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("edge_zone"),
-        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE2) as ngx_uint_t,
-        set: Some(zone::set_edge_zone),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("edge_status"),
-        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
-        set: Some(status::set_edge_status),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t::empty(),
-];
 
 unsafe fn directive_position(cf: *mut ngx_conf_t) -> String {
     let file = &(*(*cf).conf_file).file;
@@ -121,7 +80,7 @@ unsafe fn directive_position(cf: *mut ngx_conf_t) -> String {
 }
 
 /// `edge_routes PATH [interval=TIME];`
-unsafe extern "C" fn set_edge_routes(
+pub unsafe extern "C" fn set_edge_routes(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
@@ -152,7 +111,7 @@ unsafe extern "C" fn set_edge_routes(
     }
     let path = PathBuf::from(String::from_utf8_lossy(name.as_bytes()).into_owned());
 
-    let mcf = stream::cf_main_conf(cf);
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
     if let Some(slot) = mcf.sources.iter_mut().find(|s| s.path == path) {
         slot.interval = slot.interval.min(interval);
         scf.source = &mut **slot;
@@ -163,18 +122,52 @@ unsafe extern "C" fn set_edge_routes(
         interval,
         declared_at: directive_position(cf),
         source: None,
-        timer: core::mem::zeroed(),
-        job: None,
-        attached: 0,
-        busy: std::time::Duration::ZERO,
     });
     scf.source = &mut *slot;
     mcf.sources.push(slot);
     NGX_CONF_OK
 }
 
+/// `edge_zone NAME SIZE;`
+pub unsafe extern "C" fn set_edge_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    if mcf.zone.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let args = stream::conf_args(cf);
+    let mut name = args[1];
+    let mut size_arg = args[2];
+    let size = ngx_parse_size(&mut size_arg);
+    let min = 8 * ngx_pagesize;
+    if size == NGX_ERROR as isize || (size as usize) < min {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid edge_zone size \"{}\": at least {}k",
+            size_arg,
+            min / 1024
+        );
+        return NGX_CONF_ERROR;
+    }
+    if name.is_empty() {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "edge_zone needs a name");
+        return NGX_CONF_ERROR;
+    }
+    match zone::add(cf, &mut name, size as usize) {
+        Some(zone) => {
+            mcf.zone = Some(zone);
+            NGX_CONF_OK
+        }
+        None => NGX_CONF_ERROR,
+    }
+}
+
 /// `edge_route tls | http | auto;`
-unsafe extern "C" fn set_edge_route(
+pub unsafe extern "C" fn set_edge_route(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
@@ -267,7 +260,7 @@ pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     pool.allocate(SrvConf {
         mode: Mode::Unset,
         source: ptr::null_mut(),
-        status: false,
+        status: None,
     })
     .cast()
 }
@@ -285,7 +278,16 @@ pub unsafe extern "C" fn merge_srv_conf(
     if conf.mode == Mode::Unset {
         conf.mode = Mode::Off;
     }
-    if conf.status && !status::is_handler(cf) {
+    let handler = stream::cf_srv_conf_of::<ngx_stream_core_srv_conf_t>(
+        cf,
+        &*core::ptr::addr_of!(ngx_stream_core_module),
+    )
+    .handler;
+    // A later `proxy_pass` or `return` in the server replaced the status handler.
+    if conf
+        .status
+        .is_some_and(|ours| !handler.is_some_and(|h| core::ptr::fn_addr_eq(h, ours)))
+    {
         ngx_conf_log_error!(
             NGX_LOG_EMERG,
             cf,

@@ -4,10 +4,12 @@
 //! The pure parts (`sniff`, `routes`, `health`, `report`) know nothing of nginx; unit tests
 //! and fuzz targets build only them, since a test binary cannot link against nginx's symbols.
 
+pub mod balance;
 pub mod health;
 pub mod report;
 pub mod routes;
 pub mod sniff;
+pub mod upstream;
 
 #[cfg(all(feature = "module", not(test)))]
 mod balancer;
@@ -20,13 +22,15 @@ mod io;
 #[cfg(all(feature = "module", not(test)))]
 mod preread;
 #[cfg(all(feature = "module", not(test)))]
-mod reload;
+mod session;
 #[cfg(all(feature = "module", not(test)))]
 mod status;
 #[cfg(all(feature = "module", not(test)))]
 mod stream;
 #[cfg(all(feature = "module", not(test)))]
 mod variables;
+#[cfg(all(feature = "module", not(test)))]
+mod worker;
 #[cfg(all(feature = "module", not(test)))]
 mod zone;
 
@@ -38,14 +42,17 @@ mod wiring {
     use core::ptr::{addr_of, addr_of_mut};
 
     use nginx_sys::{
-        ngx_array_push, ngx_conf_t, ngx_int_t, ngx_module_t, ngx_stream_core_main_conf_t,
-        ngx_stream_core_module, ngx_stream_handler_pt, ngx_stream_module_t,
-        ngx_stream_phases_NGX_STREAM_LOG_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
-        ngx_stream_upstream_add, ngx_uint_t, ngx_url_t, NGX_ERROR, NGX_OK, NGX_STREAM_MODULE,
+        ngx_array_push, ngx_command_t, ngx_conf_t, ngx_cycle_t, ngx_int_t, ngx_module_t,
+        ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
+        ngx_stream_module_t, ngx_stream_phases_NGX_STREAM_LOG_PHASE,
+        ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
+        NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_ERROR, NGX_OK,
+        NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET,
         NGX_STREAM_UPSTREAM_CREATE,
     };
+    use ngx::ngx_string;
 
-    use crate::{balancer, conf, preread, reload, variables};
+    use crate::{balancer, check, conf, preread, status, variables, worker};
 
     static MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
         preconfiguration: Some(preconfiguration),
@@ -62,11 +69,73 @@ mod wiring {
     #[allow(non_upper_case_globals)]
     pub static mut ngx_stream_edge_module: ngx_module_t = ngx_module_t {
         ctx: addr_of!(MODULE_CTX).cast_mut().cast(),
-        commands: unsafe { addr_of_mut!(conf::COMMANDS[0]) },
+        commands: unsafe { addr_of_mut!(COMMANDS[0]) },
         type_: NGX_STREAM_MODULE as ngx_uint_t,
-        init_process: Some(reload::init_worker),
+        init_process: Some(init_process),
+        exit_process: Some(exit_process),
         ..ngx_module_t::default()
     };
+
+    static mut COMMANDS: [ngx_command_t; 5] = [
+        command(
+            ngx_string!("edge_routes"),
+            NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12,
+            conf::set_edge_routes,
+            NGX_STREAM_SRV_CONF_OFFSET,
+        ),
+        command(
+            ngx_string!("edge_route"),
+            NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1,
+            conf::set_edge_route,
+            NGX_STREAM_SRV_CONF_OFFSET,
+        ),
+        command(
+            ngx_string!("edge_zone"),
+            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE2,
+            conf::set_edge_zone,
+            0,
+        ),
+        command(
+            ngx_string!("edge_status"),
+            NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS,
+            status::set_edge_status,
+            NGX_STREAM_SRV_CONF_OFFSET,
+        ),
+        ngx_command_t::empty(),
+    ];
+
+    type Setter = unsafe extern "C" fn(
+        *mut ngx_conf_t,
+        *mut ngx_command_t,
+        *mut core::ffi::c_void,
+    ) -> *mut core::ffi::c_char;
+
+    const fn command(
+        name: nginx_sys::ngx_str_t,
+        type_: u32,
+        set: Setter,
+        conf: usize,
+    ) -> ngx_command_t {
+        ngx_command_t {
+            name,
+            type_: type_ as ngx_uint_t,
+            set: Some(set),
+            conf: conf as ngx_uint_t,
+            offset: 0,
+            post: core::ptr::null_mut(),
+        }
+    }
+
+    unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+        if worker::start(cycle) {
+            check::start();
+        }
+        NGX_OK as ngx_int_t
+    }
+
+    unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+        worker::stop();
+    }
 
     /// Variables, and the upstream group `proxy_pass $edge_upstream` reaches for `servers` routes.
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {

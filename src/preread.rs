@@ -8,78 +8,23 @@ use nginx_sys::{
     ngx_int_t, ngx_str_t, ngx_stream_session_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO,
     NGX_OK, NGX_STREAM_FORBIDDEN,
 };
-use ngx::core::Pool;
 use ngx::ngx_log_error;
 
-use crate::conf::Mode;
-use crate::routes::table::{MatchedBy, RouteTable, Upstream};
+use crate::conf::{Mode, SrvConf};
+use crate::routes::table::MatchedBy;
+use crate::session::{self, RouteKind, SessionCtx};
 use crate::sniff::{http, tls, Peek, Protocol, ServerName};
 use crate::stream;
 
-/// What the module learnt about a session. Lives in the connection's pool; holds its route
-/// table so that a table swapped in mid-session cannot pull anything from under it.
-pub struct SessionCtx {
-    pub protocol: Option<Protocol>,
-    pub name: Option<ServerName>,
-    /// Comma-separated ALPN protocols, in the connection's pool.
-    pub alpn: ngx_str_t,
-    pub route: Option<RouteKind>,
-    /// Points into `table`, which this context keeps alive.
-    pub upstream: *const Upstream,
-    table: Option<Rc<RouteTable>>,
-    done: bool,
-    /// Reassembly space for a ClientHello split over records; empty (no allocation) otherwise.
-    scratch: Vec<u8>,
-    /// The request and answer of an `edge_status` server.
-    pub status: Option<crate::status::Exchange>,
-}
-
-/// Which route matched; keys point into the session's table.
-#[derive(Clone, Copy)]
-pub enum RouteKind {
-    Exact(*const str),
-    Wildcard(*const str),
-    Default,
-}
-
-impl SessionCtx {
-    /// A new, empty context in the session's pool, dropped with it.
-    pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
-        let pool = Pool::from_ngx_pool((*(*s).connection).pool);
-        let ctx = pool.allocate(SessionCtx {
-            protocol: None,
-            name: None,
-            alpn: ngx_str_t::empty(),
-            route: None,
-            upstream: core::ptr::null(),
-            table: None,
-            done: false,
-            scratch: Vec::new(),
-            status: None,
-        });
-        if ctx.is_null() {
-            return None;
-        }
-        stream::set_session_ctx(s, ctx);
-        Some(&mut *ctx)
-    }
-
-    pub fn upstream(&self) -> Option<&Upstream> {
-        // SAFETY: `upstream` points into `self.table`, held for the session's lifetime.
-        unsafe { self.upstream.as_ref() }
-    }
-}
-
 pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
-    let conf = stream::srv_conf(s);
+    let conf = stream::srv_conf::<SrvConf>(s);
     let c = &mut *(*s).connection;
     if conf.mode == Mode::Off || c.type_ != libc::SOCK_STREAM {
         return NGX_DECLINED as ngx_int_t;
     }
-    if c.buffer.is_null() {
-        return NGX_AGAIN as ngx_int_t;
-    }
-    let ctx = match stream::session_ctx(s) {
+    // Made at the first call, before any byte: the log handler tells by it that the session
+    // got as far as this phase.
+    let ctx = match session::get(s) {
         Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
         Some(ctx) => ctx,
         None => {
@@ -89,6 +34,9 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
             ctx
         }
     };
+    if c.buffer.is_null() {
+        return NGX_AGAIN as ngx_int_t;
+    }
     let b = &*c.buffer;
     let data = core::slice::from_raw_parts(b.pos, b.last.offset_from(b.pos) as usize);
     let Some(&first) = data.first() else {
@@ -162,16 +110,18 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     NGX_DECLINED as ngx_int_t
 }
 
-/// Log phase: a session of an `edge_route` server that ends before the name was read (the
-/// client closed, or `preread_timeout` passed: nginx closes those without a word) is logged
-/// once here, with the client address.
+/// Log phase: a session of an `edge_route` server that ends in the preread phase before the
+/// name was read (the client closed, or `preread_timeout` passed: nginx closes those without
+/// a word) is logged once here, with the client address. A session closed before this phase
+/// (`deny`, `limit_conn`) has no context, and nginx has logged why.
 pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
-    let conf = stream::srv_conf(s);
-    if conf.mode == Mode::Off || conf.status {
+    let conf = stream::srv_conf::<SrvConf>(s);
+    if conf.mode == Mode::Off || conf.status.is_some() {
         return NGX_OK as ngx_int_t;
     }
-    if stream::session_ctx(s).is_some_and(|ctx| ctx.done) {
-        return NGX_OK as ngx_int_t;
+    match session::get(s) {
+        Some(ctx) if !ctx.done => {}
+        _ => return NGX_OK as ngx_int_t,
     }
     let c = &*(*s).connection;
     let what = match conf.mode {

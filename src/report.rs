@@ -7,10 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use crate::balance::Pool;
 use crate::health::{Outcome, View};
-use crate::routes::balance::Pool;
-use crate::routes::document::{Balance, CheckKind, ServerDef};
 use crate::routes::table::{Backend, RouteTable};
+use crate::upstream::{Balance, CheckKind, ServerDef};
 
 pub struct SourceInfo<'a> {
     pub path: &'a str,
@@ -430,7 +430,7 @@ mod tests {
     fn json_gives_sources_upstreams_and_server_state() {
         let t = table(TABLE);
         let pool = t.upstreams()[0].servers().unwrap();
-        pool.health(0).connected();
+        pool.health(0).connected(None);
         pool.health(0).checked(9_000, Outcome::Refused, 2, 1);
         let sources = [SourceInfo {
             path: "/etc/edge/routes.json",
@@ -474,7 +474,11 @@ mod tests {
     #[test]
     fn prometheus_text_is_well_formed() {
         let t = table(TABLE);
-        t.upstreams()[1].servers().unwrap().health(0).connected();
+        t.upstreams()[1]
+            .servers()
+            .unwrap()
+            .health(0)
+            .connected(None);
         let sources = [SourceInfo {
             path: "/a\"b\\c",
             generation: 1,

@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use nginx_sys::{
     ngx_add_timer, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_event_t,
     ngx_stream_core_module, ngx_stream_core_srv_conf_t, ngx_stream_finalize_session,
-    ngx_stream_session_t, ngx_uint_t, NGX_LOG_INFO, NGX_STREAM_BAD_REQUEST,
-    NGX_STREAM_INTERNAL_SERVER_ERROR, NGX_STREAM_OK,
+    ngx_stream_session_t, NGX_LOG_INFO, NGX_STREAM_BAD_REQUEST, NGX_STREAM_INTERNAL_SERVER_ERROR,
+    NGX_STREAM_OK,
 };
 use ngx::core::NGX_CONF_OK;
 use ngx::ngx_log_error;
@@ -17,23 +17,14 @@ use ngx::ngx_log_error;
 use crate::conf::SrvConf;
 use crate::health::now_ms;
 use crate::io::{self, Received, Sent};
-use crate::preread::SessionCtx;
 use crate::report::{self, Clock, Request, SourceInfo, ZoneInfo};
-use crate::{reload, stream, zone};
+use crate::session::{self, SessionCtx, StatusExchange};
+use crate::{stream, worker};
 
 /// Longest request head read.
 const REQUEST_MAX: usize = 4096;
 /// Time a client has to send its request, and then to take the answer.
 const TIMEOUT_MS: usize = 10_000;
-
-/// One status request: the bytes read, then the answer being written.
-#[derive(Default)]
-pub struct Exchange {
-    request: Vec<u8>,
-    answer: Vec<u8>,
-    sent: usize,
-    status: ngx_uint_t,
-}
 
 /// `edge_status;`
 pub unsafe extern "C" fn set_edge_status(
@@ -42,10 +33,10 @@ pub unsafe extern "C" fn set_edge_status(
     conf: *mut c_void,
 ) -> *mut c_char {
     let scf = &mut *conf.cast::<SrvConf>();
-    if scf.status {
+    if scf.status.is_some() {
         return c"is duplicate".as_ptr().cast_mut();
     }
-    scf.status = true;
+    scf.status = Some(handler);
     let cscf = core_srv_conf(cf);
     if cscf.handler.is_some() {
         return c"cannot be used with proxy_pass or return in the same server"
@@ -57,30 +48,19 @@ pub unsafe extern "C" fn set_edge_status(
 }
 
 unsafe fn core_srv_conf<'a>(cf: *mut ngx_conf_t) -> &'a mut ngx_stream_core_srv_conf_t {
-    let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
-    let index = (*core::ptr::addr_of!(ngx_stream_core_module)).ctx_index;
-    &mut *(*(*ctx).srv_conf.add(index)).cast::<ngx_stream_core_srv_conf_t>()
-}
-
-/// Whether the server being merged still answers with `edge_status` (a later `proxy_pass` or
-/// `return` would have replaced the handler).
-pub unsafe fn is_handler(cf: *mut ngx_conf_t) -> bool {
-    let ours: unsafe extern "C" fn(*mut ngx_stream_session_t) = handler;
-    core_srv_conf(cf)
-        .handler
-        .is_some_and(|h| core::ptr::fn_addr_eq(h, ours))
+    stream::cf_srv_conf_of(cf, &*core::ptr::addr_of!(ngx_stream_core_module))
 }
 
 unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
     let c = &mut *(*s).connection;
-    let ctx = match stream::session_ctx(s) {
+    let ctx = match session::get(s) {
         Some(ctx) => ctx,
         None => match SessionCtx::attach(s) {
             Some(ctx) => ctx,
             None => return ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _),
         },
     };
-    let mut exchange = Exchange::default();
+    let mut exchange = StatusExchange::default();
     // Bytes a preread handler may already have taken off the socket.
     if let Some(b) = c.buffer.as_mut() {
         let n = b.last.offset_from(b.pos) as usize;
@@ -97,15 +77,31 @@ unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
     on_read(c.read);
 }
 
-unsafe fn exchange<'a>(c: *mut ngx_connection_t) -> (*mut ngx_stream_session_t, &'a mut Exchange) {
+/// The session and its exchange; `None` (the session is closed) if the handler never made one.
+unsafe fn exchange<'a>(
+    c: *mut ngx_connection_t,
+) -> Option<(*mut ngx_stream_session_t, &'a mut StatusExchange)> {
     let s = (*c).data.cast::<ngx_stream_session_t>();
-    let ctx = stream::session_ctx(s).expect("status context");
-    (s, ctx.status.as_mut().expect("status exchange"))
+    match session::get(s).and_then(|ctx| ctx.status.as_mut()) {
+        Some(ex) => Some((s, ex)),
+        None => {
+            ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as _);
+            None
+        }
+    }
 }
 
 unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
     let c = (*rev).data.cast::<ngx_connection_t>();
-    let (s, ex) = exchange(c);
+    let Some((s, ex)) = exchange(c) else { return };
+    if !ex.answer.is_empty() {
+        // The answer is being written: bytes or a half-close after the request change
+        // nothing. They are read and dropped, so that closing with them unread does not
+        // reset the connection under the end of the answer.
+        let mut sink = [0u8; 512];
+        while let Received::Bytes(_) = io::recv(c, &mut sink) {}
+        return;
+    }
     if (*rev).timedout() != 0 {
         ngx_log_error!(NGX_LOG_INFO, (*c).log, "edge_status: client timed out");
         return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);
@@ -154,11 +150,12 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
 }
 
 unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
-    let (_, ex) = exchange(c);
-    let mcf = reload::worker_main_conf();
-    let sources: Vec<SourceInfo> = mcf
-        .map(|m| {
-            m.sources
+    let Some((_, ex)) = exchange(c) else { return };
+    let w = worker::get();
+    let sources: Vec<SourceInfo> = w
+        .map(|w| {
+            w.main_conf()
+                .sources
                 .iter()
                 .filter_map(|slot| {
                     let source = slot.source.as_ref()?;
@@ -173,7 +170,7 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
                 .collect()
         })
         .unwrap_or_default();
-    let zone = zone::zone().map(|z| ZoneInfo {
+    let zone = w.and_then(|w| w.zone.as_ref()).map(|z| ZoneInfo {
         name: &z.name,
         capacity: z.capacity(),
         used: z.live(),
@@ -189,7 +186,7 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
 
 unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
     let c = (*wev).data.cast::<ngx_connection_t>();
-    let (s, ex) = exchange(c);
+    let Some((s, ex)) = exchange(c) else { return };
     if (*wev).timedout() != 0 {
         ngx_log_error!(NGX_LOG_INFO, (*c).log, "edge_status: client timed out");
         return ngx_stream_finalize_session(s, NGX_STREAM_OK as _);

@@ -1,5 +1,6 @@
 //! Typed access to the stream module's configuration and session slots: the only place that
-//! indexes nginx's `void **` arrays.
+//! indexes nginx's `void **` arrays. Generic over what is stored, so that it depends on no
+//! module above it.
 
 use core::ptr::addr_of;
 
@@ -7,9 +8,6 @@ use nginx_sys::{
     ngx_conf_t, ngx_cycle_t, ngx_module_t, ngx_stream_conf_ctx_t, ngx_stream_module,
     ngx_stream_session_t, ngx_stream_upstream_main_conf_t, ngx_stream_upstream_module,
 };
-
-use crate::conf::{MainConf, SrvConf};
-use crate::preread::SessionCtx;
 
 fn edge() -> &'static ngx_module_t {
     // SAFETY: the module table is written by nginx only while loading modules.
@@ -21,9 +19,9 @@ unsafe fn slot<T>(confs: *mut *mut core::ffi::c_void, module: &ngx_module_t) -> 
 }
 
 /// The module's main configuration while parsing the stream block.
-pub unsafe fn cf_main_conf<'a>(cf: *mut ngx_conf_t) -> &'a mut MainConf {
+pub unsafe fn cf_main_conf<'a, T>(cf: *mut ngx_conf_t) -> &'a mut T {
     let ctx = (*cf).ctx.cast::<ngx_stream_conf_ctx_t>();
-    &mut *slot::<MainConf>((*ctx).main_conf, edge())
+    &mut *slot::<T>((*ctx).main_conf, edge())
 }
 
 /// The stream upstream module's main configuration while parsing the stream block.
@@ -34,25 +32,31 @@ pub unsafe fn cf_upstream_main_conf<'a>(
     &mut *slot((*ctx).main_conf, &*addr_of!(ngx_stream_upstream_module))
 }
 
+/// Another module's server configuration while parsing a server block.
+pub unsafe fn cf_srv_conf_of<'a, T>(cf: *mut ngx_conf_t, module: &ngx_module_t) -> &'a mut T {
+    let ctx = (*cf).ctx.cast::<ngx_stream_conf_ctx_t>();
+    &mut *slot::<T>((*ctx).srv_conf, module)
+}
+
 /// The module's main configuration in a running cycle, if the configuration has a stream block.
-pub unsafe fn cycle_main_conf<'a>(cycle: *mut ngx_cycle_t) -> Option<&'a mut MainConf> {
+pub unsafe fn cycle_main_conf<'a, T>(cycle: *mut ngx_cycle_t) -> Option<&'a mut T> {
     let index = (*addr_of!(ngx_stream_module)).index;
     let ctx = (*(*cycle).conf_ctx.add(index)).cast::<ngx_stream_conf_ctx_t>();
     if ctx.is_null() {
         return None;
     }
-    slot::<MainConf>((*ctx).main_conf, edge()).as_mut()
+    slot::<T>((*ctx).main_conf, edge()).as_mut()
 }
 
-pub unsafe fn srv_conf<'a>(s: *mut ngx_stream_session_t) -> &'a SrvConf {
-    &*slot::<SrvConf>((*s).srv_conf, edge())
+pub unsafe fn srv_conf<'a, T>(s: *mut ngx_stream_session_t) -> &'a T {
+    &*slot::<T>((*s).srv_conf, edge())
 }
 
-pub unsafe fn session_ctx<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
-    slot::<SessionCtx>((*s).ctx, edge()).as_mut()
+pub unsafe fn session_ctx<'a, T>(s: *mut ngx_stream_session_t) -> Option<&'a mut T> {
+    slot::<T>((*s).ctx, edge()).as_mut()
 }
 
-pub unsafe fn set_session_ctx(s: *mut ngx_stream_session_t, ctx: *mut SessionCtx) {
+pub unsafe fn set_session_ctx<T>(s: *mut ngx_stream_session_t, ctx: *mut T) {
     *(*s).ctx.add(edge().ctx_index) = ctx.cast();
 }
 

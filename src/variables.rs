@@ -8,9 +8,8 @@ use ngx::ngx_string;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::conf::GROUP_NAME;
-use crate::preread::{RouteKind, SessionCtx};
 use crate::routes::table::Backend;
-use crate::stream;
+use crate::session::{self, RouteKind, SessionCtx};
 
 type Getter = unsafe extern "C" fn(
     *mut ngx_stream_session_t,
@@ -92,7 +91,7 @@ unsafe fn with_ctx(
     v: *mut ngx_stream_variable_value_t,
     f: impl FnOnce(&SessionCtx) -> Option<ngx_int_t>,
 ) -> ngx_int_t {
-    match stream::session_ctx(s) {
+    match session::get(s) {
         Some(ctx) => f(ctx).unwrap_or_else(|| not_found(v)),
         None => not_found(v),
     }

@@ -1,23 +1,24 @@
 //! `edge_zone`: the shared memory holding server health for all workers. Its records outlive
 //! route-table reloads (a server still listed keeps its record) and `nginx -s reload` (nginx
 //! hands a zone of the same name and size to the new cycle).
+//!
+//! Layout of the zone's one allocation: `Header`, the store's index, then the records.
 
-use core::ffi::{c_char, c_void};
+use core::ffi::c_void;
 use core::mem::{align_of, size_of};
 use core::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::Relaxed};
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_log_t, ngx_pagesize, ngx_parse_size,
-    ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_t, ngx_shmtx_unlock,
-    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_NOTICE,
+    NGX_LOG_WARN, NGX_OK,
 };
-use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::SlabPool;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
-use crate::health::{now_ms, Key, Record, Store};
+use crate::health::{index_len, now_ms, Key, Record, Store, StoreMeta, SLOTS};
 use crate::routes::table::{Backend, RouteTable};
-use crate::stream;
 
 pub const DEFAULT_NAME: &str = "nginx_edge";
 pub const DEFAULT_SIZE: usize = 1 << 20;
@@ -25,57 +26,32 @@ pub const DEFAULT_SIZE: usize = 1 << 20;
 /// A record no table has listed for this long may be reused for another server.
 const STALE_MS: u64 = 120_000;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"edgezon1");
+/// How often a worker marks the records of its tables as listed.
+pub const TOUCH_MS: u64 = STALE_MS / 4;
 
-/// The start of the zone's one allocation; the records follow it.
+const MAGIC: u64 = u64::from_le_bytes(*b"edgezon2");
+
 #[repr(C)]
 struct Header {
     magic: u64,
     record_size: u64,
     capacity: u64,
-    live: AtomicU32,
+    index_len: u64,
+    store: StoreMeta,
+    /// The pid of the worker process holding each connection-count slot, 0 when free.
+    slots: [AtomicI32; SLOTS],
 }
 
-fn records_offset() -> usize {
-    size_of::<Header>().next_multiple_of(align_of::<Record>())
+fn index_offset() -> usize {
+    size_of::<Header>().next_multiple_of(align_of::<AtomicU32>())
 }
 
-/// `edge_zone NAME SIZE;`
-pub unsafe extern "C" fn set_edge_zone(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    let mcf = stream::cf_main_conf(cf);
-    if mcf.zone.is_some() {
-        return c"is duplicate".as_ptr().cast_mut();
-    }
-    let args = stream::conf_args(cf);
-    let mut name = args[1];
-    let mut size_arg = args[2];
-    let size = ngx_parse_size(&mut size_arg);
-    let min = 8 * ngx_pagesize;
-    if size == NGX_ERROR as isize || (size as usize) < min {
-        ngx_conf_log_error!(
-            NGX_LOG_EMERG,
-            cf,
-            "invalid edge_zone size \"{}\": at least {}k",
-            size_arg,
-            min / 1024
-        );
-        return NGX_CONF_ERROR;
-    }
-    if name.is_empty() {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "edge_zone needs a name");
-        return NGX_CONF_ERROR;
-    }
-    match add(cf, &mut name, size as usize) {
-        Some(zone) => {
-            mcf.zone = Some(zone);
-            NGX_CONF_OK
-        }
-        None => NGX_CONF_ERROR,
-    }
+fn records_offset(index_len: usize) -> usize {
+    (index_offset() + index_len * size_of::<AtomicU32>()).next_multiple_of(align_of::<Record>())
+}
+
+fn area_size(capacity: usize) -> usize {
+    records_offset(index_len(capacity)) + capacity * size_of::<Record>()
 }
 
 /// Declares the zone; nginx maps it once the configuration is read.
@@ -113,15 +89,30 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
         return NGX_OK as ngx_int_t;
     }
     let free = (*shpool).pfree * ngx_pagesize;
-    let mut capacity = free.saturating_sub(records_offset()) / size_of::<Record>();
+    // The largest capacity whose area fits in the free pages.
+    let (mut low, mut high) = (0, free / size_of::<Record>());
+    while low < high {
+        let mid = (low + high).div_ceil(2);
+        if area_size(mid) <= free {
+            low = mid;
+        } else {
+            high = mid - 1;
+        }
+    }
+    let mut capacity = low;
+    // The slab allocator may need a little room of its own: try smaller until it fits,
+    // without its "no memory" message for the tries that do not.
+    let log_nomem = (*shpool).log_nomem();
+    (*shpool).set_log_nomem(0);
     let mut block = core::ptr::null_mut();
     while capacity > 0 {
-        block = ngx_slab_alloc(shpool, records_offset() + capacity * size_of::<Record>());
+        block = ngx_slab_alloc(shpool, area_size(capacity));
         if !block.is_null() {
             break;
         }
-        capacity -= capacity / 16 + 1;
+        capacity -= capacity / 64 + 1;
     }
+    (*shpool).set_log_nomem(log_nomem);
     if block.is_null() {
         ngx_log_error!(
             NGX_LOG_EMERG,
@@ -131,117 +122,150 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
         );
         return NGX_ERROR as ngx_int_t;
     }
-    core::ptr::write_bytes(
-        block.cast::<u8>(),
-        0,
-        records_offset() + capacity * size_of::<Record>(),
-    );
-    block.cast::<Header>().write(Header {
-        magic: MAGIC,
-        record_size: size_of::<Record>() as u64,
-        capacity: capacity as u64,
-        live: AtomicU32::new(0),
-    });
+    // All zeroes: every index entry empty, every record free, every slot free.
+    core::ptr::write_bytes(block.cast::<u8>(), 0, area_size(capacity));
+    let header = &mut *block.cast::<Header>();
+    header.magic = MAGIC;
+    header.record_size = size_of::<Record>() as u64;
+    header.capacity = capacity as u64;
+    header.index_len = index_len(capacity) as u64;
     (*shpool).data = block;
     zone.data = block;
     NGX_OK as ngx_int_t
 }
 
-/// The zone as a worker uses it.
+/// The zone as a worker uses it, from worker start to exit.
 pub struct Zone {
     pub name: String,
     header: &'static Header,
+    index: &'static [AtomicU32],
     records: &'static [Record],
-    mutex: *mut ngx_shmtx_t,
-}
-
-static mut ZONE: Option<Zone> = None;
-
-/// Called at worker start, once nginx has mapped the zone.
-pub unsafe fn init_worker(zone: Option<NonNull<ngx_shm_zone_t>>, log: *mut ngx_log_t) {
-    let Some(zone) = zone else { return };
-    let zone = &*zone.as_ptr();
-    let header = zone.data.cast::<Header>();
-    let name = String::from_utf8_lossy(zone.shm.name.as_bytes()).into_owned();
-    if header.is_null()
-        || (*header).magic != MAGIC
-        || (*header).record_size != size_of::<Record>() as u64
-    {
-        ngx_log_error!(
-            NGX_LOG_WARN,
-            log,
-            "edge_zone \"{}\" was made by another version of the module: health stays per worker until nginx restarts",
-            name
-        );
-        return;
-    }
-    let header = &*header;
-    let records =
-        core::slice::from_raw_parts(header.cast_records().cast_const(), header.capacity as usize);
-    let shpool = zone.shm.addr.cast::<ngx_slab_pool_t>();
-    *core::ptr::addr_of_mut!(ZONE) = Some(Zone {
-        name,
-        header,
-        records,
-        mutex: core::ptr::addr_of_mut!((*shpool).mutex),
-    });
-}
-
-impl Header {
-    fn cast_records(&self) -> *mut Record {
-        // SAFETY: the records follow the header in the same allocation.
-        unsafe {
-            core::ptr::from_ref(self)
-                .cast::<u8>()
-                .add(records_offset())
-                .cast::<Record>()
-                .cast_mut()
-        }
-    }
-}
-
-pub fn zone() -> Option<&'static Zone> {
-    // SAFETY: written once at worker start, before any event runs.
-    unsafe { (*core::ptr::addr_of!(ZONE)).as_ref() }
+    pool: SlabPool,
 }
 
 impl Zone {
+    /// The zone nginx mapped for this worker; `None`, logged, if another version of the
+    /// module made it.
+    pub unsafe fn open(zone: NonNull<ngx_shm_zone_t>, log: *mut ngx_log_t) -> Option<Zone> {
+        let zone = &*zone.as_ptr();
+        let name = String::from_utf8_lossy(zone.shm.name.as_bytes()).into_owned();
+        let header = zone.data.cast::<Header>();
+        if header.is_null()
+            || (*header).magic != MAGIC
+            || (*header).record_size != size_of::<Record>() as u64
+        {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "edge_zone \"{}\" was made by another version of the module: health stays per worker until nginx restarts",
+                name
+            );
+            return None;
+        }
+        let header = &*header;
+        let base = core::ptr::from_ref(header).cast::<u8>();
+        let index_len = header.index_len as usize;
+        let index =
+            core::slice::from_raw_parts(base.add(index_offset()).cast::<AtomicU32>(), index_len);
+        let records = core::slice::from_raw_parts(
+            base.add(records_offset(index_len)).cast::<Record>(),
+            header.capacity as usize,
+        );
+        Some(Zone {
+            name,
+            header,
+            index,
+            records,
+            pool: SlabPool::from_shm_zone(zone)?,
+        })
+    }
+
+    fn store(&self) -> Store<'static> {
+        Store::new(self.records, self.index, &self.header.store)
+    }
+
     pub fn capacity(&self) -> usize {
-        self.header.capacity as usize
+        self.records.len()
     }
 
     pub fn live(&self) -> usize {
-        Store::new(self.records, &self.header.live).live()
+        self.store().live()
+    }
+
+    /// Takes a connection-count slot for this worker (pid `me`), first taking back the
+    /// counts of workers that died without releasing theirs. `None` when every slot is held
+    /// by a live process: the worker's counts then cannot be taken back if it dies.
+    pub fn claim_slot(&self, me: i32, log: *mut ngx_log_t) -> Option<usize> {
+        let _lock = self.pool.lock();
+        let mut mine = None;
+        for (slot, pid) in self.header.slots.iter().enumerate() {
+            let holder = pid.load(Relaxed);
+            if holder != 0 && holder != me && !process_alive(holder) {
+                let n = self.forget(slot);
+                pid.store(0, Relaxed);
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "edge_zone \"{}\": worker process {} exited without releasing its connection counts; {} taken back",
+                    self.name,
+                    holder,
+                    n
+                );
+            }
+            if mine.is_none() && pid.load(Relaxed) == 0 {
+                mine = Some(slot);
+            }
+        }
+        if let Some(slot) = mine {
+            // A slot is emptied whenever it is freed.
+            self.header.slots[slot].store(me, Relaxed);
+        }
+        mine
+    }
+
+    /// Gives the slot back at worker exit, with whatever it still counts.
+    pub fn release_slot(&self, slot: usize) {
+        let _lock = self.pool.lock();
+        self.forget(slot);
+        self.header.slots[slot].store(0, Relaxed);
+    }
+
+    fn forget(&self, slot: usize) -> u64 {
+        self.records
+            .iter()
+            .filter(|r| r.group() != 0)
+            .map(|r| u64::from(r.forget_slot(slot)))
+            .sum()
     }
 
     /// Points every `servers` upstream of `table` at its shared records, making those that
     /// are new. Servers that do not fit keep per-worker records; that is logged.
     pub fn attach(&self, table: &RouteTable, log: *mut ngx_log_t) {
         let now = now_ms();
+        let stale_before = now.saturating_sub(STALE_MS);
         let mut unattached = 0usize;
-        // SAFETY: the slab pool's mutex, in shared memory mapped for the process's life.
-        unsafe { ngx_shmtx_lock(self.mutex) };
-        let store = Store::new(self.records, &self.header.live);
-        for upstream in table.upstreams() {
-            let Backend::Servers(pool) = &upstream.kind else {
-                continue;
-            };
-            let policy = pool.policy();
-            for (i, server) in pool.servers().iter().enumerate() {
-                let key = Key::new(&upstream.name, server.ip, server.port);
-                let stale_before = now.saturating_sub(STALE_MS);
-                match store.find_or_insert(&key, now, stale_before, policy.start_down) {
-                    Some(entry) => {
-                        if policy.check.is_none() {
-                            entry.record.clear_active();
+        {
+            let _lock = self.pool.lock();
+            let store = self.store();
+            for upstream in table.upstreams() {
+                let Backend::Servers(pool) = &upstream.kind else {
+                    continue;
+                };
+                let policy = pool.policy();
+                for (i, server) in pool.servers().iter().enumerate() {
+                    let key = Key::new(&upstream.name, server.ip, server.port);
+                    match store.find_or_insert(&key, now, stale_before, policy.start_down) {
+                        Some(entry) => {
+                            if policy.check.is_none() {
+                                entry.record.clear_active();
+                            }
+                            pool.attach(i, entry.record);
                         }
-                        pool.attach(i, entry.record);
+                        None => unattached += 1,
                     }
-                    None => unattached += 1,
                 }
             }
         }
-        unsafe { ngx_shmtx_unlock(self.mutex) };
         if unattached > 0 {
             ngx_log_error!(
                 NGX_LOG_WARN,
@@ -269,5 +293,8 @@ impl Zone {
     }
 }
 
-/// How often a worker marks the records of its tables as listed.
-pub const TOUCH_MS: u64 = STALE_MS / 4;
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}

@@ -5,8 +5,8 @@ pub mod probe;
 mod record;
 mod store;
 
-pub use record::{fnv1a, mix, Key, Outcome, Record, Transition, View, Why};
-pub use store::{Entry, Store};
+pub use record::{fnv1a, mix, Key, Outcome, Record, Transition, View, Why, SLOTS};
+pub use store::{index_len, Entry, Store, StoreMeta};
 
 /// Milliseconds on CLOCK_MONOTONIC: the same clock in every process of the machine, so a
 /// `down_until` written by one worker means the same instant to another.
@@ -118,9 +118,9 @@ mod tests {
     #[test]
     fn connection_counts_never_underflow() {
         let r = Record::default();
-        r.connected();
-        r.released();
-        r.released();
+        r.connected(None);
+        r.released(None, r.generation());
+        r.released(None, r.generation());
         assert_eq!(r.conns(), 0);
         assert_eq!(r.view(0).total, 1);
     }

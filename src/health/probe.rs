@@ -2,7 +2,18 @@
 //! reads) is in `check.rs`.
 
 use super::{mix, Outcome};
-use crate::routes::document::CheckKind;
+use crate::upstream::{CheckKind, ProxyProtocol};
+
+/// The PROXY protocol header a check sends first. A check is the edge's own connection, not a
+/// relayed one, which the protocol says so: `UNKNOWN` in v1, the `LOCAL` command in v2. The
+/// server then takes the connection's own addresses.
+pub fn proxy_header(version: ProxyProtocol) -> &'static [u8] {
+    match version {
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n",
+        // Signature, version 2 + LOCAL, family UNSPEC, no address block.
+        ProxyProtocol::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+    }
+}
 
 /// A ClientHello a TLS 1.2 or 1.3 server answers with a ServerHello (or a HelloRetryRequest,
 /// which has the same form). The handshake is never finished, so `seed` need not be secret.
@@ -151,6 +162,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_ne!(client_hello(None, 1), client_hello(None, 2));
+    }
+
+    #[test]
+    fn proxy_headers() {
+        assert_eq!(proxy_header(ProxyProtocol::V1), b"PROXY UNKNOWN\r\n");
+        let v2 = proxy_header(ProxyProtocol::V2);
+        assert_eq!(v2.len(), 16);
+        assert_eq!(
+            &v2[..12],
+            b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
+        );
+        assert_eq!(v2[12], 0x20, "version 2, LOCAL");
+        assert_eq!(
+            u16::from_be_bytes([v2[14], v2[15]]),
+            0,
+            "no addresses follow"
+        );
     }
 
     #[test]

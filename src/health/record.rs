@@ -89,7 +89,7 @@ pub enum Transition {
 /// Identifies a server of an upstream across workers, reloads and table generations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
-    /// Hash of the upstream name; 0 and 1 are reserved for empty and removed slots.
+    /// Hash of the upstream name; 0 and 1 are reserved.
     pub group: u64,
     pub ip: [u8; 16],
     /// 0 for a server listed without a port.
@@ -130,8 +130,12 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The group of a free record.
 pub const EMPTY: u64 = 0;
-pub const REMOVED: u64 = 1;
+
+/// Worker processes whose connection counts a record keeps apart, so that the counts of a
+/// worker that died can be taken back. Old and new workers overlap during a reload.
+pub const SLOTS: usize = 32;
 
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -143,6 +147,11 @@ pub struct Record {
     port: AtomicU32,
     /// Last time a worker's table listed this server (ms); stale records may be reused.
     touched_ms: AtomicU64,
+    /// Bumped each time the record is made anew: a probe or a session that started before
+    /// checks it, so that it never writes into a record another server now owns.
+    generation: AtomicU32,
+    /// The next free record (its number + 1), while this one is free.
+    pub(super) next_free: AtomicU32,
 
     // Passive health.
     window_start_ms: AtomicU64,
@@ -164,6 +173,8 @@ pub struct Record {
     // Traffic.
     conns: AtomicU32,
     total: AtomicU64,
+    /// `conns` by worker slot; their sum is `conns`.
+    by_slot: [AtomicU32; SLOTS],
 }
 
 /// A snapshot for the status page.
@@ -178,6 +189,10 @@ pub struct View {
     pub total: u64,
     pub last_outcome: Outcome,
     pub last_check_ms: u64,
+}
+
+fn saturating_decrement(count: &AtomicU32, n: u32) {
+    let _ = count.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(n)));
 }
 
 impl Record {
@@ -223,6 +238,10 @@ impl Record {
         ] {
             field.store(0, Relaxed);
         }
+        for count in &self.by_slot {
+            count.store(0, Relaxed);
+        }
+        self.generation.fetch_add(1, Relaxed);
         self.active_down.store(u32::from(start_down), Relaxed);
         self.why.store(
             if start_down {
@@ -237,8 +256,14 @@ impl Record {
             .store(key.group, std::sync::atomic::Ordering::Release);
     }
 
-    pub fn mark_removed(&self) {
-        self.group.store(REMOVED, Relaxed);
+    /// Frees the record; the caller holds the zone's lock.
+    pub fn mark_free(&self) {
+        self.group.store(EMPTY, Relaxed);
+    }
+
+    /// Which making of this record a holder saw; see `generation`.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn touch(&self, now: u64) {
@@ -255,16 +280,37 @@ impl Record {
             && (self.passive_down.load(Relaxed) == 0 || self.down_until_ms.load(Relaxed) <= now)
     }
 
-    pub fn connected(&self) {
+    /// A connection of the worker in `slot` (if it has one) was sent here.
+    pub fn connected(&self, slot: Option<usize>) {
         self.conns.fetch_add(1, Relaxed);
         self.total.fetch_add(1, Relaxed);
+        if let Some(count) = slot.and_then(|s| self.by_slot.get(s)) {
+            count.fetch_add(1, Relaxed);
+        }
     }
 
-    pub fn released(&self) {
-        // Never below zero, even if a record was reset under a live connection.
-        let _ = self
-            .conns
-            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+    /// That connection ended. `generation` is the one seen at `connected`: a record made anew
+    /// since (for another server) is left alone.
+    pub fn released(&self, slot: Option<usize>, generation: u32) {
+        if self.generation() != generation {
+            return;
+        }
+        if let Some(count) = slot.and_then(|s| self.by_slot.get(s)) {
+            saturating_decrement(count, 1);
+        }
+        saturating_decrement(&self.conns, 1);
+    }
+
+    /// Takes back the connections a dead worker's `slot` still counted; returns how many.
+    pub fn forget_slot(&self, slot: usize) -> u32 {
+        let Some(count) = self.by_slot.get(slot) else {
+            return 0;
+        };
+        let n = count.swap(0, Relaxed);
+        if n > 0 {
+            saturating_decrement(&self.conns, n);
+        }
+        n
     }
 
     pub fn conns(&self) -> u32 {
@@ -334,6 +380,22 @@ impl Record {
                 .next_check_ms
                 .compare_exchange(due, now + interval_ms, Relaxed, Relaxed)
                 .is_ok()
+    }
+
+    /// Records the outcome of a probe started on the record's `generation`; a record made
+    /// anew since then is left alone. Returns the transition it caused, if any.
+    pub fn checked_as(
+        &self,
+        generation: u32,
+        now: u64,
+        outcome: Outcome,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Transition> {
+        if self.generation() != generation {
+            return None;
+        }
+        self.checked(now, outcome, rise, fall)
     }
 
     /// Records a probe's outcome. Returns the transition it caused, if any.

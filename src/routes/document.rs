@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::json::Json;
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
+pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
 /// Bounds of one table; each is documented in the README.
 pub mod limits {
@@ -15,8 +16,7 @@ pub mod limits {
     pub const MAX_ROUTES: usize = 1_000_000;
     /// Upstreams in a table.
     pub const MAX_UPSTREAMS: usize = 100_000;
-    /// Servers in one upstream.
-    pub const MAX_SERVERS: usize = 256;
+    pub use crate::upstream::MAX_SERVERS;
     /// Largest server weight.
     pub const MAX_WEIGHT: u32 = 1000;
     /// Length of an upstream name.
@@ -49,96 +49,11 @@ pub struct UpstreamDef {
     pub policy: Policy,
 }
 
-/// How the module balances a `servers` upstream and judges its servers' health.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub balance: Balance,
-    /// Failures within `fail_timeout` that take a server out; 0 turns passive checks off.
-    pub max_fails: u32,
-    pub fail_timeout_ms: u64,
-    pub check: Option<CheckDef>,
-    /// A server first seen by an upstream with a check starts as down until it passes `rise`.
-    pub start_down: bool,
-}
-
-impl Default for Policy {
-    fn default() -> Policy {
-        Policy {
-            balance: Balance::RoundRobin,
-            max_fails: 1,
-            fail_timeout_ms: 10_000,
-            check: None,
-            start_down: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    RoundRobin,
-    LeastConn,
-    Hash,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckKind {
-    Tcp,
-    Tls,
-    Http,
-}
-
-/// An active check, run against every server of the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckDef {
-    pub kind: CheckKind,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    pub rise: u32,
-    pub fall: u32,
-    /// Port for servers listed without one; else 443 for tcp and tls, 80 for http.
-    pub port: Option<u16>,
-    /// `tls`: the SNI to send; `http`: the Host. Default: the first route naming the upstream.
-    pub name: Option<String>,
-    /// `http`: the path requested.
-    pub path: String,
-    /// `http`: accepted status classes, bit N for Nxx.
-    pub expect: u8,
-}
-
-impl CheckDef {
-    /// The port probed for a server listed without one.
-    pub fn default_port(&self) -> u16 {
-        self.port.unwrap_or(match self.kind {
-            CheckKind::Tcp | CheckKind::Tls => 443,
-            CheckKind::Http => 80,
-        })
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamKind {
     Servers(Vec<ServerDef>),
     /// The name of an `upstream {}` block of nginx.conf.
     Nginx(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerDef {
-    pub ip: IpAddr,
-    /// `None`: the port the client connected to.
-    pub port: Option<u16>,
-    pub weight: u32,
-    pub backup: bool,
-}
-
-impl ServerDef {
-    /// The address as nginx names peers, without a port: `10.0.0.1`, `[2001:db8::1]`.
-    pub fn host(&self) -> String {
-        match self.ip {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("[{ip}]"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -434,6 +349,7 @@ fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
         name: None,
         path: "/".into(),
         expect: 0b1100, // 2xx and 3xx, as HAProxy
+        proxy_protocol: None,
     };
     let mut kind = None;
     let mut timeout = None;
@@ -483,10 +399,18 @@ fn check(value: &Json, path: &JsonPath) -> Result<CheckDef, SchemaError> {
                     }
                 }
             }
+            "proxy_protocol" => {
+                def.proxy_protocol = match value {
+                    Json::Bool(false) => None,
+                    Json::String(v) if v == "v1" => Some(ProxyProtocol::V1),
+                    Json::String(v) if v == "v2" => Some(ProxyProtocol::V2),
+                    _ => return fail(&path, "expected \"v1\", \"v2\" or false"),
+                }
+            }
             _ => {
                 return fail(
                     &path,
-                    "unknown field (expected type, interval, timeout, rise, fall, port, sni, host, path or expect)",
+                    "unknown field (expected type, interval, timeout, rise, fall, port, sni, host, path, expect or proxy_protocol)",
                 )
             }
         }
@@ -853,6 +777,10 @@ mod tests {
                 "upstreams.u.check.sni: \"a b\" is not a host name",
             ),
             (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "check": {"type": "tls", "proxy_protocol": "v3"}}}}"#,
+                "upstreams.u.check.proxy_protocol: expected \"v1\", \"v2\" or false",
+            ),
+            (
                 r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "start": "down"}}}"#,
                 "upstreams.u.start: \"down\" needs a check",
             ),
@@ -876,7 +804,8 @@ mod tests {
               "servers": ["192.168.0.1", "192.168.0.2", "192.168.0.3"],
               "balance": "least_conn",
               "max_fails": 3, "fail_timeout": "5s",
-              "check": { "type": "tcp", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 3 }
+              "check": { "type": "tcp", "interval": "2s", "timeout": "1s", "rise": 2, "fall": 3,
+                         "proxy_protocol": "v2" }
             },
             "web": {
               "servers": ["10.0.0.1:8080"], "balance": "hash", "start": "down",
@@ -897,10 +826,12 @@ mod tests {
             (CheckKind::Tcp, 2000, 1000, 2, 3)
         );
         assert_eq!(c.default_port(), 443);
+        assert_eq!(c.proxy_protocol, Some(ProxyProtocol::V2));
         let p = &d.upstreams[1].policy;
         assert!(p.start_down);
         let c = p.check.as_ref().unwrap();
         assert_eq!(c.path, "/healthz");
+        assert_eq!(c.proxy_protocol, None);
         assert_eq!(c.name.as_deref(), Some("web.example.com"));
         assert_eq!(
             (c.expect, c.interval_ms, c.default_port()),

@@ -1,6 +1,5 @@
 //! Pure: the route table schema, its validation, lookup and the sources it is read from.
 
-pub mod balance;
 pub mod document;
 pub(crate) mod json;
 pub mod source;

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::balance::Pool;
-use super::document::{limits::MAX_ROUTES, CheckKind, Document, RouteKey, Targets, UpstreamKind};
+use super::document::{limits::MAX_ROUTES, Document, RouteKey, Targets, UpstreamKind};
+use crate::balance::Pool;
 use crate::sniff::Protocol;
+use crate::upstream::CheckKind;
 
 pub type UpstreamId = u32;
 

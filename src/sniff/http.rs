@@ -103,6 +103,11 @@ mod tests {
             host("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
             found("[::1]")
         );
+        // An empty port, as nginx's http module reads it.
+        assert_eq!(
+            host("GET / HTTP/1.1\r\nHost: a.test:\r\n\r\n"),
+            found("a.test")
+        );
     }
 
     #[test]

@@ -97,8 +97,9 @@ impl ServerName {
     }
 }
 
+/// A port after the host's colon. Empty counts, as in nginx's own Host check: `name:` is `name`.
 fn is_port(digits: &[u8]) -> bool {
-    (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+    digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit)
 }
 
 impl PartialEq for ServerName {
@@ -198,7 +199,8 @@ mod tests {
             authority("example.com.:5002").as_deref(),
             Some("example.com")
         );
-        assert_eq!(authority("example.com:").as_deref(), None);
+        assert_eq!(authority("example.com:").as_deref(), Some("example.com"));
+        assert_eq!(authority("[::1]:").as_deref(), Some("[::1]"));
         assert_eq!(authority("example.com:http"), None);
         assert_eq!(authority("example.com:123456"), None);
         assert_eq!(authority("a:1:2"), None);

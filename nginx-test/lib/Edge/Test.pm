@@ -38,14 +38,22 @@ sub new {
 
 sub dir { $_[0]{dir} }
 
-# A free TCP port on 127.0.0.1, the same one for the same name within a test.
+# A free TCP port on 127.0.0.1, the same one for the same name within a test. The kernel may
+# hand out a port again once it is closed, and a port named for a server that is never
+# started stays closed: no two names get the same port.
 sub port {
     my ($self, $name) = @_;
     return $self->{ports}{$name} //= do {
-        my $s = IO::Socket::INET->new(Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0,
-            Proto => 'tcp', ReuseAddr => 1) or die "no free port: $!\n";
-        my $p = $s->sockport;
-        close $s;
+        my %taken = map { $_ => 1 } values %{$self->{ports}};
+        my $p;
+        for (1 .. 100) {
+            my $s = IO::Socket::INET->new(Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0,
+                Proto => 'tcp', ReuseAddr => 1) or die "no free port: $!\n";
+            $p = $s->sockport;
+            close $s;
+            last unless $taken{$p};
+        }
+        die "no free port that is not taken already\n" if $taken{$p};
         $p;
     };
 }
@@ -99,10 +107,12 @@ sub read_file {
 }
 
 # The standard frame around a stream {} body; backends are `return` servers in it.
+# Options: workers (1), connections (worker_connections, 1024).
 sub config {
     my ($self, $stream, %opts) = @_;
     my $user = $> == 0 ? "user nobody nogroup;\n" : '';
     my $workers = $opts{workers} // 1;
+    my $connections = $opts{connections} // 1024;
     my $conf = <<"EOF";
 %%MODULES%%
 ${user}daemon off;
@@ -110,7 +120,7 @@ master_process on;
 worker_processes $workers;
 pid %%TESTDIR%%/nginx.pid;
 error_log %%TESTDIR%%/error.log info;
-events { worker_connections 1024; }
+events { worker_connections $connections; }
 stream {
     log_format edge '\$remote_addr proto=\$edge_protocol name=\$edge_server_name route=\$edge_route upstream=\$edge_upstream alpn=\$edge_alpn addr=\$upstream_addr status=\$status';
     access_log %%TESTDIR%%/access.log edge;

@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 
-use super::document::{limits::MAX_SERVERS, Balance, Policy, ServerDef};
 use crate::health::{mix, Key, Record};
+use crate::upstream::{Balance, Policy, ServerDef, MAX_SERVERS};
 
 /// Servers a session has tried, by index. Fixed size: no allocation per connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,13 +60,23 @@ impl Pool {
             .map(|s| Key::new("", s.ip, s.port).hash())
             .collect();
         let ip_text = servers.iter().map(|s| s.host().into()).collect();
+        let local = servers
+            .iter()
+            .map(|s| {
+                let r = Record::default();
+                if policy.start_down {
+                    r.init(Key::new("", s.ip, s.port), 0, true);
+                }
+                r
+            })
+            .collect();
         Pool {
             servers,
             policy,
             ip_text,
+            local,
             current: (0..n).map(|_| Cell::new(0)).collect(),
             address_hash,
-            local: (0..n).map(|_| Record::default()).collect(),
             shared: (0..n).map(|_| Cell::new(None)).collect(),
             fail_open: Cell::new(false),
             check_name: None,
@@ -129,6 +139,17 @@ impl Pool {
         Some(self.picked(index, true))
     }
 
+    /// Whether this worker is failing open on the upstream.
+    pub fn failing_open(&self) -> bool {
+        self.fail_open.get()
+    }
+
+    /// Carries the worker's fail-open state over from the table this one replaces, so that
+    /// a new table does not log the same state again.
+    pub fn set_failing_open(&self, on: bool) {
+        self.fail_open.set(on);
+    }
+
     fn picked(&self, index: usize, fail_open: bool) -> Pick {
         let was = self.fail_open.replace(fail_open);
         Pick {
@@ -142,26 +163,24 @@ impl Pool {
         match self.policy.balance {
             Balance::RoundRobin => self.round_robin(&candidate),
             Balance::LeastConn => {
-                // Fewest active connections per unit of weight; ties by round robin.
-                let load = |i: usize| {
-                    (
-                        u64::from(self.health(i).conns()),
-                        u64::from(self.servers[i].weight),
-                    )
-                };
+                // Fewest active connections per unit of weight, ties by round robin, decided
+                // on one snapshot: other workers change the shared counts (and health)
+                // between two reads.
+                let mut chosen = Tried::default();
+                let mut conns = [0u32; MAX_SERVERS];
                 let mut best: Option<(u64, u64)> = None;
                 for i in (0..self.servers.len()).filter(|&i| candidate(i)) {
-                    let (c, w) = load(i);
+                    chosen.insert(i);
+                    conns[i] = self.health(i).conns();
+                    let (c, w) = (u64::from(conns[i]), u64::from(self.servers[i].weight));
                     if best.is_none_or(|(bc, bw)| c * bw < bc * w) {
                         best = Some((c, w));
                     }
                 }
                 let (bc, bw) = best?;
                 self.round_robin(&|i| {
-                    candidate(i) && {
-                        let (c, w) = load(i);
-                        c * bw == bc * w
-                    }
+                    chosen.contains(i)
+                        && u64::from(conns[i]) * bw == bc * u64::from(self.servers[i].weight)
                 })
             }
             Balance::Hash => {
@@ -313,18 +332,83 @@ mod tests {
         for (i, r) in shared.iter().enumerate() {
             p.attach(i, r);
         }
-        shared[0].connected();
-        shared[1].connected();
-        shared[1].connected();
-        shared[2].connected();
-        shared[2].connected();
+        shared[0].connected(None);
+        shared[1].connected(None);
+        shared[1].connected(None);
+        shared[2].connected(None);
+        shared[2].connected(None);
         // 1/1, 2/1, 2/2: server 0 and 2 tie at 1 per weight; 1 is never picked.
         let picks: Vec<usize> = (0..6).map(|_| next(&p)).collect();
         assert!(picks.iter().all(|&i| i != 1), "{picks:?}");
         assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
-        shared[0].connected();
-        shared[0].connected();
+        shared[0].connected(None);
+        shared[0].connected(None);
         assert_eq!(next(&p), 2);
+    }
+
+    /// Other workers connect and release while a pick runs: with every primary up, a pick
+    /// must never fall to the backup or to nothing.
+    #[test]
+    fn least_conn_never_gives_up_while_counts_move() {
+        let p = pool(
+            &[(1, false), (1, false), (1, false), (1, true)],
+            Balance::LeastConn,
+        );
+        let shared: &'static [Record] = Box::leak((0..4).map(|_| Record::default()).collect());
+        for (i, r) in shared.iter().enumerate() {
+            p.attach(i, r);
+        }
+        let stop: &'static std::sync::atomic::AtomicBool =
+            Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+        let others = std::thread::spawn(move || {
+            let mut x = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x = mix(x);
+                let r = &shared[(x % 3) as usize];
+                r.connected(None);
+                if x & 4 == 0 {
+                    r.released(None, r.generation());
+                }
+                if r.conns() > 8 {
+                    r.released(None, r.generation());
+                    r.released(None, r.generation());
+                }
+            }
+        });
+        let mut backups = 0;
+        let mut none = 0;
+        for _ in 0..300_000 {
+            match p.pick(&Tried::default(), 0, 0) {
+                Some(pick) if pick.index == 3 => backups += 1,
+                Some(_) => {}
+                None => none += 1,
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        others.join().unwrap();
+        assert_eq!(
+            (backups, none),
+            (0, 0),
+            "picks that gave up on live primaries"
+        );
+    }
+
+    #[test]
+    fn start_down_holds_for_servers_without_a_shared_record() {
+        let p = Pool::new(
+            vec![ServerDef {
+                ip: [127, 0, 0, 1].into(),
+                port: None,
+                weight: 1,
+                backup: false,
+            }],
+            Policy {
+                start_down: true,
+                ..Policy::default()
+            },
+        );
+        assert!(!p.health(0).available(1), "down until its check passes");
+        assert!(!p.is_shared(0));
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! What the module keeps per session, in the connection's pool: read by the preread handler,
+//! the variables, the balancer and `edge_status`.
+
+use std::rc::Rc;
+
+use nginx_sys::{ngx_str_t, ngx_stream_session_t, ngx_uint_t};
+use ngx::core::Pool;
+
+use crate::routes::table::{RouteTable, Upstream};
+use crate::sniff::{Protocol, ServerName};
+use crate::stream;
+
+/// What the module learnt about a session. Lives in the connection's pool; holds its route
+/// table so that a table swapped in mid-session cannot pull anything from under it.
+pub struct SessionCtx {
+    pub protocol: Option<Protocol>,
+    pub name: Option<ServerName>,
+    /// Comma-separated ALPN protocols, in the connection's pool.
+    pub alpn: ngx_str_t,
+    pub route: Option<RouteKind>,
+    /// Points into `table`, which this context keeps alive.
+    pub upstream: *const Upstream,
+    pub table: Option<Rc<RouteTable>>,
+    /// The name was read (or the attempt given up): the preread handler is done.
+    pub done: bool,
+    /// Reassembly space for a ClientHello split over records; empty (no allocation) otherwise.
+    pub scratch: Vec<u8>,
+    /// The request and answer of an `edge_status` server.
+    pub status: Option<StatusExchange>,
+}
+
+/// Which route matched; keys point into the session's table.
+#[derive(Clone, Copy)]
+pub enum RouteKind {
+    Exact(*const str),
+    Wildcard(*const str),
+    Default,
+}
+
+impl SessionCtx {
+    /// A new, empty context in the session's pool, dropped with it.
+    pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
+        let pool = Pool::from_ngx_pool((*(*s).connection).pool);
+        let ctx = pool.allocate(SessionCtx {
+            protocol: None,
+            name: None,
+            alpn: ngx_str_t::empty(),
+            route: None,
+            upstream: core::ptr::null(),
+            table: None,
+            done: false,
+            scratch: Vec::new(),
+            status: None,
+        });
+        if ctx.is_null() {
+            return None;
+        }
+        stream::set_session_ctx(s, ctx);
+        Some(&mut *ctx)
+    }
+
+    pub fn upstream(&self) -> Option<&Upstream> {
+        // SAFETY: `upstream` points into `self.table`, held for the session's lifetime.
+        unsafe { self.upstream.as_ref() }
+    }
+}
+
+/// One `edge_status` request: the bytes read, then the answer being written.
+#[derive(Default)]
+pub struct StatusExchange {
+    pub request: Vec<u8>,
+    /// Once set, the answer is final: later read events never recompute it.
+    pub answer: Vec<u8>,
+    pub sent: usize,
+    pub status: ngx_uint_t,
+}
+
+/// The session's context, if the module made one.
+pub unsafe fn get<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
+    stream::session_ctx::<SessionCtx>(s)
+}

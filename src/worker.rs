@@ -1,0 +1,438 @@
+//! One worker process's state, owned by one value: made in init_process, dropped in
+//! exit_process. It re-checks the route sources on timers and swaps new tables in, keeps the
+//! health records of its tables from being reused, frees retired tables off the event loop,
+//! and holds the state the callbacks above it share (zone, connection-count slot, checks).
+
+use core::cell::{Cell, RefCell};
+use core::ptr::{addr_of_mut, null_mut};
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nginx_sys::{
+    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_exiting, ngx_log_t, ngx_msec_t, ngx_quit,
+    ngx_terminate, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
+};
+use ngx::ngx_log_error;
+
+use crate::conf::{log_events, MainConf, SourceSlot};
+use crate::health::now_ms;
+use crate::routes::document::Document;
+use crate::routes::source::{Done, Retired, Step, Work};
+use crate::routes::table::{Backend, RouteTable};
+use crate::stream;
+use crate::zone::{self, Zone};
+
+/// While a refresh's work runs on a thread, the timer polls it this often.
+const POLL_MS: ngx_msec_t = 5;
+
+pub struct Worker {
+    pub log: *mut ngx_log_t,
+    mcf: *mut MainConf,
+    pub zone: Option<Zone>,
+    /// This worker's connection-count slot in the zone.
+    pub slot: Option<usize>,
+    // Boxed: nginx's timer tree points at each one's event.
+    #[allow(clippy::vec_box)]
+    refreshes: Vec<Box<Refresh>>,
+    touch: ngx_event_t,
+    /// State of the active checks (see `check`).
+    pub checks: Checks,
+    /// Tables replaced while sessions or probes still used them: freed off the event loop
+    /// once this is the last holder.
+    retiring: RefCell<Vec<RetiringTable>>,
+    /// Upstreams this worker is sending connections to although every server is down, by
+    /// name, so that a new table generation does not log the same state again.
+    failing_open: RefCell<HashSet<Box<str>>>,
+}
+
+/// The active checks' per-worker state; the callbacks are in `check`.
+pub struct Checks {
+    pub ticker: ngx_event_t,
+    /// The cycle's log, quiet below `crit`: a refused probe is an expected outcome.
+    pub probe_log: ngx_log_t,
+    pub seed: Cell<u64>,
+    /// A probe could not be started for a local reason; logged once until one starts again.
+    pub cannot_start: Cell<bool>,
+}
+
+struct RetiringTable {
+    table: Rc<RouteTable>,
+    generation: u64,
+    source: *const SourceSlot,
+}
+
+/// The refresh of one route source: its timer, and its work on a thread.
+struct Refresh {
+    slot: *mut SourceSlot,
+    timer: ngx_event_t,
+    job: Option<JoinHandle<Done>>,
+    /// The table generation last attached to the zone.
+    attached: u64,
+    /// Time the event loop has spent on the refresh under way.
+    busy: Duration,
+}
+
+static mut WORKER: *mut Worker = null_mut();
+
+/// The worker's state, once init_process has made it.
+pub fn get() -> Option<&'static Worker> {
+    // SAFETY: written at worker start and exit only, outside any event handler.
+    unsafe { WORKER.as_ref() }
+}
+
+fn exiting() -> bool {
+    // SAFETY: plain reads of nginx's process flags.
+    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
+}
+
+unsafe fn arm(
+    ev: &mut ngx_event_t,
+    handler: nginx_sys::ngx_event_handler_pt,
+    data: *mut core::ffi::c_void,
+    log: *mut ngx_log_t,
+    ms: ngx_msec_t,
+) {
+    ev.handler = handler;
+    // Never NULL: debug logging dereferences it.
+    ev.data = data;
+    ev.log = log;
+    // Cancelable: a worker shutting down does not wait for it.
+    ev.set_cancelable(1);
+    ngx_add_timer(ev, ms);
+}
+
+/// Makes the worker's state at process start. Returns `false` if the configuration has no
+/// route source (nothing to do).
+pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
+    let Some(mcf) = stream::cycle_main_conf::<MainConf>(cycle) else {
+        return false;
+    };
+    if mcf.sources.is_empty() && mcf.zone.is_none() {
+        return false;
+    }
+    let log = (*cycle).log;
+    let zone = mcf.zone.and_then(|z| Zone::open(z, log));
+    let slot = zone.as_ref().and_then(|z| {
+        let slot = z.claim_slot(libc::getpid(), log);
+        if slot.is_none() {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "edge_zone \"{}\": every connection-count slot is held; this worker's counts cannot be taken back if it dies",
+                z.name
+            );
+        }
+        slot
+    });
+    let mut probe_log = *log;
+    probe_log.log_level = NGX_LOG_CRIT as _;
+    let mcf_ptr: *mut MainConf = mcf;
+    let worker = Box::into_raw(Box::new(Worker {
+        log,
+        mcf: mcf_ptr,
+        zone,
+        slot,
+        refreshes: Vec::new(),
+        touch: core::mem::zeroed(),
+        checks: Checks {
+            ticker: core::mem::zeroed(),
+            probe_log,
+            seed: Cell::new(crate::health::fnv1a(
+                &(libc::getpid() as u64 ^ now_ms()).to_le_bytes(),
+            )),
+            cannot_start: Cell::new(false),
+        },
+        retiring: RefCell::new(Vec::new()),
+        failing_open: RefCell::new(HashSet::new()),
+    }));
+    WORKER = worker;
+    let w = &mut *worker;
+    for slot in &mut (*mcf_ptr).sources {
+        let slot: *mut SourceSlot = &mut **slot;
+        let mut refresh = Box::new(Refresh {
+            slot,
+            timer: core::mem::zeroed(),
+            job: None,
+            attached: 0,
+            busy: Duration::ZERO,
+        });
+        if let (Some(zone), Some(source)) = (w.zone.as_ref(), (*slot).source.as_ref()) {
+            zone.attach(source.table(), log);
+            refresh.attached = source.generation();
+        }
+        let data = core::ptr::from_mut(&mut *refresh).cast();
+        arm(
+            &mut refresh.timer,
+            Some(on_refresh),
+            data,
+            log,
+            (*slot).interval,
+        );
+        w.refreshes.push(refresh);
+    }
+    if w.zone.is_some() {
+        let data = addr_of_mut!(w.touch).cast();
+        arm(&mut w.touch, Some(on_touch), data, log, zone::TOUCH_MS as _);
+    }
+    true
+}
+
+/// Arms the check ticker, at worker start; `handler` is the check module's.
+pub unsafe fn start_checks(handler: nginx_sys::ngx_event_handler_pt, ms: ngx_msec_t) {
+    let Some(w) = WORKER.as_mut() else { return };
+    let data = addr_of_mut!(w.checks.ticker).cast();
+    arm(&mut w.checks.ticker, handler, data, w.log, ms);
+}
+
+/// Drops the worker's state at process exit.
+pub unsafe fn stop() {
+    let worker = core::mem::replace(&mut *addr_of_mut!(WORKER), null_mut());
+    if worker.is_null() {
+        return;
+    }
+    let mut w = Box::from_raw(worker);
+    for r in &mut w.refreshes {
+        cancel(&mut r.timer);
+    }
+    cancel(&mut w.touch);
+    cancel(&mut w.checks.ticker);
+    if let (Some(zone), Some(slot)) = (w.zone.as_ref(), w.slot) {
+        zone.release_slot(slot);
+    }
+}
+
+unsafe fn cancel(ev: &mut ngx_event_t) {
+    if ev.timer_set() != 0 {
+        nginx_sys::ngx_del_timer(ev);
+    }
+}
+
+impl Worker {
+    pub fn main_conf(&self) -> &MainConf {
+        // SAFETY: the cycle's configuration lives as long as the worker.
+        unsafe { &*self.mcf }
+    }
+
+    /// Whether the worker is failing open on `upstream`, after a pick said it starts (`true`)
+    /// or stops (`false`).
+    pub fn set_failing_open(&self, upstream: &str, on: bool) {
+        let mut set = self.failing_open.borrow_mut();
+        if on {
+            set.insert(upstream.into());
+        } else {
+            set.remove(upstream);
+        }
+    }
+
+    /// A new table starts in the fail-open state the worker had on the same upstreams.
+    fn carry_failing_open(&self, table: &RouteTable) {
+        let set = self.failing_open.borrow();
+        if set.is_empty() {
+            return;
+        }
+        for upstream in table.upstreams() {
+            if let Backend::Servers(pool) = &upstream.kind {
+                if set.contains(&upstream.name) {
+                    pool.set_failing_open(true);
+                }
+            }
+        }
+    }
+
+    fn retire(&self, retired: Retired, generation: u64, source: *const SourceSlot) {
+        if let Some(table) = retired.table {
+            self.retiring.borrow_mut().push(RetiringTable {
+                table,
+                generation: generation.saturating_sub(1),
+                source,
+            });
+        }
+        self.free_retired(retired.documents);
+    }
+
+    /// Frees, on a thread, the retired tables no session or probe uses any more, and
+    /// `documents`: freeing a 100,000-route table takes tens of milliseconds.
+    fn free_retired(&self, documents: Vec<Arc<Document>>) {
+        let mut tables = Vec::new();
+        let mut freed = Vec::new();
+        {
+            let mut queue = self.retiring.borrow_mut();
+            let mut i = 0;
+            while i < queue.len() {
+                if Rc::strong_count(&queue[i].table) > 1 {
+                    i += 1;
+                    continue;
+                }
+                let r = queue.swap_remove(i);
+                freed.push((r.source, r.generation));
+                match Rc::try_unwrap(r.table) {
+                    Ok(table) => tables.push(table),
+                    // Only a weak reference could stop it, and none is ever made.
+                    Err(table) => drop(table),
+                }
+            }
+        }
+        if tables.is_empty() && documents.is_empty() {
+            return;
+        }
+        for (source, generation) in freed {
+            // SAFETY: source slots live as long as the cycle's configuration.
+            let path = unsafe { (*source).path.display() };
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                self.log,
+                "edge_routes: {}: table {} is no longer used, freed off the event loop",
+                path,
+                generation
+            );
+        }
+        let garbage = (tables, documents);
+        // Without a thread, it is dropped here.
+        let _ = spawn_quiet("edge-retire", move || drop(garbage));
+    }
+
+    /// The route tables the worker serves now, for the checks and the status page.
+    pub fn tables(&self) -> impl Iterator<Item = &Rc<RouteTable>> {
+        self.main_conf()
+            .sources
+            .iter()
+            .filter_map(|slot| slot.source.as_ref().map(|s| s.table()))
+    }
+}
+
+/// Keeps the zone records of the worker's tables from being reused.
+unsafe extern "C" fn on_touch(ev: *mut ngx_event_t) {
+    if exiting() {
+        return;
+    }
+    if let Some(w) = get() {
+        if let Some(zone) = w.zone.as_ref() {
+            for table in w.tables() {
+                zone.touch(table);
+            }
+        }
+    }
+    ngx_add_timer(ev, zone::TOUCH_MS as _);
+}
+
+/// Re-checks a source. The slow part of a change (reading, parsing, checking, merging) runs
+/// on a thread of its own, so that the worker's event loop only lists the files and, at the
+/// end, swaps the new table in.
+unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
+    if exiting() {
+        return;
+    }
+    let Some(w) = get() else { return };
+    let entered = Instant::now();
+    let r = &mut *(*ev).data.cast::<Refresh>();
+    let slot = &mut *r.slot;
+    let log = (*ev).log;
+    w.free_retired(Vec::new());
+    let Some(source) = slot.source.as_mut() else {
+        ngx_add_timer(ev, slot.interval);
+        return;
+    };
+    let mut step = match r.job.take() {
+        Some(job) if !job.is_finished() => {
+            r.job = Some(job);
+            r.busy += entered.elapsed();
+            ngx_add_timer(ev, POLL_MS);
+            return;
+        }
+        Some(job) => match job.join() {
+            Ok(done) => source.resume(done),
+            Err(_) => {
+                ngx_log_error!(
+                    NGX_LOG_ALERT,
+                    log,
+                    "edge_routes: {}: the thread building the table failed; the last good table keeps serving",
+                    slot.path.display()
+                );
+                source.abandon();
+                ngx_add_timer(ev, slot.interval);
+                return;
+            }
+        },
+        None => {
+            r.busy = Duration::ZERO;
+            source.start()
+        }
+    };
+    let mcf = w.main_conf();
+    loop {
+        match step {
+            Step::Finished(events) => {
+                log_events(log, &events);
+                let generation = source.generation();
+                if generation != r.attached {
+                    r.attached = generation;
+                    if let Some(zone) = w.zone.as_ref() {
+                        zone.attach(source.table(), log);
+                    }
+                    w.carry_failing_open(source.table());
+                    w.retire(source.take_retired(), generation, r.slot);
+                    let busy = r.busy + entered.elapsed();
+                    ngx_log_error!(
+                        NGX_LOG_NOTICE,
+                        log,
+                        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
+                        slot.path.display(),
+                        generation,
+                        busy.as_secs_f64() * 1000.0
+                    );
+                } else {
+                    w.retire(source.take_retired(), generation, r.slot);
+                }
+                ngx_add_timer(ev, slot.interval);
+                return;
+            }
+            Step::NeedWork(work) => {
+                let names = Arc::clone(&mcf.nginx_upstreams);
+                match spawn(work, names) {
+                    Ok(job) => {
+                        r.job = Some(job);
+                        r.busy += entered.elapsed();
+                        ngx_add_timer(ev, POLL_MS);
+                        return;
+                    }
+                    Err(e) => {
+                        ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "edge_routes: no thread for the table ({}), building it in the event loop",
+                            e
+                        );
+                        source.abandon();
+                        step = Step::Finished(source.refresh(&|n| mcf.upstream_exists(n)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `work` on a thread of its own.
+fn spawn(work: Work, names: Arc<HashSet<String>>) -> std::io::Result<JoinHandle<Done>> {
+    spawn_quiet("edge-routes", move || work.run(&|n| names.contains(n)))
+}
+
+/// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own
+/// thread, which handles them.
+fn spawn_quiet<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    // SAFETY: signal-mask calls on this thread only, restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        spawned
+    }
+}
