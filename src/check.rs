@@ -10,9 +10,8 @@ use std::rc::Rc;
 
 use nginx_sys::{
     ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_event_connect_peer,
-    ngx_event_get_peer, ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_log_t,
-    ngx_peer_connection_t, ngx_quit, ngx_str_t, ngx_terminate, sockaddr_in6, NGX_DECLINED,
-    NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
+    ngx_event_get_peer, ngx_event_t, ngx_handle_read_event, ngx_log_t, ngx_peer_connection_t,
+    ngx_str_t, sockaddr_in6, NGX_DECLINED, NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::ngx_log_error;
 
@@ -34,13 +33,8 @@ pub unsafe fn start() {
     worker::start_checks(Some(tick), TICK_MS as _);
 }
 
-fn exiting() -> bool {
-    // SAFETY: plain reads of nginx's process flags.
-    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
-}
-
 unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
-    if exiting() {
+    if worker::exiting() {
         return;
     }
     let Some(w) = worker::get() else { return };

@@ -83,7 +83,8 @@ pub fn get() -> Option<&'static Worker> {
     unsafe { WORKER.as_ref() }
 }
 
-fn exiting() -> bool {
+/// Whether the worker is shutting down: timers then stop re-arming.
+pub fn exiting() -> bool {
     // SAFETY: plain reads of nginx's process flags.
     unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
 }

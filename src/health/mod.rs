@@ -126,6 +126,12 @@ mod tests {
     }
 
     #[test]
+    fn record_size_is_what_the_readme_says() {
+        // With two to four index entries of 4 bytes each.
+        assert_eq!(std::mem::size_of::<Record>(), 256);
+    }
+
+    #[test]
     fn keys_tell_upstreams_ports_and_families_apart() {
         let ip4: std::net::IpAddr = [10, 0, 0, 1].into();
         let a = Key::new("a", ip4, Some(443));

@@ -305,9 +305,12 @@ impl Source {
             reading,
             owners: Vec::new(),
         });
-        if self.pending.as_ref().is_some_and(|p| !p.reading.is_empty()) {
-            let paths = self.pending.as_ref().unwrap().reading.iter();
-            let paths = paths.map(|&i| self.units[i].path.clone()).collect();
+        let reading = self.pending.as_ref().map_or(&[][..], |p| &p.reading[..]);
+        if !reading.is_empty() {
+            let paths = reading
+                .iter()
+                .map(|&i| self.units[i].path.clone())
+                .collect();
             return Step::NeedWork(Work::Parse(paths));
         }
         self.after_parse()
@@ -317,7 +320,9 @@ impl Source {
     pub fn resume(&mut self, done: Done) -> Step {
         match done {
             Done::Parsed(results) => {
-                let mut pending = self.pending.take().expect("a refresh under way");
+                let Some(mut pending) = self.pending.take() else {
+                    return not_under_way();
+                };
                 let fresh = self.generation > 0;
                 for (&i, result) in pending.reading.iter().zip(results) {
                     let unit = &mut self.units[i];
@@ -339,7 +344,9 @@ impl Source {
     }
 
     fn after_parse(&mut self) -> Step {
-        let pending = self.pending.as_ref().expect("a refresh under way");
+        let Some(pending) = self.pending.as_ref() else {
+            return not_under_way();
+        };
         if self.generation > 0 && self.accepted() == pending.accepted_before {
             return self.finish();
         }
@@ -354,14 +361,19 @@ impl Source {
             .enumerate()
             .filter_map(|(i, u)| u.good.clone().map(|d| (d, i)))
             .unzip();
-        self.pending.as_mut().expect("a refresh under way").owners = owners;
+        let Some(pending) = self.pending.as_mut() else {
+            return not_under_way();
+        };
+        pending.owners = owners;
         Step::NeedWork(Work::Merge(docs))
     }
 
     /// A file whose references do not resolve is rejected (reverted to its previous version,
     /// or left out) and the rest merged again, until a merge succeeds.
     fn merged(&mut self, result: Result<(RouteTable, Vec<MergeWarning>), MergeError>) -> Step {
-        let mut pending = self.pending.take().expect("a refresh under way");
+        let Some(mut pending) = self.pending.take() else {
+            return not_under_way();
+        };
         let owners = std::mem::take(&mut pending.owners);
         match result {
             Ok((table, warnings)) => {
@@ -421,7 +433,9 @@ impl Source {
     }
 
     fn finish(&mut self) -> Step {
-        let pending = self.pending.take().expect("a refresh under way");
+        let Some(pending) = self.pending.take() else {
+            return not_under_way();
+        };
         for unit in &mut self.units {
             if let Some(Some(previous)) = unit.previous.take() {
                 self.retired.documents.push(previous);
@@ -478,6 +492,15 @@ impl Source {
         files.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(files)
     }
+}
+
+/// A step of a refresh that is not under way (work that finished after `abandon`): nothing
+/// changes, and the caller's worker goes on.
+fn not_under_way() -> Step {
+    Step::Finished(vec![Event {
+        level: Level::Error,
+        message: "a refresh step arrived with no refresh under way; ignored".into(),
+    }])
 }
 
 fn is_merge_warning(e: &Event) -> bool {
@@ -629,6 +652,36 @@ mod tests {
         );
         let err = Source::open(&dir.0.join("missing.json"), &|_| true).unwrap_err();
         assert!(err.contains("No such file"), "{err}");
+    }
+
+    /// Work that finishes after its refresh was abandoned reaches a worker callback: it must
+    /// be refused, not panic (a panic there aborts the worker).
+    #[test]
+    fn a_step_without_a_refresh_is_ignored() {
+        let dir = Dir::new("stray");
+        let file = dir.write("r.json", A);
+        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        let stray = [
+            Done::Parsed(vec![]),
+            Done::Merged(Err(MergeError {
+                file: 0,
+                message: "x".into(),
+            })),
+        ];
+        for done in stray {
+            match source.resume(done) {
+                Step::Finished(events) => {
+                    assert_eq!(events.len(), 1);
+                    assert_eq!(events[0].level, Level::Error);
+                }
+                Step::NeedWork(w) => panic!("{w:?}"),
+            }
+        }
+        assert_eq!(source.generation(), 1, "the table in service stays");
+        assert!(source
+            .table()
+            .lookup(Some("a.test"), Protocol::Tls)
+            .is_some());
     }
 
     #[test]

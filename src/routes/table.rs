@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::document::{limits::MAX_ROUTES, Document, RouteKey, Targets, UpstreamKind};
+use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
+use super::document::{Document, RouteKey, Targets, UpstreamKind};
 use crate::balance::Pool;
 use crate::sniff::Protocol;
 use crate::upstream::CheckKind;
@@ -101,6 +102,19 @@ impl RouteTable {
         let mut warnings = Vec::new();
         let mut ids: HashMap<&str, (UpstreamId, usize)> = HashMap::new();
 
+        // Each file is checked against the limit on its own; the table as a whole too.
+        let mut defined = 0;
+        for (file, doc) in documents.iter().enumerate() {
+            defined += doc.upstreams.len();
+            if defined > MAX_UPSTREAMS {
+                return Err(MergeError {
+                    file,
+                    message: format!(
+                        "{defined} upstreams in this and the earlier files, more than the limit of {MAX_UPSTREAMS}"
+                    ),
+                });
+            }
+        }
         for (file, doc) in documents.iter().enumerate() {
             for def in &doc.upstreams {
                 if let Some(&(_, first)) = ids.get(def.name.as_str()) {
@@ -346,6 +360,33 @@ mod tests {
             "split.example.com": {"tls": "a"}
         }
     }"#;
+
+    /// Files under the limit each, over it together: the merged table is refused.
+    #[test]
+    fn the_upstream_limit_holds_for_the_merged_table() {
+        let file = |from: usize, n: usize| Document {
+            upstreams: (from..from + n)
+                .map(|i| crate::routes::document::UpstreamDef {
+                    name: format!("u{i}"),
+                    kind: UpstreamKind::Nginx("vhosts".into()),
+                    policy: Default::default(),
+                })
+                .collect(),
+            routes: Vec::new(),
+            default: None,
+        };
+        let half = MAX_UPSTREAMS / 2 + 1;
+        let (a, b) = (file(0, half), file(half, half));
+        let err = RouteTable::merge(&[&a, &b], &|_| true).unwrap_err();
+        assert_eq!(err.file, 1);
+        assert!(
+            err.message.contains("more than the limit of 100000"),
+            "{}",
+            err.message
+        );
+        let c = file(half, half - 2);
+        assert!(RouteTable::merge(&[&a, &c], &|_| true).is_ok());
+    }
 
     #[test]
     fn checks_take_their_name_from_the_first_route_of_their_protocol() {
