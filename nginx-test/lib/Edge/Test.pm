@@ -44,7 +44,7 @@ sub dir { $_[0]{dir} }
 sub port {
     my ($self, $name) = @_;
     return $self->{ports}{$name} //= do {
-        my %taken = map { $_ => 1 } values %{$self->{ports}};
+        my %taken = map { $_ => 1 } grep { defined } values %{$self->{ports}};
         my $p;
         for (1 .. 100) {
             my $s = IO::Socket::INET->new(Listen => 1, LocalAddr => '127.0.0.1', LocalPort => 0,
