@@ -1,6 +1,7 @@
 //! Pure: the route table schema, its validation, lookup and the sources it is read from.
 
 pub mod document;
+pub mod image;
 pub(crate) mod json;
 pub mod source;
 pub mod table;

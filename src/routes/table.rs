@@ -6,6 +6,7 @@ use std::fmt;
 
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
 use super::document::{Document, RouteKey, Targets, UpstreamKind};
+use super::image::{self, Image};
 use crate::balance::Pool;
 use crate::sniff::Protocol;
 use crate::upstream::CheckKind;
@@ -33,12 +34,20 @@ struct Route {
 }
 
 impl Route {
-    fn upstream(&self, protocol: Protocol) -> Option<UpstreamId> {
-        match protocol {
-            Protocol::Tls => self.tls,
-            Protocol::Http => self.http,
+    fn targets(self) -> image::Targets {
+        image::Targets {
+            tls: self.tls.unwrap_or(image::NONE),
+            http: self.http.unwrap_or(image::NONE),
         }
     }
+}
+
+fn upstream(targets: image::Targets, protocol: Protocol) -> Option<UpstreamId> {
+    let id = match protocol {
+        Protocol::Tls => targets.tls,
+        Protocol::Http => targets.http,
+    };
+    (id != image::NONE).then_some(id)
 }
 
 /// Which rule matched a name.
@@ -69,9 +78,8 @@ pub struct Match<'t> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     upstreams: Vec<Upstream>,
-    exact: HashMap<Box<str>, Route>,
-    wildcard: HashMap<Box<str>, Route>,
-    default: Option<Route>,
+    /// The route names, compiled: see `image`.
+    image: Image,
     /// Indices of the upstreams with an active check, for the check timer.
     checked: Vec<UpstreamId>,
 }
@@ -99,6 +107,9 @@ impl RouteTable {
         nginx_upstream_exists: &dyn Fn(&str) -> bool,
     ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
         let mut table = RouteTable::default();
+        let mut exact: HashMap<&str, Route> = HashMap::new();
+        let mut wildcard: HashMap<&str, Route> = HashMap::new();
+        let mut default: Option<Route> = None;
         let mut warnings = Vec::new();
         let mut ids: HashMap<&str, (UpstreamId, usize)> = HashMap::new();
 
@@ -183,8 +194,8 @@ impl RouteTable {
             for (key, targets) in &doc.routes {
                 let route = resolve(file, &format_args!("routes[\"{key}\"]"), targets)?;
                 let (map, name) = match key {
-                    RouteKey::Exact(name) => (&mut table.exact, name),
-                    RouteKey::Wildcard(suffix) => (&mut table.wildcard, suffix),
+                    RouteKey::Exact(name) => (&mut exact, name),
+                    RouteKey::Wildcard(suffix) => (&mut wildcard, suffix),
                 };
                 if map.contains_key(name.as_str()) {
                     warnings.push(MergeWarning {
@@ -195,20 +206,31 @@ impl RouteTable {
                     });
                     continue;
                 }
-                map.insert(name.as_str().into(), route);
+                map.insert(name.as_str(), route);
             }
             if let Some(targets) = &doc.default {
                 let route = resolve(file, &"default", targets)?;
-                if table.default.is_some() {
+                if default.is_some() {
                     warnings.push(MergeWarning {
                         file,
                         message: "default: already set by an earlier file, ignored".into(),
                     });
                 } else {
-                    table.default = Some(route);
+                    default = Some(route);
                 }
             }
         }
+        let mut image = image::Builder::default();
+        for (name, route) in exact {
+            image.exact(name, route.targets());
+        }
+        for (suffix, route) in wildcard {
+            image.wildcard(suffix, route.targets());
+        }
+        if let Some(route) = default {
+            image.set_default(route.targets());
+        }
+        table.image = image.build(table.upstreams.len() as u32);
         table.name_checks(documents);
         Ok((table, warnings))
     }
@@ -265,7 +287,10 @@ impl RouteTable {
         let found = name.and_then(|name| self.lookup_name(name, protocol));
         let (by, id) = match found {
             Some(found) => found,
-            None => (MatchedBy::Default, self.default?.upstream(protocol)?),
+            None => (
+                MatchedBy::Default,
+                upstream(self.image.view().default()?, protocol)?,
+            ),
         };
         Some(Match {
             by,
@@ -278,20 +303,21 @@ impl RouteTable {
         name: &str,
         protocol: Protocol,
     ) -> Option<(MatchedBy<'t>, UpstreamId)> {
-        if let Some((key, route)) = self.exact.get_key_value(name) {
-            if let Some(id) = route.upstream(protocol) {
+        let image = self.image.view();
+        if let Some((key, targets)) = image.exact(name.as_bytes()) {
+            if let Some(id) = upstream(targets, protocol) {
                 return Some((MatchedBy::Exact(key), id));
             }
         }
-        if self.wildcard.is_empty() {
+        if image.wildcard_count() == 0 {
             return None;
         }
         // Longest suffix first: for a.b.example.com try b.example.com, example.com, com.
         let mut rest = name;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
-            if let Some((key, route)) = self.wildcard.get_key_value(rest) {
-                if let Some(id) = route.upstream(protocol) {
+            if let Some((key, targets)) = image.wildcard(rest.as_bytes()) {
+                if let Some(id) = upstream(targets, protocol) {
                     return Some((MatchedBy::Wildcard(key), id));
                 }
             }
@@ -309,7 +335,8 @@ impl RouteTable {
     }
 
     pub fn route_count(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
+        let image = self.image.view();
+        image.exact_count() + image.wildcard_count()
     }
 }
 

@@ -1,0 +1,61 @@
+//! The route image reader on corrupt images: an image built from names in the input, then
+//! bytes of it (header and body) overwritten from the input and the checksum made to match,
+//! so that the layout checks behind it are reached. Opening never panics or reads out of
+//! bounds; an image that opens answers lookups without panicking, and one left intact finds
+//! every name it was built with.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, NONE};
+
+fuzz_target!(|data: &[u8]| {
+    // names | edits: "\0" separates them; names are split on '\n'.
+    let (names, edits) = match data.iter().position(|&b| b == 0) {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let names: Vec<&[u8]> = names
+        .split(|&b| b == b'\n')
+        .filter(|n| !n.is_empty() && n.len() < 256 && n.is_ascii() && seen.insert(n.to_vec()))
+        .collect();
+    let mut b = Builder::default();
+    for (i, n) in names.iter().enumerate() {
+        let n = std::str::from_utf8(n).unwrap();
+        let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };
+        if i % 4 == 3 {
+            b.wildcard(n, to);
+        } else {
+            b.exact(n, to);
+        }
+    }
+    let image = b.build(3);
+    let mut bytes = image.bytes().to_vec();
+    // Each edit: a 2-byte position and a byte.
+    for e in edits.chunks_exact(3) {
+        let at = usize::from(u16::from_le_bytes([e[0], e[1]]));
+        if at < bytes.len() {
+            bytes[at] = e[2];
+        }
+    }
+    if edits.len() % 3 == 1 {
+        bytes.truncate(usize::from(edits[edits.len() - 1]));
+    }
+    let intact = bytes == image.bytes();
+    reseal(&mut bytes);
+    match Image::from_bytes(bytes) {
+        Ok(opened) => {
+            let v = opened.view();
+            for (i, n) in names.iter().enumerate() {
+                let found = if i % 4 == 3 { v.wildcard(n) } else { v.exact(n) };
+                if intact {
+                    assert!(found.is_some(), "{:?}", String::from_utf8_lossy(n));
+                }
+            }
+            let _ = v.exact(b"not.in.the.table");
+            let _ = v.default();
+            let _ = v.routes().count();
+        }
+        Err(e) => assert!(!intact, "an intact image was refused: {e}"),
+    }
+});
