@@ -17,16 +17,16 @@ $t->write_routes('routes.json', <<'EOF');
 {
   "upstreams": {
     "v1http": {"servers": ["127.0.0.1:%%PORT_pphttp%%"],
-               "check": {"type": "http", "path": "/healthz", "interval": "300ms", "fall": 2,
+               "check": {"type": "http", "path": "/healthz", "interval": "1s", "fall": 2,
                          "rise": 1, "proxy_protocol": "v1"}},
     "v2tls": {"servers": ["127.0.0.1:%%PORT_pptls%%"],
-              "check": {"type": "tls", "interval": "300ms", "fall": 2, "rise": 1,
+              "check": {"type": "tls", "interval": "1s", "fall": 2, "rise": 1,
                         "proxy_protocol": "v2"}},
     "v2tcp": {"servers": ["127.0.0.1:%%PORT_pptcp%%"],
-              "check": {"type": "tcp", "interval": "300ms", "fall": 2, "rise": 1,
+              "check": {"type": "tcp", "interval": "1s", "fall": 2, "rise": 1,
                         "proxy_protocol": "v2"}},
     "without": {"servers": ["127.0.0.1:%%PORT_pphttp%%"],
-                "check": {"type": "http", "path": "/healthz", "interval": "300ms", "fall": 2}}
+                "check": {"type": "http", "path": "/healthz", "interval": "1s", "fall": 2}}
   },
   "routes": {"v1.test": "v1http", "v2.test": "v2tls", "without.test": "without"}
 }
@@ -54,8 +54,10 @@ my ($pphttp, $pptls, $pptcp) = map { $t->port($_) } qw(pphttp pptls pptcp);
 
 for ([v1http => $pphttp, 'http, v1'], [v2tls => $pptls, 'tls, v2'], [v2tcp => $pptcp, 'tcp, v2']) {
     my ($u, $port, $what) = @$_;
-    wait_for(sub { ($state->($u, "127.0.0.1:$port")->{last_check} // {})->{result} }, "a $what check");
-    is($state->($u, "127.0.0.1:$port")->{last_check}{result}, 'ok', "$what check with the PROXY header: ok");
+    # (A probe may time out on a loaded machine; one that passes shows the header works.)
+    wait_for(sub { (($state->($u, "127.0.0.1:$port")->{last_check} // {})->{result} // '') eq 'ok' },
+        "a $what check");
+    pass("$what check with the PROXY header: ok");
     is($state->($u, "127.0.0.1:$port")->{state}, 'up', "$what: up");
 }
 # The same server checked without the header: the defect the header fixes.
@@ -82,7 +84,7 @@ my $u = Edge::Test->new;
 $u->write_routes('routes.json', <<'EOF');
 {
   "upstreams": {"slow": {"servers": ["127.0.0.1:%%PORT_b%%"],
-                         "check": {"type": "tcp", "interval": "200ms", "fall": 1, "rise": 100}}},
+                         "check": {"type": "tcp", "interval": "3s", "fall": 1, "rise": 100}}},
   "routes": {"slow.test": "slow"}
 }
 EOF
@@ -110,7 +112,7 @@ $u->wait_for_log(qr/a check of upstream "slow" server 127\.0\.0\.1:$b could not 
 close $_ for @idle;
 @idle = ();
 my $s = wait_for(sub { Edge::Test::server_state($ustatus, 'slow', "127.0.0.1:$b") }, 'status answers again');
-is($s->{state}, 'up', 'the server is still up (fall 1, rise 100: one counted failure would keep it down 20 s)');
+is($s->{state}, 'up', 'the server is still up (fall 1, rise 100: one counted failure would keep it down 300 s)');
 is($s->{why}, '', 'with no reason to be down');
 is(scalar(() = $u->read_file('error.log') =~ /could not be started here/g), 1, 'logged once');
 $u->wait_for_log(qr/edge: checks start again/);
