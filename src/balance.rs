@@ -2,10 +2,11 @@
 //! connections, or a consistent hash of the client address; skipping servers the session has
 //! tried and servers that are down, backups only once no primary is left.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
+use std::net::SocketAddr;
 
 use crate::health::{mix, Key, Record};
-use crate::upstream::{Balance, Policy, ServerDef, MAX_SERVERS};
+use crate::upstream::{socket_address, Balance, Policy, ServerDef, MAX_SERVERS};
 
 /// Servers a session has tried, by index. Fixed size: no allocation per connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,6 +41,61 @@ pub struct Pool {
     fail_open: Cell<bool>,
     /// The name an active check sends (SNI or Host): the check's own, else a route's.
     check_name: Option<Box<str>>,
+    /// Per server, its address as a peer connection takes it, by port (a server listed
+    /// without a port has one per listener port): made at first use, then only read.
+    peers: Box<[PeerCache]>,
+}
+
+/// A server's address for nginx's peer connection: made once per table, server and port, so
+/// that choosing a server allocates and formats nothing.
+pub struct PeerAddr {
+    pub sockaddr: libc::sockaddr_in6,
+    pub socklen: u32,
+    /// nginx's `ngx_str_t` for the peer's name (`10.0.0.1:443`), pointing into `text`.
+    pub name: NameRef,
+    text: Box<[u8]>,
+}
+
+/// The layout of nginx's `ngx_str_t`, holding its pointer as an integer so that a table stays
+/// `Send` (it is built and freed on other threads).
+#[repr(C)]
+pub struct NameRef {
+    pub len: usize,
+    pub data: usize,
+}
+
+impl PeerAddr {
+    fn new(addr: SocketAddr, ip_text: &str) -> Box<PeerAddr> {
+        let (sockaddr, socklen) = socket_address(addr);
+        let mut text = vec![0u8; ip_text.len() + 6];
+        let len = crate::report::peer_name(ip_text, addr.port(), &mut text);
+        text.truncate(len);
+        let text = text.into_boxed_slice();
+        Box::new(PeerAddr {
+            sockaddr,
+            socklen,
+            name: NameRef {
+                len,
+                data: text.as_ptr() as usize,
+            },
+            text,
+        })
+    }
+
+    pub fn name_text(&self) -> &[u8] {
+        &self.text
+    }
+}
+
+/// The addresses made for one server, by port; entries are only ever added, and each is
+/// boxed, so a reference handed out stays valid while the pool lives.
+#[derive(Default)]
+struct PeerCache(UnsafeCell<Vec<(u16, Box<PeerAddr>)>>);
+
+impl std::fmt::Debug for PeerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCache")
+    }
 }
 
 /// A server chosen for a try.
@@ -80,6 +136,7 @@ impl Pool {
             shared: (0..n).map(|_| Cell::new(None)).collect(),
             fail_open: Cell::new(false),
             check_name: None,
+            peers: (0..n).map(|_| PeerCache::default()).collect(),
         }
     }
 
@@ -89,6 +146,27 @@ impl Pool {
 
     pub fn ip_text(&self, i: usize) -> &str {
         &self.ip_text[i]
+    }
+
+    /// Server `i`'s address with its own port, or `local_port` (the listener's) if it has
+    /// none; made at the first call for each port.
+    pub fn peer(&self, i: usize, local_port: u16) -> &PeerAddr {
+        let server = &self.servers[i];
+        let port = server.port.unwrap_or(local_port);
+        // SAFETY: one thread (the worker's) uses a pool; entries are appended, never removed
+        // or moved out of their boxes, so the returned reference outlives any later push.
+        let cache = unsafe { &mut *self.peers[i].0.get() };
+        let at = match cache.iter().position(|(p, _)| *p == port) {
+            Some(at) => at,
+            None => {
+                let peer = PeerAddr::new(SocketAddr::new(server.ip, port), &self.ip_text[i]);
+                cache.push((port, peer));
+                cache.len() - 1
+            }
+        };
+        let peer: *const PeerAddr = &*cache[at].1;
+        // SAFETY: as above; the box's contents do not move when the vector grows.
+        unsafe { &*peer }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -441,6 +519,52 @@ mod tests {
                 assert_eq!(now, before[i], "client {i} moved although its server is up");
             }
         }
+    }
+
+    #[test]
+    fn peer_addresses_are_made_once_per_port() {
+        let p = Pool::new(
+            vec![
+                ServerDef {
+                    ip: [10, 0, 0, 1].into(),
+                    port: None,
+                    weight: 1,
+                    backup: false,
+                },
+                ServerDef {
+                    ip: "2001:db8::1".parse().unwrap(),
+                    port: Some(8443),
+                    weight: 1,
+                    backup: false,
+                },
+            ],
+            Policy::default(),
+        );
+        let a443: *const PeerAddr = p.peer(0, 443);
+        let a80 = p.peer(0, 80);
+        assert_eq!(a80.name_text(), b"10.0.0.1:80");
+        assert_eq!(
+            u16::from_be(a80.sockaddr.sin6_port),
+            80,
+            "the port sits where sin_port does"
+        );
+        assert_eq!(
+            a80.socklen as usize,
+            std::mem::size_of::<libc::sockaddr_in>()
+        );
+        assert!(
+            std::ptr::eq(a443, p.peer(0, 443)),
+            "made once, and still valid after a push"
+        );
+        let v6 = p.peer(1, 443);
+        assert_eq!(v6.name_text(), b"[2001:db8::1]:8443");
+        assert_eq!(v6.sockaddr.sin6_family, libc::AF_INET6 as libc::sa_family_t);
+        assert_eq!(
+            v6.socklen as usize,
+            std::mem::size_of::<libc::sockaddr_in6>()
+        );
+        assert_eq!(v6.name.len, 18);
+        assert_eq!(v6.name.data, v6.name_text().as_ptr() as usize);
     }
 
     #[test]

@@ -2,10 +2,9 @@
 //! them for a server, and tells them how the attempt went.
 
 use core::ffi::c_void;
-use std::net::SocketAddr;
 
 use nginx_sys::{
-    ngx_conf_t, ngx_int_t, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_stream_session_t,
+    ngx_conf_t, ngx_int_t, ngx_peer_connection_t, ngx_str_t, ngx_stream_session_t,
     ngx_stream_upstream_srv_conf_t, ngx_uint_t, sockaddr, sockaddr_in, sockaddr_in6, socklen_t,
     NGX_BUSY, NGX_ERROR, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PEER_FAILED,
 };
@@ -15,7 +14,7 @@ use crate::balance::{Pool, Tried};
 use crate::health::{fnv1a, now_ms, Transition};
 use crate::routes::table::Upstream;
 use crate::upstream::Balance;
-use crate::{io, report, session, worker};
+use crate::{report, session, worker};
 
 /// Per-session balancer state, in the connection's pool.
 struct PeerData {
@@ -32,7 +31,6 @@ struct PeerData {
     /// A hash of the client address, for `balance: hash`.
     client: u64,
     session: *mut ngx_stream_session_t,
-    pool: *mut nginx_sys::ngx_pool_t,
 }
 
 pub unsafe extern "C" fn init_upstream(
@@ -75,7 +73,6 @@ unsafe extern "C" fn init_peer(
             0
         },
         session: s,
-        pool: c.pool,
     });
     let peer = &mut (*(*s).upstream).peer;
     peer.data = data.cast();
@@ -120,7 +117,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let pc = &mut *pc;
     let data = &mut *data.cast::<PeerData>();
     let servers = &*data.servers;
-    let Some(pick) = servers.pick(&data.tried, data.client, now_ms()) else {
+    let Some(pick) = servers.pick(&data.tried, data.client, loop_now_ms()) else {
         return NGX_BUSY as ngx_int_t;
     };
     let i = pick.index;
@@ -147,20 +144,25 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
     }
     data.tried.insert(i);
-    let server = &servers.servers()[i];
-    let addr = SocketAddr::new(server.ip, server.port.unwrap_or(data.local_port));
-    match peer_address(data.pool, addr, servers.ip_text(i)) {
-        Some((sa, len, name)) => {
-            pc.sockaddr = sa;
-            pc.socklen = len;
-            pc.name = name;
-            let record = servers.health(i);
-            record.connected(data.slot);
-            data.current = Some((i, record.generation()));
-            NGX_OK as ngx_int_t
-        }
-        None => NGX_ERROR as ngx_int_t,
-    }
+    // Made once per table, server and port; the session keeps the table, so it outlives
+    // the connection. nginx only reads these.
+    let peer = servers.peer(i, data.local_port);
+    pc.sockaddr = core::ptr::from_ref(&peer.sockaddr).cast_mut().cast();
+    pc.socklen = peer.socklen as socklen_t;
+    pc.name = core::ptr::from_ref(&peer.name)
+        .cast_mut()
+        .cast::<ngx_str_t>();
+    let record = servers.health(i);
+    record.connected(data.slot);
+    data.current = Some((i, record.generation()));
+    NGX_OK as ngx_int_t
+}
+
+/// The event loop's clock: nginx reads CLOCK_MONOTONIC once per loop iteration, the clock of
+/// `health::now_ms`, so the hot path need not read it again.
+fn loop_now_ms() -> u64 {
+    // SAFETY: a plain read of nginx's cached time, written by this thread only.
+    unsafe { nginx_sys::ngx_current_msec as u64 }
 }
 
 /// nginx is done with the current try: `NGX_PEER_FAILED` when the connect failed or timed
@@ -186,7 +188,7 @@ unsafe extern "C" fn free_peer(
     }
     let transition = if state & NGX_PEER_FAILED as ngx_uint_t != 0 {
         let policy = servers.policy();
-        record.failed(now_ms(), policy.max_fails, policy.fail_timeout_ms)
+        record.failed(loop_now_ms(), policy.max_fails, policy.fail_timeout_ms)
     } else if (*(*data.session).upstream).connected() != 0 {
         record.succeeded()
     } else {
@@ -264,33 +266,3 @@ unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_
 }
 
 unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) {}
-
-/// The sockaddr and its printable name, in the pool: the table may be swapped mid-session.
-unsafe fn peer_address(
-    pool: *mut nginx_sys::ngx_pool_t,
-    addr: SocketAddr,
-    ip_text: &str,
-) -> Option<(*mut sockaddr, socklen_t, *mut ngx_str_t)> {
-    let sa = nginx_sys::ngx_pcalloc(pool, core::mem::size_of::<sockaddr_in6>()).cast::<sockaddr>();
-    if sa.is_null() {
-        return None;
-    }
-    let len = io::write_sockaddr(sa, addr);
-    // "[ffff:...:ffff]:65535" is at most 47 bytes.
-    const NAME_MAX: usize = 48;
-    let text = ngx_pnalloc(pool, NAME_MAX).cast::<u8>();
-    let name = nginx_sys::ngx_palloc(pool, core::mem::size_of::<ngx_str_t>()).cast::<ngx_str_t>();
-    if text.is_null() || name.is_null() {
-        return None;
-    }
-    let len_name = report::peer_name(
-        ip_text,
-        addr.port(),
-        core::slice::from_raw_parts_mut(text, NAME_MAX),
-    );
-    name.write(ngx_str_t {
-        len: len_name,
-        data: text,
-    });
-    Some((sa, len, name))
-}

@@ -11,16 +11,16 @@ use std::rc::Rc;
 use nginx_sys::{
     ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_event_connect_peer,
     ngx_event_get_peer, ngx_event_t, ngx_handle_read_event, ngx_log_t, ngx_peer_connection_t,
-    ngx_str_t, sockaddr_in6, NGX_DECLINED, NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
+    ngx_str_t, NGX_DECLINED, NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::ngx_log_error;
 
 use crate::balancer::log_transition;
 use crate::health::probe::{client_hello, http_request, judge, proxy_header};
 use crate::health::{now_ms, Outcome};
-use crate::io::{self, write_sockaddr, Received, Sent};
+use crate::io::{self, Received, Sent};
 use crate::routes::table::{Backend, RouteTable};
-use crate::upstream::CheckKind;
+use crate::upstream::{socket_address, CheckKind};
 use crate::worker::{self, Worker};
 
 /// How often a worker looks for due checks; a probe starts at most this late.
@@ -74,7 +74,7 @@ struct Probe {
     got: usize,
     connected: bool,
     peer: ngx_peer_connection_t,
-    sockaddr: sockaddr_in6,
+    sockaddr: libc::sockaddr_in6,
     name: ngx_str_t,
     name_text: String,
     log: *mut ngx_log_t,
@@ -123,7 +123,8 @@ unsafe fn start_probe(w: &Worker, table: Rc<RouteTable>, u: usize, i: usize, now
         upstream: u,
         server: i,
     });
-    let socklen = write_sockaddr(addr_of_mut!(probe.sockaddr).cast(), addr);
+    let (sockaddr, socklen) = socket_address(addr);
+    probe.sockaddr = sockaddr;
     probe.name = ngx_str_t {
         len: probe.name_text.len(),
         data: probe.name_text.as_ptr().cast_mut(),

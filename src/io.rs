@@ -2,33 +2,9 @@
 //! (status answers, check probes): what nginx's `recv`/`send` return, as values, with the
 //! event re-armed when the socket would block.
 
-use std::net::SocketAddr;
-
 use nginx_sys::{
-    ngx_connection_t, ngx_handle_read_event, ngx_handle_write_event, sockaddr, sockaddr_in,
-    sockaddr_in6, socklen_t, NGX_AGAIN, NGX_OK,
+    ngx_connection_t, ngx_handle_read_event, ngx_handle_write_event, NGX_AGAIN, NGX_OK,
 };
-
-/// Writes `addr` as a `sockaddr_in` or `sockaddr_in6` at `out`, which must have room for a
-/// zeroed `sockaddr_in6`; returns its length.
-pub unsafe fn write_sockaddr(out: *mut sockaddr, addr: SocketAddr) -> socklen_t {
-    match addr {
-        SocketAddr::V4(a) => {
-            let sin = &mut *out.cast::<sockaddr_in>();
-            sin.sin_family = libc::AF_INET as _;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            core::mem::size_of::<sockaddr_in>() as socklen_t
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = &mut *out.cast::<sockaddr_in6>();
-            sin6.sin6_family = libc::AF_INET6 as _;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.__in6_u.__u6_addr8 = a.ip().octets();
-            core::mem::size_of::<sockaddr_in6>() as socklen_t
-        }
-    }
-}
 
 pub enum Sent {
     /// Everything is out.

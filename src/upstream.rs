@@ -1,7 +1,7 @@
 //! Pure: what an upstream of the module is — its servers, how they are balanced and how their
 //! health is checked. The route schema, the balancer and the health checks all build on it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// Servers in one upstream.
 pub const MAX_SERVERS: usize = 256;
@@ -96,6 +96,38 @@ impl ServerDef {
         match self.ip {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
+        }
+    }
+}
+
+/// `addr` as the kernel takes it: a `sockaddr_in` or a `sockaddr_in6` in storage the size of
+/// the latter, and its length.
+pub fn socket_address(addr: SocketAddr) -> (libc::sockaddr_in6, u32) {
+    // SAFETY: all-zero is a valid sockaddr_in6 (and sockaddr_in).
+    let mut storage: libc::sockaddr_in6 = unsafe { core::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in is smaller than sockaddr_in6 and less strictly aligned.
+            unsafe {
+                core::ptr::from_mut(&mut storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(sin)
+            };
+            (storage, core::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(a) => {
+            storage.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            storage.sin6_port = a.port().to_be();
+            storage.sin6_addr.s6_addr = a.ip().octets();
+            (storage, core::mem::size_of::<libc::sockaddr_in6>() as u32)
         }
     }
 }
