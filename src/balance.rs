@@ -68,7 +68,7 @@ impl PeerAddr {
     fn new(addr: SocketAddr, ip_text: &str) -> Box<PeerAddr> {
         let (sockaddr, socklen) = socket_address(addr);
         let mut text = vec![0u8; ip_text.len() + 6];
-        let len = crate::report::peer_name(ip_text, addr.port(), &mut text);
+        let len = crate::upstream::peer_name(ip_text, addr.port(), &mut text);
         text.truncate(len);
         let text = text.into_boxed_slice();
         Box::new(PeerAddr {

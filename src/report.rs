@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::balance::Pool;
 use crate::health::{Outcome, View};
 use crate::routes::table::{Backend, RouteTable};
+pub use crate::upstream::peer_name;
 use crate::upstream::{Balance, CheckKind, ServerDef};
 
 pub struct SourceInfo<'a> {
@@ -51,28 +52,6 @@ pub fn address(s: &ServerDef) -> String {
         None => s.host(),
         Some(port) => format!("{}:{port}", s.host()),
     }
-}
-
-/// `address:port` into `out` (at least `address.len() + 6` bytes), as nginx names a peer;
-/// returns the length. Costs a copy and five divisions, not core::fmt's thousand instructions.
-pub fn peer_name(address: &str, port: u16, out: &mut [u8]) -> usize {
-    let n = address.len();
-    out[..n].copy_from_slice(address.as_bytes());
-    out[n] = b':';
-    let mut digits = [0u8; 5];
-    let mut i = digits.len();
-    let mut p = port;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (p % 10) as u8;
-        p /= 10;
-        if p == 0 {
-            break;
-        }
-    }
-    let d = &digits[i..];
-    out[n + 1..n + 1 + d.len()].copy_from_slice(d);
-    n + 1 + d.len()
 }
 
 fn balance(b: Balance) -> &'static str {

@@ -31,7 +31,7 @@ const POLL_MS: ngx_msec_t = 5;
 pub struct Worker {
     pub log: *mut ngx_log_t,
     mcf: *mut MainConf,
-    pub zone: Option<Zone>,
+    pub zone: Option<Arc<Zone>>,
     /// This worker's connection-count slot in the zone.
     pub slot: Option<usize>,
     // Boxed: nginx's timer tree points at each one's event.
@@ -68,7 +68,8 @@ struct RetiringTable {
 struct Refresh {
     slot: *mut SourceSlot,
     timer: ngx_event_t,
-    job: Option<JoinHandle<Done>>,
+    /// The work, and for a table it built, how many servers did not fit in the zone.
+    job: Option<JoinHandle<(Done, Option<usize>)>>,
     /// The table generation last attached to the zone.
     attached: u64,
     /// Time the event loop has spent on the refresh under way.
@@ -115,7 +116,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         return false;
     }
     let log = (*cycle).log;
-    let zone = mcf.zone.and_then(|z| Zone::open(z, log));
+    let zone = mcf.zone.and_then(|z| Zone::open(z, log)).map(Arc::new);
     let slot = zone.as_ref().and_then(|z| {
         let slot = z.claim_slot(libc::getpid(), log);
         if slot.is_none() {
@@ -161,7 +162,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             busy: Duration::ZERO,
         });
         if let (Some(zone), Some(source)) = (w.zone.as_ref(), (*slot).source.as_ref()) {
-            zone.attach(source.table(), log);
+            zone.log_full(zone.attach(source.table()), log);
             refresh.attached = source.generation();
         }
         let data = core::ptr::from_mut(&mut *refresh).cast();
@@ -341,6 +342,8 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         ngx_add_timer(ev, slot.interval);
         return;
     };
+    // Servers that did not fit in the zone, when the thread attached the table it built.
+    let mut attached_on_thread = None;
     let mut step = match r.job.take() {
         Some(job) if !job.is_finished() => {
             r.job = Some(job);
@@ -349,7 +352,10 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             return;
         }
         Some(job) => match job.join() {
-            Ok(done) => source.resume(done),
+            Ok((done, unattached)) => {
+                attached_on_thread = unattached;
+                source.resume(done)
+            }
             Err(_) => {
                 ngx_log_error!(
                     NGX_LOG_ALERT,
@@ -376,7 +382,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 if generation != r.attached {
                     r.attached = generation;
                     if let Some(zone) = w.zone.as_ref() {
-                        zone.attach(source.table(), log);
+                        let unattached =
+                            attached_on_thread.unwrap_or_else(|| zone.attach(source.table()));
+                        zone.log_full(unattached, log);
                     }
                     w.carry_failing_open(source.table());
                     w.retire(source.take_retired(), generation, r.slot);
@@ -397,7 +405,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             }
             Step::NeedWork(work) => {
                 let names = Arc::clone(&mcf.nginx_upstreams);
-                match spawn(work, names) {
+                match spawn(work, names, w.zone.clone()) {
                     Ok(job) => {
                         r.job = Some(job);
                         r.busy += entered.elapsed();
@@ -449,9 +457,21 @@ fn without_fastbins(f: impl FnOnce()) {
     }
 }
 
-/// Runs `work` on a thread of its own.
-fn spawn(work: Work, names: Arc<HashSet<String>>) -> std::io::Result<JoinHandle<Done>> {
-    spawn_quiet("edge-routes", move || work.run(&|n| names.contains(n)))
+/// Runs `work` on a thread of its own, and attaches the table it builds, if any, to the zone
+/// there: for a large table that is milliseconds of lookups the event loop does not spend.
+fn spawn(
+    work: Work,
+    names: Arc<HashSet<String>>,
+    zone: Option<Arc<Zone>>,
+) -> std::io::Result<JoinHandle<(Done, Option<usize>)>> {
+    spawn_quiet("edge-routes", move || {
+        let done = work.run(&|n| names.contains(n));
+        let unattached = match (&done, zone) {
+            (Done::Merged(Ok((table, _))), Some(zone)) => Some(zone.attach(table)),
+            _ => None,
+        };
+        (done, unattached)
+    })
 }
 
 /// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own

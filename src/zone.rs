@@ -239,33 +239,50 @@ impl Zone {
     }
 
     /// Points every `servers` upstream of `table` at its shared records, making those that
-    /// are new. Servers that do not fit keep per-worker records; that is logged.
-    pub fn attach(&self, table: &RouteTable, log: *mut ngx_log_t) {
+    /// are new; returns how many servers did not fit (they keep per-worker records). Runs on
+    /// the thread that built the table: the lock is taken for `ATTACH_BATCH` servers at a
+    /// time, so that the event loop (which takes it only to claim or sweep) never waits long.
+    pub fn attach(&self, table: &RouteTable) -> usize {
+        /// Servers looked up per hold of the zone's lock.
+        const ATTACH_BATCH: usize = 512;
         let now = now_ms();
         let stale_before = now.saturating_sub(STALE_MS);
         let mut unattached = 0usize;
-        {
-            let _lock = self.pool.lock();
-            let store = self.store();
-            for upstream in table.upstreams() {
-                let Backend::Servers(pool) = &upstream.kind else {
-                    continue;
-                };
-                let policy = pool.policy();
-                for (i, server) in pool.servers().iter().enumerate() {
-                    let key = Key::new(&upstream.name, server.ip, server.port);
-                    match store.find_or_insert(&key, now, stale_before, policy.start_down) {
-                        Some(entry) => {
-                            if policy.check.is_none() {
-                                entry.record.clear_active();
-                            }
-                            pool.attach(i, entry.record);
+        let mut lock = None;
+        let mut held = 0;
+        for upstream in table.upstreams() {
+            let Backend::Servers(pool) = &upstream.kind else {
+                continue;
+            };
+            let policy = pool.policy();
+            for (i, server) in pool.servers().iter().enumerate() {
+                if held == ATTACH_BATCH {
+                    lock = None;
+                    held = 0;
+                }
+                lock.get_or_insert_with(|| self.pool.lock());
+                held += 1;
+                let key = Key::new(&upstream.name, server.ip, server.port);
+                match self
+                    .store()
+                    .find_or_insert(&key, now, stale_before, policy.start_down)
+                {
+                    Some(entry) => {
+                        if policy.check.is_none() {
+                            entry.record.clear_active();
                         }
-                        None => unattached += 1,
+                        pool.attach(i, entry.record);
                     }
+                    None => unattached += 1,
                 }
             }
         }
+        drop(lock);
+        unattached
+    }
+
+    /// Says, once per table, that `unattached` servers did not fit.
+    pub fn log_full(&self, unattached: usize, log: *mut ngx_log_t) {
         if unattached > 0 {
             ngx_log_error!(
                 NGX_LOG_WARN,
