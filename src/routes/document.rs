@@ -34,7 +34,7 @@ pub mod limits {
 }
 use limits::*;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Document {
     pub upstreams: Vec<UpstreamDef>,
     pub routes: Vec<(RouteKey, Targets)>,

@@ -388,6 +388,16 @@ impl Source {
                 self.loaded_at = Some(std::time::SystemTime::now());
                 let old = std::mem::replace(&mut self.table, Rc::new(table));
                 self.retired.table = Some(old);
+                if self.kind == Kind::File {
+                    // A single file is merged with nothing else: its table is all that is
+                    // needed of it. The document (the larger of the two) is not kept; an empty
+                    // stand-in marks the version accepted.
+                    for unit in &mut self.units {
+                        if let Some(doc) = unit.good.replace(Arc::new(Document::default())) {
+                            self.retired.documents.push(doc);
+                        }
+                    }
+                }
                 let routes = self.table.route_count();
                 let files = owners.len();
                 // From the first stat to the new table, wherever the work was done (in a
@@ -406,6 +416,18 @@ impl Source {
                 let message = format!("{}: {}", self.units[culprit].path.display(), err.message);
                 pending.events.push(rejected(&message, self.generation > 0));
                 self.last_error = Some(message);
+                if self.kind == Kind::File {
+                    // The table in service is the last good one: nothing to merge again.
+                    for unit in &mut self.units {
+                        if let Some(back) = unit.previous.take() {
+                            self.retired
+                                .documents
+                                .extend(std::mem::replace(&mut unit.good, back));
+                        }
+                    }
+                    self.pending = Some(pending);
+                    return self.finish();
+                }
                 // Revert the culprit if it is new; otherwise what changed around it.
                 let revert: Vec<usize> = if self.units[culprit].previous.is_some() {
                     vec![culprit]
@@ -712,6 +734,37 @@ mod tests {
         assert_eq!(source.generation(), 2);
         assert_eq!(upstream_of(&source, "a.test"), None);
         assert_eq!(upstream_of(&source, "x.test").as_deref(), Some("b"));
+    }
+
+    /// A single file keeps no document once its table is built: a later version that does
+    /// not merge (an unknown upstream) leaves the table in service, and the next good one
+    /// replaces it.
+    #[test]
+    fn a_single_file_keeps_its_table_not_its_document() {
+        let dir = Dir::new("single");
+        let file = dir.write("r.json", A);
+        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        assert!(source
+            .units
+            .iter()
+            .all(|u| u.good.as_deref() == Some(&Document::default())));
+        dir.write("r.json", r#"{"routes": {"a.test": "nope"}}"#);
+        let events = source.refresh(&|_| true);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            events[0]
+                .message
+                .contains("unknown upstream \"nope\"; rejected"),
+            "{events:?}"
+        );
+        assert_eq!(source.generation(), 1);
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        assert!(source.refresh(&|_| true).is_empty(), "reported once");
+        dir.write("r.json", B.replace("\"a\"", "\"b\"").as_str());
+        let events = source.refresh(&|_| true);
+        assert_eq!(events[0].level, Level::Notice, "{events:?}");
+        assert_eq!(upstream_of(&source, "x.test").as_deref(), Some("b"));
+        assert_eq!(upstream_of(&source, "a.test"), None);
     }
 
     #[test]
