@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Servers in one upstream.
 pub const MAX_SERVERS: usize = 256;
+/// Largest server weight.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// How the module balances a `servers` upstream and judges its servers' health.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, NONE};
+use ngx_stream_edge_module::routes::document::UpstreamKind;
+use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, UpstreamSpec, NONE};
+use ngx_stream_edge_module::upstream::{CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
 fuzz_target!(|data: &[u8]| {
     // names | edits: "\0" separates them; names are split on '\n'.
@@ -19,7 +21,31 @@ fuzz_target!(|data: &[u8]| {
         .split(|&b| b == b'\n')
         .filter(|n| !n.is_empty() && n.len() < 256 && n.is_ascii() && seen.insert(n.to_vec()))
         .collect();
+    let servers = UpstreamKind::Servers(vec![
+        ServerDef { ip: [10, 0, 0, 1].into(), port: None, weight: 1, backup: false },
+        ServerDef { ip: "2001:db8::1".parse().unwrap(), port: Some(8443), weight: 5, backup: true },
+    ]);
+    let checked = Policy {
+        check: Some(CheckDef {
+            kind: CheckKind::Http,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            port: Some(8080),
+            name: None,
+            path: "/healthz".into(),
+            expect: 0b100,
+            proxy_protocol: Some(ProxyProtocol::V1),
+        }),
+        ..Policy::default()
+    };
+    let plain = Policy::default();
+    let nginx = UpstreamKind::Nginx("vhosts".into());
     let mut b = Builder::default();
+    b.upstream(UpstreamSpec { name: "a", kind: &servers, policy: &checked, check_name: Some("a.test") });
+    b.upstream(UpstreamSpec { name: "b", kind: &servers, policy: &plain, check_name: None });
+    b.upstream(UpstreamSpec { name: "c", kind: &nginx, policy: &plain, check_name: None });
     for (i, n) in names.iter().enumerate() {
         let n = std::str::from_utf8(n).unwrap();
         let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };
@@ -53,6 +79,14 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             let _ = v.exact(b"not.in.the.table");
+            for u in 0..v.upstream_count() {
+                let e = v.upstream(u);
+                let _ = (e.name(), e.nginx(), e.servers(), e.policy(), e.check_name());
+            }
+            if intact {
+                assert_eq!(v.upstream_count(), 3);
+                assert_eq!(v.upstream(0).policy(), checked);
+            }
             let _ = v.default();
             let _ = v.routes().count();
         }

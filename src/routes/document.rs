@@ -16,9 +16,7 @@ pub mod limits {
     pub const MAX_ROUTES: usize = 1_000_000;
     /// Upstreams in a table.
     pub const MAX_UPSTREAMS: usize = 100_000;
-    pub use crate::upstream::MAX_SERVERS;
-    /// Largest server weight.
-    pub const MAX_WEIGHT: u32 = 1000;
+    pub use crate::upstream::{MAX_SERVERS, MAX_WEIGHT};
     /// Length of an upstream name.
     pub const MAX_UPSTREAM_NAME: usize = 128;
     /// Length of a route name (a DNS name: 253).

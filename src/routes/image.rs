@@ -4,10 +4,20 @@
 //! looked up in place, without deserializing anything, so the same bytes can be shared by
 //! every worker (mapped from a file) and checked before use.
 //!
-//! Layout, little-endian, every section 8-byte aligned:
-//! `Header` | exact slots | wildcard slots | names (`len: u8`, then the bytes).
+//! It also holds the upstreams (servers, balancing, checks), so that a worker can build
+//! everything it serves from an image alone.
+//!
+//! Layout, little-endian, every section 8-byte aligned: `Header` | exact slots | wildcard
+//! slots | upstream records | server records | names (`len: u8`, then the bytes) | strings
+//! (`len: u16`, then the bytes).
 
 use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+
+use super::document::UpstreamKind;
+use crate::upstream::{
+    Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef, MAX_SERVERS, MAX_WEIGHT,
+};
 
 /// No upstream for this protocol.
 pub const NONE: u32 = u32::MAX;
@@ -31,6 +41,12 @@ struct Header {
     names_len: u32,
     default_tls: u32,
     default_http: u32,
+    upstreams_off: u32,
+    servers_off: u32,
+    servers_count: u32,
+    strings_off: u32,
+    strings_len: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -55,6 +71,10 @@ struct Slot {
 
 const HEADER: usize = core::mem::size_of::<Header>();
 const SLOT: usize = core::mem::size_of::<Slot>();
+/// An upstream record; see `UpstreamEntry` for its fields.
+const UPSTREAM: usize = 64;
+/// A server record: address (16, v4 mapped), port (0: the listener's), weight, backup, v6.
+const SERVER: usize = 24;
 
 /// What a route sends each protocol to: upstream ids, or `NONE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +107,27 @@ fn slot_hash(h: u64) -> u32 {
 
 /// Builds an image. Names must be unique within each table, at most 255 bytes of ASCII.
 #[derive(Default)]
-pub struct Builder {
+pub struct Builder<'a> {
     exact: Vec<(Box<[u8]>, Targets)>,
     wildcard: Vec<(Box<[u8]>, Targets)>,
     default: Option<Targets>,
+    upstreams: Vec<UpstreamSpec<'a>>,
 }
 
-impl Builder {
+/// An upstream for the image: what the route file says, and the name its check sends.
+pub struct UpstreamSpec<'a> {
+    pub name: &'a str,
+    pub kind: &'a UpstreamKind,
+    pub policy: &'a Policy,
+    pub check_name: Option<&'a str>,
+}
+
+impl<'a> Builder<'a> {
+    /// Upstreams get ids in the order they are added.
+    pub fn upstream(&mut self, spec: UpstreamSpec<'a>) {
+        self.upstreams.push(spec);
+    }
+
     pub fn exact(&mut self, name: &str, to: Targets) {
         self.exact.push((name.as_bytes().into(), to));
     }
@@ -107,7 +141,14 @@ impl Builder {
         self.default = Some(to);
     }
 
+    /// `upstreams`: the number of upstream ids routes may use when no upstream was added
+    /// (the route-only images of tests); otherwise the number added.
     pub fn build(self, upstreams: u32) -> Image {
+        let upstreams = if self.upstreams.is_empty() {
+            upstreams
+        } else {
+            self.upstreams.len() as u32
+        };
         let slots_for = |n: usize| (n + n / 2 + 1).next_power_of_two();
         let (exact_slots, wild_slots) =
             (slots_for(self.exact.len()), slots_for(self.wildcard.len()));
@@ -117,11 +158,36 @@ impl Builder {
             .chain(&self.wildcard)
             .map(|(n, _)| 1 + n.len())
             .sum();
+        let servers_count: usize = self
+            .upstreams
+            .iter()
+            .map(|u| match u.kind {
+                UpstreamKind::Servers(list) => list.len(),
+                UpstreamKind::Nginx(_) => 0,
+            })
+            .sum();
+        let mut strings = Strings::default();
         let exact_off = HEADER;
         let wild_off = exact_off + exact_slots * SLOT;
-        let names_off = wild_off + wild_slots * SLOT;
-        let len = (names_off + names_len).next_multiple_of(8);
+        let upstreams_off = wild_off + wild_slots * SLOT;
+        let servers_off = upstreams_off + self.upstreams.len() * UPSTREAM;
+        let names_off = servers_off + servers_count * SERVER;
+        let strings_off = names_off + names_len;
+        let mut records = Vec::with_capacity(self.upstreams.len() * UPSTREAM);
+        let mut servers = Vec::with_capacity(servers_count * SERVER);
+        for u in &self.upstreams {
+            records.extend_from_slice(&upstream_record(u, servers.len() / SERVER, &mut strings));
+            if let UpstreamKind::Servers(list) = u.kind {
+                for server in list {
+                    servers.extend_from_slice(&server_record(server));
+                }
+            }
+        }
+        let len = (strings_off + strings.bytes.len()).next_multiple_of(8);
         let mut bytes = vec![0u8; len];
+        bytes[upstreams_off..servers_off].copy_from_slice(&records);
+        bytes[servers_off..names_off].copy_from_slice(&servers);
+        bytes[strings_off..strings_off + strings.bytes.len()].copy_from_slice(&strings.bytes);
         let mut names = names_off;
         let mut place =
             |bytes: &mut [u8], off: usize, slots: usize, list: &[(Box<[u8]>, Targets)]| {
@@ -176,6 +242,16 @@ impl Builder {
             names_len: names_len as u32,
             default_tls: default.tls,
             default_http: default.http,
+            upstreams_off: if self.upstreams.is_empty() {
+                0
+            } else {
+                upstreams_off as u32
+            },
+            servers_off: servers_off as u32,
+            servers_count: servers_count as u32,
+            strings_off: strings_off as u32,
+            strings_len: strings.bytes.len() as u32,
+            _pad: 0,
         };
         header.checksum = checksum(&bytes[HEADER..]);
         write_header(&mut bytes, &header);
@@ -297,6 +373,23 @@ impl<'a> View<'a> {
         if names_end > self.bytes.len() as u64 {
             return Err(ImageError::Corrupt("names past the end"));
         }
+        let upstreams_end = u64::from(h.upstreams_off) + u64::from(h.upstreams) * UPSTREAM as u64;
+        let servers_end = u64::from(h.servers_off) + u64::from(h.servers_count) * SERVER as u64;
+        let strings_end = u64::from(h.strings_off) + u64::from(h.strings_len);
+        if h.upstreams_off != 0 {
+            // An image with upstream records (every table's): each section in its place.
+            if (h.upstreams_off as usize) < HEADER
+                || upstreams_end > u64::from(h.servers_off)
+                || servers_end > u64::from(h.names_off)
+                || u64::from(h.strings_off) < names_end
+                || strings_end > self.bytes.len() as u64
+            {
+                return Err(ImageError::Corrupt("upstream sections out of place"));
+            }
+            for i in 0..h.upstreams as usize {
+                self.check_upstream(i)?;
+            }
+        }
         let upstream_ok = |id: u32| id == NONE || id < h.upstreams;
         if !upstream_ok(h.default_tls) || !upstream_ok(h.default_http) {
             return Err(ImageError::Corrupt("default names no upstream"));
@@ -306,7 +399,12 @@ impl<'a> View<'a> {
                 return Err(ImageError::Corrupt("hash table size"));
             }
             let end = s.off as u64 + u64::from(s.slots) * SLOT as u64;
-            if (s.off as usize) < HEADER || end > u64::from(h.names_off) {
+            let limit = if h.upstreams_off == 0 {
+                h.names_off
+            } else {
+                h.upstreams_off
+            };
+            if (s.off as usize) < HEADER || end > u64::from(limit) {
                 return Err(ImageError::Corrupt("hash table bounds"));
             }
             let mut used = 0;
@@ -331,6 +429,60 @@ impl<'a> View<'a> {
             }
         }
         Ok(())
+    }
+
+    fn check_upstream(&self, i: usize) -> Result<(), ImageError> {
+        let u = self.upstream(i);
+        let corrupt = |what| Err(ImageError::Corrupt(what));
+        if u.string(u.u32(0)).is_none() {
+            return corrupt("an upstream name out of bounds");
+        }
+        let (first, count) = (u.u32(8) as u64, u64::from(u.u16(12)));
+        if first + count > u64::from(self.header.servers_count) || count as usize > MAX_SERVERS {
+            return corrupt("an upstream's servers out of bounds");
+        }
+        match u.byte(14) {
+            0 if count > 0 => {}
+            1 if u.string(u.u32(4)).is_some() => {}
+            _ => return corrupt("an upstream of no known kind"),
+        }
+        if u.byte(15) > 2 || u.byte(24) > 3 || u.byte(26) > 2 {
+            return corrupt("an unknown balance, check or PROXY protocol value");
+        }
+        for k in [44, 52] {
+            let off = u.u32(k);
+            if off != NONE && u.string(off).is_none() {
+                return corrupt("a check name out of bounds");
+            }
+        }
+        if u.byte(24) != 0 && u.string(u.u32(48)).is_none() {
+            return corrupt("a check path out of bounds");
+        }
+        for j in first..first + count {
+            let at = self.header.servers_off as usize + j as usize * SERVER;
+            let weight = u16::from_le_bytes([self.bytes[at + 18], self.bytes[at + 19]]);
+            if weight == 0 || u32::from(weight) > MAX_WEIGHT {
+                return corrupt("a server weight out of range");
+            }
+        }
+        Ok(())
+    }
+
+    /// Upstream `i` (below `upstream_count()`).
+    pub fn upstream(&self, i: usize) -> UpstreamEntry<'a> {
+        UpstreamEntry {
+            view: *self,
+            at: self.header.upstreams_off as usize + i * UPSTREAM,
+        }
+    }
+
+    /// The upstream records; none in a route-only image.
+    pub fn upstream_count(&self) -> usize {
+        if self.header.upstreams_off == 0 {
+            0
+        } else {
+            self.header.upstreams as usize
+        }
     }
 
     fn name_at(&self, off: u32) -> Option<&'a [u8]> {
@@ -421,6 +573,199 @@ impl<'a> View<'a> {
     }
 }
 
+/// One upstream record of an image.
+#[derive(Clone, Copy)]
+pub struct UpstreamEntry<'a> {
+    view: View<'a>,
+    at: usize,
+}
+
+impl<'a> UpstreamEntry<'a> {
+    fn byte(&self, k: usize) -> u8 {
+        self.view.bytes[self.at + k]
+    }
+
+    fn u16(&self, k: usize) -> u16 {
+        u16::from_le_bytes([self.byte(k), self.byte(k + 1)])
+    }
+
+    fn u32(&self, k: usize) -> u32 {
+        u32_at(self.view.bytes, self.at + k)
+    }
+
+    /// A string of the strings section; `None` out of bounds (or `NONE`).
+    fn string(&self, off: u32) -> Option<&'a str> {
+        let h = self.view.header;
+        let strings = self
+            .view
+            .bytes
+            .get(h.strings_off as usize..)?
+            .get(..h.strings_len as usize)?;
+        let off = off as usize;
+        let len = u16::from_le_bytes([*strings.get(off)?, *strings.get(off + 1)?]) as usize;
+        core::str::from_utf8(strings.get(off + 2..off + 2 + len)?).ok()
+    }
+
+    pub fn name(&self) -> &'a str {
+        self.string(self.u32(0)).unwrap_or_default()
+    }
+
+    /// The `upstream {}` block of nginx.conf this upstream hands connections to, if that is
+    /// its kind.
+    pub fn nginx(&self) -> Option<&'a str> {
+        (self.byte(14) == 1)
+            .then(|| self.string(self.u32(4)))
+            .flatten()
+    }
+
+    pub fn servers(&self) -> Vec<ServerDef> {
+        let (first, count) = (self.u32(8) as usize, self.u16(12) as usize);
+        let b = self.view.bytes;
+        (first..first + count)
+            .map(|j| {
+                let at = self.view.header.servers_off as usize + j * SERVER;
+                let mut ip = [0u8; 16];
+                ip.copy_from_slice(&b[at..at + 16]);
+                let ip = Ipv6Addr::from(ip);
+                let port = u16::from_le_bytes([b[at + 16], b[at + 17]]);
+                ServerDef {
+                    ip: match (b[at + 21], ip.to_ipv4_mapped()) {
+                        (0, Some(v4)) => IpAddr::V4(v4),
+                        _ => IpAddr::V6(ip),
+                    },
+                    port: (port != 0).then_some(port),
+                    weight: u32::from(u16::from_le_bytes([b[at + 18], b[at + 19]])),
+                    backup: b[at + 20] != 0,
+                }
+            })
+            .collect()
+    }
+
+    pub fn policy(&self) -> Policy {
+        let check = match self.byte(24) {
+            0 => None,
+            kind => Some(CheckDef {
+                kind: match kind {
+                    1 => CheckKind::Tcp,
+                    2 => CheckKind::Tls,
+                    _ => CheckKind::Http,
+                },
+                interval_ms: u64::from(self.u32(28)),
+                timeout_ms: u64::from(self.u32(32)),
+                rise: u32::from(self.u16(36)),
+                fall: u32::from(self.u16(38)),
+                port: (self.u16(40) != 0).then_some(self.u16(40)),
+                name: self.string(self.u32(44)).map(str::to_owned),
+                path: self.string(self.u32(48)).unwrap_or("/").to_owned(),
+                expect: self.byte(25),
+                proxy_protocol: match self.byte(26) {
+                    1 => Some(ProxyProtocol::V1),
+                    2 => Some(ProxyProtocol::V2),
+                    _ => None,
+                },
+            }),
+        };
+        Policy {
+            balance: match self.byte(15) {
+                1 => Balance::LeastConn,
+                2 => Balance::Hash,
+                _ => Balance::RoundRobin,
+            },
+            max_fails: self.u32(16),
+            fail_timeout_ms: u64::from(self.u32(20)),
+            check,
+            start_down: self.byte(27) != 0,
+        }
+    }
+
+    /// The SNI or Host the upstream's check sends.
+    pub fn check_name(&self) -> Option<&'a str> {
+        self.string(self.u32(52))
+    }
+}
+
+/// The strings section being built.
+#[derive(Default)]
+struct Strings {
+    bytes: Vec<u8>,
+}
+
+impl Strings {
+    fn add(&mut self, s: &str) -> u32 {
+        let off = self.bytes.len() as u32;
+        self.bytes
+            .extend_from_slice(&(s.len() as u16).to_le_bytes());
+        self.bytes.extend_from_slice(s.as_bytes());
+        off
+    }
+
+    fn add_opt(&mut self, s: Option<&str>) -> u32 {
+        s.map_or(NONE, |s| self.add(s))
+    }
+}
+
+fn upstream_record(u: &UpstreamSpec, first_server: usize, strings: &mut Strings) -> [u8; UPSTREAM] {
+    let mut r = [0u8; UPSTREAM];
+    let put32 =
+        |r: &mut [u8; UPSTREAM], k: usize, v: u32| r[k..k + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut r, 0, strings.add(u.name));
+    let (kind, nginx, count) = match u.kind {
+        UpstreamKind::Servers(list) => (0u8, NONE, list.len()),
+        UpstreamKind::Nginx(name) => (1u8, strings.add(name), 0),
+    };
+    put32(&mut r, 4, nginx);
+    put32(&mut r, 8, first_server as u32);
+    r[12..14].copy_from_slice(&(count as u16).to_le_bytes());
+    r[14] = kind;
+    let p = u.policy;
+    r[15] = match p.balance {
+        Balance::RoundRobin => 0,
+        Balance::LeastConn => 1,
+        Balance::Hash => 2,
+    };
+    put32(&mut r, 16, p.max_fails);
+    put32(&mut r, 20, p.fail_timeout_ms as u32);
+    r[27] = u8::from(p.start_down);
+    put32(&mut r, 44, NONE);
+    put32(&mut r, 52, NONE);
+    if let Some(c) = &p.check {
+        r[24] = match c.kind {
+            CheckKind::Tcp => 1,
+            CheckKind::Tls => 2,
+            CheckKind::Http => 3,
+        };
+        r[25] = c.expect;
+        r[26] = match c.proxy_protocol {
+            None => 0,
+            Some(ProxyProtocol::V1) => 1,
+            Some(ProxyProtocol::V2) => 2,
+        };
+        put32(&mut r, 28, c.interval_ms as u32);
+        put32(&mut r, 32, c.timeout_ms as u32);
+        r[36..38].copy_from_slice(&(c.rise as u16).to_le_bytes());
+        r[38..40].copy_from_slice(&(c.fall as u16).to_le_bytes());
+        r[40..42].copy_from_slice(&c.port.unwrap_or(0).to_le_bytes());
+        put32(&mut r, 44, strings.add_opt(c.name.as_deref()));
+        put32(&mut r, 48, strings.add(&c.path));
+        put32(&mut r, 52, strings.add_opt(u.check_name));
+    }
+    r
+}
+
+fn server_record(s: &ServerDef) -> [u8; SERVER] {
+    let mut r = [0u8; SERVER];
+    let (ip, v6) = match s.ip {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped(), 0),
+        IpAddr::V6(v6) => (v6, 1),
+    };
+    r[..16].copy_from_slice(&ip.octets());
+    r[16..18].copy_from_slice(&s.port.unwrap_or(0).to_le_bytes());
+    r[18..20].copy_from_slice(&(s.weight as u16).to_le_bytes());
+    r[20] = u8::from(s.backup);
+    r[21] = v6;
+    r
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -466,12 +811,18 @@ fn read_header(b: &[u8]) -> Header {
         names_len: u32_at(b, 68),
         default_tls: u32_at(b, 72),
         default_http: u32_at(b, 76),
+        upstreams_off: u32_at(b, 80),
+        servers_off: u32_at(b, 84),
+        servers_count: u32_at(b, 88),
+        strings_off: u32_at(b, 92),
+        strings_len: u32_at(b, 96),
+        _pad: 0,
     }
 }
 
 fn write_header(b: &mut [u8], h: &Header) {
     b[..8].copy_from_slice(&h.magic);
-    let words: [(usize, u32); 12] = [
+    let words: [(usize, u32); 17] = [
         (8, h.version),
         (12, h.upstreams),
         (32, h.exact.off),
@@ -484,6 +835,11 @@ fn write_header(b: &mut [u8], h: &Header) {
         (68, h.names_len),
         (72, h.default_tls),
         (76, h.default_http),
+        (80, h.upstreams_off),
+        (84, h.servers_off),
+        (88, h.servers_count),
+        (92, h.strings_off),
+        (96, h.strings_len),
     ];
     for (at, v) in words {
         b[at..at + 4].copy_from_slice(&v.to_le_bytes());

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
-use super::document::{Document, RouteKey, Targets, UpstreamKind};
+use super::document::{Document, RouteKey, Targets, UpstreamDef, UpstreamKind};
 use super::image::{self, Image};
 use crate::balance::Pool;
 use crate::sniff::Protocol;
@@ -106,12 +106,12 @@ impl RouteTable {
         documents: &[&Document],
         nginx_upstream_exists: &dyn Fn(&str) -> bool,
     ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
-        let mut table = RouteTable::default();
         let mut exact: HashMap<&str, Route> = HashMap::new();
         let mut wildcard: HashMap<&str, Route> = HashMap::new();
         let mut default: Option<Route> = None;
         let mut warnings = Vec::new();
         let mut ids: HashMap<&str, (UpstreamId, usize)> = HashMap::new();
+        let mut defs: Vec<&UpstreamDef> = Vec::new();
 
         // Each file is checked against the limit on its own; the table as a whole too.
         let mut defined = 0;
@@ -138,28 +138,19 @@ impl RouteTable {
                     });
                     continue;
                 }
-                let kind = match &def.kind {
-                    UpstreamKind::Servers(servers) => {
-                        Backend::Servers(Box::new(Pool::new(servers.clone(), def.policy.clone())))
+                if let UpstreamKind::Nginx(name) = &def.kind {
+                    if !nginx_upstream_exists(name) {
+                        return Err(MergeError {
+                            file,
+                            message: format!(
+                                "upstreams.{}.nginx_upstream: no \"upstream {name} {{}}\" block in the stream section of nginx.conf",
+                                def.name
+                            ),
+                        });
                     }
-                    UpstreamKind::Nginx(name) => {
-                        if !nginx_upstream_exists(name) {
-                            return Err(MergeError {
-                                file,
-                                message: format!(
-                                    "upstreams.{}.nginx_upstream: no \"upstream {name} {{}}\" block in the stream section of nginx.conf",
-                                    def.name
-                                ),
-                            });
-                        }
-                        Backend::Nginx(name.as_str().into())
-                    }
-                };
-                ids.insert(&def.name, (table.upstreams.len() as UpstreamId, file));
-                table.upstreams.push(Upstream {
-                    name: def.name.as_str().into(),
-                    kind,
-                });
+                }
+                ids.insert(&def.name, (defs.len() as UpstreamId, file));
+                defs.push(def);
             }
         }
 
@@ -221,6 +212,15 @@ impl RouteTable {
             }
         }
         let mut image = image::Builder::default();
+        let check_names = check_names(&defs, documents);
+        for (def, check_name) in defs.iter().zip(&check_names) {
+            image.upstream(image::UpstreamSpec {
+                name: &def.name,
+                kind: &def.kind,
+                policy: &def.policy,
+                check_name: *check_name,
+            });
+        }
         for (name, route) in exact {
             image.exact(name, route.targets());
         }
@@ -230,55 +230,42 @@ impl RouteTable {
         if let Some(route) = default {
             image.set_default(route.targets());
         }
-        table.image = image.build(table.upstreams.len() as u32);
-        table.name_checks(documents);
-        Ok((table, warnings))
+        Ok((RouteTable::from_image(image.build(0)), warnings))
     }
 
-    /// Gives each active check its SNI or Host: the check's own `sni`/`host`, else the first
-    /// exact route (in file order) that sends the check's protocol to the upstream.
-    fn name_checks(&mut self, documents: &[&Document]) {
-        let by_name: HashMap<&str, usize> = self
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (&*u.name, i))
-            .collect();
-        let mut names: Vec<Option<Box<str>>> = vec![None; self.upstreams.len()];
-        for doc in documents {
-            for (key, targets) in &doc.routes {
-                let RouteKey::Exact(name) = key else { continue };
-                for target in [&targets.tls, &targets.http].into_iter().flatten() {
-                    let Some(&i) = by_name.get(target.as_str()) else {
-                        continue;
-                    };
-                    let Backend::Servers(pool) = &self.upstreams[i].kind else {
-                        continue;
-                    };
-                    let Some(check) = &pool.policy().check else {
-                        continue;
-                    };
-                    let wanted = match check.kind {
-                        CheckKind::Tls => &targets.tls,
-                        CheckKind::Http => &targets.http,
-                        CheckKind::Tcp => continue,
-                    };
-                    if names[i].is_none() && wanted.as_deref() == Some(&*self.upstreams[i].name) {
-                        names[i] = Some(name.as_str().into());
+    /// The table an image describes: its names, and this worker's state for each upstream.
+    pub fn from_image(image: Image) -> RouteTable {
+        let view = image.view();
+        let mut upstreams = Vec::with_capacity(view.upstream_count());
+        let mut checked = Vec::new();
+        for i in 0..view.upstream_count() {
+            let entry = view.upstream(i);
+            let kind = match entry.nginx() {
+                Some(name) => Backend::Nginx(name.into()),
+                None => {
+                    let mut pool = Pool::new(entry.servers(), entry.policy());
+                    if pool.policy().check.is_some() {
+                        pool.set_check_name(entry.check_name().map(Into::into));
+                        checked.push(i as UpstreamId);
                     }
+                    Backend::Servers(Box::new(pool))
                 }
-            }
+            };
+            upstreams.push(Upstream {
+                name: entry.name().into(),
+                kind,
+            });
         }
-        for (i, (upstream, name)) in self.upstreams.iter_mut().zip(names).enumerate() {
-            if let Backend::Servers(pool) = &mut upstream.kind {
-                let Some(check) = &pool.policy().check else {
-                    continue;
-                };
-                let own = check.name.clone();
-                pool.set_check_name(own.map(Into::into).or(name));
-                self.checked.push(i as UpstreamId);
-            }
+        RouteTable {
+            upstreams,
+            image,
+            checked,
         }
+    }
+
+    /// The compiled image this table was made from.
+    pub fn image(&self) -> &Image {
+        &self.image
     }
 
     /// Finds the upstream for a name read from a client (already lower-cased), or for a
@@ -349,6 +336,46 @@ impl Upstream {
     }
 }
 
+/// Each active check's SNI or Host, by upstream: the check's own `sni`/`host`, else the first
+/// exact route (in file order) that sends the check's protocol to the upstream.
+fn check_names<'d>(defs: &[&'d UpstreamDef], documents: &[&'d Document]) -> Vec<Option<&'d str>> {
+    let by_name: HashMap<&str, usize> = defs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    let mut names: Vec<Option<&str>> = defs
+        .iter()
+        .map(|d| d.policy.check.as_ref().and_then(|c| c.name.as_deref()))
+        .collect();
+    for doc in documents {
+        for (key, targets) in &doc.routes {
+            let RouteKey::Exact(name) = key else { continue };
+            for target in [&targets.tls, &targets.http].into_iter().flatten() {
+                let Some(&i) = by_name.get(target.as_str()) else {
+                    continue;
+                };
+                let def = defs[i];
+                if !matches!(def.kind, UpstreamKind::Servers(_)) {
+                    continue;
+                }
+                let Some(check) = &def.policy.check else {
+                    continue;
+                };
+                let wanted = match check.kind {
+                    CheckKind::Tls => &targets.tls,
+                    CheckKind::Http => &targets.http,
+                    CheckKind::Tcp => continue,
+                };
+                if names[i].is_none() && wanted.as_deref() == Some(def.name.as_str()) {
+                    names[i] = Some(name.as_str());
+                }
+            }
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +414,58 @@ mod tests {
             "split.example.com": {"tls": "a"}
         }
     }"#;
+
+    /// What a worker builds from an image read back from its bytes is what the files say.
+    #[test]
+    fn upstreams_come_back_from_the_image_as_the_files_define_them() {
+        let doc = document(
+            r#"{
+            "upstreams": {
+              "web": {"servers": ["10.0.0.1", {"address": "[2001:db8::7]:8443", "weight": 7},
+                                  {"address": "10.0.0.2:80", "backup": true}],
+                      "balance": "hash", "max_fails": 3, "fail_timeout": "5s", "start": "down",
+                      "check": {"type": "http", "path": "/healthz", "expect": ["2xx"],
+                                "interval": "1500ms", "timeout": "700ms", "rise": 4,
+                                "fall": 5, "port": 8080, "proxy_protocol": "v2"}},
+              "tls": {"servers": ["10.1.0.1"], "balance": "least_conn",
+                      "check": {"type": "tls", "sni": "own.example.com"}},
+              "plain": {"servers": ["10.2.0.1:443"]},
+              "local": {"nginx_upstream": "vhosts"}
+            },
+            "routes": {"web.example.com": "web", "t.example.com": "tls", "p.example.com": "plain",
+                       "*.local.example.com": "local"},
+            "default": "plain"
+        }"#,
+        );
+        let (t, _) = RouteTable::merge(&[&doc], &|n| n == "vhosts").unwrap();
+        let again = RouteTable::from_image(Image::from_bytes(t.image().bytes().to_vec()).unwrap());
+        for table in [&t, &again] {
+            assert_eq!(table.upstreams().len(), doc.upstreams.len());
+            for (def, up) in doc.upstreams.iter().zip(table.upstreams()) {
+                assert_eq!(&*up.name, def.name.as_str());
+                match (&def.kind, &up.kind) {
+                    (UpstreamKind::Servers(list), Backend::Servers(pool)) => {
+                        assert_eq!(pool.servers(), &list[..], "{}", def.name);
+                        assert_eq!(pool.policy(), &def.policy, "{}", def.name);
+                    }
+                    (UpstreamKind::Nginx(a), Backend::Nginx(b)) => assert_eq!(a.as_str(), &**b),
+                    _ => panic!("{}: another kind", def.name),
+                }
+            }
+            let name = |u: usize| match &table.upstreams()[u].kind {
+                Backend::Servers(pool) => pool.check_name().map(str::to_owned),
+                Backend::Nginx(_) => None,
+            };
+            assert_eq!(name(0).as_deref(), Some("web.example.com"));
+            assert_eq!(name(1).as_deref(), Some("own.example.com"));
+            assert_eq!(table.checked().collect::<Vec<_>>(), [0, 1]);
+            assert_eq!(
+                find(table, Some("x.local.example.com"), Protocol::Tls),
+                pair("*.local.example.com", "local")
+            );
+            assert_eq!(find(table, None, Protocol::Http), pair("default", "plain"));
+        }
+    }
 
     /// Files under the limit each, over it together: the merged table is refused.
     #[test]
