@@ -242,6 +242,10 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
             }
         }
     }
+    // Reading the tables freed more than they kept (documents, merge maps): give those pages
+    // back before the workers are forked, or each worker inherits them and dirties them.
+    // SAFETY: malloc_trim is always safe to call.
+    unsafe { libc::malloc_trim(0) };
     if mcf.zone.is_none() && !mcf.sources.is_empty() {
         let mut name = ngx_str_t {
             len: zone::DEFAULT_NAME.len(),

@@ -26,7 +26,7 @@ sub table {
     return qq({"upstreams": {"u": {"servers": ["127.0.0.1:%%PORT_b%%"]}}, "routes": {$r}});
 }
 
-# Route memory: a worker's PSS less that of the same configuration without routes.
+# The PSS of all workers: at start, and (nginx-edge) once every worker serves a changed table.
 sub measure {
     my ($kind, $workers, $n) = @_;
     my $t = Edge::Test->new;
@@ -34,7 +34,7 @@ sub measure {
         local $routes = $n;
         $t->write_routes('routes.json', table(0));
         $t->config(<<'CONF', workers => $workers);
-    edge_routes %%TESTDIR%%/routes.json;
+    edge_routes %%TESTDIR%%/routes.json interval=200ms;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route tls; proxy_pass $edge_upstream; }
 CONF
     } else {
@@ -57,19 +57,30 @@ CONF
     sleep 1;
     my $pss = 0;
     $pss += kb($_, 'Pss') for @w;
+    my $changed = 0;
+    if ($kind eq 'edge') {
+        local $routes = $n;
+        $t->write_routes('routes.json', table(1));
+        wait_for(sub { (() = $t->read_file('error.log') =~ /table 2 in service/g) == $workers }, 'every worker swapped');
+        # Let the retired table go.
+        sleep 2;
+        $changed += kb($_, 'Pss') for @w;
+    }
     $t->stop;
-    return $pss;
+    return ($pss, $changed);
 }
 
 printf "%d routes; PSS of all workers, MB (route memory = with routes - without)\n\n", $routes;
-printf "| %-12s | %7s | %12s | %15s | %12s |\n", 'proxy', 'workers', 'with routes', 'without routes', 'route memory';
-printf "|%s|\n", join '|', map { '-' x ($_ + 2) } 12, 7, 12, 15, 12;
+printf "| %-12s | %7s | %12s | %15s | %12s | %21s |\n", 'proxy', 'workers', 'with routes', 'without routes',
+    'route memory', 'after a change';
+printf "|%s|\n", join '|', map { '-' x ($_ + 2) } 12, 7, 12, 15, 12, 21;
 for my $kind ('edge', 'map') {
     for my $workers (1, 2, 4) {
-        my $with = measure($kind, $workers, $routes);
-        my $without = measure($kind, $workers, 1);
-        printf "| %-12s | %7d | %12.1f | %15.1f | %12.1f |\n", $kind eq 'edge' ? 'nginx-edge' : 'nginx map',
-            $workers, $with / 1024, $without / 1024, ($with - $without) / 1024;
+        my ($with, $changed) = measure($kind, $workers, $routes);
+        my ($without, $changed_without) = measure($kind, $workers, 1);
+        printf "| %-12s | %7d | %12.1f | %15.1f | %12.1f | %21s |\n", $kind eq 'edge' ? 'nginx-edge' : 'nginx map',
+            $workers, $with / 1024, $without / 1024, ($with - $without) / 1024,
+            $kind eq 'edge' ? sprintf('%.1f', ($changed - $changed_without) / 1024) : '-';
     }
 }
 
