@@ -6,9 +6,8 @@ use strict;
 use warnings;
 use Test::More;
 use IO::Socket::INET;
-use IO::Select;
 use Socket qw(SOL_SOCKET SO_RCVBUF MSG_PEEK MSG_DONTWAIT SHUT_WR);
-use Edge::Test qw(wait_for);
+use Edge::Test qw(read_until_closed wait_for);
 
 my $t = Edge::Test->new;
 
@@ -46,16 +45,7 @@ $t->wait_for_log(qr/table 2 in service/);
 # More bytes, then a half-close, while the answer is under way.
 syswrite($s, "extra bytes after the request\r\n");
 shutdown($s, SHUT_WR);
-my $sel = IO::Select->new($s);
-my $got = '';
-my $deadline = time + 30;
-while (time < $deadline) {
-    last unless $sel->can_read($deadline - time);
-    my $n = sysread($s, my $buf, 65536);
-    last unless $n;
-    $got .= $buf;
-}
-close $s;
+my $got = read_until_closed($s, 30);
 
 my ($head, $body) = split /\r\n\r\n/, $got, 2;
 like($head, qr{^HTTP/1\.1 200 OK\r\n}, 'one answer, 200');

@@ -20,7 +20,8 @@ use POSIX qw(WNOHANG);
 use Test::More;
 use Time::HiRes qw(time sleep);
 
-our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for http_request);
+our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for http_request
+    read_until_closed);
 
 sub new {
     my ($class, %opts) = @_;
@@ -251,9 +252,15 @@ sub raw_exchange {
         defined syswrite($s, $chunk) or last;
         sleep $opts{pause} if $opts{pause};
     }
+    return read_until_closed($s, $opts{timeout} // 20);
+}
+
+# Everything the peer sends on $s until it closes (or $timeout seconds pass); closes $s.
+sub read_until_closed {
+    my ($s, $timeout) = @_;
     my $sel = IO::Select->new($s);
     my $out = '';
-    my $deadline = time + ($opts{timeout} // 20);
+    my $deadline = time + $timeout;
     while (time < $deadline) {
         last unless $sel->can_read($deadline - time);
         my $n = sysread($s, my $buf, 65536);
