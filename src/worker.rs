@@ -25,8 +25,11 @@ use crate::routes::table::{Backend, RouteTable};
 use crate::stream;
 use crate::zone::{self, Zone};
 
-/// While a refresh's work runs on a thread, the timer polls it this often.
+/// While a refresh's work runs on a thread, the timer polls it: first after this long, then
+/// twice as long each time up to `POLL_MAX_MS`, so that a build of seconds costs the event
+/// loop a few dozen polls, not hundreds.
 const POLL_MS: ngx_msec_t = 5;
+const POLL_MAX_MS: ngx_msec_t = 100;
 
 pub struct Worker {
     pub log: *mut ngx_log_t,
@@ -74,6 +77,8 @@ struct Refresh {
     attached: u64,
     /// Time the event loop has spent on the refresh under way.
     busy: Duration,
+    /// The next poll's delay while work runs on a thread.
+    poll_ms: ngx_msec_t,
 }
 
 static mut WORKER: *mut Worker = null_mut();
@@ -160,6 +165,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             job: None,
             attached: 0,
             busy: Duration::ZERO,
+            poll_ms: POLL_MS,
         });
         if let (Some(zone), Some(source)) = (w.zone.as_ref(), (*slot).source.as_ref()) {
             zone.log_full(zone.attach(source.table()), log);
@@ -352,7 +358,8 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         Some(job) if !job.is_finished() => {
             r.job = Some(job);
             r.busy += entered.elapsed();
-            ngx_add_timer(ev, POLL_MS);
+            r.poll_ms = (r.poll_ms * 2).min(POLL_MAX_MS);
+            ngx_add_timer(ev, r.poll_ms);
             return;
         }
         Some(job) => match job.join() {
@@ -413,7 +420,8 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     Ok(job) => {
                         r.job = Some(job);
                         r.busy += entered.elapsed();
-                        ngx_add_timer(ev, POLL_MS);
+                        r.poll_ms = POLL_MS;
+                        ngx_add_timer(ev, r.poll_ms);
                         return;
                     }
                     Err(e) => {
