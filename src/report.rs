@@ -104,6 +104,7 @@ pub fn json(sources: &[SourceInfo], zone: Option<ZoneInfo>, clock: Clock) -> Str
                 "loaded_at": s.loaded_at.map(unix),
                 "routes": s.table.route_count(),
                 "upstreams": s.table.upstreams().len(),
+                "image_bytes": s.table.image().bytes().len(),
                 "last_error": s.last_error,
             })
         })

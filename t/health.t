@@ -195,6 +195,7 @@ my $st = Edge::Test::status_json($status);
 is($st->{zone}{name}, 'health', 'zone name');
 is($st->{zone}{used}, 14, 'one zone record per server of every upstream');
 like($st->{sources}[0]{path}, qr{/routes\.json$}, 'source path');
+cmp_ok($st->{sources}[0]{image_bytes}, '>', 1000, 'the compiled table\'s size');
 ok($st->{sources}[0]{loaded_at} > 1e9, 'source load time');
 is($st->{upstreams}{tcp}{check}{type}, 'tcp', 'check type');
 is($st->{upstreams}{passive}{max_fails}, 1, 'max_fails');

@@ -26,8 +26,8 @@ sub routes {
     return qq({"upstreams": {"u": {"servers": ["10.0.0.1:443"]}}, "routes": {$r, "v$v.test": "u"}});
 }
 
-printf "| %-30s | %5s | %14s | %18s |\n", 'table', 'swap', 'built in (ms)', 'event loop (ms)';
-printf "|%s|\n", join '|', map { '-' x ($_ + 2) } 30, 5, 14, 18;
+printf "| %-30s | %5s | %14s | %18s | %12s |\n", 'table', 'swap', 'built in (ms)', 'event loop (ms)', 'image (MB)';
+printf "|%s|\n", join '|', map { '-' x ($_ + 2) } 30, 5, 14, 18, 12;
 for my $shape ('10,000 upstreams x 3 servers', '100,000 routes', '1,000,000 routes') {
     my $t = Edge::Test->new;
     $t->write_routes('routes.json', $shapes{$shape}->(1000));
@@ -35,6 +35,7 @@ for my $shape ('10,000 upstreams x 3 servers', '100,000 routes', '1,000,000 rout
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
     edge_zone z 16m;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass $edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
 CONF
     $t->run;
     for my $swap (1 .. $swaps) {
@@ -44,7 +45,8 @@ CONF
         my $log = $t->read_file('error.log');
         my ($built) = $log =~ /table $g loaded, .* in ([\d.]+) ms/;
         my ($loop) = $log =~ /table $g in service; this worker's event loop spent ([\d.]+) ms/;
-        printf "| %-30s | %5d | %14.1f | %18.2f |\n", $shape, $swap, $built, $loop;
+        my $image = Edge::Test::status_json($t->port('status'))->{sources}[0]{image_bytes};
+        printf "| %-30s | %5d | %14.1f | %18.2f | %12.1f |\n", $shape, $swap, $built, $loop, $image / 1048576;
     }
     $t->stop;
 }
