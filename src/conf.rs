@@ -52,6 +52,10 @@ pub struct MainConf {
     pub nginx_upstreams: Arc<HashSet<String>>,
     /// The health zone: `edge_zone`'s, or a default one once a source is declared.
     pub zone: Option<NonNull<ngx_shm_zone_t>>,
+    /// `edge_state`: where a changed table is published for every worker.
+    pub state: Option<PathBuf>,
+    /// Tells this configuration's publications from those of another (a reload's).
+    pub config_id: u64,
 }
 
 pub struct SrvConf {
@@ -166,6 +170,74 @@ pub unsafe extern "C" fn set_edge_zone(
     }
 }
 
+/// `edge_state PATH;`
+pub unsafe extern "C" fn set_edge_state(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    if mcf.state.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let mut name = stream::conf_args(cf)[1];
+    if ngx_conf_full_name((*cf).cycle, &mut name, 0) != 0 {
+        return NGX_CONF_ERROR;
+    }
+    mcf.state = Some(PathBuf::from(
+        String::from_utf8_lossy(name.as_bytes()).into_owned(),
+    ));
+    NGX_CONF_OK
+}
+
+/// The state folder when `edge_state` is not given: `edge_state` beside nginx's temporary
+/// folders (`/var/lib/nginx/edge_state` for Debian's nginx), under the prefix if they are.
+unsafe fn default_state(cf: *mut ngx_conf_t) -> Option<PathBuf> {
+    let temp = nginx_sys::NGX_HTTP_CLIENT_TEMP_PATH.to_bytes();
+    let parent = match temp.iter().rposition(|&b| b == b'/') {
+        Some(at) => &temp[..=at],
+        None => b"",
+    };
+    let mut path = parent.to_vec();
+    path.extend_from_slice(b"edge_state");
+    let mut name = ngx_str_t {
+        len: path.len(),
+        data: path.as_mut_ptr(),
+    };
+    if ngx_conf_full_name((*cf).cycle, &mut name, 0) != 0 {
+        return None;
+    }
+    Some(PathBuf::from(
+        String::from_utf8_lossy(name.as_bytes()).into_owned(),
+    ))
+}
+
+/// Has nginx make the state folder at start, owned by the workers' user, as it does its
+/// temporary folders; `nginx -t` fails if it cannot.
+unsafe fn add_state_path(cf: *mut ngx_conf_t, state: &std::path::Path) -> bool {
+    let path = nginx_sys::ngx_pcalloc((*cf).pool, core::mem::size_of::<nginx_sys::ngx_path_t>())
+        .cast::<nginx_sys::ngx_path_t>();
+    let Some(p) = path.as_mut() else {
+        return false;
+    };
+    // nginx hands the name to mkdir(): NUL-terminated.
+    let text = state.as_os_str().as_encoded_bytes();
+    let data = nginx_sys::ngx_pnalloc((*cf).pool, text.len() + 1).cast::<u8>();
+    if data.is_null() {
+        return false;
+    }
+    core::ptr::copy_nonoverlapping(text.as_ptr(), data, text.len());
+    *data.add(text.len()) = 0;
+    p.name = ngx_str_t {
+        len: text.len(),
+        data,
+    };
+    p.conf_file = (*(*cf).conf_file).file.name.data;
+    p.line = (*(*cf).conf_file).line;
+    let mut slot = path;
+    nginx_sys::ngx_add_path(cf, &mut slot) == 0
+}
+
 /// `edge_route tls | http | auto;`
 pub unsafe extern "C" fn set_edge_route(
     cf: *mut ngx_conf_t,
@@ -246,6 +318,26 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
     // back before the workers are forked, or each worker inherits them and dirties them.
     // SAFETY: malloc_trim is always safe to call.
     unsafe { libc::malloc_trim(0) };
+    if !mcf.sources.is_empty() {
+        if mcf.state.is_none() {
+            mcf.state = default_state(cf);
+        }
+        let Some(state) = mcf.state.clone() else {
+            return NGX_CONF_ERROR;
+        };
+        if !add_state_path(cf, &state) {
+            return NGX_CONF_ERROR;
+        }
+        mcf.config_id = crate::health::fnv1a(
+            &[
+                (libc::getpid() as u64).to_le_bytes(),
+                crate::health::now_ms().to_le_bytes(),
+                (mcf as *const MainConf as u64).to_le_bytes(),
+            ]
+            .concat(),
+        )
+        .max(1);
+    }
     if mcf.zone.is_none() && !mcf.sources.is_empty() {
         let mut name = ngx_str_t {
             len: zone::DEFAULT_NAME.len(),

@@ -76,7 +76,7 @@ mod wiring {
         ..ngx_module_t::default()
     };
 
-    static mut COMMANDS: [ngx_command_t; 5] = [
+    static mut COMMANDS: [ngx_command_t; 6] = [
         command(
             ngx_string!("edge_routes"),
             NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12,
@@ -93,6 +93,12 @@ mod wiring {
             ngx_string!("edge_zone"),
             NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE2,
             conf::set_edge_zone,
+            0,
+        ),
+        command(
+            ngx_string!("edge_state"),
+            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1,
+            conf::set_edge_state,
             0,
         ),
         command(

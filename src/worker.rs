@@ -6,24 +6,28 @@
 use core::cell::{Cell, RefCell};
 use core::ptr::{addr_of_mut, null_mut};
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nginx_sys::{
     ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_exiting, ngx_log_t, ngx_msec_t, ngx_quit,
-    ngx_terminate, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
+    ngx_terminate, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE,
+    NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
 use crate::conf::{log_events, MainConf, SourceSlot};
 use crate::health::now_ms;
 use crate::routes::document::Document;
-use crate::routes::source::{Done, Retired, Step, Work};
+use crate::routes::image::Image;
+use crate::routes::source::{Done, Retired, Source, Step, Work};
 use crate::routes::table::{Backend, RouteTable};
 use crate::stream;
-use crate::zone::{self, Zone};
+use crate::zone::{self, Published, Zone};
 
 /// While a refresh's work runs on a thread, the timer polls it: first after this long, then
 /// twice as long each time up to `POLL_MAX_MS`, so that a build of seconds costs the event
@@ -37,6 +41,7 @@ pub struct Worker {
     pub zone: Option<Arc<Zone>>,
     /// This worker's connection-count slot in the zone.
     pub slot: Option<usize>,
+    pid: i32,
     // Boxed: nginx's timer tree points at each one's event.
     #[allow(clippy::vec_box)]
     refreshes: Vec<Box<Refresh>>,
@@ -61,6 +66,36 @@ pub struct Checks {
     pub cannot_start: Cell<bool>,
 }
 
+/// A published table mapped and attached on a thread, with the servers that did not fit in
+/// the zone; or why it could not be.
+type Loaded = Result<(RouteTable, Option<usize>), String>;
+
+/// Work on a thread for a refresh.
+enum Job {
+    /// Reading and building the source's table (its leader, or a worker on its own).
+    Build(JoinHandle<Built>),
+    /// Mapping the table generation another worker published.
+    Load(JoinHandle<Loaded>, u64),
+}
+
+impl Job {
+    fn is_finished(&self) -> bool {
+        match self {
+            Job::Build(h) => h.is_finished(),
+            Job::Load(h, _) => h.is_finished(),
+        }
+    }
+}
+
+/// What a build thread hands back.
+struct Built {
+    done: Done,
+    /// For a table it built: servers that did not fit in the zone.
+    unattached: Option<usize>,
+    /// For a table it was to publish: the generation, or why it could not.
+    published: Option<Result<u64, String>>,
+}
+
 struct RetiringTable {
     table: Rc<RouteTable>,
     generation: u64,
@@ -71,8 +106,14 @@ struct RetiringTable {
 struct Refresh {
     slot: *mut SourceSlot,
     timer: ngx_event_t,
-    /// The work, and for a table it built, how many servers did not fit in the zone.
-    job: Option<JoinHandle<(Done, Option<usize>)>>,
+    job: Option<Job>,
+    /// Where the edge's table of this source is published, when the zone has room; `None`:
+    /// this worker reads the source itself.
+    published: Option<&'static Published>,
+    /// This configuration's and source's key in the zone.
+    key: u64,
+    /// A published generation that could not be loaded, logged once.
+    failed: u64,
     /// The table generation last attached to the zone.
     attached: u64,
     /// Time the event loop has spent on the refresh under way.
@@ -142,6 +183,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         mcf: mcf_ptr,
         zone,
         slot,
+        pid: libc::getpid(),
         refreshes: Vec::new(),
         touch: core::mem::zeroed(),
         checks: Checks {
@@ -157,12 +199,32 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     }));
     WORKER = worker;
     let w = &mut *worker;
-    for slot in &mut (*mcf_ptr).sources {
+    for (index, slot) in (*mcf_ptr).sources.iter_mut().enumerate() {
         let slot: *mut SourceSlot = &mut **slot;
+        let key = crate::health::mix((*mcf_ptr).config_id ^ index as u64).max(1);
+        let published = match (w.zone.as_ref(), (*mcf_ptr).state.as_ref()) {
+            (Some(zone), Some(_)) => {
+                let p = zone.published(key, libc::getpid());
+                if p.is_none() {
+                    ngx_log_error!(
+                        NGX_LOG_WARN,
+                        log,
+                        "edge_zone \"{}\": no room to publish the table of {}: this worker reads it itself",
+                        zone.name,
+                        (*slot).path.display()
+                    );
+                }
+                p
+            }
+            _ => None,
+        };
         let mut refresh = Box::new(Refresh {
             slot,
             timer: core::mem::zeroed(),
             job: None,
+            published,
+            key,
+            failed: 0,
             attached: 0,
             busy: Duration::ZERO,
             poll_ms: POLL_MS,
@@ -202,8 +264,12 @@ pub unsafe fn stop() {
         return;
     }
     let mut w = Box::from_raw(worker);
+    let pid = w.pid;
     for r in &mut w.refreshes {
         cancel(&mut r.timer);
+        if let Some(p) = r.published {
+            p.resign(pid);
+        }
     }
     cancel(&mut w.touch);
     cancel(&mut w.checks.ticker);
@@ -354,6 +420,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
     };
     // Servers that did not fit in the zone, when the thread attached the table it built.
     let mut attached_on_thread = None;
+    let mut published = None;
     let mut step = match r.job.take() {
         Some(job) if !job.is_finished() => {
             r.job = Some(job);
@@ -362,10 +429,16 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             ngx_add_timer(ev, r.poll_ms);
             return;
         }
-        Some(job) => match job.join() {
-            Ok((done, unattached)) => {
-                attached_on_thread = unattached;
-                source.resume(done)
+        Some(Job::Load(handle, generation)) => {
+            loaded(w, r, handle.join(), generation, entered);
+            ngx_add_timer(ev, slot.interval);
+            return;
+        }
+        Some(Job::Build(handle)) => match handle.join() {
+            Ok(built) => {
+                attached_on_thread = built.unattached;
+                published = built.published;
+                source.resume(built.done)
             }
             Err(_) => {
                 ngx_log_error!(
@@ -381,6 +454,35 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         },
         None => {
             r.busy = Duration::ZERO;
+            // One worker reads the source for the whole edge; the others map what it
+            // publishes.
+            if let Some(p) = r.published.filter(|p| p.on_their_own.load(Relaxed) == 0) {
+                match p.generation_of(r.key) {
+                    Some(g) if g > source.generation() && g != r.failed => {
+                        let path = image_path(w, r.key, g);
+                        match spawn_load(path, w.zone.clone()) {
+                            Ok(handle) => {
+                                r.job = Some(Job::Load(handle, g));
+                                r.poll_ms = POLL_MS;
+                                ngx_add_timer(ev, r.poll_ms);
+                            }
+                            Err(_) => ngx_add_timer(ev, slot.interval),
+                        }
+                        return;
+                    }
+                    Some(_) if p.lead(w.pid) => {}
+                    Some(_) => {
+                        ngx_add_timer(ev, slot.interval);
+                        return;
+                    }
+                    None => {
+                        // The entry went to another configuration: make ours again.
+                        r.published = w.zone.as_ref().and_then(|z| z.published(r.key, w.pid));
+                        ngx_add_timer(ev, slot.interval);
+                        return;
+                    }
+                }
+            }
             source.start()
         }
     };
@@ -389,6 +491,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         match step {
             Step::Finished(events) => {
                 log_events(log, &events);
+                if let Some(outcome) = published {
+                    publish(w, r, source, outcome);
+                }
                 let generation = source.generation();
                 if generation != r.attached {
                     r.attached = generation;
@@ -416,9 +521,17 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             }
             Step::NeedWork(work) => {
                 let names = Arc::clone(&mcf.nginx_upstreams);
-                match spawn(work, names, w.zone.clone()) {
+                // The leader publishes what it builds, under the edge's next number.
+                let publish = r
+                    .published
+                    .filter(|p| p.on_their_own.load(Relaxed) == 0 && matches!(work, Work::Merge(_)))
+                    .map(|p| {
+                        let next = p.generation_of(r.key).unwrap_or(0).max(source.generation()) + 1;
+                        (next, image_path(w, r.key, next))
+                    });
+                match spawn(work, names, w.zone.clone(), publish) {
                     Ok(job) => {
-                        r.job = Some(job);
+                        r.job = Some(Job::Build(job));
                         r.busy += entered.elapsed();
                         r.poll_ms = POLL_MS;
                         ngx_add_timer(ev, r.poll_ms);
@@ -471,19 +584,171 @@ fn without_fastbins(f: impl FnOnce()) {
 
 /// Runs `work` on a thread of its own, and attaches the table it builds, if any, to the zone
 /// there: for a large table that is milliseconds of lookups the event loop does not spend.
+/// With `publish`, the table's image is written to the state folder and the table served from
+/// the file, mapped: every worker then shares its pages.
 fn spawn(
     work: Work,
     names: Arc<HashSet<String>>,
     zone: Option<Arc<Zone>>,
-) -> std::io::Result<JoinHandle<(Done, Option<usize>)>> {
+    publish: Option<(u64, PathBuf)>,
+) -> std::io::Result<JoinHandle<Built>> {
     spawn_quiet("edge-routes", move || {
-        let done = work.run(&|n| names.contains(n));
-        let unattached = match (&done, zone) {
-            (Done::Merged(Ok((table, _))), Some(zone)) => Some(zone.attach(table)),
-            _ => None,
-        };
-        (done, unattached)
+        let mut done = work.run(&|n| names.contains(n));
+        let mut published = None;
+        let mut unattached = None;
+        if let Done::Merged(Ok((table, _))) = &mut done {
+            if let Some((generation, path)) = publish {
+                let mapped = table
+                    .image()
+                    .write(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|()| Image::map(&path));
+                published = Some(match mapped {
+                    Ok(image) => {
+                        *table = RouteTable::from_image(image);
+                        Ok(generation)
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+            unattached = zone.map(|zone| zone.attach(table));
+        }
+        Built {
+            done,
+            unattached,
+            published,
+        }
     })
+}
+
+/// Maps a published table on a thread of its own and attaches it to the zone.
+fn spawn_load(path: PathBuf, zone: Option<Arc<Zone>>) -> std::io::Result<JoinHandle<Loaded>> {
+    spawn_quiet("edge-routes", move || {
+        let table = RouteTable::from_image(Image::map(&path)?);
+        let unattached = zone.map(|zone| zone.attach(&table));
+        Ok((table, unattached))
+    })
+}
+
+/// The file of a published table generation.
+fn image_path(w: &Worker, key: u64, generation: u64) -> PathBuf {
+    let state = w.main_conf().state.clone().unwrap_or_default();
+    state.join(format!("routes-{key:016x}-{generation}.img"))
+}
+
+/// The leader's table is in service: tell the other workers, and remove the file of the
+/// generation it replaces (a worker that mapped it keeps its pages). If it could not be
+/// written, every worker reads the source itself from now on.
+unsafe fn publish(w: &Worker, r: &mut Refresh, source: &mut Source, outcome: Result<u64, String>) {
+    let Some(p) = r.published else { return };
+    let path = (*r.slot).path.display();
+    match outcome {
+        Ok(generation) => {
+            source.set_generation(generation);
+            p.generation
+                .store(generation, std::sync::atomic::Ordering::Release);
+            remove_old_images(w, r.key, generation);
+        }
+        Err(e) => {
+            p.on_their_own.store(1, Relaxed);
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                w.log,
+                "edge_routes: {}: the table cannot be published for the other workers ({}): each worker reads the source itself from now on",
+                path,
+                e
+            );
+        }
+    }
+}
+
+/// Removes the images no worker will map again: this source's earlier generations, and
+/// those of configurations no longer in the zone (earlier runs, finished reloads). A worker
+/// that mapped one keeps its pages.
+fn remove_old_images(w: &Worker, key: u64, generation: u64) {
+    let Some(state) = w.main_conf().state.as_ref() else {
+        return;
+    };
+    let live = w
+        .zone
+        .as_ref()
+        .map(|z| z.published_keys())
+        .unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((k, g)) = name
+            .to_str()
+            .and_then(|n| {
+                n.strip_prefix("routes-")?
+                    .strip_suffix(".img")?
+                    .split_once('-')
+            })
+            .and_then(|(k, g)| Some((u64::from_str_radix(k, 16).ok()?, g.parse::<u64>().ok()?)))
+        else {
+            continue;
+        };
+        if (k == key && g != generation) || !live.contains(&k) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A published generation was mapped (or not): serve it, or keep the last good table.
+unsafe fn loaded(
+    w: &Worker,
+    r: &mut Refresh,
+    result: std::thread::Result<Loaded>,
+    generation: u64,
+    entered: Instant,
+) {
+    let slot = &mut *r.slot;
+    let Some(source) = slot.source.as_mut() else {
+        return;
+    };
+    match result {
+        Ok(Ok((table, unattached))) => {
+            source.adopt(table, generation);
+            r.attached = generation;
+            if let (Some(zone), Some(n)) = (w.zone.as_ref(), unattached) {
+                zone.log_full(n, w.log);
+            }
+            w.carry_failing_open(source.table());
+            w.retire(source.take_retired(), generation, r.slot);
+            let busy = r.busy + entered.elapsed();
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                w.log,
+                "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
+                slot.path.display(),
+                generation,
+                busy.as_secs_f64() * 1000.0
+            );
+        }
+        Ok(Err(e)) => {
+            r.failed = generation;
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                w.log,
+                "edge_routes: {}: table {} cannot be loaded: {}; the last good table keeps serving",
+                slot.path.display(),
+                generation,
+                e
+            );
+        }
+        Err(_) => {
+            r.failed = generation;
+            ngx_log_error!(
+                NGX_LOG_ALERT,
+                w.log,
+                "edge_routes: {}: the thread loading table {} failed; the last good table keeps serving",
+                slot.path.display(),
+                generation
+            );
+        }
+    }
 }
 
 /// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own

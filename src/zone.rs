@@ -7,7 +7,7 @@
 use core::ffi::c_void;
 use core::mem::{align_of, size_of};
 use core::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use nginx_sys::{
     ngx_conf_t, ngx_int_t, ngx_log_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t,
@@ -29,7 +29,55 @@ const STALE_MS: u64 = 120_000;
 /// How often a worker marks the records of its tables as listed.
 pub const TOUCH_MS: u64 = STALE_MS / 4;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"edgezon2");
+const MAGIC: u64 = u64::from_le_bytes(*b"edgezon3");
+
+/// Route tables published through the zone at a time: one per source of each configuration
+/// whose workers run (old and new during a reload).
+pub const TABLES: usize = 32;
+
+/// One source's table as the edge serves it: which worker builds it, and the generation of
+/// the image it last published in the state folder.
+#[repr(C)]
+#[derive(Default)]
+pub struct Published {
+    /// The configuration and source it belongs to; 0 when free.
+    key: AtomicU64,
+    /// The worker process that reads the source and compiles its tables; its pid negated
+    /// once it has exited cleanly.
+    leader: AtomicI32,
+    /// Non-zero once the leader could not publish: every worker then reads the source itself.
+    pub on_their_own: AtomicU32,
+    /// The generation of the image in the state folder; 0 before the first change.
+    pub generation: AtomicU64,
+}
+
+impl Published {
+    /// Whether the worker `me` leads this source: it does already, or the leader has gone
+    /// (exited, crashed, or never was) and `me` took its place.
+    pub fn lead(&self, me: i32) -> bool {
+        let leader = self.leader.load(Relaxed);
+        if leader == me {
+            return true;
+        }
+        (leader <= 0 || !process_alive(leader))
+            && self
+                .leader
+                .compare_exchange(leader, me, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// The published generation, if this entry still belongs to `key` (an entry of a
+    /// configuration whose workers have all gone may be reused by another).
+    pub fn generation_of(&self, key: u64) -> Option<u64> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        (self.key.load(Relaxed) == key).then_some(generation)
+    }
+
+    /// Gives up the lead at worker exit, so that another worker takes it at once.
+    pub fn resign(&self, me: i32) {
+        let _ = self.leader.compare_exchange(me, -me, Relaxed, Relaxed);
+    }
+}
 
 #[repr(C)]
 struct Header {
@@ -40,6 +88,7 @@ struct Header {
     store: StoreMeta,
     /// The pid of the worker process holding each connection-count slot, 0 when free.
     slots: [AtomicI32; SLOTS],
+    tables: [Published; TABLES],
 }
 
 fn index_offset() -> usize {
@@ -228,6 +277,36 @@ impl Zone {
         let _lock = self.pool.lock();
         self.forget(slot);
         self.header.slots[slot].store(0, Relaxed);
+    }
+
+    /// The publication of the table with `key` (its configuration and source), made if new
+    /// with `me` as its leader. An entry whose last leader has gone is reused (the workers of
+    /// its configuration, if any are left, make it again). `None` when every entry is in use.
+    pub fn published(&self, key: u64, me: i32) -> Option<&'static Published> {
+        let _lock = self.pool.lock();
+        let tables = &self.header.tables;
+        if let Some(p) = tables.iter().find(|p| p.key.load(Relaxed) == key) {
+            return Some(p);
+        }
+        let free = tables.iter().find(|p| {
+            let leader = p.leader.load(Relaxed);
+            p.key.load(Relaxed) == 0 || (leader != 0 && !process_alive(leader.abs()))
+        })?;
+        free.leader.store(me, Relaxed);
+        free.on_their_own.store(0, Relaxed);
+        free.generation.store(0, Relaxed);
+        free.key.store(key, Relaxed);
+        Some(free)
+    }
+
+    /// The keys of the tables published now, of every configuration whose entry is kept.
+    pub fn published_keys(&self) -> Vec<u64> {
+        self.header
+            .tables
+            .iter()
+            .map(|p| p.key.load(Relaxed))
+            .filter(|&k| k != 0)
+            .collect()
     }
 
     fn forget(&self, slot: usize) -> u64 {

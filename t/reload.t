@@ -76,10 +76,10 @@ $t->write_routes('routes.json', table('{"app.test": "nope"}'));
 $t->wait_for_log(qr/routes\.json: routes\["app\.test"\]: unknown upstream "nope"; rejected/);
 is(http_get($file, 'new.test'), 'backend-b', 'last good table keeps serving after a schema error');
 my $rejections = sub { scalar(() = $t->read_file('error.log') =~ /unknown upstream "nope"/g) };
-wait_for(sub { $rejections->() >= 2 }, 'both workers to reject the table');
+wait_for(sub { $rejections->() >= 1 }, 'the table rejected');
 $t->write_routes('routes.json', table('{"app.test": "a"}'));
 eventually_routes($file, 'app.test', 'backend-a', 'good table after bad ones');
-is($rejections->(), 2, 'a rejected file is logged once per change, by each of the 2 workers');
+is($rejections->(), 1, 'a rejected file is logged once per change: one worker reads the source for the edge');
 
 # Folder: files merge in name order; a broken file keeps its last good version.
 is(http_get($folder, 'folder.test'), 'backend-a', 'folder: route from another file\'s upstream');

@@ -255,38 +255,124 @@ impl<'a> Builder<'a> {
         };
         header.checksum = checksum(&bytes[HEADER..]);
         write_header(&mut bytes, &header);
-        Image { bytes, header }
+        Image {
+            bytes: Bytes::Heap(bytes),
+            header,
+        }
     }
 }
 
-/// An image in memory, owned, with its header read once.
-#[derive(Clone, PartialEq, Eq)]
+/// An image, owned, with its header read once: built here, or a file mapped read-only and
+/// shared with every other process that maps it.
 pub struct Image {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     header: Header,
 }
 
+enum Bytes {
+    Heap(Vec<u8>),
+    Mapped { at: *const u8, len: usize },
+}
+
+// SAFETY: a mapping is read-only and owned by the one `Image` that unmaps it.
+unsafe impl Send for Bytes {}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Heap(v) => v,
+            // SAFETY: mapped for `len` bytes until drop.
+            Bytes::Mapped { at, len } => unsafe { core::slice::from_raw_parts(*at, *len) },
+        }
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        if let Bytes::Mapped { at, len } = *self {
+            // SAFETY: the mapping made in `Image::map`, unmapped once.
+            unsafe { libc::munmap(at.cast_mut().cast(), len) };
+        }
+    }
+}
+
+impl PartialEq for Image {
+    fn eq(&self, other: &Image) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Image {}
+
 impl fmt::Debug for Image {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Image({} bytes)", self.bytes.len())
+        write!(f, "Image({} bytes)", self.bytes().len())
     }
 }
 
 impl Image {
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_slice()
     }
 
-    /// Takes bytes from elsewhere (a file), once they are checked: see `check`.
+    /// Takes bytes from elsewhere, once they are checked: see `check`.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Image, ImageError> {
         let header = check(&bytes)?;
+        Ok(Image {
+            bytes: Bytes::Heap(bytes),
+            header,
+        })
+    }
+
+    /// Maps an image file read-only and checks it; its pages are shared by every process
+    /// that maps the same file.
+    pub fn map(path: &std::path::Path) -> Result<Image, String> {
+        use std::os::fd::AsRawFd;
+        let shown = path.display();
+        let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+        let len = file.metadata().map_err(|e| format!("{shown}: {e}"))?.len() as usize;
+        if len < HEADER {
+            return Err(format!("{shown}: {}", ImageError::Truncated { len }));
+        }
+        // SAFETY: a fresh read-only shared mapping of the whole file; the file is only ever
+        // replaced by rename, never written in place, so the pages do not change under it.
+        let at = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(format!("{shown}: {}", std::io::Error::last_os_error()));
+        }
+        let bytes = Bytes::Mapped {
+            at: at.cast_const().cast(),
+            len,
+        };
+        let header = check(bytes.as_slice()).map_err(|e| format!("{shown}: {e}"))?;
         Ok(Image { bytes, header })
+    }
+
+    /// Writes the image to `path` as a whole: a temporary file, then a rename over it.
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        let written = std::fs::write(&tmp, self.bytes()).and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// The image, to look names up in.
     pub fn view(&self) -> View<'_> {
         View {
-            bytes: &self.bytes,
+            bytes: self.bytes(),
             header: &self.header,
         }
     }
@@ -912,6 +998,35 @@ mod tests {
         assert_eq!((v.exact_count(), v.wildcard_count()), (2, 1));
         assert_eq!(v.routes().count(), 3);
         assert_eq!(image.bytes().len() % 8, 0);
+    }
+
+    #[test]
+    fn a_written_image_maps_back_and_a_damaged_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("edge-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.img");
+        let image = sample();
+        image.write(&path).unwrap();
+        let mapped = Image::map(&path).unwrap();
+        assert_eq!(mapped, image);
+        assert_eq!(
+            mapped.view().exact(b"rancher.example.com"),
+            Some(("rancher.example.com", t(0, 0)))
+        );
+        let mut bytes = image.bytes().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Image::map(&path).unwrap_err();
+        assert!(err.ends_with("t.img: checksum mismatch"), "{err}");
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        assert!(Image::map(&path)
+            .unwrap_err()
+            .contains("shorter than a header"));
+        assert!(Image::map(&dir.join("none.img"))
+            .unwrap_err()
+            .contains("No such file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -227,6 +227,21 @@ impl Source {
         }
     }
 
+    /// Serves a table built elsewhere from this source (by the worker that reads it for the
+    /// whole edge): it replaces the table in service; no file is read here.
+    pub fn adopt(&mut self, table: RouteTable, generation: u64) {
+        let old = std::mem::replace(&mut self.table, Rc::new(table));
+        self.retired.table = Some(old);
+        self.generation = generation;
+        self.loaded_at = Some(std::time::SystemTime::now());
+    }
+
+    /// Numbers the table in service as the edge does (a worker that takes over reading the
+    /// source goes on from the last number published).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
     /// Gives up a refresh whose work was lost: every file is read again next time.
     pub fn abandon(&mut self) {
         self.pending = None;
