@@ -94,6 +94,19 @@ like(http_get($edge, 'app.test'), qr/^[ab]$/, 'connections are still served');
 $t->write_routes('routes.json', table('a', ', "five.test": "a"'));
 $all_say->('a', 'the next change reaches every worker again');
 
+# --- The leader killed with SIGKILL while it reads a larger change: another worker takes
+# the lead and reads it; every worker serves it.
+my $big = join '', map { qq{, "f$_.big.test": "b"} } 1 .. 20_000;
+($lead) = $t->read_file('error.log') =~ /.*\b(\d+)#\d+: edge_routes: \S+ table \d+ loaded/s;
+$mark = length $t->read_file('error.log');
+$t->write_routes('routes.json', table('b', $big));
+kill 'KILL', $lead;
+wait_for(sub { $since->() =~ /worker process $lead exited on signal 9/ }, 'the leader gone', 120);
+my $killed_during;
+wait_for(sub { ($killed_during) = $since->() =~ /table (\d+) loaded, 20001 routes/ }, 'the change read by the next leader', 120);
+wait_for(sub { $count->(qr/table $killed_during in service/) >= $workers }, "every worker serves table $killed_during", 120);
+$all_say->('b', 'a leader killed during a change: the change still reaches every worker');
+
 # --- A state folder the workers cannot write: each worker reads the source itself.
 chmod 0500, "$dir/state";
 $t->write_routes('routes.json', table('b', ', "six.test": "b"'));
