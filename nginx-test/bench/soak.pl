@@ -116,12 +116,13 @@ my ($checked, $bad) = $w =~ /checked (\d+) misrouted (\d+)/;
 my ($errors) = 0;
 $errors += $_ for $w =~ /(?:connect|read|write|timeout) (\d+)/g;
 my $swaps = () = $t->read_file('error.log') =~ /table \d+ loaded/g;
+my $served = () = $t->read_file('error.log') =~ /table \d+ in service/g;
 my $alerts = () = $t->read_file('error.log') =~ /\[(alert|crit|emerg)\]/g;
 
 printf "soak: %d connections in %.0f s (%.0f/s) through nginx-edge, 2 workers, table swapped every second\n",
     $requests // 0, $samples[-1][0], ($requests // 0) / ($samples[-1][0] || 1);
-printf "responses checked %d, misrouted %d, socket errors %d, table loads logged %d (both workers), alert/crit lines %d\n",
-    $checked // 0, $bad // 0, $errors, $swaps, $alerts;
+printf "responses checked %d, misrouted %d, socket errors %d, tables read %d (once per change for the edge), swapped in %d (by each worker), alert/crit lines %d\n",
+    $checked // 0, $bad // 0, $errors, $swaps, $served, $alerts;
 printf "%8s  %s\n", 'time s', join('  ', map { sprintf '%13s %9s %4s', 'worker pid', 'RSS kB', 'fds' } @{$samples[0]}[1 .. $#{$samples[0]}]);
 my $every = @samples > 14 ? int(@samples / 12) : 1;
 for my $i (0 .. $#samples) {
