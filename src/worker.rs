@@ -430,7 +430,10 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             return;
         }
         Some(Job::Load(handle, generation)) => {
-            loaded(w, r, handle.join(), generation, entered);
+            let result = handle
+                .join()
+                .map_err(|_| "the thread loading it failed".to_owned());
+            loaded(w, r, result, generation, entered);
             ngx_add_timer(ev, slot.interval);
             return;
         }
@@ -504,15 +507,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     }
                     w.carry_failing_open(source.table());
                     w.retire(source.take_retired(), generation, r.slot);
-                    let busy = r.busy + entered.elapsed();
-                    ngx_log_error!(
-                        NGX_LOG_NOTICE,
-                        log,
-                        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
-                        slot.path.display(),
-                        generation,
-                        busy.as_secs_f64() * 1000.0
-                    );
+                    in_service(log, slot, generation, r.busy + entered.elapsed());
                 } else {
                     w.retire(source.take_retired(), generation, r.slot);
                 }
@@ -696,11 +691,23 @@ fn remove_old_images(w: &Worker, key: u64, generation: u64) {
     }
 }
 
+/// Says that a table is in service, and what it cost this worker's event loop.
+fn in_service(log: *mut ngx_log_t, slot: &SourceSlot, generation: u64, busy: Duration) {
+    ngx_log_error!(
+        NGX_LOG_NOTICE,
+        log,
+        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
+        slot.path.display(),
+        generation,
+        busy.as_secs_f64() * 1000.0
+    );
+}
+
 /// A published generation was mapped (or not): serve it, or keep the last good table.
 unsafe fn loaded(
     w: &Worker,
     r: &mut Refresh,
-    result: std::thread::Result<Loaded>,
+    result: Result<Loaded, String>,
     generation: u64,
     entered: Instant,
 ) {
@@ -717,17 +724,9 @@ unsafe fn loaded(
             }
             w.carry_failing_open(source.table());
             w.retire(source.take_retired(), generation, r.slot);
-            let busy = r.busy + entered.elapsed();
-            ngx_log_error!(
-                NGX_LOG_NOTICE,
-                w.log,
-                "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
-                slot.path.display(),
-                generation,
-                busy.as_secs_f64() * 1000.0
-            );
+            in_service(w.log, slot, generation, r.busy + entered.elapsed());
         }
-        Ok(Err(e)) => {
+        Ok(Err(e)) | Err(e) => {
             r.failed = generation;
             ngx_log_error!(
                 NGX_LOG_ERR,
@@ -736,16 +735,6 @@ unsafe fn loaded(
                 slot.path.display(),
                 generation,
                 e
-            );
-        }
-        Err(_) => {
-            r.failed = generation;
-            ngx_log_error!(
-                NGX_LOG_ALERT,
-                w.log,
-                "edge_routes: {}: the thread loading table {} failed; the last good table keeps serving",
-                slot.path.display(),
-                generation
             );
         }
     }
