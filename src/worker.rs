@@ -162,9 +162,10 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         return false;
     }
     let log = (*cycle).log;
+    let pid = libc::getpid();
     let zone = mcf.zone.and_then(|z| Zone::open(z, log)).map(Arc::new);
     let slot = zone.as_ref().and_then(|z| {
-        let slot = z.claim_slot(libc::getpid(), log);
+        let slot = z.claim_slot(pid, log);
         if slot.is_none() {
             ngx_log_error!(
                 NGX_LOG_WARN,
@@ -183,15 +184,13 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         mcf: mcf_ptr,
         zone,
         slot,
-        pid: libc::getpid(),
+        pid,
         refreshes: Vec::new(),
         touch: core::mem::zeroed(),
         checks: Checks {
             ticker: core::mem::zeroed(),
             probe_log,
-            seed: Cell::new(crate::health::fnv1a(
-                &(libc::getpid() as u64 ^ now_ms()).to_le_bytes(),
-            )),
+            seed: Cell::new(crate::health::fnv1a(&(pid as u64 ^ now_ms()).to_le_bytes())),
             cannot_start: Cell::new(false),
         },
         retiring: RefCell::new(Vec::new()),
@@ -204,7 +203,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         let key = crate::health::mix((*mcf_ptr).config_id ^ index as u64).max(1);
         let published = match (w.zone.as_ref(), (*mcf_ptr).state.as_ref()) {
             (Some(zone), Some(_)) => {
-                let p = zone.published(key, libc::getpid());
+                let p = zone.published(key, pid);
                 if p.is_none() {
                     ngx_log_error!(
                         NGX_LOG_WARN,
@@ -316,11 +315,12 @@ impl Worker {
         }
     }
 
-    fn retire(&self, retired: Retired, generation: u64, source: *const SourceSlot) {
+    /// `replaced` is the generation of the table the swap took out of service.
+    fn retire(&self, retired: Retired, replaced: u64, source: *const SourceSlot) {
         if let Some(table) = retired.table {
             self.retiring.borrow_mut().push(RetiringTable {
                 table,
-                generation: generation.saturating_sub(1),
+                generation: replaced,
                 source,
             });
         }
@@ -469,7 +469,17 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                                 r.poll_ms = POLL_MS;
                                 ngx_add_timer(ev, r.poll_ms);
                             }
-                            Err(_) => ngx_add_timer(ev, slot.interval),
+                            Err(e) => {
+                                ngx_log_error!(
+                                    NGX_LOG_WARN,
+                                    log,
+                                    "edge_routes: {}: no thread to load table {} ({}); trying again",
+                                    slot.path.display(),
+                                    g,
+                                    e
+                                );
+                                ngx_add_timer(ev, slot.interval);
+                            }
                         }
                         return;
                     }
@@ -498,7 +508,8 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     publish(w, r, source, outcome);
                 }
                 let generation = source.generation();
-                if generation != r.attached {
+                let replaced = r.attached;
+                if generation != replaced {
                     r.attached = generation;
                     if let Some(zone) = w.zone.as_ref() {
                         let unattached =
@@ -506,10 +517,10 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                         zone.log_full(unattached, log);
                     }
                     w.carry_failing_open(source.table());
-                    w.retire(source.take_retired(), generation, r.slot);
+                    w.retire(source.take_retired(), replaced, r.slot);
                     in_service(log, slot, generation, r.busy + entered.elapsed());
                 } else {
-                    w.retire(source.take_retired(), generation, r.slot);
+                    w.retire(source.take_retired(), replaced, r.slot);
                 }
                 ngx_add_timer(ev, slot.interval);
                 return;
@@ -598,13 +609,17 @@ fn spawn(
                     .write(&path)
                     .map_err(|e| format!("{}: {e}", path.display()))
                     .and_then(|()| Image::map(&path));
-                published = Some(match mapped {
-                    Ok(image) => {
-                        *table = RouteTable::from_image(image);
+                published = Some(mapped.and_then(|image| {
+                    // The same table, served from the file: the upstreams stay as built.
+                    if table.use_image(image) {
                         Ok(generation)
+                    } else {
+                        Err(format!(
+                            "{}: the file read back differs from the table written",
+                            path.display()
+                        ))
                     }
-                    Err(e) => Err(e),
-                });
+                }));
             }
             unattached = zone.map(|zone| zone.attach(table));
         }
@@ -642,7 +657,19 @@ unsafe fn publish(w: &Worker, r: &mut Refresh, source: &mut Source, outcome: Res
             source.set_generation(generation);
             p.generation
                 .store(generation, std::sync::atomic::Ordering::Release);
-            remove_old_images(w, r.key, generation);
+            if let Some(state) = w.main_conf().state.clone() {
+                let live = w
+                    .zone
+                    .as_ref()
+                    .map(|z| z.published_keys())
+                    .unwrap_or_default();
+                let key = r.key;
+                // Listing and unlinking are file-system work: not in the event loop. Without
+                // a thread, the next publication cleans up.
+                let _ = spawn_quiet("edge-cleanup", move || {
+                    remove_old_images(&state, &live, key, generation)
+                });
+            }
         }
         Err(e) => {
             p.on_their_own.store(1, Relaxed);
@@ -660,15 +687,7 @@ unsafe fn publish(w: &Worker, r: &mut Refresh, source: &mut Source, outcome: Res
 /// Removes the images no worker will map again: this source's earlier generations, and
 /// those of configurations no longer in the zone (earlier runs, finished reloads). A worker
 /// that mapped one keeps its pages.
-fn remove_old_images(w: &Worker, key: u64, generation: u64) {
-    let Some(state) = w.main_conf().state.as_ref() else {
-        return;
-    };
-    let live = w
-        .zone
-        .as_ref()
-        .map(|z| z.published_keys())
-        .unwrap_or_default();
+fn remove_old_images(state: &std::path::Path, live: &[u64], key: u64, generation: u64) {
     let Ok(entries) = std::fs::read_dir(state) else {
         return;
     };
@@ -718,12 +737,12 @@ unsafe fn loaded(
     match result {
         Ok(Ok((table, unattached))) => {
             source.adopt(table, generation);
-            r.attached = generation;
+            let replaced = core::mem::replace(&mut r.attached, generation);
             if let (Some(zone), Some(n)) = (w.zone.as_ref(), unattached) {
                 zone.log_full(n, w.log);
             }
             w.carry_failing_open(source.table());
-            w.retire(source.take_retired(), generation, r.slot);
+            w.retire(source.take_retired(), replaced, r.slot);
             in_service(w.log, slot, generation, r.busy + entered.elapsed());
         }
         Ok(Err(e)) | Err(e) => {

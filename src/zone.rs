@@ -17,7 +17,7 @@ use nginx_sys::{
 use ngx::core::SlabPool;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
-use crate::health::{index_len, now_ms, Key, Record, Store, StoreMeta, SLOTS};
+use crate::health::{index_len, now_ms, Key, Record, Store, StoreMeta, EMPTY, SLOTS};
 use crate::routes::table::{Backend, RouteTable};
 
 pub const DEFAULT_NAME: &str = "nginx_edge";
@@ -312,7 +312,7 @@ impl Zone {
     fn forget(&self, slot: usize) -> u64 {
         self.records
             .iter()
-            .filter(|r| r.group() != 0)
+            .filter(|r| r.group() != EMPTY)
             .map(|r| u64::from(r.forget_slot(slot)))
             .sum()
     }

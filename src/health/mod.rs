@@ -5,7 +5,7 @@ pub mod probe;
 mod record;
 mod store;
 
-pub use record::{fnv1a, mix, Key, Outcome, Record, Transition, View, Why, SLOTS};
+pub use record::{fnv1a, mix, Key, Outcome, Record, Transition, View, Why, EMPTY, SLOTS};
 pub use store::{index_len, Entry, Store, StoreMeta};
 
 /// Milliseconds on CLOCK_MONOTONIC: the same clock in every process of the machine, so a

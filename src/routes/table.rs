@@ -263,6 +263,17 @@ impl RouteTable {
         }
     }
 
+    /// Serves this table from another copy of its image (the file it was written to, mapped):
+    /// the upstreams built from the first copy stay. `false`, and no change, if the bytes
+    /// differ.
+    pub fn use_image(&mut self, image: Image) -> bool {
+        if image.bytes() != self.image.bytes() {
+            return false;
+        }
+        self.image = image;
+        true
+    }
+
     /// The compiled image this table was made from.
     pub fn image(&self) -> &Image {
         &self.image
@@ -439,6 +450,15 @@ mod tests {
         );
         let (t, _) = RouteTable::merge(&[&doc], &|n| n == "vhosts").unwrap();
         let again = RouteTable::from_image(Image::from_bytes(t.image().bytes().to_vec()).unwrap());
+        // Served from another copy of the same image, the table keeps its upstreams; a
+        // different image is refused.
+        let (mut same, _) = RouteTable::merge(&[&doc], &|n| n == "vhosts").unwrap();
+        let first: *const Upstream = &same.upstreams()[0];
+        let copy = same.image().bytes().to_vec();
+        assert!(same.use_image(Image::from_bytes(copy.clone()).unwrap()));
+        assert!(std::ptr::eq(first, &same.upstreams()[0]));
+        assert!(!same.use_image(Image::default()));
+        assert_eq!(same.image().bytes(), &copy[..]);
         for table in [&t, &again] {
             assert_eq!(table.upstreams().len(), doc.upstreams.len());
             for (def, up) in doc.upstreams.iter().zip(table.upstreams()) {
