@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         let n = std::str::from_utf8(n).unwrap();
         let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };
         if i % 4 == 3 {
-            b.wildcard(n, to);
+            b.wildcard(n, to, i % 8 == 7);
         } else {
             b.exact(n, to);
         }
@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(opened) => {
             let v = opened.view();
             for (i, n) in names.iter().enumerate() {
-                let found = if i % 4 == 3 { v.wildcard(n) } else { v.exact(n) };
+                let found = if i % 4 == 3 { v.wildcard(n).map(|(k, t, _)| (k, t)) } else { v.exact(n) };
                 if intact {
                     assert!(found.is_some(), "{:?}", String::from_utf8_lossy(n));
                 }

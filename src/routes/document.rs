@@ -57,15 +57,18 @@ pub enum UpstreamKind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
     Exact(String),
-    /// `*.example.com`, stored as `example.com`.
+    /// `*.example.com`, stored as `example.com`: any number of labels in front.
     Wildcard(String),
+    /// The same, for exactly one label in front (the Kubernetes Ingress meaning); made by the
+    /// Kubernetes reader, not written in route files.
+    OneLabel(String),
 }
 
 impl fmt::Display for RouteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteKey::Exact(name) => f.write_str(name),
-            RouteKey::Wildcard(suffix) => write!(f, "*.{suffix}"),
+            RouteKey::Wildcard(suffix) | RouteKey::OneLabel(suffix) => write!(f, "*.{suffix}"),
         }
     }
 }

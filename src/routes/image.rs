@@ -23,7 +23,11 @@ use crate::upstream::{
 pub const NONE: u32 = u32::MAX;
 
 const MAGIC: [u8; 8] = *b"EDGEIMG\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+
+/// In a wildcard slot's name offset: the wildcard matches one label only (Kubernetes Ingress
+/// `*.foo.com`), not any depth.
+const ONE_LABEL: u32 = 1 << 31;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,8 +112,8 @@ fn slot_hash(h: u64) -> u32 {
 /// Builds an image. Names must be unique within each table, at most 255 bytes of ASCII.
 #[derive(Default)]
 pub struct Builder<'a> {
-    exact: Vec<(Box<[u8]>, Targets)>,
-    wildcard: Vec<(Box<[u8]>, Targets)>,
+    exact: Vec<(Box<[u8]>, Targets, bool)>,
+    wildcard: Vec<(Box<[u8]>, Targets, bool)>,
     default: Option<Targets>,
     upstreams: Vec<UpstreamSpec<'a>>,
 }
@@ -129,12 +133,14 @@ impl<'a> Builder<'a> {
     }
 
     pub fn exact(&mut self, name: &str, to: Targets) {
-        self.exact.push((name.as_bytes().into(), to));
+        self.exact.push((name.as_bytes().into(), to, false));
     }
 
-    /// `suffix` is the part after `*.`.
-    pub fn wildcard(&mut self, suffix: &str, to: Targets) {
-        self.wildcard.push((suffix.as_bytes().into(), to));
+    /// `suffix` is the part after `*.`; `one_label`: the wildcard stands for exactly one label
+    /// (Kubernetes Ingress), else for any number of them.
+    pub fn wildcard(&mut self, suffix: &str, to: Targets, one_label: bool) {
+        self.wildcard
+            .push((suffix.as_bytes().into(), to, one_label));
     }
 
     pub fn set_default(&mut self, to: Targets) {
@@ -156,7 +162,7 @@ impl<'a> Builder<'a> {
             .exact
             .iter()
             .chain(&self.wildcard)
-            .map(|(n, _)| 1 + n.len())
+            .map(|(n, _, _)| 1 + n.len())
             .sum();
         let servers_count: usize = self
             .upstreams
@@ -190,9 +196,9 @@ impl<'a> Builder<'a> {
         bytes[strings_off..strings_off + strings.bytes.len()].copy_from_slice(&strings.bytes);
         let mut names = names_off;
         let mut place =
-            |bytes: &mut [u8], off: usize, slots: usize, list: &[(Box<[u8]>, Targets)]| {
+            |bytes: &mut [u8], off: usize, slots: usize, list: &[(Box<[u8]>, Targets, bool)]| {
                 let mask = slots - 1;
-                for (name, to) in list {
+                for (name, to, one_label) in list {
                     let h = hash(name);
                     let mut i = h as usize & mask;
                     while read_slot(bytes, off, i).hash != 0 {
@@ -204,7 +210,8 @@ impl<'a> Builder<'a> {
                         i,
                         Slot {
                             hash: slot_hash(h),
-                            name: (names - names_off) as u32,
+                            name: (names - names_off) as u32
+                                | if *one_label { ONE_LABEL } else { 0 },
                             tls: to.tls,
                             http: to.http,
                         },
@@ -509,6 +516,9 @@ impl<'a> View<'a> {
                 if !upstream_ok(slot.tls) || !upstream_ok(slot.http) {
                     return Err(ImageError::Corrupt("a route names no upstream"));
                 }
+                if core::ptr::eq(s, &h.exact) && slot.name & ONE_LABEL != 0 {
+                    return Err(ImageError::Corrupt("an exact name marked as a wildcard"));
+                }
             }
             if used != s.count {
                 return Err(ImageError::Corrupt("slot count"));
@@ -576,7 +586,7 @@ impl<'a> View<'a> {
             .bytes
             .get(self.header.names_off as usize..)?
             .get(..self.header.names_len as usize)?;
-        let off = off as usize;
+        let off = (off & !ONE_LABEL) as usize;
         let len = *names.get(off)? as usize;
         names.get(off + 1..off + 1 + len)
     }
@@ -596,18 +606,19 @@ impl<'a> View<'a> {
 
     /// The exact route for `name`: its key, as stored, and its targets.
     pub fn exact(&self, name: &[u8]) -> Option<(&'a str, Targets)> {
-        self.find(&self.header.exact, name)
+        self.find(&self.header.exact, name).map(|(k, t, _)| (k, t))
     }
 
-    /// The wildcard route whose suffix (after `*.`) is `suffix`.
-    pub fn wildcard(&self, suffix: &[u8]) -> Option<(&'a str, Targets)> {
+    /// The wildcard route whose suffix (after `*.`) is `suffix`, and whether it stands for one
+    /// label only.
+    pub fn wildcard(&self, suffix: &[u8]) -> Option<(&'a str, Targets, bool)> {
         if self.header.wildcard.count == 0 {
             return None;
         }
         self.find(&self.header.wildcard, suffix)
     }
 
-    fn find(&self, s: &Section, name: &[u8]) -> Option<(&'a str, Targets)> {
+    fn find(&self, s: &Section, name: &[u8]) -> Option<(&'a str, Targets, bool)> {
         let h = hash(name);
         let want = slot_hash(h);
         let mask = s.slots as usize - 1;
@@ -628,6 +639,7 @@ impl<'a> View<'a> {
                             tls: slot.tls,
                             http: slot.http,
                         },
+                        slot.name & ONE_LABEL != 0,
                     ));
                 }
             }
@@ -635,8 +647,8 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Every route, exact ones first: (is wildcard, key, targets).
-    pub fn routes(&self) -> impl Iterator<Item = (bool, &'a str, Targets)> + '_ {
+    /// Every route, exact ones first: (kind, key, targets).
+    pub fn routes(&self) -> impl Iterator<Item = (RouteKind, &'a str, Targets)> + '_ {
         [(false, &self.header.exact), (true, &self.header.wildcard)]
             .into_iter()
             .flat_map(move |(wild, s)| {
@@ -646,8 +658,13 @@ impl<'a> View<'a> {
                         return None;
                     }
                     let name = core::str::from_utf8(self.name_at(slot.name)?).ok()?;
+                    let kind = match (wild, slot.name & ONE_LABEL != 0) {
+                        (false, _) => RouteKind::Exact,
+                        (true, false) => RouteKind::Wildcard,
+                        (true, true) => RouteKind::OneLabel,
+                    };
                     Some((
-                        wild,
+                        kind,
                         name,
                         Targets {
                             tls: slot.tls,
@@ -657,6 +674,16 @@ impl<'a> View<'a> {
                 })
             })
     }
+}
+
+/// How a route's key matches a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Exact,
+    /// `*.suffix`, any number of labels in front.
+    Wildcard,
+    /// `*.suffix`, exactly one label in front.
+    OneLabel,
 }
 
 /// One upstream record of an image.
@@ -970,7 +997,8 @@ mod tests {
         let mut b = Builder::default();
         b.exact("rancher.example.com", t(0, 0));
         b.exact("split.example.com", t(1, NONE));
-        b.wildcard("apps.example.com", t(2, 2));
+        b.wildcard("apps.example.com", t(2, 2), false);
+        b.wildcard("svc.example.com", t(1, 1), true);
         b.set_default(t(NONE, 1));
         b.build(3)
     }
@@ -991,12 +1019,21 @@ mod tests {
         assert_eq!(v.exact(b"other.example.com"), None);
         assert_eq!(
             v.wildcard(b"apps.example.com"),
-            Some(("apps.example.com", t(2, 2)))
+            Some(("apps.example.com", t(2, 2), false))
+        );
+        assert_eq!(
+            v.wildcard(b"svc.example.com"),
+            Some(("svc.example.com", t(1, 1), true))
         );
         assert_eq!(v.wildcard(b"example.com"), None);
         assert_eq!(v.default(), Some(t(NONE, 1)));
-        assert_eq!((v.exact_count(), v.wildcard_count()), (2, 1));
-        assert_eq!(v.routes().count(), 3);
+        assert_eq!((v.exact_count(), v.wildcard_count()), (2, 2));
+        let kinds: Vec<RouteKind> = v.routes().map(|(k, _, _)| k).collect();
+        assert_eq!(
+            kinds.iter().filter(|&&k| k == RouteKind::OneLabel).count(),
+            1
+        );
+        assert_eq!(kinds.len(), 4);
         assert_eq!(image.bytes().len() % 8, 0);
     }
 
@@ -1069,8 +1106,8 @@ mod tests {
             Err(ImageError::Length { .. })
         ));
         let mut foreign = good.to_vec();
-        foreign[8] = 2;
-        assert_eq!(open(&foreign).err(), Some(ImageError::Version(2)));
+        foreign[8] = 1;
+        assert_eq!(open(&foreign).err(), Some(ImageError::Version(1)));
         let mut junk = good.to_vec();
         junk[0] = b'X';
         assert_eq!(open(&junk).err(), Some(ImageError::NotAnImage));
@@ -1084,8 +1121,8 @@ mod tests {
             );
         }
         assert_eq!(
-            ImageError::Version(2).to_string(),
-            "image format version 2, this module reads version 1"
+            ImageError::Version(1).to_string(),
+            "image format version 1, this module reads version 2"
         );
     }
 

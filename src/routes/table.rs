@@ -98,6 +98,23 @@ pub struct MergeError {
     pub message: String,
 }
 
+/// Inserts unless the key is there already; `true` if it was.
+trait InsertNew<'a, V> {
+    fn try_insert_new(&mut self, key: &'a str, value: V) -> bool;
+}
+
+impl<'a, V> InsertNew<'a, V> for HashMap<&'a str, V> {
+    fn try_insert_new(&mut self, key: &'a str, value: V) -> bool {
+        match self.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => true,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(value);
+                false
+            }
+        }
+    }
+}
+
 impl RouteTable {
     /// Merges documents in order. A name defined twice (upstream, route or default) keeps its
     /// first definition and yields a warning. `nginx_upstream_exists` tells which nginx.conf
@@ -107,7 +124,7 @@ impl RouteTable {
         nginx_upstream_exists: &dyn Fn(&str) -> bool,
     ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
         let mut exact: HashMap<&str, Route> = HashMap::new();
-        let mut wildcard: HashMap<&str, Route> = HashMap::new();
+        let mut wildcard: HashMap<&str, (Route, bool)> = HashMap::new();
         let mut default: Option<Route> = None;
         let mut warnings = Vec::new();
         let mut ids: HashMap<&str, (UpstreamId, usize)> = HashMap::new();
@@ -184,20 +201,19 @@ impl RouteTable {
         for (file, doc) in documents.iter().enumerate() {
             for (key, targets) in &doc.routes {
                 let route = resolve(file, &format_args!("routes[\"{key}\"]"), targets)?;
-                let (map, name) = match key {
-                    RouteKey::Exact(name) => (&mut exact, name),
-                    RouteKey::Wildcard(suffix) => (&mut wildcard, suffix),
+                let taken = match key {
+                    RouteKey::Exact(name) => exact.try_insert_new(name, route),
+                    RouteKey::Wildcard(suffix) => wildcard.try_insert_new(suffix, (route, false)),
+                    RouteKey::OneLabel(suffix) => wildcard.try_insert_new(suffix, (route, true)),
                 };
-                if map.contains_key(name.as_str()) {
+                if taken {
                     warnings.push(MergeWarning {
                         file,
                         message: format!(
                             "routes[\"{key}\"]: already routed by an earlier file, ignored"
                         ),
                     });
-                    continue;
                 }
-                map.insert(name.as_str(), route);
             }
             if let Some(targets) = &doc.default {
                 let route = resolve(file, &"default", targets)?;
@@ -224,8 +240,8 @@ impl RouteTable {
         for (name, route) in exact {
             image.exact(name, route.targets());
         }
-        for (suffix, route) in wildcard {
-            image.wildcard(suffix, route.targets());
+        for (suffix, (route, one_label)) in wildcard {
+            image.wildcard(suffix, route.targets(), one_label);
         }
         if let Some(route) = default {
             image.set_default(route.targets());
@@ -310,15 +326,20 @@ impl RouteTable {
         if image.wildcard_count() == 0 {
             return None;
         }
-        // Longest suffix first: for a.b.example.com try b.example.com, example.com, com.
+        // Longest suffix first: for a.b.example.com try b.example.com, example.com, com. A
+        // one-label wildcard only matches the first of them.
         let mut rest = name;
+        let mut first = true;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
-            if let Some((key, targets)) = image.wildcard(rest.as_bytes()) {
-                if let Some(id) = upstream(targets, protocol) {
-                    return Some((MatchedBy::Wildcard(key), id));
+            if let Some((key, targets, one_label)) = image.wildcard(rest.as_bytes()) {
+                if first || !one_label {
+                    if let Some(id) = upstream(targets, protocol) {
+                        return Some((MatchedBy::Wildcard(key), id));
+                    }
                 }
             }
+            first = false;
         }
         None
     }
@@ -573,6 +594,44 @@ mod tests {
         assert_eq!(find(&t, Some("example.com"), Protocol::Tls), None);
         assert_eq!(find(&t, Some("other.test"), Protocol::Tls), None);
         assert_eq!(find(&t, None, Protocol::Tls), None);
+    }
+
+    #[test]
+    fn a_one_label_wildcard_matches_one_label_only() {
+        let mut ingress = document(BASE);
+        ingress.routes.clear();
+        let to = |name: &str| Targets {
+            tls: Some(name.into()),
+            http: Some(name.into()),
+        };
+        ingress
+            .routes
+            .push((RouteKey::OneLabel("apps.example.com".into()), to("a")));
+        ingress
+            .routes
+            .push((RouteKey::Wildcard("example.com".into()), to("b")));
+        ingress
+            .routes
+            .push((RouteKey::OneLabel("example.com".into()), to("c")));
+        let (t, warnings) = RouteTable::merge(&[&ingress], &|_| true).unwrap();
+        assert_eq!(warnings.len(), 1, "the second *.example.com is a conflict");
+        assert_eq!(
+            find(&t, Some("x.apps.example.com"), Protocol::Tls),
+            pair("*.apps.example.com", "a")
+        );
+        // Two labels in front: not the Ingress wildcard, but the any-depth one above it.
+        assert_eq!(
+            find(&t, Some("x.y.apps.example.com"), Protocol::Tls),
+            pair("*.example.com", "b")
+        );
+        let mut only = document(BASE);
+        only.routes = vec![(RouteKey::OneLabel("example.com".into()), to("c"))];
+        let (t, _) = RouteTable::merge(&[&only], &|_| true).unwrap();
+        assert_eq!(
+            find(&t, Some("x.example.com"), Protocol::Http),
+            pair("*.example.com", "c")
+        );
+        assert_eq!(find(&t, Some("x.y.example.com"), Protocol::Http), None);
     }
 
     #[test]
