@@ -5,6 +5,7 @@
 //! and fuzz targets build only them, since a test binary cannot link against nginx's symbols.
 
 pub mod balance;
+pub mod feed;
 pub mod health;
 pub mod report;
 pub mod routes;

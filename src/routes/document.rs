@@ -541,6 +541,16 @@ fn routes(value: &Json, path: &JsonPath) -> Result<Vec<(RouteKey, Targets)>, Sch
         .collect()
 }
 
+/// A route key as route files write it (`name` or `*.suffix`), checked and lower-cased.
+pub fn parse_route_key(key: &str) -> Option<RouteKey> {
+    route_key(key, &JsonPath::Root).ok()
+}
+
+/// Whether `name` may name an upstream in a route file.
+pub fn is_upstream_name(name: &str) -> bool {
+    check_upstream_name(name, &JsonPath::Root).is_ok()
+}
+
 fn route_key(key: &str, path: &JsonPath) -> Result<RouteKey, SchemaError> {
     let (wildcard, name) = match key.strip_prefix("*.") {
         Some(suffix) => (true, suffix),

@@ -1,0 +1,737 @@
+//! Pure: the Kubernetes objects a source reads (Ingress, and Gateway API HTTPRoute and
+//! TLSRoute), reduced to what makes routes; list and watch-event parsing; the catalog of a
+//! source's objects and the route document it makes; the cache file that keeps it on disk.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::routes::document::{
+    is_upstream_name, parse_route_key, Document, RouteKey, Targets, UpstreamDef, UpstreamKind,
+};
+use crate::upstream::{Policy, ServerDef};
+
+/// Objects of one source.
+pub const MAX_OBJECTS: usize = 100_000;
+/// Hosts of one object.
+pub const MAX_HOSTS: usize = 1_000;
+/// Addresses of one object's load balancer.
+pub const MAX_ADDRESSES: usize = 64;
+/// Bytes of one watch event (Kubernetes objects are at most 1.5 MB in etcd).
+pub const MAX_EVENT: usize = 4 << 20;
+/// Bytes of one list page or polled document.
+pub const MAX_BODY: usize = 64 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Ingress,
+    HTTPRoute,
+    TLSRoute,
+}
+
+impl Kind {
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Ingress => "ingresses",
+            Kind::HTTPRoute => "httproutes",
+            Kind::TLSRoute => "tlsroutes",
+        }
+    }
+
+    /// API group paths to try, in order, under an API server's URL.
+    pub fn api_paths(self) -> &'static [&'static str] {
+        match self {
+            Kind::Ingress => &["/apis/networking.k8s.io/v1"],
+            Kind::HTTPRoute => &["/apis/gateway.networking.k8s.io/v1"],
+            Kind::TLSRoute => &[
+                "/apis/gateway.networking.k8s.io/v1",
+                "/apis/gateway.networking.k8s.io/v1alpha2",
+            ],
+        }
+    }
+
+    /// A wildcard host in this kind: Ingress `*.foo.com` is one label, Gateway API any depth.
+    fn wildcard(self, suffix: String) -> RouteKey {
+        match self {
+            Kind::Ingress => RouteKey::OneLabel(suffix),
+            Kind::HTTPRoute | Kind::TLSRoute => RouteKey::Wildcard(suffix),
+        }
+    }
+
+    fn of_list(kind: &str) -> Option<Kind> {
+        match kind.strip_suffix("List").unwrap_or(kind) {
+            "Ingress" => Some(Kind::Ingress),
+            "HTTPRoute" => Some(Kind::HTTPRoute),
+            "TLSRoute" => Some(Kind::TLSRoute),
+            _ => None,
+        }
+    }
+}
+
+/// What a URL path names for `format=k8s`.
+pub struct Target;
+
+impl Target {
+    /// The kind a list path reads (`…/ingresses`, `…/namespaces/web/httproutes`), or `None`
+    /// for an API server's URL (with any prefix, as Rancher's `/k8s/clusters/<id>`).
+    pub fn of(path: &str) -> Option<Kind> {
+        let last = path.rsplit('/').next()?;
+        [Kind::Ingress, Kind::HTTPRoute, Kind::TLSRoute]
+            .into_iter()
+            .find(|k| k.plural() == last)
+    }
+}
+
+/// An object, reduced to what makes routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Object {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// As the object writes them; checked when the document is made.
+    pub hosts: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+pub type Key = (Kind, String, String);
+
+impl Object {
+    pub fn key(&self) -> Key {
+        (self.kind, self.namespace.clone(), self.name.clone())
+    }
+}
+
+// The wire shapes: only the fields read; serde skips the rest (managedFields and all) without
+// building them.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawObject {
+    kind: Option<String>,
+    metadata: RawMeta,
+    spec: RawSpec,
+    status: StatusField,
+    // An `ERROR` event's object is a Status.
+    code: Option<u16>,
+    reason: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawMeta {
+    name: String,
+    namespace: String,
+    #[serde(rename = "resourceVersion")]
+    resource_version: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+    annotations: Option<RawAnnotations>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawAnnotations {
+    #[serde(rename = "kubernetes.io/ingress.class")]
+    class: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawSpec {
+    #[serde(rename = "ingressClassName")]
+    ingress_class_name: Option<String>,
+    rules: Option<Vec<RawRule>>,
+    tls: Option<Vec<RawTls>>,
+    hostnames: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRule {
+    host: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawTls {
+    hosts: Option<Vec<String>>,
+}
+
+/// An object's `status`; a Status object's is a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatusField {
+    Object(RawStatus),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Default for StatusField {
+    fn default() -> StatusField {
+        StatusField::Other(serde::de::IgnoredAny)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawStatus {
+    #[serde(rename = "loadBalancer")]
+    load_balancer: Option<RawLoadBalancer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawLoadBalancer {
+    ingress: Option<Vec<RawLbIngress>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawLbIngress {
+    ip: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawList {
+    kind: Option<String>,
+    metadata: RawMeta,
+    items: Option<Vec<RawObject>>,
+}
+
+#[derive(Deserialize)]
+struct RawEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    object: RawObject,
+}
+
+impl RawObject {
+    fn reduce(self, kind: Kind) -> Result<Object, String> {
+        let mut hosts = Vec::new();
+        if let Some(rules) = self.spec.rules {
+            // A rule without a host adds nothing: it is the cluster's default backend.
+            hosts.extend(rules.into_iter().filter_map(|r| r.host));
+        }
+        if let Some(tls) = self.spec.tls {
+            hosts.extend(tls.into_iter().flat_map(|t| t.hosts.unwrap_or_default()));
+        }
+        if let Some(names) = self.spec.hostnames {
+            hosts.extend(names);
+        }
+        hosts.sort_unstable();
+        hosts.dedup();
+        let name = format!("{}/{}", self.metadata.namespace, self.metadata.name);
+        if hosts.len() > MAX_HOSTS {
+            return Err(format!(
+                "{kind:?} {name}: {} hosts, more than the limit of {MAX_HOSTS}",
+                hosts.len()
+            ));
+        }
+        let status = match self.status {
+            StatusField::Object(s) => s,
+            StatusField::Other(_) => RawStatus::default(),
+        };
+        let addresses: Vec<IpAddr> = status
+            .load_balancer
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| i.ip?.parse().ok())
+            .take(MAX_ADDRESSES)
+            .collect();
+        let class = self
+            .spec
+            .ingress_class_name
+            .or_else(|| self.metadata.annotations.and_then(|a| a.class));
+        Ok(Object {
+            kind,
+            namespace: self.metadata.namespace,
+            name: self.metadata.name,
+            hosts,
+            addresses,
+            class,
+        })
+    }
+}
+
+/// One list page (or a whole list from a server that does not page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The kind the list says it holds, when it says so.
+    pub kind: Option<Kind>,
+    pub objects: Vec<Object>,
+    pub resource_version: Option<String>,
+    pub continue_token: Option<String>,
+}
+
+/// Whether a JSON document looks like a Kubernetes list rather than a route file.
+pub fn looks_like_list(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        items: Option<serde::de::IgnoredAny>,
+        kind: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(body)
+        .is_ok_and(|p| p.items.is_some() || p.kind.is_some_and(|k| k.ends_with("List")))
+}
+
+/// Parses a list page. `kind` is the kind requested; a list that names another is refused.
+pub fn parse_list(body: &[u8], kind: Option<Kind>) -> Result<Page, String> {
+    let raw: RawList = serde_json::from_slice(body).map_err(|e| format!("not a list: {e}"))?;
+    let listed = raw.kind.as_deref().and_then(Kind::of_list);
+    if let (Some(want), Some(got)) = (kind, listed) {
+        if want != got {
+            return Err(format!("asked for {want:?} objects, got a {got:?} list"));
+        }
+    }
+    let items = raw.items.ok_or("not a list: no \"items\"")?;
+    if items.len() > MAX_OBJECTS {
+        return Err(format!(
+            "{} objects, more than the limit of {MAX_OBJECTS}",
+            items.len()
+        ));
+    }
+    let of = kind.or(listed);
+    let mut objects = Vec::with_capacity(items.len());
+    for item in items {
+        let k = of
+            .or_else(|| item.kind.as_deref().and_then(Kind::of_list))
+            .unwrap_or(Kind::Ingress);
+        objects.push(item.reduce(k)?);
+    }
+    Ok(Page {
+        kind: listed,
+        objects,
+        resource_version: raw.metadata.resource_version.filter(|v| !v.is_empty()),
+        continue_token: raw.metadata.continue_token.filter(|c| !c.is_empty()),
+    })
+}
+
+/// One watch event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(Object, Option<String>),
+    Delete(Object, Option<String>),
+    /// Only a resourceVersion to resume from.
+    Bookmark(String),
+    /// `410 Gone`: the resourceVersion is too old; list again.
+    Expired,
+    /// Another `ERROR` event.
+    Error(String),
+}
+
+/// Parses one line of a watch stream.
+pub fn parse_event(line: &[u8], kind: Kind) -> Result<Event, String> {
+    let raw: RawEvent =
+        serde_json::from_slice(line).map_err(|e| format!("a broken watch event: {e}"))?;
+    let rv = raw.object.metadata.resource_version.clone();
+    match raw.kind.as_str() {
+        "ADDED" | "MODIFIED" => Ok(Event::Put(raw.object.reduce(kind)?, rv)),
+        "DELETED" => Ok(Event::Delete(raw.object.reduce(kind)?, rv)),
+        "BOOKMARK" => rv
+            .map(Event::Bookmark)
+            .ok_or_else(|| "a bookmark without a resourceVersion".into()),
+        "ERROR" => {
+            let o = raw.object;
+            if o.code == Some(410) || o.reason.as_deref() == Some("Expired") {
+                return Ok(Event::Expired);
+            }
+            Ok(Event::Error(format!(
+                "{} {}: {}",
+                o.code.unwrap_or(0),
+                o.reason.unwrap_or_default(),
+                o.message.unwrap_or_default()
+            )))
+        }
+        other => Err(format!("a watch event of unknown type \"{other}\"")),
+    }
+}
+
+/// The objects of one source, by kind, namespace and name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    pub objects: BTreeMap<Key, Arc<Object>>,
+}
+
+/// What a catalog made: the document, and what it left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Made {
+    pub document: Document,
+    /// Distinct route names.
+    pub routes: usize,
+    /// Hosts that are not host names.
+    pub invalid: Vec<String>,
+    /// Hosts already routed by an earlier object of the source (cert-manager's solver
+    /// Ingresses repeat their host, for one).
+    pub repeated: usize,
+    /// Objects that route nowhere: no `upstream=` and no load-balancer address.
+    pub unrouted: usize,
+}
+
+impl Catalog {
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Replaces the objects of `kind` with a full list of them.
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) {
+        self.objects.retain(|k, _| k.0 != kind);
+        for o in objects {
+            self.objects.insert(o.key(), Arc::new(o));
+        }
+    }
+
+    pub fn put(&mut self, object: Object) -> Result<(), String> {
+        let key = object.key();
+        if !self.objects.contains_key(&key) && self.objects.len() >= MAX_OBJECTS {
+            return Err(format!("more than {MAX_OBJECTS} objects"));
+        }
+        self.objects.insert(key, Arc::new(object));
+        Ok(())
+    }
+
+    pub fn delete(&mut self, object: &Object) {
+        self.objects.remove(&object.key());
+    }
+
+    /// The route document of the source: each host to `upstream`, or to an upstream made of
+    /// the object's load-balancer addresses (on the port the client connected to). Objects
+    /// are taken in (kind, namespace, name) order; a host already routed keeps its first.
+    pub fn document(
+        &self,
+        source: &str,
+        upstream: Option<&str>,
+        ingress_class: Option<&str>,
+    ) -> Made {
+        let mut made = Made::default();
+        let mut seen = std::collections::HashSet::new();
+        for object in self.objects.values() {
+            if let Some(want) = ingress_class {
+                if object.kind == Kind::Ingress && object.class.as_deref() != Some(want) {
+                    continue;
+                }
+            }
+            let target = match upstream {
+                Some(up) => up.to_owned(),
+                None if object.addresses.is_empty() => {
+                    if !object.hosts.is_empty() {
+                        made.unrouted += 1;
+                    }
+                    continue;
+                }
+                None => {
+                    let name = made_up_name(source, object);
+                    made.document.upstreams.push(UpstreamDef {
+                        name: name.clone(),
+                        kind: UpstreamKind::Servers(
+                            object
+                                .addresses
+                                .iter()
+                                .map(|&ip| ServerDef {
+                                    ip,
+                                    port: None,
+                                    weight: 1,
+                                    backup: false,
+                                })
+                                .collect(),
+                        ),
+                        policy: Policy::default(),
+                    });
+                    name
+                }
+            };
+            for host in &object.hosts {
+                let key = match parse_route_key(host) {
+                    Some(RouteKey::Wildcard(suffix)) => object.kind.wildcard(suffix),
+                    Some(key) => key,
+                    None => {
+                        made.invalid.push(format!(
+                            "{:?} {}/{}: \"{host}\"",
+                            object.kind, object.namespace, object.name
+                        ));
+                        continue;
+                    }
+                };
+                let name = match &key {
+                    RouteKey::Exact(n) => (false, n.clone()),
+                    RouteKey::Wildcard(n) | RouteKey::OneLabel(n) => (true, n.clone()),
+                };
+                if !seen.insert(name) {
+                    made.repeated += 1;
+                    continue;
+                }
+                made.document.routes.push((
+                    key,
+                    Targets {
+                        tls: Some(target.clone()),
+                        http: Some(target.clone()),
+                    },
+                ));
+            }
+        }
+        made.routes = made.document.routes.len();
+        made
+    }
+}
+
+/// The upstream name made for an object's addresses: `k8s.SOURCE.NAMESPACE.NAME`, or a hash
+/// of it when that is too long.
+fn made_up_name(source: &str, o: &Object) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let name = format!(
+        "k8s.{}.{}.{}",
+        clean(source),
+        clean(&o.namespace),
+        clean(&o.name)
+    );
+    if is_upstream_name(&name) {
+        return name;
+    }
+    let h = crate::health::fnv1a(format!("{source}\n{}\n{}", o.namespace, o.name).as_bytes());
+    format!("k8s.{:016x}", h)
+}
+
+/// The last good state of a `format=k8s` source, kept on disk.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Cache {
+    /// Always 1: tells a cache from a route file.
+    pub edge_url_cache: u32,
+    pub source: String,
+    pub objects: Vec<Object>,
+}
+
+/// The start of every cache file: a route file never starts so.
+pub const CACHE_MAGIC: &[u8] = b"{\"edge_url_cache\":1";
+
+impl Cache {
+    pub fn of(source: &str, catalog: &Catalog) -> Cache {
+        Cache {
+            edge_url_cache: 1,
+            source: source.into(),
+            objects: catalog.objects.values().map(|o| (**o).clone()).collect(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Catalog, String> {
+        let cache: Cache = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if cache.objects.len() > MAX_OBJECTS {
+            return Err(format!("more than {MAX_OBJECTS} objects"));
+        }
+        let mut catalog = Catalog::default();
+        for o in cache.objects {
+            catalog.objects.insert(o.key(), Arc::new(o));
+        }
+        Ok(catalog)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Ingress as the API server sends it, fields we ignore included.
+    fn ingress(ns: &str, name: &str, rules: &[&str], tls: &[&str], ip: Option<&str>) -> String {
+        let rules: Vec<String> = rules
+            .iter()
+            .map(|h| {
+                if h.is_empty() {
+                    r#"{"http":{"paths":[{"path":"/","pathType":"Prefix","backend":{"service":{"name":"d","port":{"number":80}}}}]}}"#.to_owned()
+                } else {
+                    format!(r#"{{"host":"{h}","http":{{"paths":[{{"path":"/","pathType":"Prefix","backend":{{"service":{{"name":"web","port":{{"number":80}}}}}}}}]}}}}"#)
+                }
+            })
+            .collect();
+        let tls: Vec<String> = tls.iter().map(|h| format!("\"{h}\"")).collect();
+        let status = match ip {
+            Some(ip) => format!(
+                r#"{{"loadBalancer":{{"ingress":[{{"ip":"{ip}"}},{{"hostname":"lb.example"}}]}}}}"#
+            ),
+            None => "{}".into(),
+        };
+        format!(
+            r#"{{"metadata":{{"name":"{name}","namespace":"{ns}","uid":"u","resourceVersion":"7",
+            "annotations":{{"kubectl.kubernetes.io/last-applied-configuration":"{{}}"}},
+            "managedFields":[{{"manager":"kubectl","operation":"Update","fieldsType":"FieldsV1","fieldsV1":{{"f:spec":{{}}}}}}]}},
+            "spec":{{"ingressClassName":"nginx","rules":[{}],"tls":[{{"hosts":[{}],"secretName":"s"}}]}},
+            "status":{status}}}"#,
+            rules.join(","),
+            tls.join(",")
+        )
+    }
+
+    #[test]
+    fn lists_reduce_to_hosts_and_addresses() {
+        let body = format!(
+            r#"{{"kind":"IngressList","apiVersion":"networking.k8s.io/v1","metadata":{{"resourceVersion":"42","continue":"abc"}},
+            "items":[{},{}]}}"#,
+            ingress(
+                "web",
+                "shop",
+                &["shop.example.com", ""],
+                &["shop.example.com", "*.shop.example.com"],
+                Some("10.0.0.5")
+            ),
+            ingress(
+                "web",
+                "cm-acme-http-solver-x",
+                &["shop.example.com"],
+                &[],
+                Some("10.0.0.5")
+            ),
+        );
+        let page = parse_list(body.as_bytes(), Some(Kind::Ingress)).unwrap();
+        assert_eq!(page.resource_version.as_deref(), Some("42"));
+        assert_eq!(page.continue_token.as_deref(), Some("abc"));
+        let shop = &page.objects[0];
+        assert_eq!(shop.hosts, ["*.shop.example.com", "shop.example.com"]);
+        assert_eq!(shop.addresses, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(shop.class.as_deref(), Some("nginx"));
+        assert!(looks_like_list(body.as_bytes()));
+        assert!(!looks_like_list(br#"{"version":1,"routes":{}}"#));
+        assert!(parse_list(body.as_bytes(), Some(Kind::TLSRoute)).is_err());
+        assert!(parse_list(b"{\"kind\":\"IngressList\"}", None).is_err());
+        assert!(parse_list(b"[1,2]", None).is_err());
+    }
+
+    #[test]
+    fn events_put_delete_bookmark_and_expire() {
+        let added = format!(
+            r#"{{"type":"ADDED","object":{}}}"#,
+            ingress("a", "b", &["x.test"], &[], None)
+        );
+        match parse_event(added.as_bytes(), Kind::Ingress).unwrap() {
+            Event::Put(o, rv) => {
+                assert_eq!((o.hosts.len(), rv.as_deref()), (1, Some("7")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let bookmark = br#"{"type":"BOOKMARK","object":{"kind":"Ingress","apiVersion":"networking.k8s.io/v1","metadata":{"resourceVersion":"99"}}}"#;
+        assert_eq!(
+            parse_event(bookmark, Kind::Ingress),
+            Ok(Event::Bookmark("99".into()))
+        );
+        let gone = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version: 1 (5)","reason":"Expired","code":410}}"#;
+        assert_eq!(parse_event(gone, Kind::Ingress), Ok(Event::Expired));
+        let other = br#"{"type":"ERROR","object":{"kind":"Status","code":500,"reason":"InternalError","message":"etcd"}}"#;
+        assert!(
+            matches!(parse_event(other, Kind::Ingress), Ok(Event::Error(m)) if m.contains("500"))
+        );
+        assert!(parse_event(b"{\"type\":\"NOPE\",\"object\":{}}", Kind::Ingress).is_err());
+        assert!(parse_event(b"garbage", Kind::Ingress).is_err());
+    }
+
+    fn object(kind: Kind, name: &str, hosts: &[&str], ip: Option<&str>) -> Object {
+        Object {
+            kind,
+            namespace: "web".into(),
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            addresses: ip.iter().map(|ip| ip.parse().unwrap()).collect(),
+            class: Some("nginx".into()),
+        }
+    }
+
+    #[test]
+    fn the_document_keeps_each_apis_wildcard_meaning() {
+        let mut c = Catalog::default();
+        c.put(object(
+            Kind::Ingress,
+            "a",
+            &["*.apps.test", "A.test", "bad host"],
+            None,
+        ))
+        .unwrap();
+        c.put(object(Kind::HTTPRoute, "b", &["*.gw.test", "a.test"], None))
+            .unwrap();
+        let made = c.document("cluster-a", Some("cluster-a"), None);
+        assert_eq!(made.routes, 3);
+        assert_eq!(made.repeated, 1, "a.test is the Ingress's");
+        assert_eq!(made.invalid.len(), 1);
+        let keys: Vec<&RouteKey> = made.document.routes.iter().map(|(k, _)| k).collect();
+        assert!(keys.contains(&&RouteKey::OneLabel("apps.test".into())));
+        assert!(keys.contains(&&RouteKey::Wildcard("gw.test".into())));
+        assert!(keys.contains(&&RouteKey::Exact("a.test".into())));
+        assert_eq!(c.document("x", None, None).unrouted, 2);
+        assert_eq!(
+            c.document("x", Some("u"), Some("traefik")).routes,
+            2,
+            "only the HTTPRoute"
+        );
+    }
+
+    #[test]
+    fn without_an_upstream_hosts_route_to_the_load_balancer() {
+        let mut c = Catalog::default();
+        c.put(object(
+            Kind::Ingress,
+            "shop",
+            &["shop.test"],
+            Some("10.1.0.7"),
+        ))
+        .unwrap();
+        let made = c.document("b", None, None);
+        let up = &made.document.upstreams[0];
+        assert_eq!(up.name, "k8s.b.web.shop");
+        assert_eq!(
+            up.kind,
+            UpstreamKind::Servers(vec![ServerDef {
+                ip: "10.1.0.7".parse().unwrap(),
+                port: None,
+                weight: 1,
+                backup: false
+            }])
+        );
+        assert_eq!(
+            made.document.routes[0].1.tls.as_deref(),
+            Some("k8s.b.web.shop")
+        );
+        let table = crate::routes::table::RouteTable::merge(&[&made.document], &|_| false);
+        assert!(table.is_ok());
+        let long = object(
+            Kind::Ingress,
+            &"n".repeat(200),
+            &["l.test"],
+            Some("10.1.0.8"),
+        );
+        assert!(is_upstream_name(&made_up_name("b", &long)));
+    }
+
+    #[test]
+    fn a_cache_reads_back_as_the_catalog_it_was() {
+        let mut c = Catalog::default();
+        c.put(object(Kind::TLSRoute, "t", &["t.test"], Some("::1")))
+            .unwrap();
+        c.put(object(Kind::Ingress, "i", &["i.test"], None))
+            .unwrap();
+        let bytes = Cache::of("s", &c).to_bytes();
+        assert!(bytes.starts_with(CACHE_MAGIC));
+        assert_eq!(Cache::parse(&bytes).unwrap(), c);
+        assert!(Cache::parse(b"{\"edge_url_cache\":1}").is_err());
+        c.replace_kind(Kind::Ingress, vec![]);
+        assert_eq!(c.len(), 1);
+        c.delete(&object(Kind::TLSRoute, "t", &[], None));
+        assert!(c.is_empty());
+    }
+}
