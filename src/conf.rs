@@ -15,8 +15,10 @@ use nginx_sys::{
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
-use crate::routes::source::{Event, Level, Source};
-use crate::{stream, zone};
+use crate::feed::kube::{Cache, CACHE_MAGIC};
+use crate::feed::Options;
+use crate::routes::source::{self, Cached, Event, Inputs, Level, Reader, Source};
+use crate::{fetch, stream, zone};
 
 /// The module-owned upstream group that `$edge_upstream` names for `servers` routes.
 pub const GROUP_NAME: &str = "nginx_edge";
@@ -32,14 +34,42 @@ pub enum Mode {
     Auto,
 }
 
-/// One `edge_routes` source, shared by every server that names the same path. Read at
-/// configuration time; a worker then refreshes `source` (see `worker`).
+/// One route table: an `edge_routes` file or folder and the URL sources merged with it,
+/// shared by every server with the same ones. Read at configuration time; a worker then
+/// refreshes `source` (see `worker`).
 pub struct SourceSlot {
+    /// The file source's path, or the first URL source's name: in messages.
     pub path: PathBuf,
+    pub file: Option<FileSource>,
+    /// Indexes into `MainConf::urls`, in configuration order.
+    pub urls: Vec<usize>,
     pub interval: ngx_msec_t,
     /// `file:line` of the directive, for configuration errors.
     pub declared_at: String,
     pub source: Option<Source>,
+}
+
+/// An `edge_routes` directive.
+#[derive(Clone, PartialEq)]
+pub struct FileSource {
+    pub path: PathBuf,
+    pub interval: ngx_msec_t,
+    pub declared_at: String,
+    /// Where it stands among the directives, for the merge order.
+    pub position: usize,
+}
+
+/// An `edge_routes_url` directive: one source, fetched by one worker for the whole edge.
+pub struct UrlSlot {
+    pub options: Options,
+    pub declared_at: String,
+    pub position: usize,
+    /// The last good document, in the state folder.
+    pub cache: PathBuf,
+    /// For `https://`: nginx's TLS context, verifying against `ca=`.
+    pub ssl: Option<fetch::Tls>,
+    /// The table whose leading worker fetches this source (the first that merges it).
+    pub owner: usize,
 }
 
 #[derive(Default)]
@@ -56,10 +86,20 @@ pub struct MainConf {
     pub state: Option<PathBuf>,
     /// Tells this configuration's publications from those of another (a reload's).
     pub config_id: u64,
+    // Boxed: fetches point at a slot while the list grows.
+    #[allow(clippy::vec_box)]
+    pub urls: Vec<Box<UrlSlot>>,
+    /// Counts `edge_routes` and `edge_routes_url` directives: their order is the merge order.
+    pub directives: usize,
 }
 
 pub struct SrvConf {
     pub mode: Mode,
+    /// This level's `edge_routes`; a server without one takes stream's.
+    pub file: Option<FileSource>,
+    /// This level's `edge_routes_url`s (indexes into `MainConf::urls`); a server without any
+    /// takes stream's.
+    pub urls: Vec<usize>,
     pub source: *mut SourceSlot,
     /// `edge_status`: this server answers with the live state instead of proxying, through
     /// this content handler.
@@ -90,7 +130,7 @@ pub unsafe extern "C" fn set_edge_routes(
     conf: *mut c_void,
 ) -> *mut c_char {
     let scf = &mut *conf.cast::<SrvConf>();
-    if !scf.source.is_null() {
+    if scf.file.is_some() {
         return c"is duplicate".as_ptr().cast_mut();
     }
     let args = stream::conf_args(cf);
@@ -113,22 +153,107 @@ pub unsafe extern "C" fn set_edge_routes(
     if ngx_conf_full_name((*cf).cycle, &mut name, 1) != 0 {
         return NGX_CONF_ERROR;
     }
-    let path = PathBuf::from(String::from_utf8_lossy(name.as_bytes()).into_owned());
-
     let mcf = stream::cf_main_conf::<MainConf>(cf);
-    if let Some(slot) = mcf.sources.iter_mut().find(|s| s.path == path) {
-        slot.interval = slot.interval.min(interval);
-        scf.source = &mut **slot;
-        return NGX_CONF_OK;
-    }
-    let mut slot = Box::new(SourceSlot {
-        path,
+    mcf.directives += 1;
+    scf.file = Some(FileSource {
+        path: PathBuf::from(String::from_utf8_lossy(name.as_bytes()).into_owned()),
         interval,
         declared_at: directive_position(cf),
-        source: None,
+        position: mcf.directives,
     });
-    scf.source = &mut *slot;
-    mcf.sources.push(slot);
+    NGX_CONF_OK
+}
+
+/// `edge_routes_url URL [name=] [format=] [interval=] [timeout=] [upstream=] [token_file=]
+/// [ca=] [certificate= certificate_key=] [ingress_class=];`
+pub unsafe extern "C" fn set_edge_routes_url(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let scf = &mut *conf.cast::<SrvConf>();
+    let args = stream::conf_args(cf);
+    let text: Vec<String> = args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned())
+        .collect();
+    let rest: Vec<&str> = text[1..].iter().map(String::as_str).collect();
+    let duration = |v: &str| {
+        let mut s = ngx_str_t {
+            len: v.len(),
+            data: v.as_ptr().cast_mut(),
+        };
+        let ms = ngx_parse_time(&mut s, 0);
+        (ms != NGX_ERROR as isize && ms > 0).then_some(ms as u64)
+    };
+    let mut options = match Options::parse(&text[0], &rest, &duration) {
+        Ok(o) => o,
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "edge_routes_url: {}", e);
+            return NGX_CONF_ERROR;
+        }
+    };
+    // Files are relative to the configuration prefix, like include; each must be readable now.
+    for file in [
+        &mut options.token_file,
+        &mut options.ca,
+        &mut options.certificate,
+        &mut options.certificate_key,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut bytes = file.clone().into_bytes();
+        let mut name = ngx_str_t {
+            len: bytes.len(),
+            data: bytes.as_mut_ptr(),
+        };
+        if ngx_conf_full_name((*cf).cycle, &mut name, 1) != 0 {
+            return NGX_CONF_ERROR;
+        }
+        *file = String::from_utf8_lossy(name.as_bytes()).into_owned();
+        if let Err(e) = std::fs::File::open(&*file) {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "edge_routes_url: {}: {}", file, e);
+            return NGX_CONF_ERROR;
+        }
+    }
+    if options.url.ip().is_none() && options.url.host != "localhost" {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "edge_routes_url: \"{}\" is a host name: give the address (this version does not resolve names)",
+            options.url.host
+        );
+        return NGX_CONF_ERROR;
+    }
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    let key = options.cache_key();
+    if let Some(i) = mcf.urls.iter().position(|u| u.options.cache_key() == key) {
+        let slot = &mut mcf.urls[i];
+        slot.options.interval_ms = slot.options.interval_ms.min(options.interval_ms);
+        if !scf.urls.contains(&i) {
+            scf.urls.push(i);
+        }
+        return NGX_CONF_OK;
+    }
+    let ssl = if options.url.tls {
+        match fetch::Tls::new(cf, &options) {
+            Some(tls) => Some(tls),
+            None => return NGX_CONF_ERROR,
+        }
+    } else {
+        None
+    };
+    mcf.directives += 1;
+    scf.urls.push(mcf.urls.len());
+    mcf.urls.push(Box::new(UrlSlot {
+        options,
+        declared_at: directive_position(cf),
+        position: mcf.directives,
+        cache: PathBuf::new(),
+        ssl,
+        owner: usize::MAX,
+    }));
     NGX_CONF_OK
 }
 
@@ -271,10 +396,15 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     pool.allocate(MainConf::default()).cast()
 }
 
-/// Runs once the whole stream block is parsed, so every `upstream {}` block is known: reads
-/// every route source now, so that `nginx -t` rejects a bad table.
-pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
-    let mcf = &mut *conf.cast::<MainConf>();
+pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, _conf: *mut c_void) -> *mut c_char {
+    NGX_CONF_OK
+}
+
+/// Runs once the whole stream block is parsed and every server merged, so every
+/// `upstream {}` block and every table is known: reads every route source now, so that
+/// `nginx -t` rejects a bad table.
+pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
     let umcf = stream::cf_upstream_main_conf(cf);
     let upstreams = stream::array_items::<*mut ngx_stream_upstream_srv_conf_t>(
         umcf.upstreams.elts,
@@ -293,9 +423,44 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
     }
     let log = (*cf).log;
     mcf.nginx_upstreams = Arc::new(names);
+    if !mcf.sources.is_empty() {
+        if mcf.state.is_none() {
+            mcf.state = default_state(cf);
+        }
+        let Some(state) = mcf.state.clone() else {
+            return false;
+        };
+        if !add_state_path(cf, &state) {
+            return false;
+        }
+        for url in &mut mcf.urls {
+            url.cache = state.join(format!("url-{:016x}.json", url.options.cache_key()));
+        }
+    }
     let exists = |name: &str| mcf.nginx_upstreams.contains(name);
     for slot in &mut mcf.sources {
-        match Source::open(&slot.path, &exists) {
+        let cached = |i: &usize| Cached {
+            file: mcf.urls[*i].cache.clone(),
+            read: url_reader(&mcf.urls[*i].options),
+            label: format!("edge_routes_url {}", mcf.urls[*i].options.name),
+        };
+        let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
+        let inputs = Inputs {
+            path: slot.file.as_ref().map(|f| f.path.clone()),
+            before: slot
+                .urls
+                .iter()
+                .filter(|&&i| mcf.urls[i].position < at)
+                .map(cached)
+                .collect(),
+            after: slot
+                .urls
+                .iter()
+                .filter(|&&i| mcf.urls[i].position > at)
+                .map(cached)
+                .collect(),
+        };
+        match Source::open(inputs, &exists) {
             Ok((source, warnings)) => {
                 for event in warnings {
                     ngx_log_error!(NGX_LOG_WARN, log, "edge_routes: {}", event.message);
@@ -306,11 +471,35 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                 ngx_log_error!(
                     NGX_LOG_EMERG,
                     log,
-                    "edge_routes: {} (edge_routes in {})",
+                    "edge_routes: {} ({} in {})",
                     message,
+                    if slot.file.is_some() {
+                        "edge_routes"
+                    } else {
+                        "edge_routes_url"
+                    },
                     slot.declared_at
                 );
-                return NGX_CONF_ERROR;
+                return false;
+            }
+        }
+        // upstream= must name an upstream of the table the source is merged into.
+        let table = slot.source.as_ref().map(|s| s.table());
+        for &i in &slot.urls {
+            let url = &mcf.urls[i];
+            let Some(up) = url.options.upstream.as_deref() else {
+                continue;
+            };
+            if !table.is_some_and(|t| t.upstreams().iter().any(|u| &*u.name == up)) {
+                ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "edge_routes_url: upstream={} is not defined by the route files merged with {} (in {})",
+                    up,
+                    url.options.name,
+                    url.declared_at
+                );
+                return false;
             }
         }
     }
@@ -319,15 +508,6 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
     // SAFETY: malloc_trim is always safe to call.
     unsafe { libc::malloc_trim(0) };
     if !mcf.sources.is_empty() {
-        if mcf.state.is_none() {
-            mcf.state = default_state(cf);
-        }
-        let Some(state) = mcf.state.clone() else {
-            return NGX_CONF_ERROR;
-        };
-        if !add_state_path(cf, &state) {
-            return NGX_CONF_ERROR;
-        }
         mcf.config_id = crate::health::fnv1a(
             &[
                 (libc::getpid() as u64).to_le_bytes(),
@@ -345,16 +525,43 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
         };
         mcf.zone = zone::add(cf, &mut name, zone::DEFAULT_SIZE);
         if mcf.zone.is_none() {
-            return NGX_CONF_ERROR;
+            return false;
         }
     }
-    NGX_CONF_OK
+    true
+}
+
+/// Reads a URL source's last good document: a Kubernetes source's objects, made into routes
+/// as the source's options say, or a native route document.
+fn url_reader(options: &Options) -> Reader {
+    let name = options.name.clone();
+    let upstream = options.upstream.clone();
+    let class = options.ingress_class.clone();
+    Reader::new(move |path| {
+        let shown = |e: &dyn std::fmt::Display| {
+            format!(
+                "edge_routes_url {name}: its last good table {}: {e}",
+                path.display()
+            )
+        };
+        let bytes = std::fs::read(path).map_err(|e| shown(&e))?;
+        if bytes.starts_with(CACHE_MAGIC) {
+            let catalog = Cache::parse(&bytes).map_err(|e| shown(&e))?;
+            Ok(catalog
+                .document(&name, upstream.as_deref(), class.as_deref())
+                .document)
+        } else {
+            source::parse_document(&bytes).map_err(|e| shown(&e))
+        }
+    })
 }
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     let pool = Pool::from_ngx_pool((*cf).pool);
     pool.allocate(SrvConf {
         mode: Mode::Unset,
+        file: None,
+        urls: Vec::new(),
         source: ptr::null_mut(),
         status: None,
     })
@@ -368,8 +575,14 @@ pub unsafe extern "C" fn merge_srv_conf(
 ) -> *mut c_char {
     let prev = &*prev.cast::<SrvConf>();
     let conf = &mut *conf.cast::<SrvConf>();
-    if conf.source.is_null() {
-        conf.source = prev.source;
+    if conf.file.is_none() {
+        conf.file = prev.file.clone();
+    }
+    if conf.urls.is_empty() {
+        conf.urls = prev.urls.clone();
+    }
+    if conf.file.is_some() || !conf.urls.is_empty() {
+        conf.source = table_for(cf, conf.file.as_ref(), &conf.urls);
     }
     if conf.mode == Mode::Unset {
         conf.mode = Mode::Off;
@@ -395,11 +608,56 @@ pub unsafe extern "C" fn merge_srv_conf(
         ngx_conf_log_error!(
             NGX_LOG_EMERG,
             cf,
-            "\"edge_route\" needs \"edge_routes\" in this server or in stream"
+            "\"edge_route\" needs \"edge_routes\" or \"edge_routes_url\" in this server or in stream"
         );
         return NGX_CONF_ERROR;
     }
     NGX_CONF_OK
+}
+
+/// The table of a server's sources: the one another server with the same sources has, or a
+/// new one.
+unsafe fn table_for(
+    cf: *mut ngx_conf_t,
+    file: Option<&FileSource>,
+    urls: &[usize],
+) -> *mut SourceSlot {
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    let path = file.map(|f| &f.path);
+    if let Some(slot) = mcf
+        .sources
+        .iter_mut()
+        .find(|s| s.file.as_ref().map(|f| &f.path) == path && s.urls == urls)
+    {
+        return &mut **slot;
+    }
+    let index = mcf.sources.len();
+    for &i in urls {
+        let url = &mut mcf.urls[i];
+        if url.owner == usize::MAX {
+            url.owner = index;
+        }
+    }
+    let first_url = urls.first().map(|&i| &mcf.urls[i]);
+    let mut slot = Box::new(SourceSlot {
+        path: match (file, first_url) {
+            (Some(f), _) => f.path.clone(),
+            (None, Some(u)) => PathBuf::from(&u.options.name),
+            (None, None) => PathBuf::new(),
+        },
+        file: file.cloned(),
+        urls: urls.to_vec(),
+        interval: file.map_or(DEFAULT_INTERVAL_MS, |f| f.interval),
+        declared_at: match (file, first_url) {
+            (Some(f), _) => f.declared_at.clone(),
+            (None, Some(u)) => u.declared_at.clone(),
+            (None, None) => String::new(),
+        },
+        source: None,
+    });
+    let at: *mut SourceSlot = &mut *slot;
+    mcf.sources.push(slot);
+    at
 }
 
 pub fn log_level(level: Level) -> ngx_uint_t {

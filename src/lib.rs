@@ -19,6 +19,10 @@ mod check;
 #[cfg(all(feature = "module", not(test)))]
 mod conf;
 #[cfg(all(feature = "module", not(test)))]
+mod feeds;
+#[cfg(all(feature = "module", not(test)))]
+mod fetch;
+#[cfg(all(feature = "module", not(test)))]
 mod io;
 #[cfg(all(feature = "module", not(test)))]
 mod preread;
@@ -47,9 +51,9 @@ mod wiring {
         ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
         ngx_stream_module_t, ngx_stream_phases_NGX_STREAM_LOG_PHASE,
         ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
-        NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_ERROR, NGX_OK,
-        NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET,
-        NGX_STREAM_UPSTREAM_CREATE,
+        NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2,
+        NGX_ERROR, NGX_OK, NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF,
+        NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
     };
     use ngx::ngx_string;
 
@@ -77,11 +81,17 @@ mod wiring {
         ..ngx_module_t::default()
     };
 
-    static mut COMMANDS: [ngx_command_t; 6] = [
+    static mut COMMANDS: [ngx_command_t; 7] = [
         command(
             ngx_string!("edge_routes"),
             NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12,
             conf::set_edge_routes,
+            NGX_STREAM_SRV_CONF_OFFSET,
+        ),
+        command(
+            ngx_string!("edge_routes_url"),
+            NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_1MORE,
+            conf::set_edge_routes_url,
             NGX_STREAM_SRV_CONF_OFFSET,
         ),
         command(
@@ -162,6 +172,10 @@ mod wiring {
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        // Every server is merged by now: each table's sources are known.
+        if !conf::open_sources(cf) {
+            return NGX_ERROR as ngx_int_t;
+        }
         let ctx = (*cf).ctx.cast::<nginx_sys::ngx_stream_conf_ctx_t>();
         let cmcf = &mut *(*(*ctx)
             .main_conf

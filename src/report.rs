@@ -94,7 +94,13 @@ fn pools<'a>(sources: &'a [SourceInfo<'a>]) -> Vec<(&'a str, &'a str, &'a Pool)>
     out
 }
 
-pub fn json(sources: &[SourceInfo], zone: Option<ZoneInfo>, clock: Clock) -> String {
+/// `urls`: the state of each URL source, as the worker that fetches it last wrote it.
+pub fn json(
+    sources: &[SourceInfo],
+    urls: &[Value],
+    zone: Option<ZoneInfo>,
+    clock: Clock,
+) -> String {
     let sources_json: Vec<Value> = sources
         .iter()
         .map(|s| {
@@ -161,6 +167,7 @@ pub fn json(sources: &[SourceInfo], zone: Option<ZoneInfo>, clock: Clock) -> Str
         "version": env!("CARGO_PKG_VERSION"),
         "zone": zone,
         "sources": sources_json,
+        "urls": urls,
         "upstreams": upstreams,
     }))
     .unwrap_or_default();
@@ -189,7 +196,12 @@ struct Family<'a> {
     samples: Vec<(String, String)>,
 }
 
-pub fn prometheus(sources: &[SourceInfo], zone: Option<ZoneInfo>, clock: Clock) -> String {
+pub fn prometheus(
+    sources: &[SourceInfo],
+    urls: &[Value],
+    zone: Option<ZoneInfo>,
+    clock: Clock,
+) -> String {
     let mut families: Vec<Family> = Vec::new();
     let mut family = |name, kind, help, samples| {
         families.push(Family {
@@ -228,6 +240,45 @@ pub fn prometheus(sources: &[SourceInfo], zone: Option<ZoneInfo>, clock: Clock) 
         "gauge",
         "1 if a change to the source was rejected since nginx started (see last_error in the JSON).",
         per_source(&|s| Some(u8::from(s.last_error.is_some()).to_string())),
+    );
+
+    let per_url = |f: &dyn Fn(&Value) -> Option<String>| {
+        urls.iter()
+            .filter_map(|u| {
+                let name = u["name"].as_str()?;
+                Some((format!("source=\"{}\"", label(name)), f(u)?))
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "nginx_edge_url_up",
+        "gauge",
+        "1 if the URL source is watched or polled without error, 0 while it fails (the last good table serves).",
+        per_url(&|u| {
+            let ok = matches!(u["state"].as_str(), Some("watching" | "polling"))
+                && u["resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().all(|r| r["error"].is_null()));
+            Some(u8::from(ok).to_string())
+        }),
+    );
+    family(
+        "nginx_edge_url_objects",
+        "gauge",
+        "Kubernetes objects read from the URL source.",
+        per_url(&|u| u["objects"].as_u64().map(|n| n.to_string())),
+    );
+    family(
+        "nginx_edge_url_routes",
+        "gauge",
+        "Routes the URL source gives.",
+        per_url(&|u| u["routes"].as_u64().map(|n| n.to_string())),
+    );
+    family(
+        "nginx_edge_url_last_success_timestamp_seconds",
+        "gauge",
+        "When the URL source last answered well.",
+        per_url(&|u| u["last_success"].as_f64().map(|t| format!("{t:.3}"))),
     );
 
     let pools = pools(sources);
@@ -347,16 +398,21 @@ pub fn parse_request(buf: &[u8]) -> Request<'_> {
 pub fn respond(
     path: &str,
     sources: &[SourceInfo],
+    urls: &[Value],
     zone: Option<ZoneInfo>,
     clock: Clock,
 ) -> Vec<u8> {
     let path = path.split('?').next().unwrap_or(path);
     let (status, kind, body) = match path {
-        "/" | "/status" => ("200 OK", "application/json", json(sources, zone, clock)),
+        "/" | "/status" => (
+            "200 OK",
+            "application/json",
+            json(sources, urls, zone, clock),
+        ),
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            prometheus(sources, zone, clock),
+            prometheus(sources, urls, zone, clock),
         ),
         _ => (
             "404 Not Found",
@@ -424,7 +480,7 @@ mod tests {
             capacity: 100,
             used: 3,
         };
-        let v: Value = serde_json::from_str(&json(&sources, Some(zone), clock())).unwrap();
+        let v: Value = serde_json::from_str(&json(&sources, &[], Some(zone), clock())).unwrap();
         assert_eq!(v["sources"][0]["generation"], 3);
         assert_eq!(v["sources"][0]["loaded_at"], 999_990.0);
         assert_eq!(v["sources"][0]["routes"], 3);
@@ -466,7 +522,7 @@ mod tests {
             last_error: None,
             table: &t,
         }];
-        let text = prometheus(&sources, None, clock());
+        let text = prometheus(&sources, &[], None, clock());
         let mut typed = HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -553,9 +609,9 @@ mod tests {
             last_error: None,
             table: &t,
         }];
-        let r = respond("/nope", &sources, None, clock());
+        let r = respond("/nope", &sources, &[], None, clock());
         assert!(r.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
-        let r = respond("/status?pretty", &sources, None, clock());
+        let r = respond("/status?pretty", &sources, &[], None, clock());
         let text = String::from_utf8(r).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));

@@ -179,7 +179,16 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
         monotonic_ms: now_ms(),
         wall: SystemTime::now(),
     };
-    ex.answer = report::respond(path, &sources, zone, clock);
+    let urls: Vec<serde_json::Value> = w
+        .map(|w| {
+            w.main_conf()
+                .urls
+                .iter()
+                .map(|u| crate::feeds::read_status(u))
+                .collect()
+        })
+        .unwrap_or_default();
+    ex.answer = report::respond(path, &sources, &urls, zone, clock);
     ex.status = NGX_STREAM_OK as _;
     on_write((*c).write);
 }

@@ -73,3 +73,29 @@ pub unsafe fn conf_args<'a>(cf: *mut ngx_conf_t) -> &'a [nginx_sys::ngx_str_t] {
     let a = &*(*cf).args;
     array_items(a.elts, a.nelts)
 }
+
+/// Whether the worker is shutting down: timers then stop re-arming.
+pub fn exiting() -> bool {
+    // SAFETY: plain reads of nginx's process flags.
+    unsafe {
+        nginx_sys::ngx_exiting != 0 || nginx_sys::ngx_quit != 0 || nginx_sys::ngx_terminate != 0
+    }
+}
+
+/// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own
+/// thread, which handles them.
+pub fn spawn_quiet<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    // SAFETY: signal-mask calls on this thread only, restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        spawned
+    }
+}

@@ -14,19 +14,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nginx_sys::{
-    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_exiting, ngx_log_t, ngx_msec_t, ngx_quit,
-    ngx_terminate, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE,
-    NGX_LOG_WARN,
+    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ALERT, NGX_LOG_CRIT,
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
 use crate::conf::{log_events, MainConf, SourceSlot};
+use crate::feeds;
 use crate::health::now_ms;
 use crate::routes::document::Document;
 use crate::routes::image::Image;
 use crate::routes::source::{Done, Retired, Source, Step, Work};
 use crate::routes::table::{Backend, RouteTable};
 use crate::stream;
+pub use crate::stream::{exiting, spawn_quiet};
 use crate::zone::{self, Published, Zone};
 
 /// While a refresh's work runs on a thread, the timer polls it: first after this long, then
@@ -54,6 +55,11 @@ pub struct Worker {
     /// Upstreams this worker is sending connections to although every server is down, by
     /// name, so that a new table generation does not log the same state again.
     failing_open: RefCell<HashSet<Box<str>>>,
+    /// The URL sources this worker fetches for the edge (those of the tables it leads).
+    #[allow(clippy::vec_box)]
+    feeds: Vec<Box<feeds::Feed>>,
+    /// Which URL sources (by index) have a feed here.
+    fetching: Vec<bool>,
 }
 
 /// The active checks' per-worker state; the callbacks are in `check`.
@@ -105,6 +111,10 @@ struct RetiringTable {
 /// The refresh of one route source: its timer, and its work on a thread.
 struct Refresh {
     slot: *mut SourceSlot,
+    /// The slot's index in the configuration.
+    index: usize,
+    /// A URL source's file changed while work was under way: look again at once after it.
+    kicked: bool,
     timer: ngx_event_t,
     job: Option<Job>,
     /// Where the edge's table of this source is published, when the zone has room; `None`:
@@ -128,12 +138,6 @@ static mut WORKER: *mut Worker = null_mut();
 pub fn get() -> Option<&'static Worker> {
     // SAFETY: written at worker start and exit only, outside any event handler.
     unsafe { WORKER.as_ref() }
-}
-
-/// Whether the worker is shutting down: timers then stop re-arming.
-pub fn exiting() -> bool {
-    // SAFETY: plain reads of nginx's process flags.
-    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
 }
 
 unsafe fn arm(
@@ -195,6 +199,8 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         },
         retiring: RefCell::new(Vec::new()),
         failing_open: RefCell::new(HashSet::new()),
+        feeds: Vec::new(),
+        fetching: vec![false; (*mcf_ptr).urls.len()],
     }));
     WORKER = worker;
     let w = &mut *worker;
@@ -219,6 +225,8 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         };
         let mut refresh = Box::new(Refresh {
             slot,
+            index,
+            kicked: false,
             timer: core::mem::zeroed(),
             job: None,
             published,
@@ -264,6 +272,9 @@ pub unsafe fn stop() {
     }
     let mut w = Box::from_raw(worker);
     let pid = w.pid;
+    for feed in &mut w.feeds {
+        feeds::stop(feed);
+    }
     for r in &mut w.refreshes {
         cancel(&mut r.timer);
         if let Some(p) = r.published {
@@ -496,6 +507,11 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     }
                 }
             }
+            // The worker that reads the table fetches its URL sources.
+            if r.published.is_none_or(|p| p.lead(w.pid)) {
+                start_feeds(r.index);
+            }
+            r.kicked = false;
             source.start()
         }
     };
@@ -522,7 +538,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 } else {
                     w.retire(source.take_retired(), replaced, r.slot);
                 }
-                ngx_add_timer(ev, slot.interval);
+                ngx_add_timer(ev, if r.kicked { 0 } else { slot.interval });
                 return;
             }
             Step::NeedWork(work) => {
@@ -557,6 +573,35 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             }
         }
     }
+}
+
+/// Starts fetching the URL sources that table `index` is the first to merge, if this worker
+/// does not yet.
+unsafe fn start_feeds(index: usize) {
+    let Some(w) = WORKER.as_mut() else { return };
+    let mcf = &*w.mcf;
+    for (i, url) in mcf.urls.iter().enumerate() {
+        if url.owner == index && !w.fetching[i] {
+            w.fetching[i] = true;
+            let feed = feeds::start(&**url, w.log, kick, index);
+            w.feeds.push(feed);
+        }
+    }
+}
+
+/// A URL source's file changed: table `index` looks at once, or right after the work under
+/// way.
+unsafe fn kick(index: usize) {
+    let Some(w) = WORKER.as_mut() else { return };
+    let Some(r) = w.refreshes.iter_mut().find(|r| r.index == index) else {
+        return;
+    };
+    if r.job.is_some() {
+        r.kicked = true;
+        return;
+    }
+    cancel(&mut r.timer);
+    ngx_add_timer(&mut r.timer, 0);
 }
 
 /// Puts the calling thread in the idle scheduling class (Linux `SCHED_IDLE`).
@@ -756,23 +801,5 @@ unsafe fn loaded(
                 e
             );
         }
-    }
-}
-
-/// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own
-/// thread, which handles them.
-fn spawn_quiet<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<JoinHandle<T>> {
-    // SAFETY: signal-mask calls on this thread only, restored before returning.
-    unsafe {
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        let mut old: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        spawned
     }
 }

@@ -83,7 +83,7 @@ $t->config(<<'EOF');
 EOF
 ($ok, $out) = $t->test_config;
 ok(!$ok, 'edge_route without edge_routes is refused');
-like($out, qr/"edge_route" needs "edge_routes" in this server or in stream/, 'with a clear message');
+like($out, qr/"edge_route" needs "edge_routes" or "edge_routes_url" in this server or in stream/, 'with a clear message');
 
 $t->config(<<'EOF');
     edge_routes %%TESTDIR%%/routes.json interval=soon;

@@ -411,9 +411,26 @@ impl Catalog {
         upstream: Option<&str>,
         ingress_class: Option<&str>,
     ) -> Made {
+        document_of(
+            self.objects.values().map(|o| &**o),
+            source,
+            upstream,
+            ingress_class,
+        )
+    }
+}
+
+/// `Catalog::document` for objects in (kind, namespace, name) order.
+pub fn document_of<'o>(
+    objects: impl Iterator<Item = &'o Object>,
+    source: &str,
+    upstream: Option<&str>,
+    ingress_class: Option<&str>,
+) -> Made {
+    {
         let mut made = Made::default();
         let mut seen = std::collections::HashSet::new();
-        for object in self.objects.values() {
+        for object in objects {
             if let Some(want) = ingress_class {
                 if object.kind == Kind::Ingress && object.class.as_deref() != Some(want) {
                     continue;
@@ -532,6 +549,22 @@ impl Cache {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The bytes of a cache of `objects`, without copying them first.
+    pub fn bytes_of(source: &str, objects: &[Arc<Object>]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            edge_url_cache: u32,
+            source: &'a str,
+            objects: Vec<&'a Object>,
+        }
+        serde_json::to_vec(&Borrowed {
+            edge_url_cache: 1,
+            source,
+            objects: objects.iter().map(|o| &**o).collect(),
+        })
+        .unwrap_or_default()
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Catalog, String> {
@@ -727,6 +760,8 @@ mod tests {
             .unwrap();
         let bytes = Cache::of("s", &c).to_bytes();
         assert!(bytes.starts_with(CACHE_MAGIC));
+        let shared: Vec<Arc<Object>> = c.objects.values().cloned().collect();
+        assert_eq!(Cache::bytes_of("s", &shared), bytes);
         assert_eq!(Cache::parse(&bytes).unwrap(), c);
         assert!(Cache::parse(b"{\"edge_url_cache\":1}").is_err());
         c.replace_kind(Kind::Ingress, vec![]);

@@ -209,9 +209,11 @@ impl Options {
                         "auto" => Format::Auto,
                         "edge" => Format::Edge,
                         "k8s" => Format::K8s,
-                        _ => return Err(format!(
+                        _ => {
+                            return Err(format!(
                             "invalid format \"{value}\", it must be \"auto\", \"edge\" or \"k8s\""
-                        )),
+                        ))
+                        }
                     }
                 }
                 "interval" | "timeout" => {
@@ -245,6 +247,12 @@ impl Options {
                     return Err(format!("{what} needs an https:// URL"));
                 }
             }
+        }
+        if !o.url.tls && o.token_file.is_some() {
+            return Err(
+                "token_file= needs an https:// URL: a token is only sent to a verified server"
+                    .into(),
+            );
         }
         if o.url.tls && o.ca.is_none() {
             return Err("an https:// URL needs ca= (the certificate authority to verify the server against)".into());

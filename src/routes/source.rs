@@ -34,6 +34,8 @@ pub struct Event {
 enum Kind {
     File,
     Folder,
+    /// No file source: only URL sources' last good documents.
+    Nothing,
 }
 
 impl Kind {
@@ -49,6 +51,61 @@ impl Kind {
         match self {
             Kind::File => "a file",
             Kind::Folder => "a folder",
+            Kind::Nothing => "nothing",
+        }
+    }
+}
+
+/// Reads a URL source's last good document from its file in the state folder.
+/// How a URL source's file is read.
+type ReadFn = dyn Fn(&Path) -> Result<Document, String> + Send + Sync;
+
+#[derive(Clone)]
+pub struct Reader(Arc<ReadFn>);
+
+impl Reader {
+    pub fn new(f: impl Fn(&Path) -> Result<Document, String> + Send + Sync + 'static) -> Reader {
+        Reader(Arc::new(f))
+    }
+
+    pub fn read(&self, path: &Path) -> Result<Document, String> {
+        (self.0)(path)
+    }
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reader")
+    }
+}
+
+/// A URL source, as the table sees it: the file where the worker that fetches it keeps its
+/// last good document, read as any route file is, by its own reader. A missing file is a
+/// source that has not answered yet: it adds nothing.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub file: PathBuf,
+    pub read: Reader,
+    /// What messages call it (`edge_routes_url NAME`), rather than its file.
+    pub label: String,
+}
+
+/// What a table is made of, in configuration order (the first wins a conflict): at most one
+/// file or folder, and any number of URL sources.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub path: Option<PathBuf>,
+    /// URL sources declared before the path come first.
+    pub before: Vec<Cached>,
+    pub after: Vec<Cached>,
+}
+
+impl Inputs {
+    /// A file or a folder alone.
+    pub fn file(path: &Path) -> Inputs {
+        Inputs {
+            path: Some(path.to_owned()),
+            ..Inputs::default()
         }
     }
 }
@@ -79,6 +136,10 @@ impl Stamp {
 struct Unit {
     name: OsString,
     path: PathBuf,
+    /// For a URL source's file: what messages call it.
+    label: Option<String>,
+    /// A URL source's file: how to read it.
+    read: Option<Reader>,
     stamp: Stamp,
     good: Option<Arc<Document>>,
     /// The accepted version before `good`, while `good` is new in this refresh.
@@ -87,8 +148,10 @@ struct Unit {
 
 #[derive(Debug)]
 pub struct Source {
+    /// The file source's path, or the first URL source's file: for messages.
     path: PathBuf,
     kind: Kind,
+    inputs: Inputs,
     units: Vec<Unit>,
     table: Rc<RouteTable>,
     generation: u64,
@@ -118,8 +181,8 @@ struct Pending {
 /// The slow part of a refresh: pure, so that a worker can run it on another thread.
 #[derive(Debug)]
 pub enum Work {
-    /// Read and check these files.
-    Parse(Vec<PathBuf>),
+    /// Read and check these files (a URL source's with its reader).
+    Parse(Vec<(PathBuf, Option<Reader>)>),
     /// Merge these documents into a table.
     Merge(Vec<Arc<Document>>),
 }
@@ -134,7 +197,15 @@ impl Work {
     /// `upstream_exists` tells which nginx.conf upstream blocks a route may name.
     pub fn run(self, upstream_exists: &dyn Fn(&str) -> bool) -> Done {
         match self {
-            Work::Parse(paths) => Done::Parsed(paths.iter().map(|p| read_document(p)).collect()),
+            Work::Parse(paths) => Done::Parsed(
+                paths
+                    .iter()
+                    .map(|(p, read)| match read {
+                        Some(read) => read.read(p),
+                        None => read_document(p),
+                    })
+                    .collect(),
+            ),
             Work::Merge(docs) => {
                 let docs: Vec<&Document> = docs.iter().map(|d| &**d).collect();
                 Done::Merged(RouteTable::merge(&docs, upstream_exists))
@@ -163,13 +234,29 @@ pub type UpstreamCheck<'a> = &'a dyn Fn(&str) -> bool;
 impl Source {
     /// Reads a source at configuration time: any error, in any file, is fatal.
     pub fn open(
-        path: &Path,
+        inputs: Inputs,
         upstream_exists: UpstreamCheck,
     ) -> Result<(Source, Vec<Event>), String> {
-        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (path, kind) = match &inputs.path {
+            Some(path) => {
+                let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                (path.clone(), Kind::of(&meta))
+            }
+            None => (
+                inputs
+                    .before
+                    .iter()
+                    .chain(&inputs.after)
+                    .next()
+                    .map(|c| PathBuf::from(&c.label))
+                    .unwrap_or_default(),
+                Kind::Nothing,
+            ),
+        };
         let mut source = Source {
-            path: path.to_owned(),
-            kind: Kind::of(&meta),
+            path,
+            kind,
+            inputs,
             units: Vec::new(),
             table: Rc::default(),
             generation: 0,
@@ -289,7 +376,7 @@ impl Source {
         let mut units = Vec::with_capacity(listing.len());
         let mut reading = Vec::new();
         let mut old = std::mem::take(&mut self.units).into_iter().peekable();
-        for (name, path, stamp) in listing {
+        for (name, path, stamp, read) in listing {
             while let Some(gone) = old.next_if(|u| u.name < name) {
                 self.retired.documents.extend(gone.good);
             }
@@ -302,6 +389,8 @@ impl Source {
                 None => Unit {
                     name,
                     path,
+                    label: read.as_ref().map(|(_, label)| label.clone()),
+                    read: read.map(|(r, _)| r),
                     stamp,
                     good: None,
                     previous: None,
@@ -324,7 +413,7 @@ impl Source {
         if !reading.is_empty() {
             let paths = reading
                 .iter()
-                .map(|&i| self.units[i].path.clone())
+                .map(|&i| (self.units[i].path.clone(), self.units[i].read.clone()))
                 .collect();
             return Step::NeedWork(Work::Parse(paths));
         }
@@ -393,7 +482,7 @@ impl Source {
         match result {
             Ok((table, warnings)) => {
                 for w in warnings {
-                    let file = self.units[owners[w.file]].path.display();
+                    let file = self.units[owners[w.file]].shown();
                     pending.events.push(Event {
                         level: Level::Warn,
                         message: format!("{file}: {}", w.message),
@@ -403,7 +492,7 @@ impl Source {
                 self.loaded_at = Some(std::time::SystemTime::now());
                 let old = std::mem::replace(&mut self.table, Rc::new(table));
                 self.retired.table = Some(old);
-                if self.kind == Kind::File {
+                if self.single_file() {
                     // A single file is merged with nothing else: its table is all that is
                     // needed of it. The document (the larger of the two) is not kept; an empty
                     // stand-in marks the version accepted.
@@ -428,10 +517,10 @@ impl Source {
             }
             Err(err) => {
                 let culprit = owners[err.file];
-                let message = format!("{}: {}", self.units[culprit].path.display(), err.message);
+                let message = format!("{}: {}", self.units[culprit].shown(), err.message);
                 pending.events.push(rejected(&message, self.generation > 0));
                 self.last_error = Some(message);
-                if self.kind == Kind::File {
+                if self.single_file() {
                     // The table in service is the last good one: nothing to merge again.
                     for unit in &mut self.units {
                         if let Some(back) = unit.previous.take() {
@@ -489,8 +578,53 @@ impl Source {
             .collect()
     }
 
-    /// The files of the source, sorted by name, with their stamps.
-    fn list(&self) -> Result<Vec<(OsString, PathBuf, Stamp)>, String> {
+    /// One file and nothing else: its table is all that needs keeping.
+    fn single_file(&self) -> bool {
+        self.kind == Kind::File && self.inputs.before.is_empty() && self.inputs.after.is_empty()
+    }
+
+    /// The files of the table, in merge order, with their stamps: URL sources declared
+    /// before the file source, its file or its folder's files sorted by name, the URL sources
+    /// declared after it. Names are prefixed so that this order is also theirs.
+    fn list(&self) -> Result<Vec<Listed>, String> {
+        let mut all = Vec::new();
+        let cached = |all: &mut Vec<Listed>, at: usize, c: &Cached| -> Result<(), String> {
+            match fs::metadata(&c.file) {
+                Ok(meta) => {
+                    all.push((
+                        format!("{at:04}").into(),
+                        c.file.clone(),
+                        Stamp::of(&meta),
+                        Some((c.read.clone(), c.label.clone())),
+                    ));
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("{}: {e}", c.file.display())),
+            }
+        };
+        let mut at = 0;
+        for c in &self.inputs.before {
+            cached(&mut all, at, c)?;
+            at += 1;
+        }
+        if self.kind != Kind::Nothing {
+            for (name, path, stamp) in self.list_path()? {
+                let mut prefixed: OsString = format!("{at:04}/").into();
+                prefixed.push(name);
+                all.push((prefixed, path, stamp, None));
+            }
+            at += 1;
+        }
+        for c in &self.inputs.after {
+            cached(&mut all, at, c)?;
+            at += 1;
+        }
+        Ok(all)
+    }
+
+    /// The files of the file source, sorted by name, with their stamps.
+    fn list_path(&self) -> Result<Vec<(OsString, PathBuf, Stamp)>, String> {
         let shown = self.path.display();
         let meta = fs::metadata(&self.path).map_err(|e| format!("{shown}: {e}"))?;
         let kind = Kind::of(&meta);
@@ -530,6 +664,19 @@ impl Source {
         Ok(files)
     }
 }
+
+impl Unit {
+    /// The file, or the URL source, as messages name it.
+    fn shown(&self) -> String {
+        match &self.label {
+            Some(label) => label.clone(),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// A file of a table: its name for ordering, path, stamp, and a URL source's reader and label.
+type Listed = (OsString, PathBuf, Stamp, Option<(Reader, String)>);
 
 /// A step of a refresh that is not under way (work that finished after `abandon`): nothing
 /// changes, and the caller's worker goes on.
@@ -667,10 +814,10 @@ mod tests {
             "r.json",
             "{\n  \"routes\": {\n    \"a.test\": \"a\",\n  }\n}",
         );
-        let err = Source::open(&file, &|_| true).unwrap_err();
+        let err = Source::open(Inputs::file(&file), &|_| true).unwrap_err();
         assert_eq!(err, format!("{}:4:3: trailing comma", file.display()));
         dir.write("r.json", r#"{"routes": {"a.test": "nope"}}"#);
-        let err = Source::open(&file, &|_| true).unwrap_err();
+        let err = Source::open(Inputs::file(&file), &|_| true).unwrap_err();
         assert_eq!(
             err,
             format!(
@@ -682,12 +829,12 @@ mod tests {
             "r.json",
             r#"{"upstreams": {"a": {"servers": ["10.0.0.1", "10.0.0.x"]}}}"#,
         );
-        let err = Source::open(&file, &|_| true).unwrap_err();
+        let err = Source::open(Inputs::file(&file), &|_| true).unwrap_err();
         assert!(
             err.starts_with(&format!("{}: upstreams.a.servers[1]: ", file.display())),
             "{err}"
         );
-        let err = Source::open(&dir.0.join("missing.json"), &|_| true).unwrap_err();
+        let err = Source::open(Inputs::file(&dir.0.join("missing.json")), &|_| true).unwrap_err();
         assert!(err.contains("No such file"), "{err}");
     }
 
@@ -697,7 +844,7 @@ mod tests {
     fn a_step_without_a_refresh_is_ignored() {
         let dir = Dir::new("stray");
         let file = dir.write("r.json", A);
-        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        let (mut source, _) = Source::open(Inputs::file(&file), &|_| true).unwrap();
         let stray = [
             Done::Parsed(vec![]),
             Done::Merged(Err(MergeError {
@@ -725,7 +872,7 @@ mod tests {
     fn a_bad_file_keeps_the_last_good_table_and_is_reported_once() {
         let dir = Dir::new("keep");
         let file = dir.write("r.json", A);
-        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        let (mut source, _) = Source::open(Inputs::file(&file), &|_| true).unwrap();
         assert_eq!(source.generation(), 1);
         assert!(source.refresh(&|_| true).is_empty(), "nothing changed");
         dir.write("r.json", "{oops");
@@ -758,7 +905,7 @@ mod tests {
     fn a_single_file_keeps_its_table_not_its_document() {
         let dir = Dir::new("single");
         let file = dir.write("r.json", A);
-        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        let (mut source, _) = Source::open(Inputs::file(&file), &|_| true).unwrap();
         assert!(source
             .units
             .iter()
@@ -786,7 +933,7 @@ mod tests {
     fn missing_source_warns_once_and_keeps_serving() {
         let dir = Dir::new("missing");
         let file = dir.write("r.json", A);
-        let (mut source, _) = Source::open(&file, &|_| true).unwrap();
+        let (mut source, _) = Source::open(Inputs::file(&file), &|_| true).unwrap();
         fs::remove_file(&file).unwrap();
         let events = source.refresh(&|_| true);
         assert_eq!(events.len(), 1);
@@ -811,12 +958,95 @@ mod tests {
     }
 
     #[test]
+    fn url_sources_merge_in_configuration_order_from_their_files() {
+        let dir = Dir::new("cached");
+        let file = dir.write("routes.json", A);
+        // A URL source's file holds a document in its own form; this reader takes the form
+        // "host upstream", and every upstream it names is in the file source.
+        let read = Reader::new(|p: &Path| {
+            let text = fs::read_to_string(p).map_err(|e| e.to_string())?;
+            let mut doc = Document::default();
+            for line in text.lines() {
+                let (host, up) = line.split_once(' ').ok_or("a bad line")?;
+                doc.routes.push((
+                    crate::routes::document::RouteKey::Exact(host.into()),
+                    crate::routes::document::Targets {
+                        tls: Some(up.into()),
+                        http: Some(up.into()),
+                    },
+                ));
+            }
+            Ok(doc)
+        });
+        let before = dir.0.join("url-1.cache");
+        let after = dir.0.join("url-2.cache");
+        let inputs = Inputs {
+            path: Some(file.clone()),
+            before: vec![Cached {
+                file: before.clone(),
+                read: read.clone(),
+                label: "url-1".into(),
+            }],
+            after: vec![Cached {
+                file: after.clone(),
+                read,
+                label: "url-2".into(),
+            }],
+        };
+        // Neither URL source has answered yet: the file alone.
+        let (mut source, _) = Source::open(inputs, &|_| true).unwrap();
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        assert_eq!(upstream_of(&source, "c.test"), None);
+
+        fs::write(&after, "c.test a\nd.test a").unwrap();
+        source.refresh(&|_| true);
+        assert_eq!(upstream_of(&source, "c.test").as_deref(), Some("a"));
+
+        // The source declared first wins a conflict; the later one's route is a warning.
+        fs::write(&before, "d.test nowhere").unwrap();
+        let events = source.refresh(&|_| true);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.level == Level::Error
+                    && e.message.contains("unknown upstream \"nowhere\"")),
+            "{events:?}"
+        );
+        assert_eq!(
+            upstream_of(&source, "d.test").as_deref(),
+            Some("a"),
+            "rejected, not served"
+        );
+        dir.write(
+            "routes.json",
+            r#"{"upstreams": {"a": {"servers": ["127.0.0.1"]}, "b": {"servers": ["127.0.0.2"]}},
+                "routes": {"a.test": "b"}}"#,
+        );
+        fs::write(&before, "d.test b").unwrap();
+        let events = source.refresh(&|_| true);
+        assert!(
+            events.iter().any(|e| e.level == Level::Warn
+                && e.message
+                    .contains("url-2: routes[\"d.test\"]: already routed")),
+            "{events:?}"
+        );
+        assert_eq!(upstream_of(&source, "d.test").as_deref(), Some("b"));
+
+        // A URL source whose file goes away adds nothing any more.
+        fs::remove_file(&before).unwrap();
+        fs::remove_file(&after).unwrap();
+        source.refresh(&|_| true);
+        assert_eq!(upstream_of(&source, "c.test"), None);
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("b"));
+    }
+
+    #[test]
     fn folder_files_are_units() {
         let dir = Dir::new("folder");
         dir.write("10-a.json", A);
         dir.write("20-b.json", B);
         fs::write(dir.0.join("notes.txt"), "ignored").unwrap();
-        let (mut source, warnings) = Source::open(&dir.0, &|_| true).unwrap();
+        let (mut source, warnings) = Source::open(Inputs::file(&dir.0), &|_| true).unwrap();
         assert!(warnings.is_empty());
         assert_eq!(
             upstream_of(&source, "x.test").as_deref(),
@@ -880,7 +1110,7 @@ mod tests {
         fs::write(dir.0.join("..v1/routes.json"), A).unwrap();
         std::os::unix::fs::symlink("..v1", dir.0.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/routes.json", dir.0.join("routes.json")).unwrap();
-        let (mut source, _) = Source::open(&dir.0, &|_| true).unwrap();
+        let (mut source, _) = Source::open(Inputs::file(&dir.0), &|_| true).unwrap();
         assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
         fs::create_dir(dir.0.join("..v2")).unwrap();
         fs::write(

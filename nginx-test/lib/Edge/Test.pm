@@ -100,6 +100,31 @@ sub certificate {
     return ($crt, $key);
 }
 
+# A certificate authority in the test folder: NAME.crt and NAME.key. Returns the two paths.
+sub ca {
+    my ($self, $name) = @_;
+    my ($crt, $key) = map { "$self->{dir}/$name.$_" } qw(crt key);
+    system("openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=$name -days 2 -keyout $key -out $crt "
+        . "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign >/dev/null 2>&1") == 0
+        or die "openssl cannot make the CA $name\n";
+    return ($crt, $key);
+}
+
+# A server certificate NAME.crt/NAME.key signed by the CA $ca (its name), for the subject
+# alternative names @san (e.g. 'IP:127.0.0.1', 'DNS:api.test'). Returns the two paths.
+sub signed_certificate {
+    my ($self, $ca, $name, @san) = @_;
+    my $d = $self->{dir};
+    my ($crt, $key) = map { "$d/$name.$_" } qw(crt key);
+    my $ext = $self->write_file("$name.ext", "subjectAltName=" . join(',', @san) . "\n");
+    system("openssl req -newkey rsa:2048 -nodes -subj /CN=$name -keyout $key -out $d/$name.csr >/dev/null 2>&1 && "
+        . "openssl x509 -req -in $d/$name.csr -CA $d/$ca.crt -CAkey $d/$ca.key -CAcreateserial -days 2 "
+        . "-extfile $ext -out $crt >/dev/null 2>&1") == 0
+        or die "openssl cannot sign a certificate for $name\n";
+    chmod 0644, $key;
+    return ($crt, $key);
+}
+
 sub read_file {
     my ($self, $name) = @_;
     open my $fh, '<', "$self->{dir}/$name" or return '';

@@ -1,0 +1,428 @@
+package Edge::FakeKube;
+
+# A small Kubernetes API server for the tests, shaped after the API reference: discovery
+# (/api, /apis, /apis/GROUP/VERSION, /version), lists (paged with limit and continue), watches
+# (chunked JSON events from a resourceVersion, bookmarks, 410 Gone once compacted), bearer
+# tokens, TLS, and an "exporter" variant that answers every read with the whole list and an
+# ETag. Objects carry what real ones carry (uid, managedFields, annotations, status).
+#
+# The state is a folder of files, so that the forked connection handlers and the test see the
+# same: `log` (one line per change: rv, type, kind, JSON), `compacted` (the oldest rv a watch
+# may start from), `mode` (ok, 500, garbage, hang, oversized, slow, eventsize) and `token`.
+# Every request is appended to `requests` (method, target, with or without a token, TLS).
+# kubectl (`get -o json`, `get --watch`, `proxy`) is the judge that this is faithful enough.
+
+use strict;
+use warnings;
+
+use IO::Socket::INET;
+use JSON::PP;
+use POSIX qw(WNOHANG);
+use Time::HiRes qw(time sleep);
+
+my $json = JSON::PP->new->canonical;
+
+my %KINDS = (
+    ingresses  => { kind => 'Ingress',   group => 'networking.k8s.io',         version => 'v1' },
+    httproutes => { kind => 'HTTPRoute', group => 'gateway.networking.k8s.io', version => 'v1' },
+    tlsroutes  => { kind => 'TLSRoute',  group => 'gateway.networking.k8s.io', version => 'v1alpha2' },
+);
+
+# new($t, $name, tls => [crt, key], token => TEXT, exporter => 1, gateway => 1,
+#     bookmark => SECONDS, gone_as_event => 1)
+sub new {
+    my ($class, $t, $name, %o) = @_;
+    my $dir = $t->dir . "/kube-$name";
+    mkdir $dir;
+    my $self = bless { t => $t, name => $name, dir => $dir, port => $t->port("kube_$name"), %o }, $class;
+    $self->_write('log', '');
+    $self->_write('compacted', "0\n");
+    $self->_write('mode', "ok\n");
+    $self->_write('requests', '');
+    $self->set_token($o{token}) if defined $o{token};
+    return $self;
+}
+
+sub port { $_[0]{port} }
+sub dir { $_[0]{dir} }
+
+sub url {
+    my ($self, $path) = @_;
+    my $scheme = $self->{tls} ? 'https' : 'http';
+    return "$scheme://127.0.0.1:$self->{port}" . ($path // '');
+}
+
+sub _write {
+    my ($self, $file, $text) = @_;
+    my $path = "$self->{dir}/$file";
+    open my $fh, '>', "$path.tmp" or die "$path: $!\n";
+    print $fh $text;
+    close $fh;
+    rename "$path.tmp", $path or die "rename $path: $!\n";
+}
+
+sub _read {
+    my ($self, $file) = @_;
+    open my $fh, '<', "$self->{dir}/$file" or return '';
+    local $/;
+    return scalar <$fh>;
+}
+
+sub set_mode { $_[0]->_write('mode', "$_[1]\n") }
+sub set_token { $_[0]->_write('token', "$_[1]\n") }
+
+# The requests the server has seen: [method, target, had a token].
+sub requests {
+    my ($self) = @_;
+    return [map { [split /\t/] } grep { length } split /\n/, $self->_read('requests')];
+}
+
+# Watches under way now (connections between their head and their end).
+sub watching {
+    my ($self) = @_;
+    return scalar(() = glob "$self->{dir}/watch.*");
+}
+
+sub last_rv {
+    my ($self) = @_;
+    my @lines = grep { length } split /\n/, $self->_read('log');
+    return @lines ? (split /\t/, $lines[-1])[0] : 1000;
+}
+
+sub _append {
+    my ($self, $type, $resource, $obj) = @_;
+    my $rv = $self->last_rv + 1;
+    $obj->{metadata}{resourceVersion} = "$rv";
+    open my $fh, '>>', "$self->{dir}/log" or die "log: $!\n";
+    print $fh join("\t", $rv, $type, $resource, $json->encode($obj)), "\n";
+    close $fh;
+    return $rv;
+}
+
+# Current objects of a resource, by "namespace/name", from the log.
+sub _objects {
+    my ($self, $resource, $upto) = @_;
+    my %objs;
+    for my $line (grep { length } split /\n/, $self->_read('log')) {
+        my ($rv, $type, $res, $text) = split /\t/, $line, 4;
+        last if defined $upto && $rv > $upto;
+        next unless $res eq $resource;
+        my $o = $json->decode($text);
+        my $key = "$o->{metadata}{namespace}/$o->{metadata}{name}";
+        if ($type eq 'DELETED') { delete $objs{$key} } else { $objs{$key} = $o }
+    }
+    return \%objs;
+}
+
+# An Ingress as the API server stores it. %o: hosts (rules), tls (hosts), ip, class,
+# norule (a rule without host), annotations.
+sub ingress {
+    my ($ns, $name, %o) = @_;
+    my @rules = map { { host => $_, http => { paths => [{ path => '/', pathType => 'Prefix',
+        backend => { service => { name => 'web', port => { number => 80 } } } }] } } } @{$o{hosts} // []};
+    push @rules, { http => { paths => [{ path => '/', pathType => 'Prefix',
+        backend => { service => { name => 'default', port => { number => 80 } } } }] } } if $o{norule};
+    return {
+        apiVersion => 'networking.k8s.io/v1',
+        kind => 'Ingress',
+        metadata => {
+            name => $name, namespace => $ns, uid => sprintf('%08x-0000-4000-8000-%012x', length($name), time * 1000 % 1e12),
+            generation => 1, creationTimestamp => '2026-11-29T10:00:00Z',
+            annotations => { 'kubectl.kubernetes.io/last-applied-configuration' => '{"apiVersion":"networking.k8s.io/v1"}',
+                %{$o{annotations} // {}} },
+            managedFields => [{ manager => 'kubectl-client-side-apply', operation => 'Update',
+                apiVersion => 'networking.k8s.io/v1', time => '2026-11-29T10:00:00Z', fieldsType => 'FieldsV1',
+                fieldsV1 => { 'f:spec' => { 'f:rules' => {}, 'f:tls' => {} } } }],
+        },
+        spec => {
+            ($o{class} ? (ingressClassName => $o{class}) : ()),
+            rules => \@rules,
+            ($o{tls} ? (tls => [{ hosts => $o{tls}, secretName => "$name-tls" }]) : ()),
+        },
+        status => { loadBalancer => { ingress => [map { { ip => $_ } } ($o{ip} ? @{ref $o{ip} ? $o{ip} : [$o{ip}]} : ())] } },
+    };
+}
+
+# A Gateway API route (HTTPRoute or TLSRoute) with spec.hostnames.
+sub route {
+    my ($kind, $ns, $name, @hosts) = @_;
+    my $version = $kind eq 'TLSRoute' ? 'v1alpha2' : 'v1';
+    return {
+        apiVersion => "gateway.networking.k8s.io/$version", kind => $kind,
+        metadata => { name => $name, namespace => $ns, uid => "u-$name", generation => 1 },
+        spec => { parentRefs => [{ name => 'gw' }], hostnames => \@hosts,
+            rules => [{ backendRefs => [{ name => 'web', port => 443 }] }] },
+        status => { parents => [] },
+    };
+}
+
+sub resource_of {
+    my ($obj) = @_;
+    my ($r) = grep { $KINDS{$_}{kind} eq $obj->{kind} } keys %KINDS;
+    return $r // die "unknown kind $obj->{kind}\n";
+}
+
+# ADDED or MODIFIED, as the object is new or not; returns the new resourceVersion.
+sub apply {
+    my ($self, $obj) = @_;
+    my $res = resource_of($obj);
+    my $key = "$obj->{metadata}{namespace}/$obj->{metadata}{name}";
+    my $type = $self->_objects($res)->{$key} ? 'MODIFIED' : 'ADDED';
+    return $self->_append($type, $res, $obj);
+}
+
+sub delete {
+    my ($self, $obj) = @_;
+    my $res = resource_of($obj);
+    my $key = "$obj->{metadata}{namespace}/$obj->{metadata}{name}";
+    my $cur = $self->_objects($res)->{$key} or die "no $key to delete\n";
+    return $self->_append('DELETED', $res, $cur);
+}
+
+# etcd compaction: every resourceVersion up to now is gone (watches from them get 410).
+sub compact {
+    my ($self) = @_;
+    $self->_write('compacted', $self->last_rv . "\n");
+}
+
+sub start {
+    my ($self) = @_;
+    my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
+        LocalPort => $self->{port}, Proto => 'tcp', ReuseAddr => 1)
+        or die "fake API server on $self->{port}: $!\n";
+    my $pid = fork() // die "fork: $!\n";
+    if ($pid == 0) {
+        setpgrp(0, 0);
+        $SIG{CHLD} = 'IGNORE';
+        $SIG{PIPE} = 'IGNORE';
+        while (1) {
+            my $c = $listen->accept or next;
+            my $child = fork();
+            if (defined $child && $child == 0) {
+                close $listen;
+                eval { $self->_connection($c) };
+                POSIX::_exit(0);
+            }
+            close $c;
+        }
+    }
+    close $listen;
+    $self->{pid} = $pid;
+    $self->{t}{fake_kube}{$self->{name}} = $self;
+    return $self;
+}
+
+# Stops the server and every connection it holds.
+sub stop {
+    my ($self) = @_;
+    my $pid = delete $self->{pid} or return;
+    kill 'KILL', -$pid;
+    waitpid($pid, 0);
+    unlink glob "$self->{dir}/watch.*";
+}
+
+sub DESTROY { $_[0]->stop }
+
+sub _status_json {
+    my ($code, $reason, $message) = @_;
+    return $json->encode({ kind => 'Status', apiVersion => 'v1', metadata => {}, status => 'Failure',
+        message => $message, reason => $reason, code => $code });
+}
+
+sub _respond {
+    my ($c, $code, $body, %h) = @_;
+    my %text = (200 => 'OK', 304 => 'Not Modified', 401 => 'Unauthorized', 404 => 'Not Found',
+        410 => 'Gone', 500 => 'Internal Server Error');
+    my $head = "HTTP/1.1 $code " . ($text{$code} // 'X') . "\r\nContent-Type: application/json\r\n"
+        . join('', map { "$_: $h{$_}\r\n" } sort keys %h)
+        . "Content-Length: " . length($body) . "\r\nConnection: close\r\n\r\n";
+    print $c $head, $body;
+}
+
+sub _connection {
+    my ($self, $c) = @_;
+    if ($self->{tls}) {
+        require IO::Socket::SSL;
+        IO::Socket::SSL->start_SSL($c, SSL_server => 1, Timeout => 10,
+            SSL_cert_file => $self->{tls}[0], SSL_key_file => $self->{tls}[1]) or return;
+    }
+    my $req = '';
+    while ($req !~ /\r\n\r\n/) {
+        my $n = sysread($c, my $buf, 16384);
+        return unless $n;
+        $req .= $buf;
+    }
+    my ($method, $target) = $req =~ m{^(\S+) (\S+) HTTP/1\.[01]\r\n} or return;
+    my ($auth) = $req =~ m{\r\nAuthorization: Bearer (\S+)\r\n}i;
+    my ($inm) = $req =~ m{\r\nIf-None-Match: ([^\r\n]+)\r\n}i;
+    if (open my $log, '>>', "$self->{dir}/requests") {
+        print $log join("\t", $method, $target, defined $auth ? 1 : 0, $self->{tls} ? 'tls' : 'plain'), "\n";
+        close $log;
+    }
+    my $token = $self->_read('token');
+    chomp $token;
+    if (length $token && (($auth // '') ne $token)) {
+        return _respond($c, 401, _status_json(401, 'Unauthorized', 'Unauthorized'));
+    }
+    my $mode = $self->_read('mode');
+    chomp $mode;
+    return if $mode eq 'hang' && sleep 3600;
+    return _respond($c, 500, _status_json(500, 'InternalError', 'etcdserver: request timed out'))
+        if $mode eq '500';
+    return _respond($c, 200, 'this is not { JSON') if $mode eq 'garbage';
+
+    my ($path, $query) = split /\?/, $target, 2;
+    my %q = map { my ($k, $v) = split /=/, $_, 2; ($k => _unescape($v // '')) } split /&/, $query // '';
+    return $self->_discovery($c, $path) if $path =~ m{^/(api|apis|version)(/|$)} && $path !~ m{/(ingresses|httproutes|tlsroutes)};
+    my ($group, $version, $ns, $res) = $path =~
+        m{^/apis/([^/]+)/([^/]+)(?:/namespaces/([^/]+))?/(ingresses|httproutes|tlsroutes)$}
+        or return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
+    my $k = $KINDS{$res};
+    if ($group ne $k->{group} || $version ne $k->{version} || ($group =~ /gateway/ && !$self->{gateway})) {
+        return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
+    }
+    if ($mode eq 'oversized') {
+        my $filler = 'x' x (1 << 20);
+        my $n = 70;
+        print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            . (length($filler) * $n + 30) . "\r\nConnection: close\r\n\r\n";
+        print $c $filler for 1 .. $n;
+        return;
+    }
+    my $watch = ($q{watch} // '') =~ /^(1|true)$/;
+    if ($watch && !$self->{exporter}) {
+        return $self->_watch($c, $res, $ns, \%q, $mode);
+    }
+    # A list: the whole of it (exporter, with an ETag), or a page.
+    my $rv = $self->last_rv;
+    my ($from_rv, $offset) = (undef, 0);
+    if (my $cont = $q{continue}) {
+        ($from_rv, $offset) = split /:/, $cont;
+        my $compacted = $self->_read('compacted') + 0;
+        if ($from_rv < $compacted) {
+            return _respond($c, 410, _status_json(410, 'Expired',
+                'The provided continue parameter is too old to display a consistent list result.'));
+        }
+        $rv = $from_rv;
+    }
+    my $objs = $self->_objects($res, $rv);
+    my @items = map { $objs->{$_} } sort grep { !defined $ns || m{^\Q$ns\E/} } keys %$objs;
+    my $etag = "\"$res-$rv\"";
+    if ($self->{exporter}) {
+        return _respond($c, 304, '', ETag => $etag) if defined $inm && $inm eq $etag;
+        $offset = 0;
+        %q = ();
+    }
+    my $limit = $q{limit} || scalar(@items) || 1;
+    my @page = @items[$offset .. ($offset + $limit - 1 < $#items ? $offset + $limit - 1 : $#items)];
+    my %meta = (resourceVersion => "$rv");
+    $meta{continue} = "$rv:" . ($offset + $limit) if $offset + $limit < @items;
+    $meta{remainingItemCount} = @items - $offset - $limit if $meta{continue};
+    my $body = $json->encode({ kind => "$k->{kind}List", apiVersion => "$k->{group}/$k->{version}",
+        metadata => \%meta, items => [grep { defined } @page] });
+    if ($mode eq 'slow') {
+        print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            . length($body) . "\r\nConnection: close\r\n\r\n";
+        $c->autoflush(1);
+        for my $byte (split //, $body) { print $c $byte; sleep 0.5 }
+        return;
+    }
+    _respond($c, 200, $body, $self->{exporter} ? (ETag => $etag) : ());
+}
+
+sub _unescape {
+    my ($v) = @_;
+    $v =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge;
+    return $v;
+}
+
+sub _chunk {
+    my ($c, $text) = @_;
+    return print $c sprintf("%x\r\n", length $text), $text, "\r\n";
+}
+
+sub _watch {
+    my ($self, $c, $res, $ns, $q, $mode) = @_;
+    my $from = $q->{resourceVersion} // 0;
+    my $compacted = $self->_read('compacted') + 0;
+    my $gone = $from ne '' && $from < $compacted;
+    if ($gone && !$self->{gone_as_event}) {
+        return _respond($c, 410, _status_json(410, 'Expired', "too old resource version: $from ($compacted)"));
+    }
+    print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        . "Connection: close\r\n\r\n";
+    $c->autoflush(1);
+    if ($gone) {
+        _chunk($c, $json->encode({ type => 'ERROR', object => $json->decode(_status_json(410, 'Expired',
+            "too old resource version: $from ($compacted)")) }) . "\n");
+        print $c "0\r\n\r\n";
+        return;
+    }
+    if ($mode eq 'eventsize') {
+        _chunk($c, '{"type":"ADDED","object":{"metadata":{"name":"' . ('x' x (5 << 20)));
+    }
+    my $mark = "$self->{dir}/watch.$$";
+    if (open my $m, ">", $mark) { close $m }
+    my $end = time + ($q->{timeoutSeconds} || 1800);
+    my $bookmark = $self->{bookmark};
+    my $next_bookmark = time + ($bookmark // 1e9);
+    my $seen = $from;
+    my $k = $KINDS{$res};
+    while (time < $end) {
+        for my $line (grep { length } split /\n/, $self->_read('log')) {
+            my ($rv, $type, $r, $text) = split /\t/, $line, 4;
+            next if $rv <= $seen;
+            $seen = $rv;
+            next unless $r eq $res;
+            my $o = $json->decode($text);
+            next if defined $ns && $o->{metadata}{namespace} ne $ns;
+            _chunk($c, $json->encode({ type => $type, object => $o }) . "\n") or last;
+        }
+        if (($q->{allowWatchBookmarks} // '') eq 'true' && time >= $next_bookmark) {
+            _chunk($c, $json->encode({ type => 'BOOKMARK', object => { kind => $k->{kind},
+                apiVersion => "$k->{group}/$k->{version}", metadata => { resourceVersion => "$seen" } } }) . "\n");
+            $next_bookmark = time + $bookmark;
+        }
+        sleep 0.02;
+    }
+    print $c "0\r\n\r\n";
+    unlink $mark;
+}
+
+sub _discovery {
+    my ($self, $c, $path) = @_;
+    my @groups = (['networking.k8s.io', 'v1']);
+    push @groups, ['gateway.networking.k8s.io', 'v1'] if $self->{gateway};
+    my $body;
+    if ($path eq '/version') {
+        $body = { major => '1', minor => '30', gitVersion => 'v1.30.0', platform => 'linux/amd64' };
+    } elsif ($path eq '/api') {
+        $body = { kind => 'APIVersions', versions => ['v1'],
+            serverAddressByClientCIDRs => [{ clientCIDR => '0.0.0.0/0', serverAddress => "127.0.0.1:$self->{port}" }] };
+    } elsif ($path eq '/api/v1') {
+        $body = { kind => 'APIResourceList', groupVersion => 'v1', resources => [
+            { name => 'namespaces', singularName => 'namespace', namespaced => JSON::PP::false(),
+              kind => 'Namespace', verbs => [qw(get list watch)] }] };
+    } elsif ($path eq '/apis') {
+        $body = { kind => 'APIGroupList', apiVersion => 'v1', groups => [map {
+            my ($g, $v) = @$_;
+            my @versions = ({ groupVersion => "$g/$v", version => $v });
+            push @versions, { groupVersion => "$g/v1alpha2", version => 'v1alpha2' } if $g =~ /gateway/;
+            { name => $g, versions => \@versions, preferredVersion => { groupVersion => "$g/$v", version => $v } }
+        } @groups] };
+    } elsif (my ($g, $v) = $path =~ m{^/apis/([^/]+)/([^/]+)$}) {
+        my @res = grep { $KINDS{$_}{group} eq $g && $KINDS{$_}{version} eq $v } sort keys %KINDS;
+        return _respond($c, 404, _status_json(404, 'NotFound', 'not found'))
+            unless @res && ($g !~ /gateway/ || $self->{gateway});
+        $body = { kind => 'APIResourceList', apiVersion => 'v1', groupVersion => "$g/$v", resources => [map {
+            { name => $_, singularName => lc $KINDS{$_}{kind}, namespaced => JSON::PP::true(),
+              kind => $KINDS{$_}{kind}, verbs => [qw(create delete get list patch update watch)],
+              ($_ eq 'ingresses' ? (shortNames => ['ing']) : ()) }
+        } @res] };
+    } else {
+        return _respond($c, 404, _status_json(404, 'NotFound', 'not found'));
+    }
+    _respond($c, 200, $json->encode($body));
+}
+
+1;

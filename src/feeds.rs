@@ -1,0 +1,839 @@
+//! The URL sources, fetched by one worker for the whole edge: the worker that leads the table
+//! a source is merged into (see `worker`). Each resource of a source (a Kubernetes kind, or
+//! the polled document) has its own connection, driven by nginx events (`fetch`); what it
+//! brings is parsed off the event loop when large, gathered into the source's catalog, and
+//! written, on a thread, to the source's file in the state folder. The table's refresh then
+//! reads that file as it reads any route file: the last good version survives every error and
+//! every restart, and the other workers get the table the leader publishes.
+
+use core::ffi::c_void;
+use core::ptr;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use nginx_sys::{
+    ngx_add_timer, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE,
+};
+use ngx::ngx_log_error;
+use serde_json::{json, Value};
+
+use crate::conf::UrlSlot;
+use crate::feed::http;
+use crate::feed::kube::{self, Cache, Catalog, Event, Kind, Object, Page, MAX_BODY, MAX_EVENT};
+use crate::feed::plan::{Body, Mode, Resource, State};
+use crate::feed::Format;
+use crate::fetch::{self, Exchange};
+
+/// While a thread parses or writes, its result is looked for this often.
+const POLL_MS: ngx_msec_t = 5;
+
+/// Tells the table that merges a source that its file changed.
+pub type Kick = unsafe fn(usize);
+
+/// One URL source, in the worker that fetches it.
+pub struct Feed {
+    url: *const UrlSlot,
+    log: *mut ngx_log_t,
+    // Boxed: events point at each one.
+    #[allow(clippy::vec_box)]
+    resources: Vec<Box<Res>>,
+    catalog: Catalog,
+    /// `format=edge`: the last good document's bytes, not yet written.
+    edge_doc: Option<Vec<u8>>,
+    /// The catalog changed since it was last written.
+    dirty: bool,
+    /// The status changed since it was last written.
+    status_dirty: bool,
+    writer: Option<JoinHandle<Written>>,
+    /// Of the cache file's bytes last written, to skip writing the same again.
+    written_hash: u64,
+    flush: ngx_event_t,
+    token: Token,
+    kick: Kick,
+    owner: usize,
+    last_success: Option<SystemTime>,
+    last_error: Option<String>,
+    /// The problem last logged, so that it is logged once.
+    logged: Option<String>,
+    stats: Stats,
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    routes: usize,
+    invalid: usize,
+    repeated: usize,
+    unrouted: usize,
+}
+
+/// What a writer thread did.
+struct Written {
+    result: Result<Option<u64>, String>,
+    stats: Option<Stats>,
+    first_invalid: Option<String>,
+}
+
+/// One resource: its protocol state, its connection, its timer.
+struct Res {
+    feed: *mut Feed,
+    plan: Resource,
+    ex: Option<Box<Exchange>>,
+    mode: Mode,
+    /// The answer to a request: read whole, or line by line.
+    streaming: bool,
+    collecting: bool,
+    line: Vec<u8>,
+    first_line: bool,
+    timer: ngx_event_t,
+    parsing: Option<JoinHandle<Parsed>>,
+    /// What went wrong with it last, until it answers well.
+    error: Option<String>,
+    absent_logged: bool,
+}
+
+enum Parsed {
+    Page(Result<Page, String>),
+    Edge(Result<Vec<u8>, String>),
+}
+
+/// The bearer token, re-read when its file changes (projected tokens rotate).
+struct Token {
+    path: Option<String>,
+    stamp: (u64, u64, i64, i64),
+    value: Option<String>,
+}
+
+impl Token {
+    fn current(&mut self) -> Result<Option<&str>, String> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        // Follows symlinks: kubelet swaps a `..data` link.
+        let meta = std::fs::metadata(path).map_err(|e| format!("token_file {path}: {e}"))?;
+        let stamp = (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec());
+        if self.value.is_none() || stamp != self.stamp {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("token_file {path}: {e}"))?;
+            let token = text.trim();
+            if token.is_empty()
+                || token.len() > 16 * 1024
+                || !token.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!("token_file {path}: not a bearer token"));
+            }
+            self.value = Some(token.to_owned());
+            self.stamp = stamp;
+        }
+        Ok(self.value.as_deref())
+    }
+}
+
+impl Feed {
+    fn options(&self) -> &'static crate::feed::Options {
+        &self.slot().options
+    }
+
+    /// Not tied to a borrow of the feed: the configuration outlives it.
+    fn slot(&self) -> &'static UrlSlot {
+        // SAFETY: URL slots live as long as the cycle's configuration, which outlives the
+        // worker's feeds.
+        unsafe { &*self.url }
+    }
+
+    fn jitter(&mut self) -> u64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        self.seed
+    }
+
+    /// A problem, logged once for the source until it changes or the source answers again
+    /// (the resources of one API server mostly fail together).
+    fn problem(&mut self, res: usize, why: String) {
+        if self.logged.as_deref() != Some(&why) {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                self.log,
+                "edge_routes_url {}: {}; the last good table keeps serving",
+                self.options().name,
+                why
+            );
+            self.logged = Some(why.clone());
+        }
+        self.resources[res].error = Some(why.clone());
+        self.last_error = Some(why);
+        self.status_dirty = true;
+    }
+
+    fn answered(&mut self, res: usize) {
+        self.resources[res].error = None;
+        if self.logged.is_some() && self.resources.iter().all(|r| r.error.is_none()) {
+            self.logged = None;
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                self.log,
+                "edge_routes_url {}: answers again",
+                self.options().name
+            );
+        }
+        self.last_success = Some(SystemTime::now());
+        self.status_dirty = true;
+    }
+
+    /// The source's state, as `edge_status` shows it.
+    fn status(&self) -> Value {
+        let unix = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| (d.as_millis() as f64) / 1000.0)
+        };
+        let resources: Vec<Value> = self
+            .resources
+            .iter()
+            .map(|r| {
+                json!({
+                    "path": r.plan.path(),
+                    "kind": r.plan.kind.map(|k| format!("{k:?}")),
+                    "state": r.plan.state.as_str(),
+                    "resource_version": r.plan.resource_version,
+                    "error": r.error,
+                })
+            })
+            .collect();
+        let states: Vec<State> = self
+            .resources
+            .iter()
+            .map(|r| r.plan.state)
+            .filter(|s| *s != State::Absent)
+            .collect();
+        let state = [
+            State::Backoff,
+            State::Listing,
+            State::Polling,
+            State::Watching,
+        ]
+        .into_iter()
+        .find(|s| states.contains(s))
+        .unwrap_or(State::Absent);
+        json!({
+            "name": self.options().name,
+            "url": self.options().url.to_string(),
+            "state": state.as_str(),
+            "pid": std::process::id(),
+            "last_success": unix(self.last_success),
+            "last_error": self.last_error,
+            "objects": self.catalog.len(),
+            "routes": self.stats.routes,
+            "invalid_hosts": self.stats.invalid,
+            "repeated_hosts": self.stats.repeated,
+            "unrouted_objects": self.stats.unrouted,
+            "resources": resources,
+        })
+    }
+}
+
+/// Starts fetching `url` in this worker. `owner` is the table it is merged into, for `kick`.
+pub unsafe fn start(
+    url: *const UrlSlot,
+    log: *mut ngx_log_t,
+    kick: Kick,
+    owner: usize,
+) -> Box<Feed> {
+    let options = &(*url).options;
+    let k8s = options.format == Format::K8s;
+    let seed = crate::health::fnv1a(
+        &[u64::from(std::process::id()), crate::health::now_ms()]
+            .map(u64::to_le_bytes)
+            .concat(),
+    ) | 1;
+    let mut feed = Box::new(Feed {
+        url,
+        log,
+        resources: Vec::new(),
+        catalog: Catalog::default(),
+        edge_doc: None,
+        dirty: false,
+        status_dirty: true,
+        writer: None,
+        written_hash: 0,
+        flush: core::mem::zeroed(),
+        token: Token {
+            path: options.token_file.clone(),
+            stamp: (0, 0, 0, 0),
+            value: None,
+        },
+        kick,
+        owner,
+        last_success: None,
+        last_error: None,
+        logged: None,
+        stats: Stats::default(),
+        seed,
+    });
+    let feed_ptr: *mut Feed = &mut *feed;
+    for plan in Resource::for_url(&options.url, k8s, options.interval_ms, seed) {
+        let mut res = Box::new(Res {
+            feed: feed_ptr,
+            plan,
+            ex: None,
+            mode: Mode::List,
+            streaming: false,
+            collecting: false,
+            line: Vec::new(),
+            first_line: true,
+            timer: core::mem::zeroed(),
+            parsing: None,
+            error: None,
+            absent_logged: false,
+        });
+        let data = ptr::from_mut(&mut *res).cast();
+        arm(&mut res.timer, Some(on_timer), data, log, 0);
+        feed.resources.push(res);
+    }
+    feed.flush.handler = Some(on_flush);
+    feed.flush.data = feed_ptr.cast();
+    feed.flush.log = log;
+    feed.flush.set_cancelable(1);
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        log,
+        "edge_routes_url {}: this worker fetches it for the edge",
+        options.name
+    );
+    feed
+}
+
+/// Stops a feed: its connections close, its timers go.
+pub unsafe fn stop(feed: &mut Feed) {
+    for r in &mut feed.resources {
+        fetch::cancel_timer(&mut r.timer);
+        r.ex = None;
+    }
+    fetch::cancel_timer(&mut feed.flush);
+}
+
+unsafe fn arm(
+    ev: &mut ngx_event_t,
+    handler: nginx_sys::ngx_event_handler_pt,
+    data: *mut c_void,
+    log: *mut ngx_log_t,
+    ms: ngx_msec_t,
+) {
+    ev.handler = handler;
+    ev.data = data;
+    ev.log = log;
+    ev.set_cancelable(1);
+    ngx_add_timer(ev, ms);
+}
+
+unsafe fn schedule(r: &mut Res, ms: u64) {
+    fetch::cancel_timer(&mut r.timer);
+    ngx_add_timer(&mut r.timer, ms as ngx_msec_t);
+}
+
+/// A resource's timer: its next request, or a look at the thread parsing its last answer.
+unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
+    if crate::stream::exiting() {
+        return;
+    }
+    let r = &mut *(*ev).data.cast::<Res>();
+    let feed = &mut *r.feed;
+    let index = feed
+        .resources
+        .iter()
+        .position(|x| ptr::eq(&**x, r))
+        .unwrap_or(0);
+    if let Some(job) = r.parsing.take() {
+        if !job.is_finished() {
+            r.parsing = Some(job);
+            ngx_add_timer(ev, POLL_MS);
+            return;
+        }
+        let parsed = job
+            .join()
+            .unwrap_or_else(|_| Parsed::Page(Err("the thread parsing the answer failed".into())));
+        return parsed_answer(feed, index, parsed);
+    }
+    request(feed, index);
+}
+
+/// Makes a resource's next request.
+unsafe fn request(feed: &mut Feed, index: usize) {
+    let token = match feed.token.current() {
+        Ok(t) => t.map(str::to_owned),
+        Err(e) => {
+            feed.problem(index, e.clone());
+            let j = feed.jitter();
+            let r = &mut feed.resources[index];
+            if let Body::Fail(_, ms) = r.plan.fail(e, j) {
+                schedule(r, ms);
+            }
+            flush(feed);
+            return;
+        }
+    };
+    let options = feed.options();
+    let tls = feed.slot().ssl.as_ref();
+    let log = feed.log;
+    let r = &mut feed.resources[index];
+    let q = r.plan.request();
+    r.mode = q.mode;
+    r.streaming = false;
+    r.collecting = false;
+    r.line.clear();
+    r.first_line = true;
+    let Some(ip) = options.url.ip().or_else(|| {
+        (options.url.host == "localhost").then_some(std::net::IpAddr::from([127, 0, 0, 1]))
+    }) else {
+        return;
+    };
+    let bytes = http::request(
+        &q.target,
+        &options.url.authority(),
+        token.as_deref(),
+        q.etag.as_deref(),
+    );
+    let idle =
+        (q.mode == Mode::Watch).then(|| (options.timeout_ms + 330_000 + 60_000) as ngx_msec_t);
+    let server_name = options
+        .url
+        .ip()
+        .is_none()
+        .then_some(options.url.host.as_str());
+    let owner = ptr::from_mut(&mut **r).cast();
+    let started = Exchange::start(
+        std::net::SocketAddr::new(ip, options.url.port),
+        tls,
+        server_name,
+        bytes,
+        options.timeout_ms as ngx_msec_t,
+        idle,
+        log,
+        on_news,
+        owner,
+    );
+    match started {
+        Ok(ex) => {
+            r.ex = Some(ex);
+            feed.status_dirty = true;
+            flush(feed);
+        }
+        Err(e) => failed(feed, index, e),
+    }
+}
+
+/// The exchange under way failed, or its answer was refused: back off.
+unsafe fn failed(feed: &mut Feed, index: usize, why: String) {
+    feed.problem(index, why.clone());
+    let j = feed.jitter();
+    let r = &mut feed.resources[index];
+    r.ex = None;
+    if let Body::Fail(_, ms) = r.plan.fail(why, j) {
+        schedule(r, ms);
+    }
+    flush(feed);
+}
+
+/// News from a resource's exchange.
+unsafe fn on_news(data: *mut c_void) {
+    let r = &mut *data.cast::<Res>();
+    let feed = &mut *r.feed;
+    let index = feed
+        .resources
+        .iter()
+        .position(|x| ptr::eq(&**x, r))
+        .unwrap_or(0);
+    news(feed, index);
+    flush(feed);
+}
+
+unsafe fn news(feed: &mut Feed, index: usize) {
+    let j = feed.jitter();
+    let options = feed.options();
+    let log = feed.log;
+    let r = &mut feed.resources[index];
+    let Some(ex) = r.ex.as_mut() else { return };
+    if let Some(head) = ex.take_head() {
+        match r.plan.head(r.mode, head.status, head.etag, j) {
+            Body::Stream => r.streaming = true,
+            Body::Collect => r.collecting = true,
+            Body::Again(ms) => {
+                r.ex = None;
+                if head.status == 304 {
+                    feed.answered(index);
+                }
+                return schedule(&mut feed.resources[index], ms);
+            }
+            Body::Fail(why, ms) => {
+                let why = format!("{}: {why}", r.plan.path());
+                feed.problem(index, why);
+                let r = &mut feed.resources[index];
+                r.ex = None;
+                return schedule(r, ms);
+            }
+            Body::Absent => {
+                r.ex = None;
+                let retry = r.plan.absent_retry();
+                if !r.absent_logged {
+                    r.absent_logged = true;
+                    ngx_log_error!(
+                        NGX_LOG_INFO,
+                        log,
+                        "edge_routes_url {}: the API server does not serve {} (404): not read",
+                        options.name,
+                        r.plan.path()
+                    );
+                }
+                feed.status_dirty = true;
+                return schedule(&mut feed.resources[index], retry);
+            }
+        }
+    }
+    if r.streaming {
+        if let Err(e) = stream(feed, index) {
+            return failed(feed, index, e);
+        }
+    }
+    let r = &mut feed.resources[index];
+    let Some(ex) = r.ex.as_mut() else { return };
+    if r.collecting && ex.body().len() > MAX_BODY {
+        let why = format!(
+            "{}: an answer larger than {} MiB",
+            r.plan.path(),
+            MAX_BODY >> 20
+        );
+        return failed(feed, index, why);
+    }
+    let Some(outcome) = ex.outcome().cloned() else {
+        return;
+    };
+    match outcome {
+        Err(e) => failed(feed, index, e),
+        Ok(()) if r.collecting => {
+            let body = std::mem::take(ex.body());
+            r.ex = None;
+            let kind = r.plan.kind;
+            let auto = options.format == Format::Auto;
+            let polled_document = r.mode == Mode::Poll && kind.is_none();
+            let job = spawn("edge-feed", move || {
+                if polled_document {
+                    if auto && kube::looks_like_list(&body) {
+                        return Parsed::Page(kube::parse_list(&body, None));
+                    }
+                    return Parsed::Edge(
+                        crate::routes::source::parse_document(&body)
+                            .map(|_| body)
+                            .map_err(|e| format!("not a route document: {e}")),
+                    );
+                }
+                Parsed::Page(kube::parse_list(&body, kind))
+            });
+            let r = &mut feed.resources[index];
+            match job {
+                Ok(job) => {
+                    r.parsing = Some(job);
+                    schedule(r, POLL_MS as u64);
+                }
+                Err(e) => failed(feed, index, format!("no thread to parse the answer ({e})")),
+            }
+        }
+        Ok(()) => {
+            // The last line may end with the body rather than a newline.
+            if !r.line.is_empty() {
+                ex.body().push(b'\n');
+                if let Err(e) = stream(feed, index) {
+                    return failed(feed, index, e);
+                }
+            }
+            // A watch ends when the server says (timeoutSeconds): watch again. A server that
+            // answered with a list instead is polled.
+            feed.answered(index);
+            let r = &mut feed.resources[index];
+            r.ex = None;
+            let ms = if r.plan.polling {
+                r.plan.polled(true)
+            } else {
+                r.plan.watch_ended()
+            };
+            schedule(r, ms);
+        }
+    }
+}
+
+/// Takes the watch events that arrived, one per line.
+unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
+    let r = &mut feed.resources[index];
+    let Some(ex) = r.ex.as_mut() else {
+        return Ok(());
+    };
+    let bytes = std::mem::take(ex.body());
+    let kind = r.plan.kind.unwrap_or(Kind::Ingress);
+    let mut rest = &bytes[..];
+    let mut changed = false;
+    while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+        let r = &mut feed.resources[index];
+        let line: Vec<u8>;
+        let piece = if r.line.is_empty() {
+            &rest[..at]
+        } else {
+            r.line.extend_from_slice(&rest[..at]);
+            line = std::mem::take(&mut r.line);
+            &line[..]
+        };
+        rest = &rest[at + 1..];
+        if piece.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if r.first_line {
+            r.first_line = false;
+            if kube::looks_like_list(piece) {
+                // Not a watch: a list, whole on one line. Take it, and poll from now on.
+                r.plan.cannot_watch();
+                let page = kube::parse_list(piece, Some(kind))?;
+                if let Some(listed) = r.plan.listed(page) {
+                    feed.catalog.replace_kind(listed.kind, listed.objects);
+                    changed = true;
+                }
+                continue;
+            }
+        }
+        let event = kube::parse_event(piece, kind)?;
+        let r = &mut feed.resources[index];
+        if !r.plan.event(&event) {
+            let why = match event {
+                Event::Error(e) => format!("{}: the watch failed ({e})", r.plan.path()),
+                _ => String::new(),
+            };
+            r.ex = None;
+            if why.is_empty() {
+                // 410 Gone: list again, now.
+                schedule(r, 0);
+                return Ok(());
+            }
+            return Err(why);
+        }
+        match event {
+            Event::Put(o, _) => {
+                feed.catalog.put(o)?;
+                changed = true;
+            }
+            Event::Delete(o, _) => {
+                feed.catalog.delete(&o);
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    let r = &mut feed.resources[index];
+    r.line.extend_from_slice(rest);
+    if r.line.len() > MAX_EVENT {
+        return Err(format!("a watch event larger than {} MiB", MAX_EVENT >> 20));
+    }
+    if changed {
+        feed.dirty = true;
+    }
+    feed.answered(index);
+    Ok(())
+}
+
+/// What a thread made of a collected answer.
+unsafe fn parsed_answer(feed: &mut Feed, index: usize, parsed: Parsed) {
+    match parsed {
+        Parsed::Page(Ok(page)) => {
+            let r = &mut feed.resources[index];
+            let listed = r.plan.listed(page);
+            let delay = if r.plan.polling && listed.is_some() {
+                r.plan.polled(true)
+            } else {
+                0
+            };
+            if let Some(listed) = listed {
+                feed.catalog.replace_kind(listed.kind, listed.objects);
+                feed.dirty = true;
+            }
+            feed.answered(index);
+            schedule(&mut feed.resources[index], delay);
+        }
+        Parsed::Edge(Ok(bytes)) => {
+            feed.edge_doc = Some(bytes);
+            feed.answered(index);
+            let r = &mut feed.resources[index];
+            let delay = r.plan.polled(true);
+            schedule(r, delay);
+        }
+        Parsed::Page(Err(e)) | Parsed::Edge(Err(e)) => {
+            let path = feed.resources[index].plan.path().to_owned();
+            feed.resources[index].plan.polled(false);
+            failed(feed, index, format!("{path}: {e}"));
+            return;
+        }
+    }
+    flush(feed);
+}
+
+/// Writes what changed (the catalog, the status) on a thread, unless one is writing.
+unsafe fn flush(feed: &mut Feed) {
+    if feed.writer.is_some() || !(feed.dirty || feed.status_dirty || feed.edge_doc.is_some()) {
+        return;
+    }
+    let slot = feed.slot();
+    let cache = slot.cache.clone();
+    let status_path = status_file(&cache);
+    let options = slot.options.clone();
+    let objects: Option<Vec<Arc<Object>>> = feed
+        .dirty
+        .then(|| feed.catalog.objects.values().cloned().collect());
+    let edge = feed.edge_doc.take();
+    let status = feed.status();
+    let last = feed.written_hash;
+    feed.dirty = false;
+    feed.status_dirty = false;
+    let job = spawn("edge-feed", move || {
+        let mut written = Written {
+            result: Ok(None),
+            stats: None,
+            first_invalid: None,
+        };
+        let bytes = match (&objects, edge) {
+            (Some(objects), _) => {
+                let made = kube::document_of(
+                    objects.iter().map(|o| &**o),
+                    &options.name,
+                    options.upstream.as_deref(),
+                    options.ingress_class.as_deref(),
+                );
+                written.stats = Some(Stats {
+                    routes: made.routes,
+                    invalid: made.invalid.len(),
+                    repeated: made.repeated,
+                    unrouted: made.unrouted,
+                });
+                written.first_invalid = made.invalid.into_iter().next();
+                Some(Cache::bytes_of(&options.name, objects))
+            }
+            (None, Some(doc)) => Some(doc),
+            (None, None) => None,
+        };
+        if let Some(bytes) = bytes {
+            let hash = crate::health::fnv1a(&bytes);
+            if hash != last {
+                written.result = write_atomically(&cache, &bytes)
+                    .map(|()| Some(hash))
+                    .map_err(|e| format!("{}: {e}", cache.display()));
+            }
+        }
+        let mut status = status;
+        if let Some(stats) = written.stats {
+            status["routes"] = json!(stats.routes);
+            status["invalid_hosts"] = json!(stats.invalid);
+            status["repeated_hosts"] = json!(stats.repeated);
+            status["unrouted_objects"] = json!(stats.unrouted);
+        }
+        let _ = write_atomically(&status_path, status.to_string().as_bytes());
+        written
+    });
+    match job {
+        Ok(job) => {
+            feed.writer = Some(job);
+            ngx_add_timer(&mut feed.flush, POLL_MS);
+        }
+        Err(e) => {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                feed.log,
+                "edge_routes_url {}: no thread to write the table ({}); trying again",
+                feed.options().name,
+                e
+            );
+            feed.dirty = true;
+            ngx_add_timer(&mut feed.flush, 1000);
+        }
+    }
+}
+
+/// The writer's result: the table that merges the source is told of a new file.
+unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
+    let feed = &mut *(*ev).data.cast::<Feed>();
+    if crate::stream::exiting() {
+        return;
+    }
+    let Some(job) = feed.writer.take() else {
+        return flush(feed);
+    };
+    if !job.is_finished() {
+        feed.writer = Some(job);
+        ngx_add_timer(ev, POLL_MS);
+        return;
+    }
+    match job.join() {
+        Ok(written) => {
+            if let Some(stats) = written.stats {
+                if stats.invalid > feed.stats.invalid {
+                    ngx_log_error!(
+                        nginx_sys::NGX_LOG_WARN,
+                        feed.log,
+                        "edge_routes_url {}: {} host(s) are not host names and route nowhere, e.g. {}",
+                        feed.options().name,
+                        stats.invalid,
+                        written.first_invalid.as_deref().unwrap_or("?")
+                    );
+                }
+                if stats.routes != feed.stats.routes {
+                    feed.status_dirty = true;
+                }
+                feed.stats = stats;
+            }
+            match written.result {
+                Ok(Some(hash)) => {
+                    feed.written_hash = hash;
+                    (feed.kick)(feed.owner);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    ngx_log_error!(
+                        NGX_LOG_ERR,
+                        feed.log,
+                        "edge_routes_url {}: cannot keep the table ({}); trying again",
+                        feed.options().name,
+                        e
+                    );
+                    feed.dirty = true;
+                }
+            }
+        }
+        Err(_) => feed.dirty = true,
+    }
+    flush(feed);
+}
+
+/// The file beside a source's cache that holds its state, for every worker's `edge_status`.
+pub fn status_file(cache: &std::path::Path) -> std::path::PathBuf {
+    cache.with_extension("status")
+}
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    crate::stream::spawn_quiet(name, f)
+}
+
+/// What `edge_status` shows of a URL source: the fetching worker's last word.
+pub fn read_status(url: &UrlSlot) -> Value {
+    match std::fs::read(status_file(&url.cache)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        Err(_) => json!({
+            "name": url.options.name,
+            "url": url.options.url.to_string(),
+            "state": "starting",
+        }),
+    }
+}

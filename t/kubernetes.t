@@ -1,0 +1,98 @@
+#!/usr/bin/perl
+# Routes from a Kubernetes API server (edge_routes_url format=k8s): list, then watch; a new
+# Ingress routes without a reload, a deleted one stops; 410 Gone lists again; hosts keep their
+# API's wildcard meaning; the last good table serves through an API that is down and comes
+# back from disk when nginx starts while it is down; edge_status tells the source's state.
+
+use strict;
+use warnings;
+use Test::More;
+use Edge::Test qw(http_get wait_for);
+use Edge::FakeKube;
+
+my $t = Edge::Test->new;
+my $kube = Edge::FakeKube->new($t, 'a', gateway => 1, bookmark => 1);
+$kube->apply(Edge::FakeKube::ingress('web', 'shop', hosts => ['shop.test'], tls => ['shop.test'],
+    ip => '10.0.0.5', class => 'nginx'));
+# cert-manager's HTTP-01 solver repeats the host; a rule without host adds nothing.
+$kube->apply(Edge::FakeKube::ingress('web', 'cm-acme-http-solver-x', hosts => ['shop.test'], norule => 1));
+$kube->apply(Edge::FakeKube::ingress('apps', 'wild', hosts => ['*.apps.test']));
+$kube->apply(Edge::FakeKube::route('HTTPRoute', 'gw', 'deep', '*.gw.test'));
+$kube->start;
+
+$t->write_routes('routes.json', <<'EOF');
+{"upstreams": {"cluster-a": {"servers": ["127.0.0.1:%%PORT_a%%"]}}, "routes": {"static.test": "cluster-a"}}
+EOF
+my $url = $kube->url;
+$t->config(<<"EOF", workers => 2);
+    edge_routes %%TESTDIR%%/routes.json;
+    edge_routes_url $url name=cluster-a format=k8s upstream=cluster-a interval=1s timeout=2s;
+    edge_state %%TESTDIR%%/state;
+    server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
+    server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
+EOF
+$t->run;
+my $edge = $t->port('edge');
+my $routes = sub { my ($name, $want, $what) = @_;
+    wait_for(sub { http_get($edge, $name) eq $want }, $what);
+    pass($what);
+};
+my $status = sub { Edge::Test::status_json($t->port('status'))->{urls}[0] };
+
+$routes->('shop.test', 'a', 'an Ingress host routes to upstream=');
+$routes->('x.apps.test', 'a', 'an Ingress wildcard covers one label');
+is(http_get($edge, 'y.x.apps.test'), '', 'but not two');
+$routes->('y.x.gw.test', 'a', 'a Gateway API wildcard covers any depth');
+is(http_get($edge, 'static.test'), 'a', 'the file source still routes');
+wait_for(sub { ($status->()->{state} // '') eq 'watching' }, 'the source is watched');
+my $st = $status->();
+is($st->{objects}, 4, 'four objects read');
+is($st->{repeated_hosts}, 1, "the solver's repeated host counted");
+my ($tls) = grep { ($_->{kind} // '') eq 'TLSRoute' } @{$st->{resources}};
+like($tls->{path}, qr{/apis/gateway\.networking\.k8s\.io/v1alpha2/tlsroutes$},
+    'TLSRoute, not served at v1, is read at v1alpha2');
+
+# --- Watch: a new Ingress routes, a deleted one stops, without a reload.
+$kube->apply(Edge::FakeKube::ingress('web', 'blog', hosts => ['blog.test']));
+$routes->('blog.test', 'a', 'a new Ingress routes (watch)');
+$kube->delete(Edge::FakeKube::ingress('web', 'blog'));
+$routes->('blog.test', '', 'a deleted Ingress stops routing');
+wait_for(sub { ($status->()->{resources}[0]{resource_version} // 0) >= $kube->last_rv }, 'status has the resourceVersion');
+
+# --- 410 Gone: the watch's resourceVersion was compacted away; the edge lists again.
+my $lists = sub { scalar grep { $_->[1] =~ m{/ingresses\?limit=} } @{$kube->requests} };
+my $before = $lists->();
+$kube->compact;
+$kube->stop;
+$kube->apply(Edge::FakeKube::ingress('web', 'after', hosts => ['after.test']));
+$kube->compact;
+$kube->start;
+$routes->('after.test', 'a', 'after 410 Gone, a new list brings the change');
+ok($lists->() > $before, 'the ingresses were listed again');
+
+# --- API down: the last good table serves; the status says what is wrong.
+$kube->stop;
+wait_for(sub { ($status->()->{last_error} // '') =~ /cannot connect|closed/ }, 'the error in status');
+is(http_get($edge, 'shop.test'), 'a', 'the last good table keeps serving');
+like($t->read_file('error.log'), qr/edge_routes_url cluster-a: .*the last good table keeps serving/,
+    'the failure is logged');
+$t->wait_for_log(qr/edge_routes_url cluster-a: cannot connect/);
+my $errors = () = $t->read_file('error.log') =~ /edge_routes_url cluster-a: .*cannot connect/g;
+# Retries back off from 1 s: three seconds hold two or three of them.
+sleep 3;
+my $later = () = $t->read_file('error.log') =~ /edge_routes_url cluster-a: .*cannot connect/g;
+is($later, $errors, 'once, not at every retry');
+
+# --- nginx started while the API server is down: the routes come from the state folder.
+$t->stop;
+$t->run;
+is(http_get($edge, 'shop.test'), 'a', 'restarted with the API down: routes from disk');
+is(http_get($edge, 'after.test'), 'a', 'the last change too');
+$kube->start;
+$kube->apply(Edge::FakeKube::ingress('web', 'back', hosts => ['back.test']));
+$routes->('back.test', 'a', 'the API back: changes flow again');
+like($t->read_file('error.log'), qr/answers again/, 'its return is logged');
+
+unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'no alerts in error.log');
+done_testing;
