@@ -169,7 +169,18 @@ impl Feed {
     }
 
     fn answered(&mut self, res: usize) {
-        self.resources[res].error = None;
+        let was_failing = self.resources[res].error.take().is_some();
+        if was_failing {
+            // The server is back: the other resources waiting out a backoff try again now.
+            for i in 0..self.resources.len() {
+                let wait = self.jitter() % 250;
+                let r = &mut self.resources[i];
+                if i != res && r.plan.state == State::Backoff && r.ex.is_none() && r.parsing.is_none() {
+                    // SAFETY: the resource's timer event lives in the boxed resource.
+                    unsafe { schedule(r, wait) };
+                }
+            }
+        }
         if self.logged.is_some() && self.resources.iter().all(|r| r.error.is_none()) {
             self.logged = None;
             ngx_log_error!(
@@ -829,7 +840,17 @@ fn spawn<T: Send + 'static>(
 /// What `edge_status` shows of a URL source: the fetching worker's last word.
 pub fn read_status(url: &UrlSlot) -> Value {
     match std::fs::read(status_file(&url.cache)) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        Ok(bytes) => {
+            let mut status: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            // Written by a worker that is gone (an earlier run, a reload): what it knew, but
+            // not what is going on.
+            let pid = status["pid"].as_i64().unwrap_or(0) as libc::pid_t;
+            // SAFETY: signal 0 only asks whether the process exists.
+            if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
+                status["state"] = json!("starting");
+            }
+            status
+        }
         Err(_) => json!({
             "name": url.options.name,
             "url": url.options.url.to_string(),

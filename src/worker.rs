@@ -35,6 +35,8 @@ use crate::zone::{self, Published, Zone};
 /// loop a few dozen polls, not hundreds.
 const POLL_MS: ngx_msec_t = 5;
 const POLL_MAX_MS: ngx_msec_t = 100;
+/// How often a worker that does not read a table looks for the leader's next one.
+const FOLLOW_MS: ngx_msec_t = 100;
 
 pub struct Worker {
     pub log: *mut ngx_log_t,
@@ -60,6 +62,8 @@ pub struct Worker {
     feeds: Vec<Box<feeds::Feed>>,
     /// Which URL sources (by index) have a feed here.
     fetching: Vec<bool>,
+    /// Tables whose URL sources this worker starts fetching once it is set up.
+    fetching_for: Vec<usize>,
 }
 
 /// The active checks' per-worker state; the callbacks are in `check`.
@@ -201,6 +205,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         failing_open: RefCell::new(HashSet::new()),
         feeds: Vec::new(),
         fetching: vec![false; (*mcf_ptr).urls.len()],
+        fetching_for: Vec::new(),
     }));
     WORKER = worker;
     let w = &mut *worker;
@@ -240,6 +245,10 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             zone.log_full(zone.attach(source.table()), log);
             refresh.attached = source.generation();
         }
+        // The worker that reads the table fetches its URL sources, from the start.
+        if published.is_none_or(|p| p.lead(pid)) {
+            w.fetching_for.push(index);
+        }
         let data = core::ptr::from_mut(&mut *refresh).cast();
         arm(
             &mut refresh.timer,
@@ -249,6 +258,9 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             (*slot).interval,
         );
         w.refreshes.push(refresh);
+    }
+    for index in core::mem::take(&mut w.fetching_for) {
+        start_feeds(index);
     }
     if w.zone.is_some() {
         let data = addr_of_mut!(w.touch).cast();
@@ -445,7 +457,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 .join()
                 .map_err(|_| "the thread loading it failed".to_owned());
             loaded(w, r, result, generation, entered);
-            ngx_add_timer(ev, slot.interval);
+            ngx_add_timer(ev, slot.interval.min(FOLLOW_MS));
             return;
         }
         Some(Job::Build(handle)) => match handle.join() {
@@ -496,7 +508,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     }
                     Some(_) if p.lead(w.pid) => {}
                     Some(_) => {
-                        ngx_add_timer(ev, slot.interval);
+                        // A follower only reads a number in the zone: it looks often, so that
+                        // a table the leader publishes is in every worker within this.
+                        ngx_add_timer(ev, slot.interval.min(FOLLOW_MS));
                         return;
                     }
                     None => {

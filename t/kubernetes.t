@@ -89,10 +89,14 @@ $t->stop;
 $t->run;
 is(http_get($edge, 'shop.test'), 'a', 'restarted with the API down: routes from disk');
 is(http_get($edge, 'after.test'), 'a', 'the last change too');
+wait_for(sub { my $s = $status->(); $s->{state} ne 'starting' && ($s->{last_error} // '') =~ /cannot connect/ },
+    'the new workers find the API down');
+my $mark = length $t->read_file('error.log');
 $kube->start;
 $kube->apply(Edge::FakeKube::ingress('web', 'back', hosts => ['back.test']));
 $routes->('back.test', 'a', 'the API back: changes flow again');
-$t->wait_for_log(qr/edge_routes_url cluster-a: answers again/);
+wait_for(sub { substr($t->read_file('error.log'), $mark) =~ /edge_routes_url cluster-a: answers again/ },
+    'its return logged');
 pass('its return is logged, once every resource answers');
 
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'no alerts in error.log');
