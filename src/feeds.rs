@@ -175,7 +175,11 @@ impl Feed {
             for i in 0..self.resources.len() {
                 let wait = self.jitter() % 250;
                 let r = &mut self.resources[i];
-                if i != res && r.plan.state == State::Backoff && r.ex.is_none() && r.parsing.is_none() {
+                if i != res
+                    && r.plan.state == State::Backoff
+                    && r.ex.is_none()
+                    && r.parsing.is_none()
+                {
                     // SAFETY: the resource's timer event lives in the boxed resource.
                     unsafe { schedule(r, wait) };
                 }

@@ -199,6 +199,10 @@ impl Exchange {
         (*c).data = ptr::from_mut(&mut *ex).cast();
         (*(*c).read).handler = Some(on_io);
         (*(*c).write).handler = Some(on_io);
+        // A worker shutting down does not wait for a watch: its timers are cancelable, and
+        // the owner drops the exchange (closing it) when the worker exits.
+        (*(*c).read).set_cancelable(1);
+        (*(*c).write).set_cancelable(1);
         ngx_add_timer((*c).read, deadline_ms);
         if rc == NGX_OK as isize {
             ex.connected();

@@ -69,6 +69,9 @@ sub _read {
 }
 
 sub set_mode { $_[0]->_write('mode', "$_[1]\n") }
+
+# The native route document served at /edge.json.
+sub set_document { $_[0]->_write('edge.json', $_[1]) }
 sub set_token { $_[0]->_write('token', "$_[1]\n") }
 
 # The requests the server has seen: [method, target, had a token].
@@ -258,7 +261,8 @@ sub _connection {
     my ($auth) = $req =~ m{\r\nAuthorization: Bearer (\S+)\r\n}i;
     my ($inm) = $req =~ m{\r\nIf-None-Match: ([^\r\n]+)\r\n}i;
     if (open my $log, '>>', "$self->{dir}/requests") {
-        print $log join("\t", $method, $target, defined $auth ? 1 : 0, $self->{tls} ? 'tls' : 'plain'), "\n";
+        print $log join("\t", $method, $target, defined $auth ? 1 : 0, $self->{tls} ? 'tls' : 'plain',
+            defined $inm ? $inm : '-'), "\n";
         close $log;
     }
     my $token = $self->_read('token');
@@ -274,6 +278,13 @@ sub _connection {
     return _respond($c, 200, 'this is not { JSON') if $mode eq 'garbage';
 
     my ($path, $query) = split /\?/, $target, 2;
+    if ($path eq '/edge.json') {
+        # A native route document, as an exporter serves it.
+        my $doc = $self->_read('edge.json');
+        my $etag = '"' . length($doc) . '-' . unpack('%32C*', $doc) . '"';
+        return _respond($c, 304, '', ETag => $etag) if defined $inm && $inm eq $etag;
+        return _respond($c, 200, $doc, ETag => $etag);
+    }
     my %q = map { my ($k, $v) = split /=/, $_, 2; ($k => _unescape($v // '')) } split /&/, $query // '';
     return $self->_discovery($c, $path) if $path =~ m{^/(api|apis|version)(/|$)} && $path !~ m{/(ingresses|httproutes|tlsroutes)};
     my ($group, $version, $ns, $res) = $path =~
@@ -370,7 +381,14 @@ sub _watch {
     my $next_bookmark = time + ($bookmark // 1e9);
     my $seen = $from;
     my $k = $KINDS{$res};
+    require IO::Select;
+    my $sel = IO::Select->new($c);
     while (time < $end) {
+        # The client closed: the watch is over (a real API server sees the same).
+        if ($sel->can_read(0)) {
+            my $n = sysread($c, my $buf, 4096);
+            last if !$n && !($c->can('errstr') && $c->errstr =~ /want/i);
+        }
         for my $line (grep { length } split /\n/, $self->_read('log')) {
             my ($rv, $type, $r, $text) = split /\t/, $line, 4;
             next if $rv <= $seen;

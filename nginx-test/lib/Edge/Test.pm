@@ -217,6 +217,8 @@ sub reload_fails_with {
 sub stop {
     my ($self) = @_;
     my $pid = delete $self->{pid} or return;
+    # At exit, the status of the test script, not of nginx.
+    local $?;
     kill 'QUIT', $pid;
     my $deadline = time + 30;
     while (time < $deadline) {
