@@ -59,6 +59,8 @@ pub struct Feed {
     logged: Option<String>,
     stats: Stats,
     seed: u64,
+    /// The longest the event loop has spent in one step of this source (a callback).
+    longest: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -244,6 +246,7 @@ impl Feed {
             "invalid_hosts": self.stats.invalid,
             "repeated_hosts": self.stats.repeated,
             "unrouted_objects": self.stats.unrouted,
+            "longest_step_ms": (self.longest.as_secs_f64() * 1e4).round() / 10.0,
             "resources": resources,
         })
     }
@@ -286,6 +289,7 @@ pub unsafe fn start(
         logged: None,
         stats: Stats::default(),
         seed,
+        longest: std::time::Duration::ZERO,
     });
     let feed_ptr: *mut Feed = &mut *feed;
     for plan in Resource::for_url(&options.url, k8s, options.interval_ms, seed) {
@@ -353,6 +357,7 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     if crate::stream::exiting() {
         return;
     }
+    let entered = std::time::Instant::now();
     let r = &mut *(*ev).data.cast::<Res>();
     let feed = &mut *r.feed;
     let index = feed
@@ -360,10 +365,16 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
         .iter()
         .position(|x| ptr::eq(&**x, r))
         .unwrap_or(0);
+    timer_step(feed, index);
+    feed.longest = feed.longest.max(entered.elapsed());
+}
+
+unsafe fn timer_step(feed: &mut Feed, index: usize) {
+    let r = &mut feed.resources[index];
     if let Some(job) = r.parsing.take() {
         if !job.is_finished() {
             r.parsing = Some(job);
-            ngx_add_timer(ev, POLL_MS);
+            ngx_add_timer(&mut r.timer, POLL_MS);
             return;
         }
         let parsed = job
@@ -453,6 +464,7 @@ unsafe fn failed(feed: &mut Feed, index: usize, why: String) {
 
 /// News from a resource's exchange.
 unsafe fn on_news(data: *mut c_void) {
+    let entered = std::time::Instant::now();
     let r = &mut *data.cast::<Res>();
     let feed = &mut *r.feed;
     let index = feed
@@ -462,6 +474,7 @@ unsafe fn on_news(data: *mut c_void) {
         .unwrap_or(0);
     news(feed, index);
     flush(feed);
+    feed.longest = feed.longest.max(entered.elapsed());
 }
 
 unsafe fn news(feed: &mut Feed, index: usize) {
