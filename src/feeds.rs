@@ -59,7 +59,9 @@ pub struct Feed {
     logged: Option<String>,
     stats: Stats,
     seed: u64,
-    /// The longest the event loop has spent in one step of this source (a callback).
+    /// The longest the event loop has spent in one step of this source (a callback), in CPU
+    /// time of the worker's thread: a step preempted by the machine's other work does not
+    /// count what it waited.
     longest: std::time::Duration,
 }
 
@@ -357,7 +359,7 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     if crate::stream::exiting() {
         return;
     }
-    let entered = std::time::Instant::now();
+    let entered = thread_cpu();
     let r = &mut *(*ev).data.cast::<Res>();
     let feed = &mut *r.feed;
     let index = feed
@@ -366,7 +368,7 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
         .position(|x| ptr::eq(&**x, r))
         .unwrap_or(0);
     timer_step(feed, index);
-    feed.longest = feed.longest.max(entered.elapsed());
+    feed.longest = feed.longest.max(thread_cpu().saturating_sub(entered));
 }
 
 unsafe fn timer_step(feed: &mut Feed, index: usize) {
@@ -464,7 +466,7 @@ unsafe fn failed(feed: &mut Feed, index: usize, why: String) {
 
 /// News from a resource's exchange.
 unsafe fn on_news(data: *mut c_void) {
-    let entered = std::time::Instant::now();
+    let entered = thread_cpu();
     let r = &mut *data.cast::<Res>();
     let feed = &mut *r.feed;
     let index = feed
@@ -474,7 +476,7 @@ unsafe fn on_news(data: *mut c_void) {
         .unwrap_or(0);
     news(feed, index);
     flush(feed);
-    feed.longest = feed.longest.max(entered.elapsed());
+    feed.longest = feed.longest.max(thread_cpu().saturating_sub(entered));
 }
 
 unsafe fn news(feed: &mut Feed, index: usize) {
@@ -834,6 +836,17 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
         Err(_) => feed.dirty = true,
     }
     flush(feed);
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the calling thread's clock into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// The file beside a source's cache that holds its state, for every worker's `edge_status`.

@@ -171,7 +171,9 @@ my $hz = POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100;
 my $cpu_per_event_ms = ($cpu1 - $cpu0) / $hz * 1000 / (@delays || 1);
 $status = Edge::Test::status_json($t->port('status'));
 my $longest = $status->{urls}[0]{longest_step_ms};
-my ($swap_watch_ms) = sort { $b <=> $a } $t->read_file('error.log') =~ /event loop spent ([\d.]+) ms/g;
+my @swaps = sort { $a <=> $b } $t->read_file('error.log') =~ /event loop spent ([\d.]+) ms/g;
+my $swap_watch_ms = $swaps[-1];
+my $swap_median = @swaps ? $swaps[int($#swaps / 2)] : 0;
 @delays = sort { $a <=> $b } @delays;
 my $pct = sub { my ($p) = @_; @delays ? $delays[int($p * $#delays)] * 1000 : -1 };
 $t->stop;
@@ -180,7 +182,7 @@ printf "Kubernetes source: %d Ingresses (API log %.1f MB), %d workers, nginx-edg
     $count, $log_mb, $workers, $status->{version};
 print "| measure | value | target |\n|---|---|---|\n";
 printf "| list: start to every worker routing all %d hosts | %.2f s | |\n", $count, $list_s;
-printf "| longest event-loop step of the source (leader) | %.2f ms | <= 5 ms |\n", $u->{longest_step_ms};
+printf "| longest event-loop step of the source (leader, CPU time) | %.2f ms | <= 5 ms |\n", $u->{longest_step_ms};
 printf "| longest table swap in a worker's event loop | %.2f ms | <= 5 ms |\n", $swap_ms // 0;
 printf "| slowest probe first byte during the list | %.1f ms | |\n", $probe_list_ms;
 printf "| PSS of the %d workers after the list | %.1f MB | |\n", $workers, $pss / 1024;
@@ -188,7 +190,8 @@ printf "| watch: events applied / seen routable | %d / %d | |\n", $total, scalar
 printf "| event to routable: median | %.0f ms | |\n", $pct->(0.5);
 printf "| event to routable: p99 | %.0f ms | <= 1000 ms |\n", $pct->(0.99);
 printf "| event to routable: max | %.0f ms | |\n", $pct->(1);
-printf "| longest event-loop step during the events (source / swap) | %.2f / %.2f ms | <= 5 ms |\n",
-    $longest, $swap_watch_ms // 0;
+printf "| longest event-loop step of the source during the events (CPU time) | %.2f ms | <= 5 ms |\n", $longest;
+printf "| table swaps in the workers' event loops (wall time): count, median, max | %d, %.2f ms, %.2f ms | <= 5 ms |\n",
+    scalar @swaps, $swap_median, $swap_watch_ms // 0;
 printf "| slowest probe first byte during the events | %.1f ms | |\n", $probe_watch_ms;
 printf "| workers' CPU per event | %.2f ms | |\n", $cpu_per_event_ms;
