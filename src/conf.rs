@@ -70,6 +70,22 @@ pub struct UrlSlot {
     pub ssl: Option<fetch::Tls>,
     /// The table whose leading worker fetches this source (the first that merges it).
     pub owner: usize,
+    /// The stream core configuration where the directive is: its `resolver` resolves a host
+    /// name in the URL.
+    pub core: *mut ngx_stream_core_srv_conf_t,
+}
+
+impl UrlSlot {
+    /// nginx's resolver for a URL with a host name, when `resolver` names servers.
+    pub fn resolver(&self) -> Option<*mut nginx_sys::ngx_resolver_t> {
+        // SAFETY: the core configuration lives as long as the cycle's.
+        let r = unsafe { self.core.as_ref()?.resolver };
+        // Unset (stream level), or nginx's dummy resolver without servers.
+        if r.is_null() || r as usize == usize::MAX || unsafe { (*r).connections.nelts } == 0 {
+            return None;
+        }
+        Some(r)
+    }
 }
 
 #[derive(Default)]
@@ -217,15 +233,6 @@ pub unsafe extern "C" fn set_edge_routes_url(
             return NGX_CONF_ERROR;
         }
     }
-    if options.url.ip().is_none() && options.url.host != "localhost" {
-        ngx_conf_log_error!(
-            NGX_LOG_EMERG,
-            cf,
-            "edge_routes_url: \"{}\" is a host name: give the address (this version does not resolve names)",
-            options.url.host
-        );
-        return NGX_CONF_ERROR;
-    }
     let mcf = stream::cf_main_conf::<MainConf>(cf);
     let key = options.cache_key();
     if let Some(i) = mcf.urls.iter().position(|u| u.options.cache_key() == key) {
@@ -253,6 +260,10 @@ pub unsafe extern "C" fn set_edge_routes_url(
         cache: PathBuf::new(),
         ssl,
         owner: usize::MAX,
+        core: stream::cf_srv_conf_of::<ngx_stream_core_srv_conf_t>(
+            cf,
+            &*core::ptr::addr_of!(ngx_stream_core_module),
+        ),
     }));
     NGX_CONF_OK
 }
@@ -479,6 +490,20 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
                         "edge_routes_url"
                     },
                     slot.declared_at
+                );
+                return false;
+            }
+        }
+        // A host name needs the resolver (`resolver` in stream, or in the server).
+        for &i in &slot.urls {
+            let url = &mcf.urls[i];
+            if url.options.url.ip().is_none() && url.resolver().is_none() {
+                ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "edge_routes_url: \"{}\" is a host name: it needs \"resolver\" in stream or in the server (in {})",
+                    url.options.url.host,
+                    url.declared_at
                 );
                 return false;
             }

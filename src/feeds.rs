@@ -95,6 +95,10 @@ struct Res {
     parsing: Option<JoinHandle<Parsed>>,
     /// What went wrong with it last, until it answers well.
     error: Option<String>,
+    /// A name resolution under way, for a URL with a host name.
+    resolving: *mut nginx_sys::ngx_resolver_ctx_t,
+    /// Its answer, for the request about to be made.
+    resolved: Option<std::net::IpAddr>,
     absent_logged: bool,
 }
 
@@ -307,6 +311,8 @@ pub unsafe fn start(
             timer: core::mem::zeroed(),
             parsing: None,
             error: None,
+            resolving: ptr::null_mut(),
+            resolved: None,
             absent_logged: false,
         });
         let data = ptr::from_mut(&mut *res).cast();
@@ -331,6 +337,9 @@ pub unsafe fn stop(feed: &mut Feed) {
     for r in &mut feed.resources {
         fetch::cancel_timer(&mut r.timer);
         r.ex = None;
+        if !r.resolving.is_null() {
+            nginx_sys::ngx_resolve_name_done(core::mem::replace(&mut r.resolving, ptr::null_mut()));
+        }
     }
     fetch::cancel_timer(&mut feed.flush);
 }
@@ -412,10 +421,12 @@ unsafe fn request(feed: &mut Feed, index: usize) {
     r.collecting = false;
     r.line.clear();
     r.first_line = true;
-    let Some(ip) = options.url.ip().or_else(|| {
-        (options.url.host == "localhost").then_some(std::net::IpAddr::from([127, 0, 0, 1]))
-    }) else {
-        return;
+    let ip = match options.url.ip() {
+        Some(ip) => ip,
+        None => match r.resolved.take() {
+            Some(ip) => ip,
+            None => return resolve(feed, index),
+        },
     };
     let bytes = http::request(
         &q.target,
@@ -449,6 +460,90 @@ unsafe fn request(feed: &mut Feed, index: usize) {
             flush(feed);
         }
         Err(e) => failed(feed, index, e),
+    }
+}
+
+/// Resolves the URL's host name with nginx's resolver; the request follows.
+unsafe fn resolve(feed: &mut Feed, index: usize) {
+    let slot = feed.slot();
+    let Some(resolver) = slot.resolver() else {
+        return failed(feed, index, "no resolver for the host name".into());
+    };
+    let ctx = nginx_sys::ngx_resolve_start(resolver, ptr::null_mut());
+    if ctx.is_null() || ctx as usize == usize::MAX {
+        return failed(feed, index, "cannot start resolving the host name".into());
+    }
+    let host = &slot.options.url.host;
+    (*ctx).name = nginx_sys::ngx_str_t {
+        len: host.len(),
+        data: host.as_ptr().cast_mut(),
+    };
+    (*ctx).handler = Some(on_resolved);
+    (*ctx).data = ptr::from_mut(&mut *feed.resources[index]).cast();
+    (*ctx).timeout = slot.options.timeout_ms as ngx_msec_t;
+    feed.resources[index].resolving = ctx;
+    if nginx_sys::ngx_resolve_name(ctx) != nginx_sys::NGX_OK as isize {
+        // nginx freed the context.
+        feed.resources[index].resolving = ptr::null_mut();
+        failed(feed, index, "cannot resolve the host name".into());
+    }
+}
+
+/// The resolver's answer: the first address, then the request.
+unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
+    let r = &mut *(*ctx).data.cast::<Res>();
+    let feed = &mut *r.feed;
+    let index = feed
+        .resources
+        .iter()
+        .position(|x| ptr::eq(&**x, r))
+        .unwrap_or(0);
+    r.resolving = ptr::null_mut();
+    let state = (*ctx).state;
+    let ip = if state == 0 && (*ctx).naddrs > 0 {
+        sockaddr_ip((*(*ctx).addrs).sockaddr.cast())
+    } else {
+        None
+    };
+    let host = &feed.options().url.host;
+    let why = if state != 0 {
+        let text = nginx_sys::ngx_resolver_strerror(state);
+        let text = if text.is_null() {
+            String::new()
+        } else {
+            core::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned()
+        };
+        format!("cannot resolve \"{host}\": {text}")
+    } else {
+        format!("\"{host}\" has no address")
+    };
+    nginx_sys::ngx_resolve_name_done(ctx);
+    if crate::stream::exiting() {
+        return;
+    }
+    match ip {
+        Some(ip) => {
+            feed.resources[index].resolved = Some(ip);
+            request(feed, index);
+        }
+        None => failed(feed, index, why),
+    }
+    flush(feed);
+}
+
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    match i32::from((*sa).sa_family) {
+        libc::AF_INET => {
+            let sin = &*sa.cast::<libc::sockaddr_in>();
+            Some(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+            Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
     }
 }
 

@@ -93,7 +93,7 @@ my @bad = (
     ["edge_routes_url http://127.0.0.1:1 format=k8s upstream=nope;", qr/upstream=nope is not defined/],
     ["edge_routes_url http://127.0.0.1:1 interval=soon;", qr/invalid interval "soon"/],
     ["edge_routes_url ftp://127.0.0.1/;", qr/must start with http:\/\/ or https:\/\//],
-    ["edge_routes_url http://api.example.com/x.json;", qr/"api\.example\.com" is a host name/],
+    ["edge_routes_url http://api.example.com/x.json;", qr/"api\.example\.com" is a host name: it needs "resolver"/],
 );
 for my $case (@bad) {
     my ($line, $re) = @$case;
