@@ -463,6 +463,32 @@ mod tests {
     }
 
     #[test]
+    fn url_sources_show_in_json_and_metrics() {
+        let urls = [
+            json!({"name": "cluster-a", "state": "watching", "objects": 12, "routes": 30,
+                   "last_success": 999_999.5, "resources": [{"error": null}]}),
+            json!({"name": "b\"x", "state": "backoff", "objects": 1, "routes": 2,
+                   "last_success": null, "resources": [{"error": "HTTP status 500"}]}),
+        ];
+        let v: Value = serde_json::from_str(&json(&[], &urls, None, clock())).unwrap();
+        assert_eq!(v["urls"][0]["objects"], 12);
+        let text = prometheus(&[], &urls, None, clock());
+        assert!(
+            text.contains("nginx_edge_url_up{source=\"cluster-a\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nginx_edge_url_up{source=\"b\\\"x\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("nginx_edge_url_routes{source=\"cluster-a\"} 30\n"));
+        assert!(text.contains(
+            "nginx_edge_url_last_success_timestamp_seconds{source=\"cluster-a\"} 999999.500\n"
+        ));
+        assert!(!text.contains("nginx_edge_url_last_success_timestamp_seconds{source=\"b"));
+    }
+
+    #[test]
     fn json_gives_sources_upstreams_and_server_state() {
         let t = table(TABLE);
         let pool = t.upstreams()[0].servers().unwrap();
