@@ -80,6 +80,18 @@ pass('the exporter is polled with If-None-Match');
 $b->apply(Edge::FakeKube::ingress('ops', 'loki', hosts => ['loki.test'], class => 'nginx'));
 $everywhere->('loki.test', 'b', 'a change at the exporter routes within an interval');
 
+# The worker that fetches killed: another takes the sources over.
+my $fetcher = $fetchers[0];
+my $mark = length $t->read_file('error.log');
+kill 'KILL', $fetcher;
+wait_for(sub { substr($t->read_file('error.log'), $mark) =~ /(\d+)#\d+: edge_routes_url cluster-a: this worker fetches it/
+    && $1 != $fetcher }, 'another worker fetches cluster A', 60);
+pass('a worker killed with SIGKILL: another fetches its sources');
+$a->apply(Edge::FakeKube::ingress('web', 'taken-over', hosts => ['taken.test']));
+$everywhere->('taken.test', 'a', 'and changes flow through it');
+wait_for(sub { $a->watching == 1 }, 'one watch after the takeover', 60);
+pass('one watch connection after the takeover');
+
 # A reload under traffic: not one connection fails; the new workers take the sources over.
 my $probe = fork() // die;
 if ($probe == 0) {
@@ -111,5 +123,8 @@ is($failed, 0, 'no connection failed during the reload');
 wait_for(sub { $a->watching == 1 }, 'one watch again', 60);
 pass('the old workers closed their watch; the new leader holds the one watch');
 
-unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'no alerts in error.log');
+# The one alert: the master saying that the killed worker exited on signal 9.
+my @alerts = grep { /\[(alert|crit|emerg)\]/ && !/worker process $fetcher exited on signal 9/ }
+    split /\n/, $t->read_file('error.log');
+is_deeply(\@alerts, [], 'no other alert in error.log');
 done_testing;

@@ -80,9 +80,32 @@ $kube->start;
 wait_for(sub { http_get($edge, 'rotated.test') eq 'a' }, 'a change read with the rotated token');
 pass('the rotated token is read and used');
 
+# An API server that authenticates clients by certificate: certificate= and certificate_key=.
+$t->ca('clients');
+my @client = $t->signed_certificate('clients', 'edge-client', 'DNS:nginx-edge');
+my $mtls = Edge::FakeKube->new($t, 'mtls', tls => \@good, client_ca => "$dir/clients.crt");
+$mtls->apply(Edge::FakeKube::ingress('web', 'mtls', hosts => ['mtls.test']));
+$mtls->start;
+
 my $status = Edge::Test::status_json($t->port('status'));
 my ($e) = grep { $_->{name} eq 'evil' } @{$status->{urls}};
 like($e->{last_error} // '', qr/not trusted/, 'the refusal shows in edge_status');
+$t->stop;
+my $murl = $mtls->url;
+(my $with_cert = $conf) =~ s{(    edge_state)}{    edge_routes_url $murl name=mtls format=k8s upstream=a ca=%%TESTDIR%%/ca.crt
+                    certificate=%%TESTDIR%%/edge-client.crt certificate_key=%%TESTDIR%%/edge-client.key;\n$1};
+$t->config($with_cert);
+$t->run;
+wait_for(sub { http_get($edge, 'mtls.test') eq 'a' }, 'a route from the server that wants a client certificate');
+pass('the client certificate is presented');
+$t->stop;
+(my $without_cert = $conf) =~ s{(    edge_state)}{    edge_routes_url $murl name=mtls format=k8s upstream=a ca=%%TESTDIR%%/ca.crt;\n$1};
+$t->config($without_cert);
+my $before = () = $t->read_file("kube-mtls/handshakes") =~ /refused/g;
+$t->run;
+wait_for(sub { (() = $t->read_file("kube-mtls/handshakes") =~ /refused/g) > $before }, 'a handshake refused');
+pass('without certificate=, the server refuses the handshake');
+is(http_get($edge, 'rotated.test'), 'a', 'the other sources still route (from the last good tables)');
 $t->stop;
 
 # nginx -t checks each argument.

@@ -71,6 +71,17 @@ $kube->start;
 $routes->('after.test', 'a', 'after 410 Gone, a new list brings the change');
 ok($lists->() > $before, 'the ingresses were listed again');
 
+# --- 410 as an ERROR event inside a 200 watch stream, as API servers also answer.
+$before = $lists->();
+$kube->stop;
+$kube->{gone_as_event} = 1;
+$kube->apply(Edge::FakeKube::ingress('web', 'event410', hosts => ['event410.test']));
+$kube->compact;
+$kube->start;
+$routes->('event410.test', 'a', 'after an ERROR event with code 410, a new list brings the change');
+ok($lists->() > $before, 'the ingresses were listed again');
+$kube->{gone_as_event} = 0;
+
 # --- API down: the last good table serves; the status says what is wrong.
 $kube->stop;
 wait_for(sub { ($status->()->{last_error} // '') =~ /cannot connect|closed/ }, 'the error in status');

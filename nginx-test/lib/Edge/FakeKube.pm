@@ -30,8 +30,8 @@ my %KINDS = (
     tlsroutes  => { kind => 'TLSRoute',  group => 'gateway.networking.k8s.io', version => 'v1alpha2' },
 );
 
-# new($t, $name, tls => [crt, key], token => TEXT, exporter => 1, gateway => 1,
-#     bookmark => SECONDS, gone_as_event => 1)
+# new($t, $name, tls => [crt, key], client_ca => CA_FILE, token => TEXT, exporter => 1,
+#     gateway => 1, bookmark => SECONDS, gone_as_event => 1)
 sub new {
     my ($class, $t, $name, %o) = @_;
     my $dir = $t->dir . "/kube-$name";
@@ -258,8 +258,14 @@ sub _connection {
     my ($self, $c) = @_;
     if ($self->{tls}) {
         require IO::Socket::SSL;
+        # With client_ca, a client certificate from that CA is required.
         IO::Socket::SSL->start_SSL($c, SSL_server => 1, Timeout => 10,
-            SSL_cert_file => $self->{tls}[0], SSL_key_file => $self->{tls}[1]) or return;
+            SSL_cert_file => $self->{tls}[0], SSL_key_file => $self->{tls}[1],
+            $self->{client_ca} ? (SSL_verify_mode => 0x03, SSL_ca_file => $self->{client_ca}) : ())
+            or do {
+                if (open my $log, '>>', "$self->{dir}/handshakes") { print $log "refused\n"; close $log }
+                return;
+            };
     }
     my $req = '';
     while ($req !~ /\r\n\r\n/) {
