@@ -26,6 +26,9 @@ use crate::feed::plan::{Body, Mode, Resource, State};
 use crate::feed::Format;
 use crate::fetch::{self, Exchange};
 
+/// Distinct problems remembered per failure, to log each once.
+const MAX_LOGGED: usize = 8;
+
 /// While a thread parses or writes, its result is looked for this often.
 const POLL_MS: ngx_msec_t = 5;
 
@@ -55,8 +58,8 @@ pub struct Feed {
     owner: usize,
     last_success: Option<SystemTime>,
     last_error: Option<String>,
-    /// The problem last logged, so that it is logged once.
-    logged: Option<String>,
+    /// The problems logged since the source last answered well, so that each is logged once.
+    logged: Vec<String>,
     stats: Stats,
     seed: u64,
     /// The longest the event loop has spent in one step of this source (a callback), in CPU
@@ -161,7 +164,9 @@ impl Feed {
     /// A problem, logged once for the source until it changes or the source answers again
     /// (the resources of one API server mostly fail together).
     fn problem(&mut self, res: usize, why: String) {
-        if self.logged.as_deref() != Some(&why) {
+        // Once per distinct problem until the source answers again: its kinds fail one after
+        // another, with messages that may interleave.
+        if !self.logged.contains(&why) {
             ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log,
@@ -169,7 +174,10 @@ impl Feed {
                 self.options().name,
                 why
             );
-            self.logged = Some(why.clone());
+            if self.logged.len() == MAX_LOGGED {
+                self.logged.remove(0);
+            }
+            self.logged.push(why.clone());
         }
         self.resources[res].error = Some(why.clone());
         self.last_error = Some(why);
@@ -193,8 +201,8 @@ impl Feed {
                 }
             }
         }
-        if self.logged.is_some() && self.resources.iter().all(|r| r.error.is_none()) {
-            self.logged = None;
+        if !self.logged.is_empty() && self.resources.iter().all(|r| r.error.is_none()) {
+            self.logged.clear();
             ngx_log_error!(
                 NGX_LOG_NOTICE,
                 self.log,
@@ -292,7 +300,7 @@ pub unsafe fn start(
         owner,
         last_success: None,
         last_error: None,
-        logged: None,
+        logged: Vec::new(),
         stats: Stats::default(),
         seed,
         longest: std::time::Duration::ZERO,
