@@ -359,7 +359,10 @@ impl Exchange {
         let c = self.connection();
         while self.sent < self.request.len() {
             let rest = &self.request[self.sent..];
-            let n = ((*c).send.unwrap())(c, rest.as_ptr().cast_mut(), rest.len());
+            let Some(send) = (*c).send else {
+                return self.finish(Err("a connection without a send function".into()));
+            };
+            let n = send(c, rest.as_ptr().cast_mut(), rest.len());
             if n == NGX_AGAIN as isize {
                 if ngx_handle_write_event((*c).write, 0) != NGX_OK as isize {
                     return self.finish(Err("cannot wait to write".into()));
@@ -384,7 +387,10 @@ impl Exchange {
         let c = self.connection();
         let mut buf = [0u8; READ_CHUNK];
         loop {
-            let n = ((*c).recv.unwrap())(c, buf.as_mut_ptr(), buf.len());
+            let Some(recv) = (*c).recv else {
+                return self.finish(Err("a connection without a recv function".into()));
+            };
+            let n = recv(c, buf.as_mut_ptr(), buf.len());
             if n == NGX_AGAIN as isize {
                 if ngx_handle_read_event((*c).read, 0) != NGX_OK as isize {
                     return self.finish(Err("cannot wait to read".into()));
