@@ -24,7 +24,8 @@ use crate::feed::http;
 use crate::feed::kube::{self, Cache, Catalog, Event, Kind, Object, Page, MAX_BODY, MAX_EVENT};
 use crate::feed::plan::{Body, Mode, Resource, State};
 use crate::feed::Format;
-use crate::fetch::{self, Exchange};
+use crate::fetch::Exchange;
+use crate::stream::{arm, cancel_timer, spawn_quiet as spawn};
 
 /// Distinct problems remembered per failure, to log each once.
 const MAX_LOGGED: usize = 8;
@@ -86,6 +87,8 @@ struct Written {
 /// One resource: its protocol state, its connection, its timer.
 struct Res {
     feed: *mut Feed,
+    /// Its place in `Feed::resources`.
+    index: usize,
     plan: Resource,
     ex: Option<Box<Exchange>>,
     mode: Mode,
@@ -306,9 +309,13 @@ pub unsafe fn start(
         longest: std::time::Duration::ZERO,
     });
     let feed_ptr: *mut Feed = &mut *feed;
-    for plan in Resource::for_url(&options.url, k8s, options.interval_ms, seed) {
+    for (index, plan) in Resource::for_url(&options.url, k8s, options.interval_ms, seed)
+        .into_iter()
+        .enumerate()
+    {
         let mut res = Box::new(Res {
             feed: feed_ptr,
+            index,
             plan,
             ex: None,
             mode: Mode::List,
@@ -343,31 +350,17 @@ pub unsafe fn start(
 /// Stops a feed: its connections close, its timers go.
 pub unsafe fn stop(feed: &mut Feed) {
     for r in &mut feed.resources {
-        fetch::cancel_timer(&mut r.timer);
+        cancel_timer(&mut r.timer);
         r.ex = None;
         if !r.resolving.is_null() {
             nginx_sys::ngx_resolve_name_done(core::mem::replace(&mut r.resolving, ptr::null_mut()));
         }
     }
-    fetch::cancel_timer(&mut feed.flush);
-}
-
-unsafe fn arm(
-    ev: &mut ngx_event_t,
-    handler: nginx_sys::ngx_event_handler_pt,
-    data: *mut c_void,
-    log: *mut ngx_log_t,
-    ms: ngx_msec_t,
-) {
-    ev.handler = handler;
-    ev.data = data;
-    ev.log = log;
-    ev.set_cancelable(1);
-    ngx_add_timer(ev, ms);
+    cancel_timer(&mut feed.flush);
 }
 
 unsafe fn schedule(r: &mut Res, ms: u64) {
-    fetch::cancel_timer(&mut r.timer);
+    cancel_timer(&mut r.timer);
     ngx_add_timer(&mut r.timer, ms as ngx_msec_t);
 }
 
@@ -379,11 +372,7 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     let entered = thread_cpu();
     let r = &mut *(*ev).data.cast::<Res>();
     let feed = &mut *r.feed;
-    let index = feed
-        .resources
-        .iter()
-        .position(|x| ptr::eq(&**x, r))
-        .unwrap_or(0);
+    let index = r.index;
     timer_step(feed, index);
     feed.longest = feed.longest.max(thread_cpu().saturating_sub(entered));
 }
@@ -501,11 +490,7 @@ unsafe fn resolve(feed: &mut Feed, index: usize) {
 unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
     let r = &mut *(*ctx).data.cast::<Res>();
     let feed = &mut *r.feed;
-    let index = feed
-        .resources
-        .iter()
-        .position(|x| ptr::eq(&**x, r))
-        .unwrap_or(0);
+    let index = r.index;
     r.resolving = ptr::null_mut();
     let state = (*ctx).state;
     let ip = if state == 0 && (*ctx).naddrs > 0 {
@@ -572,11 +557,7 @@ unsafe fn on_news(data: *mut c_void) {
     let entered = thread_cpu();
     let r = &mut *data.cast::<Res>();
     let feed = &mut *r.feed;
-    let index = feed
-        .resources
-        .iter()
-        .position(|x| ptr::eq(&**x, r))
-        .unwrap_or(0);
+    let index = r.index;
     news(feed, index);
     flush(feed);
     feed.longest = feed.longest.max(thread_cpu().saturating_sub(entered));
@@ -961,13 +942,6 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
-}
-
-fn spawn<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<JoinHandle<T>> {
-    crate::stream::spawn_quiet(name, f)
 }
 
 /// What `edge_status` shows of a URL source: the fetching worker's last word.

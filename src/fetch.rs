@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use nginx_sys::{
     ngx_add_timer, ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_create_pool,
-    ngx_del_timer, ngx_destroy_pool, ngx_event_connect_peer, ngx_event_get_peer, ngx_event_t,
+    ngx_destroy_pool, ngx_event_connect_peer, ngx_event_get_peer, ngx_event_t,
     ngx_handle_read_event, ngx_handle_write_event, ngx_log_t, ngx_msec_t, ngx_peer_connection_t,
     ngx_pool_t, ngx_ssl_t, ngx_str_t, NGX_AGAIN, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
 };
@@ -491,11 +491,4 @@ unsafe extern "C" fn on_handshake(c: *mut ngx_connection_t) {
     ex.handshaken();
     let (notify, owner) = (ex.notify, ex.owner);
     notify(owner);
-}
-
-/// Stops waiting: for an owner that gives up an exchange it will drop.
-pub unsafe fn cancel_timer(ev: *mut ngx_event_t) {
-    if (*ev).timer_set() != 0 {
-        ngx_del_timer(ev);
-    }
 }

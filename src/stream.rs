@@ -99,3 +99,27 @@ pub fn spawn_quiet<T: Send + 'static>(
         spawned
     }
 }
+
+/// Arms a timer event of the module's own (not a connection's): `data` is never NULL (debug
+/// logging reads it), and the event is cancelable, so a worker shutting down does not wait for
+/// it.
+pub unsafe fn arm(
+    ev: &mut nginx_sys::ngx_event_t,
+    handler: nginx_sys::ngx_event_handler_pt,
+    data: *mut core::ffi::c_void,
+    log: *mut nginx_sys::ngx_log_t,
+    ms: nginx_sys::ngx_msec_t,
+) {
+    ev.handler = handler;
+    ev.data = data;
+    ev.log = log;
+    ev.set_cancelable(1);
+    nginx_sys::ngx_add_timer(ev, ms);
+}
+
+/// Stops a timer, if it is set.
+pub unsafe fn cancel_timer(ev: *mut nginx_sys::ngx_event_t) {
+    if (*ev).timer_set() != 0 {
+        nginx_sys::ngx_del_timer(ev);
+    }
+}

@@ -27,6 +27,7 @@ use crate::routes::image::Image;
 use crate::routes::source::{Done, Retired, Source, Step, Work};
 use crate::routes::table::{Backend, RouteTable};
 use crate::stream;
+use crate::stream::{arm, cancel_timer as cancel};
 pub use crate::stream::{exiting, spawn_quiet};
 use crate::zone::{self, Published, Zone};
 
@@ -142,22 +143,6 @@ static mut WORKER: *mut Worker = null_mut();
 pub fn get() -> Option<&'static Worker> {
     // SAFETY: written at worker start and exit only, outside any event handler.
     unsafe { WORKER.as_ref() }
-}
-
-unsafe fn arm(
-    ev: &mut ngx_event_t,
-    handler: nginx_sys::ngx_event_handler_pt,
-    data: *mut core::ffi::c_void,
-    log: *mut ngx_log_t,
-    ms: ngx_msec_t,
-) {
-    ev.handler = handler;
-    // Never NULL: debug logging dereferences it.
-    ev.data = data;
-    ev.log = log;
-    // Cancelable: a worker shutting down does not wait for it.
-    ev.set_cancelable(1);
-    ngx_add_timer(ev, ms);
 }
 
 /// Makes the worker's state at process start. Returns `false` if the configuration has no
@@ -297,12 +282,6 @@ pub unsafe fn stop() {
     cancel(&mut w.checks.ticker);
     if let (Some(zone), Some(slot)) = (w.zone.as_ref(), w.slot) {
         zone.release_slot(slot);
-    }
-}
-
-unsafe fn cancel(ev: &mut ngx_event_t) {
-    if ev.timer_set() != 0 {
-        nginx_sys::ngx_del_timer(ev);
     }
 }
 
