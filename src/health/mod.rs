@@ -47,6 +47,24 @@ mod tests {
     }
 
     #[test]
+    fn a_passing_check_ends_passive_probation() {
+        let r = Record::default();
+        assert_eq!(r.failed(1000, 1, 500), Some(Transition::Down(Why::Passive)));
+        // Within fail_timeout a passing check does not override the passive failure.
+        assert_eq!(r.checked(1200, Outcome::Ok, 2, 3), None);
+        assert!(!r.available(1200));
+        // After it, the server is on probation ("checking") until a success: a check's too.
+        assert!(r.view(1500).checking && !r.view(1500).down);
+        assert_eq!(
+            r.checked(1500, Outcome::Ok, 2, 3),
+            Some(Transition::CheckedBack)
+        );
+        let v = r.view(1500);
+        assert!(!v.checking && !v.down && v.why == Why::None && v.fails == 0);
+        assert_eq!(r.checked(1600, Outcome::Ok, 2, 3), None);
+    }
+
+    #[test]
     fn max_fails_zero_turns_passive_off() {
         let r = Record::default();
         for t in 0..10 {

@@ -84,6 +84,9 @@ impl Outcome {
 pub enum Transition {
     Down(Why),
     Up(Why),
+    /// Passively out, past `fail_timeout`, and its active check passed: back in service
+    /// without waiting for a client's connection to try it.
+    CheckedBack,
 }
 
 /// Identifies a server of an upstream across workers, reloads and table generations.
@@ -413,6 +416,19 @@ impl Record {
                 self.passive_down.store(0, Relaxed);
                 self.down_until_ms.store(0, Relaxed);
                 return Some(Transition::Up(why));
+            }
+            if !down
+                && self.passive_down.load(Relaxed) != 0
+                && self.down_until_ms.load(Relaxed) <= now
+                && self
+                    .passive_down
+                    .compare_exchange(1, 0, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                self.window_fails.store(0, Relaxed);
+                self.down_until_ms.store(0, Relaxed);
+                self.why.store(Why::None as u32, Relaxed);
+                return Some(Transition::CheckedBack);
             }
         } else {
             self.ok_run.store(0, Relaxed);
