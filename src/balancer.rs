@@ -258,6 +258,19 @@ pub unsafe fn log_transition(
                 reason
             );
         }
+        Transition::CheckedBack => {
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "edge: upstream \"{}\" server {} is up: its {} check passed after fail_timeout",
+                upstream,
+                address,
+                policy
+                    .check
+                    .as_ref()
+                    .map_or("", |c| report::check_kind(c.kind))
+            );
+        }
     }
 }
 
