@@ -56,19 +56,6 @@ sub nginx_version {
     return $v =~ m{nginx/(\S+)} ? $1 : '?';
 }
 
-# What the container wrote on stdout only.
-sub stdout_of {
-    my ($name) = @_;
-    my $pid = open(my $fh, '-|') // die "fork: $!";
-    if (!$pid) {
-        open STDERR, '>', '/dev/null';
-        exec 'docker', 'logs', $name;
-        exit 127;
-    }
-    local $/;
-    return <$fh> // '';
-}
-
 sub request { "GET / HTTP/1.0\r\nHost: $_[0]\r\n\r\n" }
 sub body { $_[0] =~ s/^.*?\r\n\r\n//sr }
 
@@ -131,7 +118,7 @@ for my $release (@releases) {
     unlike($logs, qr/signal 1 \(SIGHUP\)|reconfiguring/, "$release: without an nginx reload");
 
     # The access log on stdout, the error log on stderr.
-    my $stdout = stdout_of("$tag-edge");
+    my $stdout = docker({ stdout => 1 }, 'logs', "$tag-edge");
     like($stdout, qr/ http a\.test route=a\.test upstream=\Q$backend\E:80 alpn= status=200 /,
         "$release: the access log is on stdout");
     like($stdout, qr/ tls a\.test route=a\.test upstream=\Q$backend\E:443 /, "$release: the TLS connection too");

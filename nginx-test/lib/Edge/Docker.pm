@@ -12,13 +12,14 @@ use Edge::Test qw(wait_for read_until_closed);
 
 our @EXPORT_OK = qw(docker docker_ok ip_of health_of exchange tls_exchange in_container wait_for);
 
-# Runs docker with @args, no shell; returns its output (stdout and stderr together) and leaves
-# its exit status in $?.
+# Runs docker with @args, no shell; returns its output (stdout and stderr together, or stdout
+# alone when the first argument is { stdout => 1 }) and leaves its exit status in $?.
 sub docker {
+    my $opts = ref $_[0] eq 'HASH' ? shift : {};
     my @args = @_;
     my $pid = open(my $fh, '-|') // die "fork: $!";
     if (!$pid) {
-        open STDERR, '>&', \*STDOUT;
+        if ($opts->{stdout}) { open STDERR, '>', '/dev/null' } else { open STDERR, '>&', \*STDOUT }
         exec 'docker', @args;
         exit 127;
     }

@@ -11,7 +11,7 @@ use Time::HiRes qw(time sleep);
 use Edge::Docker qw(docker docker_ok in_container wait_for);
 
 our @EXPORT_OK = qw(lab_dir addr vip container holder edge_status server_state issue client_https
-    client_http certificate_of write_routes probe_start probe_stop);
+    client_http certificate_of write_routes probe_start probe_stop probe_records probe_wait);
 
 my $net = $ENV{LAB_NET} // '172.29.89';
 my %host = (pebble => 10, dns => 11, vip => 20, edge1 => 21, edge2 => 22, a1 => 31, a2 => 32,
@@ -126,7 +126,5 @@ sub probe_wait {
     my ($tag, $cond, $what) = @_;
     wait_for(sub { $cond->(probe_records($tag)) }, $what, 120);
 }
-
-push @EXPORT_OK, qw(probe_records probe_wait);
 
 1;
