@@ -144,6 +144,12 @@ mod wiring {
     }
 
     unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+        // nginx calls every module's init_process in its cache manager and cache loader too:
+        // only a worker (or the single process of `master_process off`) runs the module.
+        let process = nginx_sys::ngx_process as u32;
+        if process != nginx_sys::NGX_PROCESS_WORKER && process != nginx_sys::NGX_PROCESS_SINGLE {
+            return NGX_OK as ngx_int_t;
+        }
         if worker::start(cycle) {
             check::start();
         }
