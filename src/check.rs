@@ -74,6 +74,8 @@ struct Probe {
     got: usize,
     connected: bool,
     peer: ngx_peer_connection_t,
+    /// Its place in the worker's list of probes in flight.
+    at: usize,
     sockaddr: libc::sockaddr_in6,
     name: ngx_str_t,
     name_text: String,
@@ -114,6 +116,7 @@ unsafe fn start_probe(w: &Worker, table: Rc<RouteTable>, u: usize, i: usize, now
         got: 0,
         connected: false,
         peer: core::mem::zeroed(),
+        at: 0,
         sockaddr: core::mem::zeroed(),
         name: ngx_str_t::default(),
         name_text,
@@ -158,6 +161,11 @@ unsafe fn start_probe(w: &Worker, table: Rc<RouteTable>, u: usize, i: usize, now
         return finish(probe, null_mut(), Outcome::Refused);
     }
     let c = &mut *p.peer.connection;
+    {
+        let mut in_flight = w.checks.in_flight.borrow_mut();
+        p.at = in_flight.len();
+        in_flight.push(c);
+    }
     c.data = Box::into_raw(probe).cast();
     (*c.read).handler = Some(on_read);
     (*c.write).handler = Some(on_write);
@@ -246,7 +254,32 @@ unsafe fn socket_error(c: *mut ngx_connection_t) -> i32 {
 
 unsafe fn finish_conn(c: *mut ngx_connection_t, outcome: Outcome) {
     let probe = Box::from_raw((*c).data.cast::<Probe>());
+    forget(&probe);
     finish(probe, c, outcome);
+}
+
+/// Takes a probe off the worker's list of probes in flight.
+unsafe fn forget(probe: &Probe) {
+    let Some(w) = worker::get() else { return };
+    let mut in_flight = w.checks.in_flight.borrow_mut();
+    if probe.at >= in_flight.len() {
+        return;
+    }
+    in_flight.swap_remove(probe.at);
+    if let Some(&moved) = in_flight.get(probe.at) {
+        probe_of(moved).at = probe.at;
+    }
+}
+
+/// Closes the probes in flight at worker exit: nginx would otherwise find their sockets open
+/// (`open socket left in connection`). Their outcome is not recorded.
+pub unsafe fn stop() {
+    let Some(w) = worker::get() else { return };
+    let probes = core::mem::take(&mut *w.checks.in_flight.borrow_mut());
+    for c in probes {
+        drop(Box::from_raw((*c).data.cast::<Probe>()));
+        ngx_close_connection(c);
+    }
 }
 
 /// Closes the probe's connection and records the outcome, logging a state change.

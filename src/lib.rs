@@ -157,6 +157,7 @@ mod wiring {
     }
 
     unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+        check::stop();
         worker::stop();
     }
 

@@ -75,6 +75,8 @@ pub struct Checks {
     pub seed: Cell<u64>,
     /// A probe could not be started for a local reason; logged once until one starts again.
     pub cannot_start: Cell<bool>,
+    /// The connections of the probes in flight, each owning its probe (`c->data`).
+    pub in_flight: RefCell<Vec<*mut nginx_sys::ngx_connection_t>>,
 }
 
 /// A published table mapped and attached on a thread, with the servers that did not fit in
@@ -185,6 +187,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             probe_log,
             seed: Cell::new(crate::health::fnv1a(&(pid as u64 ^ now_ms()).to_le_bytes())),
             cannot_start: Cell::new(false),
+            in_flight: RefCell::new(Vec::new()),
         },
         retiring: RefCell::new(Vec::new()),
         failing_open: RefCell::new(HashSet::new()),

@@ -314,6 +314,7 @@ sub http_get {
 # $opts{addr} (127.0.0.1) port PORT_$name. Modes:
 #   text  writes its name and closes (after the client's bytes, if any, have arrived);
 #   hold  writes its name and keeps the connection until the client closes it;
+#   silent  accepts and never writes, until the client closes;
 #   http  answers one request with status $opts{status} (200) and its name as the body;
 #   tls   completes a TLS handshake ($opts{cert}, $opts{key}), then writes its name.
 # With $opts{log}, each accepted connection appends a line to that file in the test folder.
