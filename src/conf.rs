@@ -237,6 +237,16 @@ pub unsafe extern "C" fn set_edge_routes_url(
     let key = options.cache_key();
     if let Some(i) = mcf.urls.iter().position(|u| u.options.cache_key() == key) {
         let slot = &mut mcf.urls[i];
+        if !slot.options.connects_as(&options) {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "edge_routes_url: {} is already declared in {} with other connection settings (token_file=, ca=, certificate=, certificate_key=, timeout=): declare it once, or give each its own name=",
+                options.name,
+                slot.declared_at
+            );
+            return NGX_CONF_ERROR;
+        }
         slot.options.interval_ms = slot.options.interval_ms.min(options.interval_ms);
         if !scf.urls.contains(&i) {
             scf.urls.push(i);

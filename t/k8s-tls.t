@@ -117,6 +117,11 @@ my @bad = (
     ["edge_routes_url http://127.0.0.1:1 interval=soon;", qr/invalid interval "soon"/],
     ["edge_routes_url ftp://127.0.0.1/;", qr/must start with http:\/\/ or https:\/\//],
     ["edge_routes_url http://api.example.com/x.json;", qr/"api\.example\.com" is a host name: it needs "resolver"/],
+    ["edge_routes_url https://127.0.0.1:1 format=k8s ca=%%TESTDIR%%/ca.crt token_file=%%TESTDIR%%/sa/token;\n"
+        . "    edge_routes_url https://127.0.0.1:1 format=k8s ca=%%TESTDIR%%/other.crt;",
+        qr/https:\/\/127\.0\.0\.1:1\/ is already declared in \S+:\d+ with other connection settings/],
+    ["edge_routes_url http://127.0.0.1:1/edge.json timeout=2s;\n    edge_routes_url http://127.0.0.1:1/edge.json timeout=9s;",
+        qr/is already declared in \S+:\d+ with other connection settings/],
 );
 for my $case (@bad) {
     my ($line, $re) = @$case;

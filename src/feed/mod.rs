@@ -269,6 +269,24 @@ impl Options {
         Ok(o)
     }
 
+    /// Whether `other` connects as this does: the same credentials, CA and timeout. Two
+    /// directives for one source must agree on these, or one of them would be silently unused.
+    pub fn connects_as(&self, other: &Options) -> bool {
+        (
+            &self.token_file,
+            &self.ca,
+            &self.certificate,
+            &self.certificate_key,
+            self.timeout_ms,
+        ) == (
+            &other.token_file,
+            &other.ca,
+            &other.certificate,
+            &other.certificate_key,
+            other.timeout_ms,
+        )
+    }
+
     /// Tells this source's cache file from another's: everything that shapes its routes.
     pub fn cache_key(&self) -> u64 {
         let text = format!(
@@ -361,5 +379,12 @@ mod tests {
         let c = Options::parse("http://h/", &["upstream=a", "interval=1s"], &secs).unwrap();
         assert_ne!(a.cache_key(), b.cache_key());
         assert_eq!(a.cache_key(), c.cache_key());
+        assert!(a.connects_as(&c));
+        let d = Options::parse("http://h/", &["upstream=a", "timeout=9s"], &secs).unwrap();
+        assert_eq!(a.cache_key(), d.cache_key());
+        assert!(!a.connects_as(&d), "another timeout");
+        let e = Options::parse("https://h/", &["ca=/a", "token_file=/t1"], &secs).unwrap();
+        let f = Options::parse("https://h/", &["ca=/a", "token_file=/t2"], &secs).unwrap();
+        assert!(!e.connects_as(&f), "another token");
     }
 }
