@@ -431,8 +431,7 @@ unsafe fn request(feed: &mut Feed, index: usize) {
         token.as_deref(),
         q.etag.as_deref(),
     );
-    let idle =
-        (q.mode == Mode::Watch).then(|| (options.timeout_ms + 330_000 + 60_000) as ngx_msec_t);
+    let idle = q.idle_ms.map(|ms| ms as ngx_msec_t);
     let server_name = options
         .url
         .ip()

@@ -11,6 +11,8 @@ use super::Url;
 pub const PAGE_LIMIT: usize = 500;
 /// Longest wait between attempts after failures.
 pub const MAX_BACKOFF_MS: u64 = 30_000;
+/// How long a watch may stay silent past its `timeoutSeconds` before it is given up.
+pub const WATCH_GRACE_MS: u64 = 60_000;
 /// How often a kind the API server does not serve (a Gateway API CRD not installed) is
 /// looked for again.
 pub const ABSENT_RETRY_MS: u64 = 300_000;
@@ -49,6 +51,9 @@ pub struct Request {
     pub target: String,
     pub mode: Mode,
     pub etag: Option<String>,
+    /// For a watch: the longest silence to wait for, once the answer has begun. The server
+    /// may say nothing until `timeoutSeconds` ends the watch.
+    pub idle_ms: Option<u64>,
 }
 
 /// What to do with a response's body.
@@ -184,6 +189,7 @@ impl Resource {
             } else {
                 None
             },
+            idle_ms: (mode == Mode::Watch).then_some(self.watch_seconds * 1000 + WATCH_GRACE_MS),
         }
     }
 
@@ -401,6 +407,16 @@ mod tests {
         assert_eq!(done.objects.len(), 503);
         let q = r.request();
         assert_eq!(q.mode, Mode::Watch);
+        // The server may stay silent for the whole timeoutSeconds it was given (it was 395 s
+        // for watches of up to 599 s).
+        let seconds: u64 = q
+            .target
+            .rsplit("timeoutSeconds=")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(q.idle_ms.unwrap() > seconds * 1000, "{q:?}");
         assert!(q
             .target
             .contains("watch=1&resourceVersion=12&allowWatchBookmarks=true&timeoutSeconds="));
@@ -463,6 +479,7 @@ mod tests {
             (q.mode, q.target.as_str(), q.etag),
             (Mode::Poll, "/edge.json?x=1", None)
         );
+        assert_eq!(q.idle_ms, None);
         assert_eq!(
             r.head(Mode::Poll, 200, Some("\"v1\"".into()), 0),
             Body::Collect
