@@ -445,13 +445,16 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
     let log = (*cf).log;
     mcf.nginx_upstreams = Arc::new(names);
     if !mcf.sources.is_empty() {
-        if mcf.state.is_none() {
+        // The folder is where URL sources keep their last good documents; nginx makes it
+        // (owned by the workers' user) when one needs it, or when it is named.
+        let named = mcf.state.is_some();
+        if !named {
             mcf.state = default_state(cf);
         }
         let Some(state) = mcf.state.clone() else {
             return false;
         };
-        if !add_state_path(cf, &state) {
+        if (named || !mcf.urls.is_empty()) && !add_state_path(cf, &state) {
             return false;
         }
         for url in &mut mcf.urls {

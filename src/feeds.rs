@@ -23,6 +23,7 @@ use crate::conf::UrlSlot;
 use crate::feed::http;
 use crate::feed::kube::{self, Cache, Catalog, Event, Kind, Object, Page, MAX_BODY, MAX_EVENT};
 use crate::feed::plan::{Body, Mode, Resource, State};
+use crate::feed::state::write_atomically;
 use crate::feed::Format;
 use crate::fetch::Exchange;
 use crate::stream::{arm, cancel_timer, spawn_quiet as spawn};
@@ -935,12 +936,6 @@ fn thread_cpu() -> std::time::Duration {
 /// The file beside a source's cache that holds its state, for every worker's `edge_status`.
 pub fn status_file(cache: &std::path::Path) -> std::path::PathBuf {
     cache.with_extension("status")
-}
-
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// What `edge_status` shows of a URL source: the fetching worker's last word.

@@ -6,7 +6,7 @@
 use core::cell::{Cell, RefCell};
 use core::ptr::{addr_of_mut, null_mut};
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -23,7 +23,8 @@ use crate::conf::{log_events, MainConf, SourceSlot};
 use crate::feeds;
 use crate::health::now_ms;
 use crate::routes::document::Document;
-use crate::routes::image::Image;
+use crate::routes::follow::{Action, Failed, Follow, FOLLOW_MS};
+use crate::routes::share;
 use crate::routes::source::{Done, Retired, Source, Step, Work};
 use crate::routes::table::{Backend, RouteTable};
 use crate::stream;
@@ -36,8 +37,6 @@ use crate::zone::{self, Published, Zone};
 /// loop a few dozen polls, not hundreds.
 const POLL_MS: ngx_msec_t = 5;
 const POLL_MAX_MS: ngx_msec_t = 100;
-/// How often a worker that does not read a table looks for the leader's next one.
-const FOLLOW_MS: ngx_msec_t = 100;
 
 pub struct Worker {
     pub log: *mut ngx_log_t,
@@ -79,15 +78,15 @@ pub struct Checks {
     pub in_flight: RefCell<Vec<*mut nginx_sys::ngx_connection_t>>,
 }
 
-/// A published table mapped and attached on a thread, with the servers that did not fit in
-/// the zone; or why it could not be.
-type Loaded = Result<(RouteTable, Option<usize>), String>;
+/// A published table mapped and attached on a thread: its generation, the table, and the
+/// servers that did not fit in the zone; or why it could not be.
+type Loaded = Result<(u64, RouteTable, Option<usize>), String>;
 
 /// Work on a thread for a refresh.
 enum Job {
     /// Reading and building the source's table (its leader, or a worker on its own).
     Build(JoinHandle<Built>),
-    /// Mapping the table generation another worker published.
+    /// Mapping the table generation (this one, or a later one) the leader published.
     Load(JoinHandle<Loaded>, u64),
 }
 
@@ -105,8 +104,9 @@ struct Built {
     done: Done,
     /// For a table it built: servers that did not fit in the zone.
     unattached: Option<usize>,
-    /// For a table it was to publish: the generation, or why it could not.
-    published: Option<Result<u64, String>>,
+    /// For a table it was to publish: the generation and the memfd that holds it, or why it
+    /// could not.
+    published: Option<Result<(u64, OwnedFd), String>>,
 }
 
 struct RetiringTable {
@@ -129,8 +129,12 @@ struct Refresh {
     published: Option<&'static Published>,
     /// This configuration's and source's key in the zone.
     key: u64,
-    /// A published generation that could not be loaded, logged once.
-    failed: u64,
+    /// Whether this worker leads, maps or reads the table, and its failed loads.
+    follow: Follow,
+    /// The refresh under way publishes what it builds (this worker leads).
+    publishing: bool,
+    /// The leader's memfd of the generation it published last, open for the others to find.
+    shared: Option<OwnedFd>,
     /// The table generation last attached to the zone.
     attached: u64,
     /// Time the event loop has spent on the refresh under way.
@@ -200,8 +204,8 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     for (index, slot) in (*mcf_ptr).sources.iter_mut().enumerate() {
         let slot: *mut SourceSlot = &mut **slot;
         let key = crate::health::mix((*mcf_ptr).config_id ^ index as u64).max(1);
-        let published = match (w.zone.as_ref(), (*mcf_ptr).state.as_ref()) {
-            (Some(zone), Some(_)) => {
+        let published = match w.zone.as_ref() {
+            Some(zone) => {
                 let p = zone.published(key, pid);
                 if p.is_none() {
                     ngx_log_error!(
@@ -214,7 +218,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
                 }
                 p
             }
-            _ => None,
+            None => None,
         };
         let mut refresh = Box::new(Refresh {
             slot,
@@ -224,7 +228,9 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             job: None,
             published,
             key,
-            failed: 0,
+            follow: Follow::default(),
+            publishing: false,
+            shared: None,
             attached: 0,
             busy: Duration::ZERO,
             poll_ms: POLL_MS,
@@ -249,6 +255,12 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     }
     for index in core::mem::take(&mut w.fetching_for) {
         start_feeds(index);
+    }
+    // One worker (the first to start) tidies the state folder, off the event loop.
+    if let (Some(0) | None, Some(state)) = (w.slot, (*mcf_ptr).state.clone()) {
+        let _ = spawn_quiet("edge-tidy", move || {
+            crate::feed::state::tidy(&state, &zone::process_alive)
+        });
     }
     if w.zone.is_some() {
         let data = addr_of_mut!(w.touch).cast();
@@ -439,7 +451,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 .join()
                 .map_err(|_| "the thread loading it failed".to_owned());
             loaded(w, r, result, generation, entered);
-            ngx_add_timer(ev, slot.interval.min(FOLLOW_MS));
+            ngx_add_timer(ev, FOLLOW_MS as ngx_msec_t);
             return;
         }
         Some(Job::Build(handle)) => match handle.join() {
@@ -462,49 +474,46 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         },
         None => {
             r.busy = Duration::ZERO;
-            // One worker reads the source for the whole edge; the others map what it
-            // publishes.
-            if let Some(p) = r.published.filter(|p| p.on_their_own.load(Relaxed) == 0) {
-                match p.generation_of(r.key) {
-                    Some(g) if g > source.generation() && g != r.failed => {
-                        let path = image_path(w, r.key, g);
-                        match spawn_load(path, w.zone.clone()) {
+            // One worker reads the source for the whole edge and publishes what it builds;
+            // the others map it.
+            r.publishing = false;
+            if let Some(p) = r.published {
+                let Some(generation) = p.generation_of(r.key) else {
+                    // The entry went to another configuration: make ours again.
+                    r.published = w.zone.as_ref().and_then(|z| z.published(r.key, w.pid));
+                    ngx_add_timer(ev, slot.interval);
+                    return;
+                };
+                let their_own = p.on_their_own.load(Relaxed) != 0;
+                match r
+                    .follow
+                    .next(generation, p.lead(w.pid), their_own, now_ms())
+                {
+                    Action::Wait(ms) => {
+                        ngx_add_timer(ev, ms as ngx_msec_t);
+                        return;
+                    }
+                    Action::Load(generation) => {
+                        let (pid, fd) = p.shared();
+                        match spawn_load(pid, fd, r.key, w.zone.clone()) {
                             Ok(handle) => {
-                                r.job = Some(Job::Load(handle, g));
+                                r.job = Some(Job::Load(handle, generation));
                                 r.poll_ms = POLL_MS;
                                 ngx_add_timer(ev, r.poll_ms);
                             }
                             Err(e) => {
-                                ngx_log_error!(
-                                    NGX_LOG_WARN,
-                                    log,
-                                    "edge_routes: {}: no thread to load table {} ({}); trying again",
-                                    slot.path.display(),
-                                    g,
-                                    e
-                                );
-                                ngx_add_timer(ev, slot.interval);
+                                let e = format!("no thread to load it ({e})");
+                                load_failed(w, r, generation, &e);
+                                ngx_add_timer(ev, FOLLOW_MS as ngx_msec_t);
                             }
                         }
                         return;
                     }
-                    Some(_) if p.lead(w.pid) => {}
-                    Some(_) => {
-                        // A follower only reads a number in the zone: it looks often, so that
-                        // a table the leader publishes is in every worker within this.
-                        ngx_add_timer(ev, slot.interval.min(FOLLOW_MS));
-                        return;
-                    }
-                    None => {
-                        // The entry went to another configuration: make ours again.
-                        r.published = w.zone.as_ref().and_then(|z| z.published(r.key, w.pid));
-                        ngx_add_timer(ev, slot.interval);
-                        return;
-                    }
+                    Action::Read { publish } => r.publishing = publish,
                 }
             }
-            // The worker that reads the table fetches its URL sources.
-            if r.published.is_none_or(|p| p.lead(w.pid)) {
+            // The worker that reads the table for the edge fetches its URL sources.
+            if r.published.is_none() || r.publishing {
                 start_feeds(r.index);
             }
             r.kicked = false;
@@ -542,10 +551,10 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 // The leader publishes what it builds, under the edge's next number.
                 let publish = r
                     .published
-                    .filter(|p| p.on_their_own.load(Relaxed) == 0 && matches!(work, Work::Merge(_)))
+                    .filter(|_| r.publishing && matches!(work, Work::Merge(_)))
                     .map(|p| {
                         let next = p.generation_of(r.key).unwrap_or(0).max(source.generation()) + 1;
-                        (next, image_path(w, r.key, next))
+                        (next, r.key)
                     });
                 match spawn(work, names, w.zone.clone(), publish) {
                     Ok(job) => {
@@ -631,34 +640,27 @@ fn without_fastbins(f: impl FnOnce()) {
 
 /// Runs `work` on a thread of its own, and attaches the table it builds, if any, to the zone
 /// there: for a large table that is milliseconds of lookups the event loop does not spend.
-/// With `publish`, the table's image is written to the state folder and the table served from
-/// the file, mapped: every worker then shares its pages.
+/// With `publish` (generation, key), the table's image is sealed into a memfd and the table
+/// served from its mapping: every worker then shares its pages.
 fn spawn(
     work: Work,
     names: Arc<HashSet<String>>,
     zone: Option<Arc<Zone>>,
-    publish: Option<(u64, PathBuf)>,
+    publish: Option<(u64, u64)>,
 ) -> std::io::Result<JoinHandle<Built>> {
     spawn_quiet("edge-routes", move || {
         let mut done = work.run(&|n| names.contains(n));
         let mut published = None;
         let mut unattached = None;
         if let Done::Merged(Ok((table, _))) = &mut done {
-            if let Some((generation, path)) = publish {
-                let mapped = table
-                    .image()
-                    .write(&path)
-                    .map_err(|e| format!("{}: {e}", path.display()))
-                    .and_then(|()| Image::map(&path));
-                published = Some(mapped.and_then(|image| {
-                    // The same table, served from the file: the upstreams stay as built.
-                    if table.use_image(image) {
-                        Ok(generation)
+            if let Some((generation, key)) = publish {
+                let shared = share::publish(table.image().bytes(), key, generation);
+                published = Some(shared.and_then(|shared| {
+                    // The same table, served from the memfd: the upstreams stay as built.
+                    if table.use_image(shared.image) {
+                        Ok((generation, shared.fd))
                     } else {
-                        Err(format!(
-                            "{}: the file read back differs from the table written",
-                            path.display()
-                        ))
+                        Err("the image read back differs from the table written".to_owned())
                     }
                 }));
             }
@@ -672,81 +674,58 @@ fn spawn(
     })
 }
 
-/// Maps a published table on a thread of its own and attaches it to the zone.
-fn spawn_load(path: PathBuf, zone: Option<Arc<Zone>>) -> std::io::Result<JoinHandle<Loaded>> {
+/// Maps, on a thread of its own, the table the process `pid` published as its descriptor
+/// `fd`, and attaches it to the zone.
+fn spawn_load(
+    pid: i32,
+    fd: i32,
+    key: u64,
+    zone: Option<Arc<Zone>>,
+) -> std::io::Result<JoinHandle<Loaded>> {
     spawn_quiet("edge-routes", move || {
-        let table = RouteTable::from_image(Image::map(&path)?);
+        let (generation, image) = share::open(pid, fd, key)?;
+        let table = RouteTable::from_image(image);
         let unattached = zone.map(|zone| zone.attach(&table));
-        Ok((table, unattached))
+        Ok((generation, table, unattached))
     })
 }
 
-/// The file of a published table generation.
-fn image_path(w: &Worker, key: u64, generation: u64) -> PathBuf {
-    let state = w.main_conf().state.clone().unwrap_or_default();
-    state.join(format!("routes-{key:016x}-{generation}.img"))
-}
-
-/// The leader's table is in service: tell the other workers, and remove the file of the
-/// generation it replaces (a worker that mapped it keeps its pages). If it could not be
-/// written, every worker reads the source itself from now on.
-unsafe fn publish(w: &Worker, r: &mut Refresh, source: &mut Source, outcome: Result<u64, String>) {
+/// The leader's table is in service: tell the other workers where it is, and keep its memfd
+/// open for them (the previous one is closed: a worker that mapped it keeps its pages). If it
+/// could not be published, every worker reads the source itself until the leader can again.
+unsafe fn publish(
+    w: &Worker,
+    r: &mut Refresh,
+    source: &mut Source,
+    outcome: Result<(u64, OwnedFd), String>,
+) {
     let Some(p) = r.published else { return };
     let path = (*r.slot).path.display();
     match outcome {
-        Ok(generation) => {
+        Ok((generation, fd)) => {
             source.set_generation(generation);
-            p.generation
-                .store(generation, std::sync::atomic::Ordering::Release);
-            if let Some(state) = w.main_conf().state.clone() {
-                let live = w
-                    .zone
-                    .as_ref()
-                    .map(|z| z.published_keys())
-                    .unwrap_or_default();
-                let key = r.key;
-                // Listing and unlinking are file-system work: not in the event loop. Without
-                // a thread, the next publication cleans up.
-                let _ = spawn_quiet("edge-cleanup", move || {
-                    remove_old_images(&state, &live, key, generation)
-                });
+            p.publish(w.pid, fd.as_raw_fd(), generation);
+            r.shared = Some(fd);
+            if p.on_their_own.swap(0, Relaxed) != 0 {
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    w.log,
+                    "edge_routes: {}: table {} is published again: the other workers map it",
+                    path,
+                    generation
+                );
             }
         }
         Err(e) => {
-            p.on_their_own.store(1, Relaxed);
-            ngx_log_error!(
-                NGX_LOG_ERR,
-                w.log,
-                "edge_routes: {}: the table cannot be published for the other workers ({}): each worker reads the source itself from now on",
-                path,
-                e
-            );
-        }
-    }
-}
-
-/// Removes the images no worker will map again: this source's earlier generations, and
-/// those of configurations no longer in the zone (earlier runs, finished reloads). A worker
-/// that mapped one keeps its pages.
-fn remove_old_images(state: &std::path::Path, live: &[u64], key: u64, generation: u64) {
-    let Ok(entries) = std::fs::read_dir(state) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some((k, g)) = name
-            .to_str()
-            .and_then(|n| {
-                n.strip_prefix("routes-")?
-                    .strip_suffix(".img")?
-                    .split_once('-')
-            })
-            .and_then(|(k, g)| Some((u64::from_str_radix(k, 16).ok()?, g.parse::<u64>().ok()?)))
-        else {
-            continue;
-        };
-        if (k == key && g != generation) || !live.contains(&k) {
-            let _ = std::fs::remove_file(entry.path());
+            if p.on_their_own.swap(1, Relaxed) == 0 {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    w.log,
+                    "edge_routes: {}: the table cannot be published for the other workers ({}): each worker reads the source itself until it can",
+                    path,
+                    e
+                );
+            }
         }
     }
 }
@@ -763,7 +742,8 @@ fn in_service(log: *mut ngx_log_t, slot: &SourceSlot, generation: u64, busy: Dur
     );
 }
 
-/// A published generation was mapped (or not): serve it, or keep the last good table.
+/// A published generation was mapped (or not): serve it, or keep the last good table and try
+/// again, or read the source itself (see `Follow`).
 unsafe fn loaded(
     w: &Worker,
     r: &mut Refresh,
@@ -776,7 +756,8 @@ unsafe fn loaded(
         return;
     };
     match result {
-        Ok(Ok((table, unattached))) => {
+        Ok(Ok((generation, table, unattached))) => {
+            r.follow.loaded(generation);
             source.adopt(table, generation);
             let replaced = core::mem::replace(&mut r.attached, generation);
             if let (Some(zone), Some(n)) = (w.zone.as_ref(), unattached) {
@@ -786,15 +767,33 @@ unsafe fn loaded(
             w.retire(source.take_retired(), replaced, r.slot);
             in_service(w.log, slot, generation, r.busy + entered.elapsed());
         }
-        Ok(Err(e)) | Err(e) => {
-            r.failed = generation;
+        Ok(Err(e)) | Err(e) => load_failed(w, r, generation, &e),
+    }
+}
+
+/// Logs a failed load: its first failure, and the worker giving up on it.
+unsafe fn load_failed(w: &Worker, r: &mut Refresh, generation: u64, why: &str) {
+    let path = (*r.slot).path.display();
+    match r.follow.failed(generation, now_ms()) {
+        Failed::Retrying { first: true } => {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                w.log,
+                "edge_routes: {}: table {} cannot be loaded ({}); trying again",
+                path,
+                generation,
+                why
+            );
+        }
+        Failed::Retrying { first: false } => {}
+        Failed::GaveUp => {
             ngx_log_error!(
                 NGX_LOG_ERR,
                 w.log,
-                "edge_routes: {}: table {} cannot be loaded: {}; the last good table keeps serving",
-                slot.path.display(),
+                "edge_routes: {}: table {} cannot be loaded ({}); this worker reads the source itself until the next one",
+                path,
                 generation,
-                e
+                why
             );
         }
     }

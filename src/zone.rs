@@ -29,14 +29,14 @@ const STALE_MS: u64 = 120_000;
 /// How often a worker marks the records of its tables as listed.
 pub const TOUCH_MS: u64 = STALE_MS / 4;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"edgezon3");
+const MAGIC: u64 = u64::from_le_bytes(*b"edgezon4");
 
 /// Route tables published through the zone at a time: one per source of each configuration
 /// whose workers run (old and new during a reload).
 pub const TABLES: usize = 32;
 
-/// One source's table as the edge serves it: which worker builds it, and the generation of
-/// the image it last published in the state folder.
+/// One source's table as the edge serves it: which worker builds it, and where the image it
+/// last published is.
 #[repr(C)]
 #[derive(Default)]
 pub struct Published {
@@ -47,8 +47,12 @@ pub struct Published {
     leader: AtomicI32,
     /// Non-zero once the leader could not publish: every worker then reads the source itself.
     pub on_their_own: AtomicU32,
-    /// The generation of the image in the state folder; 0 before the first change.
+    /// The generation last published; 0 before the first change.
     pub generation: AtomicU64,
+    /// The process that published it, and its descriptor of the sealed memfd that holds it
+    /// (see `routes::share`).
+    shared_pid: AtomicI32,
+    shared_fd: AtomicI32,
 }
 
 impl Published {
@@ -71,6 +75,20 @@ impl Published {
     pub fn generation_of(&self, key: u64) -> Option<u64> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         (self.key.load(Relaxed) == key).then_some(generation)
+    }
+
+    /// Publishes `generation`, held by this process (`me`) as its descriptor `fd`. Followers
+    /// that read the new generation find the memfd of that generation or a later one.
+    pub fn publish(&self, me: i32, fd: i32, generation: u64) {
+        self.shared_pid.store(me, Relaxed);
+        self.shared_fd.store(fd, Relaxed);
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Where the last generation published is: (process, descriptor).
+    pub fn shared(&self) -> (i32, i32) {
+        (self.shared_pid.load(Relaxed), self.shared_fd.load(Relaxed))
     }
 
     /// Gives up the lead at worker exit, so that another worker takes it at once.
@@ -295,18 +313,10 @@ impl Zone {
         free.leader.store(me, Relaxed);
         free.on_their_own.store(0, Relaxed);
         free.generation.store(0, Relaxed);
+        free.shared_pid.store(0, Relaxed);
+        free.shared_fd.store(-1, Relaxed);
         free.key.store(key, Relaxed);
         Some(free)
-    }
-
-    /// The keys of the tables published now, of every configuration whose entry is kept.
-    pub fn published_keys(&self) -> Vec<u64> {
-        self.header
-            .tables
-            .iter()
-            .map(|p| p.key.load(Relaxed))
-            .filter(|&k| k != 0)
-            .collect()
     }
 
     fn forget(&self, slot: usize) -> u64 {
@@ -389,7 +399,7 @@ impl Zone {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
+pub fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)

@@ -2,12 +2,16 @@
 //! bytes of it (header and body) overwritten from the input and the checksum made to match,
 //! so that the layout checks behind it are reached. Opening never panics or reads out of
 //! bounds; an image that opens answers lookups without panicking, and one left intact finds
-//! every name it was built with.
+//! every name it was built with. Every image that opens is also made into a route table, as
+//! a worker does with a published image, and looked up through it: exact names, names below
+//! the wildcards, names the table does not have, and no name.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ngx_stream_edge_module::routes::document::UpstreamKind;
 use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, UpstreamSpec, NONE};
+use ngx_stream_edge_module::routes::table::RouteTable;
+use ngx_stream_edge_module::sniff::Protocol;
 use ngx_stream_edge_module::upstream::{CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
 fuzz_target!(|data: &[u8]| {
@@ -55,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             b.exact(n, to);
         }
     }
-    let image = b.build(3);
+    let image = b.build();
     let mut bytes = image.bytes().to_vec();
     // Each edit: a 2-byte position and a byte.
     for e in edits.chunks_exact(3) {
@@ -89,6 +93,28 @@ fuzz_target!(|data: &[u8]| {
             }
             let _ = v.default();
             let _ = v.routes().count();
+            let table = RouteTable::from_image(opened);
+            for (i, n) in names.iter().enumerate() {
+                let n = std::str::from_utf8(n).unwrap();
+                for protocol in [Protocol::Tls, Protocol::Http] {
+                    let found = table.lookup(Some(n), protocol);
+                    let below = table.lookup(Some(&format!("x.y.{n}")), protocol);
+                    // An exact name with no http target falls through to the wildcards.
+                    let to = match protocol {
+                        Protocol::Tls => Some(i % 3),
+                        Protocol::Http => (i % 2 == 1).then_some(1),
+                    };
+                    if let (true, false, Some(to)) = (intact, i % 4 == 3, to) {
+                        assert_eq!(found.map(|m| &*m.upstream.name), Some(["a", "b", "c"][to]), "{n}");
+                    }
+                    let _ = below.map(|m| m.by.to_string());
+                }
+            }
+            for protocol in [Protocol::Tls, Protocol::Http] {
+                let _ = table.lookup(Some("not.in.the.table"), protocol);
+                let _ = table.lookup(None, protocol);
+            }
+            let _ = (table.route_count(), table.checked().count());
         }
         Err(e) => assert!(!intact, "an intact image was refused: {e}"),
     }

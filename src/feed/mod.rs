@@ -5,6 +5,7 @@
 pub mod http;
 pub mod kube;
 pub mod plan;
+pub mod state;
 
 use std::fmt;
 use std::net::IpAddr;

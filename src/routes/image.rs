@@ -147,14 +147,9 @@ impl<'a> Builder<'a> {
         self.default = Some(to);
     }
 
-    /// `upstreams`: the number of upstream ids routes may use when no upstream was added
-    /// (the route-only images of tests); otherwise the number added.
-    pub fn build(self, upstreams: u32) -> Image {
-        let upstreams = if self.upstreams.is_empty() {
-            upstreams
-        } else {
-            self.upstreams.len() as u32
-        };
+    /// Routes may only use the ids of upstreams added.
+    pub fn build(self) -> Image {
+        let upstreams = self.upstreams.len() as u32;
         let slots_for = |n: usize| (n + n / 2 + 1).next_power_of_two();
         let (exact_slots, wild_slots) =
             (slots_for(self.exact.len()), slots_for(self.wildcard.len()));
@@ -249,11 +244,7 @@ impl<'a> Builder<'a> {
             names_len: names_len as u32,
             default_tls: default.tls,
             default_http: default.http,
-            upstreams_off: if self.upstreams.is_empty() {
-                0
-            } else {
-                upstreams_off as u32
-            },
+            upstreams_off: upstreams_off as u32,
             servers_off: servers_off as u32,
             servers_count: servers_count as u32,
             strings_off: strings_off as u32,
@@ -269,8 +260,8 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// An image, owned, with its header read once: built here, or a file mapped read-only and
-/// shared with every other process that maps it.
+/// An image, owned, with its header read once: built here, or mapped read-only from a sealed
+/// memfd (see `share`) and shared with every other worker that maps it.
 pub struct Image {
     bytes: Bytes,
     header: Header,
@@ -278,27 +269,36 @@ pub struct Image {
 
 enum Bytes {
     Heap(Vec<u8>),
-    Mapped { at: *const u8, len: usize },
+    /// `len` bytes at `offset` into a read-only mapping of `map_len` bytes at `base`, which
+    /// nothing can change any more (a sealed memfd).
+    Mapped {
+        base: *const u8,
+        map_len: usize,
+        offset: usize,
+        len: usize,
+    },
 }
 
-// SAFETY: a mapping is read-only and owned by the one `Image` that unmaps it.
+// SAFETY: a mapping is read-only, immutable, and owned by the one `Image` that unmaps it.
 unsafe impl Send for Bytes {}
 
 impl Bytes {
     fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Heap(v) => v,
-            // SAFETY: mapped for `len` bytes until drop.
-            Bytes::Mapped { at, len } => unsafe { core::slice::from_raw_parts(*at, *len) },
+            // SAFETY: `offset + len <= map_len`, mapped until drop.
+            Bytes::Mapped {
+                base, offset, len, ..
+            } => unsafe { core::slice::from_raw_parts(base.add(*offset), *len) },
         }
     }
 }
 
 impl Drop for Bytes {
     fn drop(&mut self) {
-        if let Bytes::Mapped { at, len } = *self {
-            // SAFETY: the mapping made in `Image::map`, unmapped once.
-            unsafe { libc::munmap(at.cast_mut().cast(), len) };
+        if let Bytes::Mapped { base, map_len, .. } = *self {
+            // SAFETY: the mapping handed to `Image::mapped`, unmapped once.
+            unsafe { libc::munmap(base.cast_mut().cast(), map_len) };
         }
     }
 }
@@ -331,49 +331,27 @@ impl Image {
         })
     }
 
-    /// Maps an image file read-only and checks it; its pages are shared by every process
-    /// that maps the same file.
-    pub fn map(path: &std::path::Path) -> Result<Image, String> {
-        use std::os::fd::AsRawFd;
-        let shown = path.display();
-        let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
-        let len = file.metadata().map_err(|e| format!("{shown}: {e}"))?.len() as usize;
-        if len < HEADER {
-            return Err(format!("{shown}: {}", ImageError::Truncated { len }));
-        }
-        // SAFETY: a fresh read-only shared mapping of the whole file; the file is only ever
-        // replaced by rename, never written in place, so the pages do not change under it.
-        let at = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if at == libc::MAP_FAILED {
-            return Err(format!("{shown}: {}", std::io::Error::last_os_error()));
-        }
+    /// Takes ownership of a read-only mapping of `map_len` bytes at `base` (unmapped when the
+    /// image is dropped, or now if it is refused) whose bytes `offset..offset + len` are an
+    /// image, and checks them.
+    ///
+    /// # Safety
+    /// `base` must come from `mmap` for `map_len` bytes, with `offset + len <= map_len`, and
+    /// the mapped bytes must never change while it exists (a sealed memfd).
+    pub unsafe fn mapped(
+        base: *const u8,
+        map_len: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Image, ImageError> {
         let bytes = Bytes::Mapped {
-            at: at.cast_const().cast(),
+            base,
+            map_len,
+            offset,
             len,
         };
-        let header = check(bytes.as_slice()).map_err(|e| format!("{shown}: {e}"))?;
+        let header = check(bytes.as_slice())?;
         Ok(Image { bytes, header })
-    }
-
-    /// Writes the image to `path` as a whole: a temporary file, then a rename over it.
-    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = std::path::PathBuf::from(tmp);
-        let written = std::fs::write(&tmp, self.bytes()).and_then(|()| std::fs::rename(&tmp, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
     }
 
     /// The image, to look names up in.
@@ -387,7 +365,7 @@ impl Image {
 
 impl Default for Image {
     fn default() -> Image {
-        Builder::default().build(0)
+        Builder::default().build()
     }
 }
 
@@ -469,19 +447,18 @@ impl<'a> View<'a> {
         let upstreams_end = u64::from(h.upstreams_off) + u64::from(h.upstreams) * UPSTREAM as u64;
         let servers_end = u64::from(h.servers_off) + u64::from(h.servers_count) * SERVER as u64;
         let strings_end = u64::from(h.strings_off) + u64::from(h.strings_len);
-        if h.upstreams_off != 0 {
-            // An image with upstream records (every table's): each section in its place.
-            if (h.upstreams_off as usize) < HEADER
-                || upstreams_end > u64::from(h.servers_off)
-                || servers_end > u64::from(h.names_off)
-                || u64::from(h.strings_off) < names_end
-                || strings_end > self.bytes.len() as u64
-            {
-                return Err(ImageError::Corrupt("upstream sections out of place"));
-            }
-            for i in 0..h.upstreams as usize {
-                self.check_upstream(i)?;
-            }
+        // Each section in its place: a route may name any upstream id below `upstreams`, so
+        // every one of them must have its record.
+        if (h.upstreams_off as usize) < HEADER
+            || upstreams_end > u64::from(h.servers_off)
+            || servers_end > u64::from(h.names_off)
+            || u64::from(h.strings_off) < names_end
+            || strings_end > self.bytes.len() as u64
+        {
+            return Err(ImageError::Corrupt("upstream sections out of place"));
+        }
+        for i in 0..h.upstreams as usize {
+            self.check_upstream(i)?;
         }
         let upstream_ok = |id: u32| id == NONE || id < h.upstreams;
         if !upstream_ok(h.default_tls) || !upstream_ok(h.default_http) {
@@ -492,12 +469,7 @@ impl<'a> View<'a> {
                 return Err(ImageError::Corrupt("hash table size"));
             }
             let end = s.off as u64 + u64::from(s.slots) * SLOT as u64;
-            let limit = if h.upstreams_off == 0 {
-                h.names_off
-            } else {
-                h.upstreams_off
-            };
-            if (s.off as usize) < HEADER || end > u64::from(limit) {
+            if (s.off as usize) < HEADER || end > u64::from(h.upstreams_off) {
                 return Err(ImageError::Corrupt("hash table bounds"));
             }
             let mut used = 0;
@@ -572,13 +544,9 @@ impl<'a> View<'a> {
         }
     }
 
-    /// The upstream records; none in a route-only image.
+    /// The upstream records: every id a route may name is below this.
     pub fn upstream_count(&self) -> usize {
-        if self.header.upstreams_off == 0 {
-            0
-        } else {
-            self.header.upstreams as usize
-        }
+        self.header.upstreams as usize
     }
 
     fn name_at(&self, off: u32) -> Option<&'a [u8]> {
@@ -623,7 +591,8 @@ impl<'a> View<'a> {
         let want = slot_hash(h);
         let mask = s.slots as usize - 1;
         let mut i = h as usize & mask;
-        loop {
+        // A checked image always has an empty slot; the bound holds even if it had none.
+        for _ in 0..s.slots {
             let slot = read_slot(self.bytes, s.off as usize, i);
             if slot.hash == 0 {
                 return None;
@@ -645,6 +614,7 @@ impl<'a> View<'a> {
             }
             i = (i + 1) & mask;
         }
+        None
     }
 
     /// Every route, exact ones first: (kind, key, targets).
@@ -993,14 +963,32 @@ mod tests {
         Targets { tls, http }
     }
 
-    fn sample() -> Image {
+    /// `n` upstreams (ids 0 to n - 1), of the kind that names an nginx upstream block.
+    fn with_upstreams(n: usize) -> Builder<'static> {
+        const NAMES: [&str; 8] = ["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"];
+        static POLICY: std::sync::OnceLock<(UpstreamKind, Policy)> = std::sync::OnceLock::new();
+        let (kind, policy) =
+            POLICY.get_or_init(|| (UpstreamKind::Nginx("vhosts".into()), Policy::default()));
         let mut b = Builder::default();
+        for name in &NAMES[..n] {
+            b.upstream(UpstreamSpec {
+                name,
+                kind,
+                policy,
+                check_name: None,
+            });
+        }
+        b
+    }
+
+    fn sample() -> Image {
+        let mut b = with_upstreams(3);
         b.exact("rancher.example.com", t(0, 0));
         b.exact("split.example.com", t(1, NONE));
         b.wildcard("apps.example.com", t(2, 2), false);
         b.wildcard("svc.example.com", t(1, 1), true);
         b.set_default(t(NONE, 1));
-        b.build(3)
+        b.build()
     }
 
     #[test]
@@ -1038,35 +1026,6 @@ mod tests {
     }
 
     #[test]
-    fn a_written_image_maps_back_and_a_damaged_file_is_refused() {
-        let dir = std::env::temp_dir().join(format!("edge-image-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.img");
-        let image = sample();
-        image.write(&path).unwrap();
-        let mapped = Image::map(&path).unwrap();
-        assert_eq!(mapped, image);
-        assert_eq!(
-            mapped.view().exact(b"rancher.example.com"),
-            Some(("rancher.example.com", t(0, 0)))
-        );
-        let mut bytes = image.bytes().to_vec();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::write(&path, &bytes).unwrap();
-        let err = Image::map(&path).unwrap_err();
-        assert!(err.ends_with("t.img: checksum mismatch"), "{err}");
-        std::fs::write(&path, &bytes[..20]).unwrap();
-        assert!(Image::map(&path)
-            .unwrap_err()
-            .contains("shorter than a header"));
-        assert!(Image::map(&dir.join("none.img"))
-            .unwrap_err()
-            .contains("No such file"));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
     fn an_empty_image_finds_nothing() {
         let image = Image::default();
         let v = open(image.bytes()).unwrap();
@@ -1078,11 +1037,11 @@ mod tests {
 
     #[test]
     fn many_names_all_found() {
-        let mut b = Builder::default();
+        let mut b = with_upstreams(7);
         for i in 0..50_000u32 {
             b.exact(&format!("n{i}.example.com"), t(i % 7, i % 5));
         }
-        let image = b.build(7);
+        let image = b.build();
         let v = open(image.bytes()).unwrap();
         let v = v.view();
         for i in 0..50_000u32 {
@@ -1131,13 +1090,15 @@ mod tests {
     fn lying_headers_are_refused() {
         let image = sample();
         let mut h = read_header(image.bytes());
-        for lie in 0..4 {
+        for lie in 0..5 {
             let mut bytes = image.bytes().to_vec();
             let mut bad = h;
             match lie {
                 0 => bad.exact.slots = 3,
                 1 => bad.names_len = u32::MAX,
                 2 => bad.default_http = 9,
+                // Upstream ids in routes with no upstream records: a lookup would panic.
+                3 => bad.upstreams_off = 0,
                 _ => bad.wildcard.off = bad.names_off,
             }
             write_header(&mut bytes, &bad);

@@ -1,8 +1,10 @@
 //! Pure: the route table schema, its validation, lookup and the sources it is read from.
 
 pub mod document;
+pub mod follow;
 pub mod image;
 pub(crate) mod json;
+pub mod share;
 pub mod source;
 pub mod table;
 

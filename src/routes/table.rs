@@ -246,7 +246,7 @@ impl RouteTable {
         if let Some(route) = default {
             image.set_default(route.targets());
         }
-        Ok((RouteTable::from_image(image.build(0)), warnings))
+        Ok((RouteTable::from_image(image.build()), warnings))
     }
 
     /// The table an image describes: its names, and this worker's state for each upstream.
@@ -308,7 +308,8 @@ impl RouteTable {
         };
         Some(Match {
             by,
-            upstream: &self.upstreams[id as usize],
+            // A checked image names no id without its upstream; `get` costs nothing more.
+            upstream: self.upstreams.get(id as usize)?,
         })
     }
 
