@@ -15,6 +15,7 @@ use nginx_sys::{
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
+use crate::caches::Files;
 use crate::feed::kube::{Cache, CACHE_MAGIC};
 use crate::feed::Options;
 use crate::routes::source::{self, Cached, Event, Inputs, Level, Reader, Source};
@@ -64,8 +65,8 @@ pub struct UrlSlot {
     pub options: Options,
     pub declared_at: String,
     pub position: usize,
-    /// The last good document, in the state folder.
-    pub cache: PathBuf,
+    /// Its files in the state folder (set once the folder is known).
+    pub files: Option<Arc<Files>>,
     /// For `https://`: nginx's TLS context, verifying against `ca=`.
     pub ssl: Option<fetch::Tls>,
     /// The table whose leading worker fetches this source (the first that merges it).
@@ -267,7 +268,7 @@ pub unsafe extern "C" fn set_edge_routes_url(
         options,
         declared_at: directive_position(cf),
         position: mcf.directives,
-        cache: PathBuf::new(),
+        files: None,
         ssl,
         owner: usize::MAX,
         core: stream::cf_srv_conf_of::<ngx_stream_core_srv_conf_t>(
@@ -457,16 +458,27 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
         if (named || !mcf.urls.is_empty()) && !add_state_path(cf, &state) {
             return false;
         }
+        let master = libc::getpid();
         for url in &mut mcf.urls {
-            url.cache = state.join(format!("url-{:016x}.json", url.options.cache_key()));
+            url.files = Some(Arc::new(Files::new(
+                &state,
+                url.options.cache_key(),
+                master,
+            )));
         }
     }
     let exists = |name: &str| mcf.nginx_upstreams.contains(name);
     for slot in &mut mcf.sources {
-        let cached = |i: &usize| Cached {
-            file: mcf.urls[*i].cache.clone(),
-            read: url_reader(&mcf.urls[*i].options),
-            label: format!("edge_routes_url {}", mcf.urls[*i].options.name),
+        let cached = |i: &usize| {
+            let url = &mcf.urls[*i];
+            // Set above for every URL source of a table.
+            let files = url.files.as_ref()?;
+            Some(Cached {
+                file: files.accepted.clone(),
+                candidate: files.candidate.clone(),
+                read: url_reader(&url.options, Arc::clone(files)),
+                label: format!("edge_routes_url {}", url.options.name),
+            })
         };
         let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
         let inputs = Inputs {
@@ -475,13 +487,13 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
                 .urls
                 .iter()
                 .filter(|&&i| mcf.urls[i].position < at)
-                .map(cached)
+                .filter_map(cached)
                 .collect(),
             after: slot
                 .urls
                 .iter()
                 .filter(|&&i| mcf.urls[i].position > at)
-                .map(cached)
+                .filter_map(cached)
                 .collect(),
         };
         match Source::open(inputs, &exists) {
@@ -569,20 +581,16 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
     true
 }
 
-/// Reads a URL source's last good document: a Kubernetes source's objects, made into routes
-/// as the source's options say, or a native route document.
-fn url_reader(options: &Options) -> Reader {
+/// Reads a URL source's document (see `caches`): a Kubernetes source's objects, made into
+/// routes as the source's options say, or a native route document.
+fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
     let name = options.name.clone();
     let upstream = options.upstream.clone();
     let class = options.ingress_class.clone();
     Reader::new(move |path| {
-        let shown = |e: &dyn std::fmt::Display| {
-            format!(
-                "edge_routes_url {name}: its last good table {}: {e}",
-                path.display()
-            )
-        };
-        let bytes = std::fs::read(path).map_err(|e| shown(&e))?;
+        let shown =
+            |e: &dyn std::fmt::Display| format!("edge_routes_url {name}: {}: {e}", path.display());
+        let bytes = files.read(path).map_err(|e| shown(&e))?;
         if bytes.starts_with(CACHE_MAGIC) {
             let catalog = Cache::parse(&bytes).map_err(|e| shown(&e))?;
             Ok(catalog

@@ -1,10 +1,13 @@
 //! The URL sources, fetched by one worker for the whole edge: the worker that leads the table
-//! a source is merged into (see `worker`). Each resource of a source (a Kubernetes kind, or
-//! the polled document) has its own connection, driven by nginx events (`fetch`); what it
-//! brings is parsed off the event loop when large, gathered into the source's catalog, and
-//! written, on a thread, to the source's file in the state folder. The table's refresh then
-//! reads that file as it reads any route file: the last good version survives every error and
-//! every restart, and the other workers get the table the leader publishes.
+//! a source is merged into (see `worker`). A feed starts from what the source brought before
+//! (its files in the state folder, see `caches`), so that a kind that has not answered yet
+//! keeps its objects. Each resource of a source (a Kubernetes kind, or the polled document)
+//! has its own connection, driven by nginx events (`fetch`); what it brings is parsed off the
+//! event loop when large, gathered into the source's catalog (a kind replaced only by its own
+//! full list), and written, on a thread, as the source's candidate. The table's refresh then
+//! reads that file as it reads any route file, and keeps it as the accepted version once it
+//! has merged it: the last good version survives every error and every restart, and the other
+//! workers get the table the leader publishes.
 
 use core::ffi::c_void;
 use core::ptr;
@@ -19,20 +22,27 @@ use nginx_sys::{
 use ngx::ngx_log_error;
 use serde_json::{json, Value};
 
+use crate::caches::Files;
 use crate::conf::UrlSlot;
 use crate::feed::http;
-use crate::feed::kube::{self, Cache, Catalog, Event, Kind, Object, Page, MAX_BODY, MAX_EVENT};
+use crate::feed::kube::{
+    self, Cache, Catalog, Event, Kind, Object, Page, CACHE_MAGIC, MAX_BODY, MAX_EVENT, MAX_OBJECTS,
+};
 use crate::feed::plan::{Body, Mode, Resource, State};
 use crate::feed::state::write_atomically;
 use crate::feed::Format;
 use crate::fetch::Exchange;
-use crate::stream::{arm, cancel_timer, spawn_quiet as spawn};
+use crate::stream::{cancel_timer, spawn_quiet as spawn};
 
 /// Distinct problems remembered per failure, to log each once.
 const MAX_LOGGED: usize = 8;
 
 /// While a thread parses or writes, its result is looked for this often.
 const POLL_MS: ngx_msec_t = 5;
+
+/// After a delete makes room for objects refused before, the kind is listed again after this
+/// long (deletes come in bursts).
+const RELIST_MS: u64 = 1000;
 
 /// Tells the table that merges a source that its file changed.
 pub type Kick = unsafe fn(usize);
@@ -52,7 +62,10 @@ pub struct Feed {
     /// The status changed since it was last written.
     status_dirty: bool,
     writer: Option<JoinHandle<Written>>,
-    /// Of the cache file's bytes last written, to skip writing the same again.
+    /// Reading what the source brought before, on a thread: no request is made until then.
+    seeding: Option<JoinHandle<Seeded>>,
+    seeded: bool,
+    /// Of the candidate's bytes last written, to skip writing the same again.
     written_hash: u64,
     flush: ngx_event_t,
     token: Token,
@@ -62,6 +75,8 @@ pub struct Feed {
     last_error: Option<String>,
     /// The problems logged since the source last answered well, so that each is logged once.
     logged: Vec<String>,
+    /// The objects refused for want of room when that was last logged.
+    refused_logged: usize,
     stats: Stats,
     seed: u64,
     /// The longest the event loop has spent in one step of this source (a callback), in CPU
@@ -76,6 +91,8 @@ struct Stats {
     invalid: usize,
     repeated: usize,
     unrouted: usize,
+    /// Objects that route nothing because of a problem of their own.
+    problems: usize,
 }
 
 /// What a writer thread did.
@@ -83,7 +100,12 @@ struct Written {
     result: Result<Option<u64>, String>,
     stats: Option<Stats>,
     first_invalid: Option<String>,
+    first_problem: Option<String>,
 }
+
+/// What a feed starts from: the catalog of a Kubernetes source's last candidate (or accepted
+/// version), if it has one that this nginx can trust.
+type Seeded = Result<Option<Catalog>, String>;
 
 /// One resource: its protocol state, its connection, its timer.
 struct Res {
@@ -107,6 +129,10 @@ struct Res {
     /// Its answer, for the request about to be made.
     resolved: Option<std::net::IpAddr>,
     absent_logged: bool,
+    /// Its objects are known: listed since the feed started, absent, or read back from the
+    /// source's last candidate. The catalog is written only once every kind is known, so
+    /// that a kind that has not answered yet keeps its routes.
+    known: bool,
 }
 
 enum Parsed {
@@ -149,6 +175,11 @@ impl Token {
 impl Feed {
     fn options(&self) -> &'static crate::feed::Options {
         &self.slot().options
+    }
+
+    /// The source's files in the state folder (every URL source of a table has them).
+    fn files(&self) -> Option<&'static Arc<Files>> {
+        self.slot().files.as_ref()
     }
 
     /// Not tied to a borrow of the feed: the configuration outlives it.
@@ -264,6 +295,8 @@ impl Feed {
             "invalid_hosts": self.stats.invalid,
             "repeated_hosts": self.stats.repeated,
             "unrouted_objects": self.stats.unrouted,
+            "invalid_objects": self.stats.problems,
+            "refused_objects": self.catalog.refused(),
             "longest_step_ms": (self.longest.as_secs_f64() * 1e4).round() / 10.0,
             "resources": resources,
         })
@@ -293,6 +326,8 @@ pub unsafe fn start(
         dirty: false,
         status_dirty: true,
         writer: None,
+        seeding: None,
+        seeded: false,
         written_hash: 0,
         flush: core::mem::zeroed(),
         token: Token {
@@ -305,6 +340,7 @@ pub unsafe fn start(
         last_success: None,
         last_error: None,
         logged: Vec::new(),
+        refused_logged: 0,
         stats: Stats::default(),
         seed,
         longest: std::time::Duration::ZERO,
@@ -330,15 +366,20 @@ pub unsafe fn start(
             resolving: ptr::null_mut(),
             resolved: None,
             absent_logged: false,
+            known: false,
         });
-        let data = ptr::from_mut(&mut *res).cast();
-        arm(&mut res.timer, Some(on_timer), data, log, 0);
+        // Armed once the feed has read what the source brought before (see `seeded`).
+        res.timer.handler = Some(on_timer);
+        res.timer.data = ptr::from_mut(&mut *res).cast();
+        res.timer.log = log;
+        res.timer.set_cancelable(1);
         feed.resources.push(res);
     }
     feed.flush.handler = Some(on_flush);
     feed.flush.data = feed_ptr.cast();
     feed.flush.log = log;
     feed.flush.set_cancelable(1);
+    read_before(&mut feed);
     ngx_log_error!(
         NGX_LOG_INFO,
         log,
@@ -358,6 +399,64 @@ pub unsafe fn stop(feed: &mut Feed) {
         }
     }
     cancel_timer(&mut feed.flush);
+}
+
+/// Reads, on a thread, what the source brought before: the feed starts from it.
+unsafe fn read_before(feed: &mut Feed) {
+    let Some(files) = feed.files().cloned() else {
+        return seeded(feed, Ok(None));
+    };
+    let job = spawn("edge-feed", move || -> Seeded {
+        let Some(bytes) = files.seed()? else {
+            return Ok(None);
+        };
+        if !bytes.starts_with(CACHE_MAGIC) {
+            // A native document: fetched whole at every change, nothing to start from.
+            return Ok(None);
+        }
+        Cache::parse(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", files.accepted.display()))
+    });
+    match job {
+        Ok(job) => feed.seeding = Some(job),
+        Err(e) => {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                feed.log,
+                "edge_routes_url {}: no thread to read its last good table ({}); trying again",
+                feed.options().name,
+                e
+            );
+        }
+    }
+    ngx_add_timer(&mut feed.flush, POLL_MS);
+}
+
+/// The feed starts from `catalog` (if any), and makes its first requests.
+unsafe fn seeded(feed: &mut Feed, catalog: Seeded) {
+    feed.seeded = true;
+    match catalog {
+        Ok(Some(catalog)) => {
+            feed.catalog = catalog;
+            for r in &mut feed.resources {
+                r.known = true;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            ngx_log_error!(
+                nginx_sys::NGX_LOG_WARN,
+                feed.log,
+                "edge_routes_url {}: its last good table cannot be used ({}): the source's routes are kept as they are until every kind has answered",
+                feed.options().name,
+                e
+            );
+        }
+    }
+    for r in &mut feed.resources {
+        ngx_add_timer(&mut r.timer, 0);
+    }
 }
 
 unsafe fn schedule(r: &mut Res, ms: u64) {
@@ -439,6 +538,12 @@ unsafe fn request(feed: &mut Feed, index: usize) {
         .is_none()
         .then_some(options.url.host.as_str());
     let owner = ptr::from_mut(&mut **r).cast();
+    // A watch is taken line by line; a list or a document whole.
+    let max_pending = if q.mode == Mode::Watch {
+        MAX_EVENT
+    } else {
+        MAX_BODY
+    };
     let started = Exchange::start(
         std::net::SocketAddr::new(ip, options.url.port),
         tls,
@@ -446,6 +551,7 @@ unsafe fn request(feed: &mut Feed, index: usize) {
         bytes,
         options.timeout_ms as ngx_msec_t,
         idle,
+        max_pending,
         log,
         on_news,
         owner,
@@ -454,6 +560,8 @@ unsafe fn request(feed: &mut Feed, index: usize) {
         Ok(ex) => {
             r.ex = Some(ex);
             feed.status_dirty = true;
+            // It may have made progress, or even ended, before any event: look now.
+            news(feed, index);
             flush(feed);
         }
         Err(e) => failed(feed, index, e),
@@ -589,7 +697,17 @@ unsafe fn news(feed: &mut Feed, index: usize) {
             }
             Body::Absent => {
                 r.ex = None;
+                r.known = true;
                 let retry = r.plan.absent_retry();
+                // The kind is not served: it has no objects (its CRDs were removed, or never
+                // installed).
+                if let Some(kind) = r.plan.kind {
+                    if feed.catalog.objects.keys().any(|k| k.0 == kind) {
+                        feed.catalog.replace_kind(kind, Vec::new());
+                        feed.dirty = true;
+                    }
+                }
+                let r = &mut feed.resources[index];
                 if !r.absent_logged {
                     r.absent_logged = true;
                     ngx_log_error!(
@@ -612,18 +730,26 @@ unsafe fn news(feed: &mut Feed, index: usize) {
     }
     let r = &mut feed.resources[index];
     let Some(ex) = r.ex.as_mut() else { return };
-    if r.collecting && ex.body().len() > MAX_BODY {
-        let why = format!(
-            "{}: an answer larger than {} MiB",
-            r.plan.path(),
-            MAX_BODY >> 20
-        );
-        return failed(feed, index, why);
-    }
     let Some(outcome) = ex.outcome().cloned() else {
         return;
     };
     match outcome {
+        // A list page too large to take: ask for smaller pages, at once.
+        Err(e) if ex.too_large() && r.mode == Mode::List && r.plan.too_large() => {
+            r.ex = None;
+            let why = format!("{}: {e}: asking for smaller pages", r.plan.path());
+            if !feed.logged.contains(&why) {
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "edge_routes_url {}: {}",
+                    options.name,
+                    why
+                );
+                feed.logged.push(why);
+            }
+            schedule(&mut feed.resources[index], 0);
+        }
         Err(e) => failed(feed, index, e),
         Ok(()) if r.collecting => {
             let body = std::mem::take(ex.body());
@@ -676,7 +802,9 @@ unsafe fn news(feed: &mut Feed, index: usize) {
     }
 }
 
-/// Takes the watch events that arrived, one per line.
+/// Takes the watch events that arrived, one per line. An event that cannot be applied (it
+/// cannot be read, or is larger than `MAX_EVENT`) lists the kind again, after the failure's
+/// backoff: the watch would only replay it.
 unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
     let r = &mut feed.resources[index];
     let Some(ex) = r.ex.as_mut() else {
@@ -686,6 +814,8 @@ unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
     let kind = r.plan.kind.unwrap_or(Kind::Ingress);
     let mut rest = &bytes[..];
     let mut changed = false;
+    let mut refused = false;
+    let mut room = false;
     while let Some(at) = rest.iter().position(|&b| b == b'\n') {
         let r = &mut feed.resources[index];
         let line: Vec<u8>;
@@ -706,35 +836,42 @@ unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
                 // Not a watch: a list, whole on one line. Take it, and poll from now on.
                 r.plan.cannot_watch();
                 let page = kube::parse_list(piece, Some(kind))?;
-                if let Some(listed) = r.plan.listed(page) {
-                    feed.catalog.replace_kind(listed.kind, listed.objects);
+                if let Some(listed) = r.plan.listed(page)? {
+                    took_list(feed, index, listed);
                     changed = true;
                 }
                 continue;
             }
         }
-        let event = kube::parse_event(piece, kind)?;
-        let r = &mut feed.resources[index];
-        if !r.plan.event(&event) {
-            let why = match event {
-                Event::Error(e) => format!("{}: the watch failed ({e})", r.plan.path()),
-                _ => String::new(),
-            };
-            r.ex = None;
-            if why.is_empty() {
-                // 410 Gone: list again, now.
-                schedule(r, 0);
-                return Ok(());
+        let event = match kube::parse_event(piece, kind) {
+            Ok(event) => event,
+            Err(e) => {
+                r.plan.relist();
+                return Err(format!("{}: {e}: listing again", r.plan.path()));
             }
-            return Err(why);
+        };
+        if !r.plan.event(&event) {
+            let path = r.plan.path().to_owned();
+            r.ex = None;
+            return match event {
+                Event::Error(e) => Err(format!("{path}: the watch failed ({e})")),
+                Event::Unreadable(e) => Err(format!(
+                    "{path}: an event that cannot be read ({e}): listing again"
+                )),
+                _ => {
+                    // 410 Gone: list again, now.
+                    schedule(r, 0);
+                    Ok(())
+                }
+            };
         }
         match event {
             Event::Put(o, _) => {
-                feed.catalog.put(o)?;
+                refused |= !feed.catalog.put(o);
                 changed = true;
             }
             Event::Delete(o, _) => {
-                feed.catalog.delete(&o);
+                room |= feed.catalog.delete(&o);
                 changed = true;
             }
             _ => {}
@@ -743,13 +880,74 @@ unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
     let r = &mut feed.resources[index];
     r.line.extend_from_slice(rest);
     if r.line.len() > MAX_EVENT {
-        return Err(format!("a watch event larger than {} MiB", MAX_EVENT >> 20));
+        r.line = Vec::new();
+        r.plan.relist();
+        return Err(format!(
+            "{}: a watch event larger than {} MiB: listing again",
+            r.plan.path(),
+            MAX_EVENT >> 20
+        ));
     }
     if changed {
         feed.dirty = true;
     }
+    if refused {
+        log_refused(feed);
+    }
     feed.answered(index);
+    if room {
+        // Objects refused for want of room may fit now: the list takes them.
+        let r = &mut feed.resources[index];
+        r.plan.relist();
+        r.ex = None;
+        schedule(r, RELIST_MS);
+    }
     Ok(())
+}
+
+/// Says, when it grows, how many objects the catalog refused for want of room.
+unsafe fn log_refused(feed: &mut Feed) {
+    let refused = feed.catalog.refused();
+    if refused > feed.refused_logged {
+        ngx_log_error!(
+            nginx_sys::NGX_LOG_WARN,
+            feed.log,
+            "edge_routes_url {}: more than {} objects: {} refused (they route nothing; the source is listed again when some go)",
+            feed.options().name,
+            MAX_OBJECTS,
+            refused
+        );
+    }
+    feed.refused_logged = refused;
+    feed.status_dirty = true;
+}
+
+/// A full list of a kind arrived: it replaces the kind's objects in the catalog.
+unsafe fn took_list(feed: &mut Feed, index: usize, listed: crate::feed::plan::Listed) {
+    let kind = listed.kind;
+    let refused = feed.catalog.replace_kind(kind, listed.objects) + listed.beyond;
+    *feed.catalog.refused.entry(kind).or_default() = refused;
+    log_refused(feed);
+    if listed.unreadable > 0 {
+        let why = format!(
+            "{}: {} object(s) cannot be read and are skipped, e.g. {}",
+            feed.resources[index].plan.path(),
+            listed.unreadable,
+            listed.first_unreadable.as_deref().unwrap_or("?")
+        );
+        if !feed.logged.contains(&why) {
+            ngx_log_error!(
+                nginx_sys::NGX_LOG_WARN,
+                feed.log,
+                "edge_routes_url {}: {}",
+                feed.options().name,
+                why
+            );
+            feed.logged.push(why);
+        }
+    }
+    feed.resources[index].known = true;
+    feed.dirty = true;
 }
 
 /// What a thread made of a collected answer.
@@ -757,21 +955,27 @@ unsafe fn parsed_answer(feed: &mut Feed, index: usize, parsed: Parsed) {
     match parsed {
         Parsed::Page(Ok(page)) => {
             let r = &mut feed.resources[index];
-            let listed = r.plan.listed(page);
+            let listed = match r.plan.listed(page) {
+                Ok(listed) => listed,
+                Err(e) => {
+                    let why = format!("{}: {e}", r.plan.path());
+                    return failed(feed, index, why);
+                }
+            };
             let delay = if r.plan.polling && listed.is_some() {
                 r.plan.polled(true)
             } else {
                 0
             };
             if let Some(listed) = listed {
-                feed.catalog.replace_kind(listed.kind, listed.objects);
-                feed.dirty = true;
+                took_list(feed, index, listed);
             }
             feed.answered(index);
             schedule(&mut feed.resources[index], delay);
         }
         Parsed::Edge(Ok(bytes)) => {
             feed.edge_doc = Some(bytes);
+            feed.resources[index].known = true;
             feed.answered(index);
             let r = &mut feed.resources[index];
             let delay = r.plan.polled(true);
@@ -787,28 +991,30 @@ unsafe fn parsed_answer(feed: &mut Feed, index: usize, parsed: Parsed) {
     flush(feed);
 }
 
-/// Writes what changed (the catalog, the status) on a thread, unless one is writing.
+/// Writes what changed (the catalog, the status) on a thread, unless one is writing. The
+/// catalog is written only once every kind is known (see `Res::known`).
 unsafe fn flush(feed: &mut Feed) {
-    if feed.writer.is_some() || !(feed.dirty || feed.status_dirty || feed.edge_doc.is_some()) {
+    let catalog = feed.dirty && feed.resources.iter().all(|r| r.known);
+    if feed.writer.is_some() || !(catalog || feed.status_dirty || feed.edge_doc.is_some()) {
         return;
     }
-    let slot = feed.slot();
-    let cache = slot.cache.clone();
-    let status_path = status_file(&cache);
-    let options = slot.options.clone();
-    let objects: Option<Vec<Arc<Object>>> = feed
-        .dirty
-        .then(|| feed.catalog.objects.values().cloned().collect());
+    let Some(files) = feed.files().cloned() else {
+        return;
+    };
+    let options = feed.slot().options.clone();
+    let objects: Option<Vec<Arc<Object>>> =
+        catalog.then(|| feed.catalog.objects.values().cloned().collect());
     let edge = feed.edge_doc.take();
     let status = feed.status();
     let last = feed.written_hash;
-    feed.dirty = false;
+    feed.dirty = feed.dirty && !catalog;
     feed.status_dirty = false;
     let job = spawn("edge-feed", move || {
         let mut written = Written {
             result: Ok(None),
             stats: None,
             first_invalid: None,
+            first_problem: None,
         };
         let bytes = match (&objects, edge) {
             (Some(objects), _) => {
@@ -823,8 +1029,10 @@ unsafe fn flush(feed: &mut Feed) {
                     invalid: made.invalid.len(),
                     repeated: made.repeated,
                     unrouted: made.unrouted,
+                    problems: made.problems,
                 });
                 written.first_invalid = made.invalid.into_iter().next();
+                written.first_problem = made.first_problem;
                 Some(Cache::bytes_of(&options.name, objects))
             }
             (None, Some(doc)) => Some(doc),
@@ -833,9 +1041,7 @@ unsafe fn flush(feed: &mut Feed) {
         if let Some(bytes) = bytes {
             let hash = crate::health::fnv1a(&bytes);
             if hash != last {
-                written.result = write_atomically(&cache, &bytes)
-                    .map(|()| Some(hash))
-                    .map_err(|e| format!("{}: {e}", cache.display()));
+                written.result = files.write_candidate(&bytes).map(|()| Some(hash));
             }
         }
         let mut status = status;
@@ -844,8 +1050,9 @@ unsafe fn flush(feed: &mut Feed) {
             status["invalid_hosts"] = json!(stats.invalid);
             status["repeated_hosts"] = json!(stats.repeated);
             status["unrouted_objects"] = json!(stats.unrouted);
+            status["invalid_objects"] = json!(stats.problems);
         }
-        let _ = write_atomically(&status_path, status.to_string().as_bytes());
+        let _ = write_atomically(&files.status(), status.to_string().as_bytes());
         written
     });
     match job {
@@ -867,10 +1074,28 @@ unsafe fn flush(feed: &mut Feed) {
     }
 }
 
-/// The writer's result: the table that merges the source is told of a new file.
+/// The flush timer: the thread reading what the source brought before, then the writer's
+/// result (the table that merges the source is told of a new file).
 unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
     let feed = &mut *(*ev).data.cast::<Feed>();
     if crate::stream::exiting() {
+        return;
+    }
+    if !feed.seeded {
+        match feed.seeding.take() {
+            Some(job) if !job.is_finished() => {
+                feed.seeding = Some(job);
+                ngx_add_timer(ev, POLL_MS);
+            }
+            Some(job) => {
+                let catalog = job
+                    .join()
+                    .unwrap_or_else(|_| Err("the thread reading it failed".into()));
+                seeded(feed, catalog);
+                flush(feed);
+            }
+            None => read_before(feed),
+        }
         return;
     }
     let Some(job) = feed.writer.take() else {
@@ -892,6 +1117,16 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
                         feed.options().name,
                         stats.invalid,
                         written.first_invalid.as_deref().unwrap_or("?")
+                    );
+                }
+                if stats.problems > feed.stats.problems {
+                    ngx_log_error!(
+                        nginx_sys::NGX_LOG_WARN,
+                        feed.log,
+                        "edge_routes_url {}: {} object(s) route nothing because of a problem of their own, e.g. {}",
+                        feed.options().name,
+                        stats.problems,
+                        written.first_problem.as_deref().unwrap_or("?")
                     );
                 }
                 if stats.routes != feed.stats.routes {
@@ -933,14 +1168,10 @@ fn thread_cpu() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// The file beside a source's cache that holds its state, for every worker's `edge_status`.
-pub fn status_file(cache: &std::path::Path) -> std::path::PathBuf {
-    cache.with_extension("status")
-}
-
 /// What `edge_status` shows of a URL source: the fetching worker's last word.
 pub fn read_status(url: &UrlSlot) -> Value {
-    match std::fs::read(status_file(&url.cache)) {
+    let status = url.files.as_ref().map(|f| std::fs::read(f.status()));
+    match status.unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into())) {
         Ok(bytes) => {
             let mut status: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             // Written by a worker that is gone (an earlier run, a reload): what it knew, but

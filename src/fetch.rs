@@ -21,6 +21,9 @@ use crate::feed::Options;
 
 /// Bytes read from the socket per call.
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read per event: past this, the rest waits for the next turn of the event loop, so
+/// that a fast server cannot keep a worker from its clients.
+const READ_BUDGET: usize = 256 * 1024;
 
 /// nginx's TLS context for one `https://` source: the server must present a certificate from
 /// `ca=`; the client certificate is sent when configured.
@@ -124,14 +127,19 @@ pub struct Exchange {
     decoded: Vec<u8>,
     /// After the head: the longest silence allowed (a watch), else the deadline stands.
     idle_ms: Option<ngx_msec_t>,
+    /// Decoded bytes the owner has not taken that end the exchange (an answer too large).
+    max_pending: usize,
+    too_large: bool,
     outcome: Option<Result<(), String>>,
     notify: Notify,
     owner: *mut c_void,
 }
 
 impl Exchange {
-    /// Connects and sends `request`; news comes through `notify`. `deadline_ms` bounds the
-    /// whole exchange up to the head, and the body too unless `idle_ms` is given.
+    /// Connects and sends `request`; news comes through `notify`, except for what happens
+    /// in here (the owner looks at the exchange when it returns). `deadline_ms` bounds the
+    /// whole exchange up to the head, and the body too unless `idle_ms` is given; more than
+    /// `max_pending` decoded bytes not taken ends it (`too_large`).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn start(
         addr: SocketAddr,
@@ -140,6 +148,7 @@ impl Exchange {
         request: Vec<u8>,
         deadline_ms: ngx_msec_t,
         idle_ms: Option<ngx_msec_t>,
+        max_pending: usize,
         log: *mut ngx_log_t,
         notify: Notify,
         owner: *mut c_void,
@@ -166,6 +175,8 @@ impl Exchange {
             body: None,
             decoded: Vec::new(),
             idle_ms,
+            max_pending,
+            too_large: false,
             outcome: None,
             notify,
             owner,
@@ -205,13 +216,12 @@ impl Exchange {
         (*(*c).write).set_cancelable(1);
         ngx_add_timer((*c).read, deadline_ms);
         if rc == NGX_OK as isize {
+            // Connected at once: the exchange may even be over when this returns, and no
+            // event will say so; the owner looks at it (an outcome taken here was lost).
             ex.connected();
         }
         // Otherwise the write event says when the connection is made.
-        match ex.outcome.take() {
-            Some(Err(e)) => Err(e),
-            _ => Ok(ex),
-        }
+        Ok(ex)
     }
 
     /// The response head, once it has come (taken once).
@@ -227,6 +237,11 @@ impl Exchange {
     /// The end of the exchange: `Ok` once the whole body is in.
     pub fn outcome(&self) -> Option<&Result<(), String>> {
         self.outcome.as_ref()
+    }
+
+    /// Whether it ended because the answer was larger than it may be.
+    pub fn too_large(&self) -> bool {
+        self.too_large
     }
 
     unsafe fn connection(&self) -> *mut ngx_connection_t {
@@ -386,7 +401,16 @@ impl Exchange {
     unsafe fn read(&mut self) {
         let c = self.connection();
         let mut buf = [0u8; READ_CHUNK];
+        let mut taken = 0;
         loop {
+            if taken >= READ_BUDGET {
+                // The rest at the next turn of the loop, after the other connections' events.
+                nginx_sys::ngx_post_event(
+                    (*c).read,
+                    ptr::addr_of_mut!(nginx_sys::ngx_posted_next_events),
+                );
+                return;
+            }
             let Some(recv) = (*c).recv else {
                 return self.finish(Err("a connection without a recv function".into()));
             };
@@ -419,8 +443,20 @@ impl Exchange {
                     ))
                 });
             }
+            taken += n as usize;
             if let Err(e) = self.received(&buf[..n as usize]) {
                 return self.finish(Err(e));
+            }
+            let announced = match self.head.as_ref().map(|h| h.framing) {
+                Some(http::Framing::Length(n)) => n,
+                _ => 0,
+            };
+            if self.decoded.len() > self.max_pending || announced > self.max_pending as u64 {
+                self.too_large = true;
+                return self.finish(Err(format!(
+                    "an answer larger than {} MiB",
+                    self.max_pending >> 20
+                )));
             }
             if self.body.as_ref().is_some_and(Body::is_done) {
                 return self.finish(Ok(()));

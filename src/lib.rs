@@ -15,6 +15,8 @@ pub mod upstream;
 #[cfg(all(feature = "module", not(test)))]
 mod balancer;
 #[cfg(all(feature = "module", not(test)))]
+mod caches;
+#[cfg(all(feature = "module", not(test)))]
 mod check;
 #[cfg(all(feature = "module", not(test)))]
 mod conf;

@@ -135,6 +135,10 @@ struct Refresh {
     publishing: bool,
     /// The leader's memfd of the generation it published last, open for the others to find.
     shared: Option<OwnedFd>,
+    /// URL sources whose candidate the table accepted, to keep as their accepted version.
+    to_keep: Vec<Arc<crate::caches::Files>>,
+    /// Keeping them, on a thread: why it could not.
+    keeping: Option<JoinHandle<Vec<String>>>,
     /// The table generation last attached to the zone.
     attached: u64,
     /// Time the event loop has spent on the refresh under way.
@@ -163,6 +167,10 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     let log = (*cycle).log;
     let pid = libc::getpid();
     let zone = mcf.zone.and_then(|z| Zone::open(z, log)).map(Arc::new);
+    if let Some(zone) = &zone {
+        // For the reads of the state folder on threads (see `caches`).
+        zone::set_current(zone);
+    }
     let slot = zone.as_ref().and_then(|z| {
         let slot = z.claim_slot(pid, log);
         if slot.is_none() {
@@ -231,6 +239,8 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             follow: Follow::default(),
             publishing: false,
             shared: None,
+            to_keep: Vec::new(),
+            keeping: None,
             attached: 0,
             busy: Duration::ZERO,
             poll_ms: POLL_MS,
@@ -431,6 +441,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
     let slot = &mut *r.slot;
     let log = (*ev).log;
     w.free_retired(Vec::new());
+    kept(w, r);
     let Some(source) = slot.source.as_mut() else {
         ngx_add_timer(ev, slot.interval);
         return;
@@ -539,7 +550,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     }
                     w.carry_failing_open(source.table());
                     w.retire(source.take_retired(), replaced, r.slot);
+                    let accepted = source.take_accepted();
                     in_service(log, slot, generation, r.busy + entered.elapsed());
+                    keep(w, r, &accepted);
                 } else {
                     w.retire(source.take_retired(), replaced, r.slot);
                 }
@@ -727,6 +740,49 @@ unsafe fn publish(
                 );
             }
         }
+    }
+}
+
+/// Keeps, on a thread, the URL sources' candidates the table accepted as their accepted
+/// versions (see `caches`): what nginx starts from.
+unsafe fn keep(w: &Worker, r: &mut Refresh, accepted: &[std::path::PathBuf]) {
+    for files in w.main_conf().urls.iter().filter_map(|u| u.files.as_ref()) {
+        if accepted.contains(&files.candidate) && !r.to_keep.iter().any(|f| Arc::ptr_eq(f, files)) {
+            r.to_keep.push(Arc::clone(files));
+        }
+    }
+    kept(w, r);
+}
+
+/// Logs why keeping accepted candidates failed once its thread is done, and starts the next.
+unsafe fn kept(w: &Worker, r: &mut Refresh) {
+    match r.keeping.take() {
+        Some(job) if job.is_finished() => {
+            for e in job.join().unwrap_or_default() {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    w.log,
+                    "edge_routes_url: cannot keep the last good table ({}): nginx would start from an older one",
+                    e
+                );
+            }
+        }
+        Some(job) => {
+            r.keeping = Some(job);
+            return;
+        }
+        None => {}
+    }
+    if r.to_keep.is_empty() {
+        return;
+    }
+    let files = r.to_keep.clone();
+    // Without a thread, tried again at the next refresh.
+    if let Ok(job) = spawn_quiet("edge-keep", move || {
+        files.iter().filter_map(|f| f.promote().err()).collect()
+    }) {
+        r.to_keep.clear();
+        r.keeping = Some(job);
     }
 }
 

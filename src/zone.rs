@@ -29,11 +29,33 @@ const STALE_MS: u64 = 120_000;
 /// How often a worker marks the records of its tables as listed.
 pub const TOUCH_MS: u64 = STALE_MS / 4;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"edgezon4");
+const MAGIC: u64 = u64::from_le_bytes(*b"edgezon5");
 
 /// Route tables published through the zone at a time: one per source of each configuration
 /// whose workers run (old and new during a reload).
 pub const TABLES: usize = 32;
+
+/// URL sources whose files in the state folder the zone vouches for.
+pub const VOUCHED: usize = 256;
+
+/// Which file of a URL source: the one its feed wrote last, or the one a table accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    Candidate,
+    Accepted,
+}
+
+/// The SHA-256 of the files a URL source's worker wrote in the state folder, the last two of
+/// each (a reader may see the file just before it is replaced): a file whose bytes match
+/// neither was written by another process, and is not read.
+#[repr(C)]
+#[derive(Default)]
+struct Vouched {
+    /// The source's cache key; 0 when free.
+    key: AtomicU64,
+    candidate: [[AtomicU64; 4]; 2],
+    accepted: [[AtomicU64; 4]; 2],
+}
 
 /// One source's table as the edge serves it: which worker builds it, and where the image it
 /// last published is.
@@ -107,6 +129,7 @@ struct Header {
     /// The pid of the worker process holding each connection-count slot, 0 when free.
     slots: [AtomicI32; SLOTS],
     tables: [Published; TABLES],
+    vouched: [Vouched; VOUCHED],
 }
 
 fn index_offset() -> usize {
@@ -199,6 +222,25 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
     (*shpool).data = block;
     zone.data = block;
     NGX_OK as ngx_int_t
+}
+
+/// The zone of this worker process, once it has opened it: for what reads the state folder
+/// on a thread (see `caches`).
+static CURRENT: std::sync::atomic::AtomicPtr<Zone> =
+    std::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// This worker's zone; `None` in the master (configuration time) and without a zone.
+pub fn current() -> Option<&'static Zone> {
+    // SAFETY: set from the worker's `Arc<Zone>`, which lives until the process exits.
+    unsafe { CURRENT.load(std::sync::atomic::Ordering::Acquire).as_ref() }
+}
+
+/// Makes `zone` the worker's (see `current`); it must live until the process exits.
+pub fn set_current(zone: &std::sync::Arc<Zone>) {
+    CURRENT.store(
+        std::sync::Arc::as_ptr(zone).cast_mut(),
+        std::sync::atomic::Ordering::Release,
+    );
 }
 
 /// The zone as a worker uses it, from worker start to exit.
@@ -295,6 +337,49 @@ impl Zone {
         let _lock = self.pool.lock();
         self.forget(slot);
         self.header.slots[slot].store(0, Relaxed);
+    }
+
+    /// Records that this nginx wrote `copy` of the URL source `key` with this digest; `false`
+    /// when every entry is taken (the file is then not vouched for).
+    pub fn vouch(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> bool {
+        let _lock = self.pool.lock();
+        let entries = &self.header.vouched;
+        let entry = entries
+            .iter()
+            .find(|v| v.key.load(Relaxed) == key)
+            .or_else(|| entries.iter().find(|v| v.key.load(Relaxed) == 0));
+        let Some(entry) = entry else {
+            return false;
+        };
+        entry.key.store(key, Relaxed);
+        let [last, before] = match copy {
+            Kept::Candidate => &entry.candidate,
+            Kept::Accepted => &entry.accepted,
+        };
+        for (i, (b, l)) in before.iter().zip(last).enumerate() {
+            b.store(l.load(Relaxed), Relaxed);
+            l.store(word(digest, i), Relaxed);
+        }
+        true
+    }
+
+    /// Whether this nginx vouched for `digest` as one of the last two `copy` of the URL source
+    /// `key`; `None` when it vouched for none yet.
+    pub fn vouches(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> Option<bool> {
+        let _lock = self.pool.lock();
+        let entry = self
+            .header
+            .vouched
+            .iter()
+            .find(|v| v.key.load(Relaxed) == key)?;
+        let versions = match copy {
+            Kept::Candidate => &entry.candidate,
+            Kept::Accepted => &entry.accepted,
+        };
+        let held = |v: &[AtomicU64; 4]| v.each_ref().map(|w| w.load(Relaxed));
+        let want: [u64; 4] = core::array::from_fn(|i| word(digest, i));
+        let known = versions.iter().any(|v| held(v) != [0; 4]);
+        known.then(|| versions.iter().any(|v| held(v) == want))
     }
 
     /// The publication of the table with `key` (its configuration and source), made if new
@@ -397,6 +482,11 @@ impl Zone {
             }
         }
     }
+}
+
+/// The `i`-th 64-bit word of a digest.
+fn word(digest: &[u8; 32], i: usize) -> u64 {
+    u64::from_le_bytes(digest[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]))
 }
 
 pub fn process_alive(pid: i32) -> bool {

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::routes::document::{
     is_upstream_name, parse_route_key, Document, RouteKey, Targets, UpstreamDef, UpstreamKind,
@@ -95,6 +96,10 @@ pub struct Object {
     pub addresses: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
+    /// Why the object routes nothing although it is there (it is kept, so that its earlier
+    /// version's routes go): more hosts than the limit, a spec that cannot be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 pub type Key = (Kind, String, String);
@@ -194,23 +199,76 @@ struct RawLbIngress {
     ip: Option<String>,
 }
 
+/// A list, its items left as they are: each is read on its own, so that one that cannot be
+/// read is skipped, not the page.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawList {
+struct RawList<'a> {
     kind: Option<String>,
     metadata: RawMeta,
-    items: Option<Vec<RawObject>>,
+    #[serde(borrow)]
+    items: Option<Vec<&'a RawValue>>,
 }
 
 #[derive(Deserialize)]
-struct RawEvent {
+struct RawEvent<'a> {
     #[serde(rename = "type")]
     kind: String,
-    object: RawObject,
+    #[serde(borrow)]
+    object: &'a RawValue,
+}
+
+/// What is read of an object that cannot be read whole: which object it is.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawName {
+    kind: Option<String>,
+    metadata: RawMeta,
+}
+
+/// One object of a list or an event, read leniently.
+enum Read {
+    /// Read; perhaps with a problem that makes it route nothing.
+    Object(Object),
+    /// Not even its name could be read.
+    Unreadable(String),
+}
+
+/// Reads one object of `kind`, and its resourceVersion: an object whose spec cannot be read,
+/// or that has more hosts than the limit, is kept with its problem (it routes nothing); one
+/// whose name cannot be read is unreadable.
+fn read_object(raw: &RawValue, kind: Option<Kind>) -> (Read, Option<String>) {
+    let kind_of = |k: Option<&str>| {
+        kind.or_else(|| k.and_then(Kind::of_list))
+            .unwrap_or(Kind::Ingress)
+    };
+    match serde_json::from_str::<RawObject>(raw.get()) {
+        Ok(mut o) => {
+            let k = kind_of(o.kind.as_deref());
+            let rv = o.metadata.resource_version.take();
+            (Read::Object(o.reduce(k)), rv)
+        }
+        Err(e) => match serde_json::from_str::<RawName>(raw.get()) {
+            Ok(n) if !n.metadata.name.is_empty() => {
+                let k = kind_of(n.kind.as_deref());
+                let object = Object {
+                    kind: k,
+                    namespace: n.metadata.namespace,
+                    name: n.metadata.name,
+                    hosts: Vec::new(),
+                    addresses: Vec::new(),
+                    class: None,
+                    problem: Some(format!("cannot be read ({e})")),
+                };
+                (Read::Object(object), n.metadata.resource_version)
+            }
+            _ => (Read::Unreadable(e.to_string()), None),
+        },
+    }
 }
 
 impl RawObject {
-    fn reduce(self, kind: Kind) -> Result<Object, String> {
+    fn reduce(self, kind: Kind) -> Object {
         let mut hosts = Vec::new();
         if let Some(rules) = self.spec.rules {
             // A rule without a host adds nothing: it is the cluster's default backend.
@@ -224,13 +282,11 @@ impl RawObject {
         }
         hosts.sort_unstable();
         hosts.dedup();
-        let name = format!("{}/{}", self.metadata.namespace, self.metadata.name);
-        if hosts.len() > MAX_HOSTS {
-            return Err(format!(
-                "{kind:?} {name}: {} hosts, more than the limit of {MAX_HOSTS}",
-                hosts.len()
-            ));
-        }
+        let problem = (hosts.len() > MAX_HOSTS).then(|| {
+            let n = hosts.len();
+            hosts.clear();
+            format!("{n} hosts, more than the limit of {MAX_HOSTS}")
+        });
         let status = match self.status {
             StatusField::Object(s) => s,
             StatusField::Other(_) => RawStatus::default(),
@@ -247,14 +303,15 @@ impl RawObject {
             .spec
             .ingress_class_name
             .or_else(|| self.metadata.annotations.and_then(|a| a.class));
-        Ok(Object {
+        Object {
             kind,
             namespace: self.metadata.namespace,
             name: self.metadata.name,
             hosts,
             addresses,
             class,
-        })
+            problem,
+        }
     }
 }
 
@@ -266,6 +323,9 @@ pub struct Page {
     pub objects: Vec<Object>,
     pub resource_version: Option<String>,
     pub continue_token: Option<String>,
+    /// Items skipped because not even their name could be read, and the first reason.
+    pub unreadable: usize,
+    pub first_unreadable: Option<String>,
 }
 
 /// Whether a JSON document looks like a Kubernetes list rather than a route file.
@@ -280,6 +340,8 @@ pub fn looks_like_list(body: &[u8]) -> bool {
 }
 
 /// Parses a list page. `kind` is the kind requested; a list that names another is refused.
+/// An item that cannot be read is skipped and counted; one that cannot be used is kept with
+/// its problem. Items past `MAX_OBJECTS` are not read (the catalog could not take them).
 pub fn parse_list(body: &[u8], kind: Option<Kind>) -> Result<Page, String> {
     let raw: RawList = serde_json::from_slice(body).map_err(|e| format!("not a list: {e}"))?;
     let listed = raw.kind.as_deref().and_then(Kind::of_list);
@@ -289,26 +351,25 @@ pub fn parse_list(body: &[u8], kind: Option<Kind>) -> Result<Page, String> {
         }
     }
     let items = raw.items.ok_or("not a list: no \"items\"")?;
-    if items.len() > MAX_OBJECTS {
-        return Err(format!(
-            "{} objects, more than the limit of {MAX_OBJECTS}",
-            items.len()
-        ));
-    }
     let of = kind.or(listed);
-    let mut objects = Vec::with_capacity(items.len());
-    for item in items {
-        let k = of
-            .or_else(|| item.kind.as_deref().and_then(Kind::of_list))
-            .unwrap_or(Kind::Ingress);
-        objects.push(item.reduce(k)?);
-    }
-    Ok(Page {
+    let mut page = Page {
         kind: listed,
-        objects,
+        objects: Vec::with_capacity(items.len().min(MAX_OBJECTS)),
         resource_version: raw.metadata.resource_version.filter(|v| !v.is_empty()),
         continue_token: raw.metadata.continue_token.filter(|c| !c.is_empty()),
-    })
+        unreadable: 0,
+        first_unreadable: None,
+    };
+    for item in items.into_iter().take(MAX_OBJECTS) {
+        match read_object(item, of).0 {
+            Read::Object(o) => page.objects.push(o),
+            Read::Unreadable(why) => {
+                page.unreadable += 1;
+                page.first_unreadable.get_or_insert(why);
+            }
+        }
+    }
+    Ok(page)
 }
 
 /// One watch event.
@@ -322,21 +383,35 @@ pub enum Event {
     Expired,
     /// Another `ERROR` event.
     Error(String),
+    /// An event whose object cannot even be named: it cannot be applied, so the kind is
+    /// listed again (a list skips such an item and goes on).
+    Unreadable(String),
 }
 
 /// Parses one line of a watch stream.
 pub fn parse_event(line: &[u8], kind: Kind) -> Result<Event, String> {
     let raw: RawEvent =
         serde_json::from_slice(line).map_err(|e| format!("a broken watch event: {e}"))?;
-    let rv = raw.object.metadata.resource_version.clone();
     match raw.kind.as_str() {
-        "ADDED" | "MODIFIED" => Ok(Event::Put(raw.object.reduce(kind)?, rv)),
-        "DELETED" => Ok(Event::Delete(raw.object.reduce(kind)?, rv)),
-        "BOOKMARK" => rv
+        "ADDED" | "MODIFIED" | "DELETED" => {
+            let (o, rv) = match read_object(raw.object, Some(kind)) {
+                (Read::Object(o), rv) => (o, rv),
+                (Read::Unreadable(why), _) => return Ok(Event::Unreadable(why)),
+            };
+            if raw.kind == "DELETED" {
+                Ok(Event::Delete(o, rv))
+            } else {
+                Ok(Event::Put(o, rv))
+            }
+        }
+        "BOOKMARK" => serde_json::from_str::<RawName>(raw.object.get())
+            .ok()
+            .and_then(|n| n.metadata.resource_version)
             .map(Event::Bookmark)
             .ok_or_else(|| "a bookmark without a resourceVersion".into()),
         "ERROR" => {
-            let o = raw.object;
+            let o: RawObject = serde_json::from_str(raw.object.get())
+                .map_err(|e| format!("a broken ERROR event: {e}"))?;
             if o.code == Some(410) || o.reason.as_deref() == Some("Expired") {
                 return Ok(Event::Expired);
             }
@@ -351,10 +426,13 @@ pub fn parse_event(line: &[u8], kind: Kind) -> Result<Event, String> {
     }
 }
 
-/// The objects of one source, by kind, namespace and name.
+/// The objects of one source, by kind, namespace and name: at most `MAX_OBJECTS`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {
     pub objects: BTreeMap<Key, Arc<Object>>,
+    /// Objects of each kind refused because the catalog was full (by its last list and the
+    /// events since): once one goes, the kind is listed again to take them.
+    pub refused: BTreeMap<Kind, usize>,
 }
 
 /// What a catalog made: the document, and what it left out.
@@ -370,6 +448,10 @@ pub struct Made {
     pub repeated: usize,
     /// Objects that route nowhere: no `upstream=` and no load-balancer address.
     pub unrouted: usize,
+    /// Objects that route nothing because of a problem (too many hosts, a spec that cannot be
+    /// read), and the first of them.
+    pub problems: usize,
+    pub first_problem: Option<String>,
 }
 
 impl Catalog {
@@ -381,25 +463,44 @@ impl Catalog {
         self.objects.is_empty()
     }
 
-    /// Replaces the objects of `kind` with a full list of them.
-    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) {
+    /// Replaces the objects of `kind` with a full list of them, as many as the catalog has
+    /// room for (in the list's order); returns how many it refused.
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) -> usize {
         self.objects.retain(|k, _| k.0 != kind);
+        let mut refused = 0;
         for o in objects {
-            self.objects.insert(o.key(), Arc::new(o));
+            if self.objects.len() < MAX_OBJECTS {
+                self.objects.insert(o.key(), Arc::new(o));
+            } else {
+                refused += 1;
+            }
         }
+        self.refused.insert(kind, refused);
+        refused
     }
 
-    pub fn put(&mut self, object: Object) -> Result<(), String> {
+    /// Adds or replaces an object; `false` when it is new and the catalog is full (it is
+    /// counted as refused).
+    pub fn put(&mut self, object: Object) -> bool {
         let key = object.key();
         if !self.objects.contains_key(&key) && self.objects.len() >= MAX_OBJECTS {
-            return Err(format!("more than {MAX_OBJECTS} objects"));
+            *self.refused.entry(object.kind).or_default() += 1;
+            return false;
         }
         self.objects.insert(key, Arc::new(object));
-        Ok(())
+        true
     }
 
-    pub fn delete(&mut self, object: &Object) {
-        self.objects.remove(&object.key());
+    /// Removes an object. `true` when objects of its kind were refused for want of room:
+    /// the kind should be listed again now that there is some.
+    pub fn delete(&mut self, object: &Object) -> bool {
+        let removed = self.objects.remove(&object.key()).is_some();
+        removed && self.refused.get(&object.kind).is_some_and(|&n| n > 0)
+    }
+
+    /// Objects refused for want of room, of every kind.
+    pub fn refused(&self) -> usize {
+        self.refused.values().sum()
     }
 
     /// The route document of the source: each host to `upstream`, or to an upstream made of
@@ -431,6 +532,16 @@ pub fn document_of<'o>(
         let mut made = Made::default();
         let mut seen = std::collections::HashSet::new();
         for object in objects {
+            if let Some(problem) = &object.problem {
+                made.problems += 1;
+                made.first_problem.get_or_insert_with(|| {
+                    format!(
+                        "{:?} {}/{}: {problem}",
+                        object.kind, object.namespace, object.name
+                    )
+                });
+                continue;
+            }
             if let Some(want) = ingress_class {
                 if object.kind == Kind::Ingress && object.class.as_deref() != Some(want) {
                     continue;
@@ -567,6 +678,8 @@ impl Cache {
         .unwrap_or_default()
     }
 
+    /// A cache read back; one holding more than `MAX_OBJECTS` objects is refused (this
+    /// module never writes one).
     pub fn parse(bytes: &[u8]) -> Result<Catalog, String> {
         let cache: Cache = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if cache.objects.len() > MAX_OBJECTS {
@@ -648,6 +761,78 @@ mod tests {
         assert!(parse_list(b"[1,2]", None).is_err());
     }
 
+    /// It was: one Ingress with more than MAX_HOSTS hosts, or one that could not be read,
+    /// failed its whole list page and its watch event, and every relist failed the same way.
+    #[test]
+    fn one_bad_object_is_skipped_not_its_page() {
+        let many: Vec<String> = (0..=MAX_HOSTS).map(|i| format!("h{i}.test")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let body = format!(
+            r#"{{"kind":"IngressList","metadata":{{"resourceVersion":"5"}},"items":[{},{},
+            {{"metadata":{{"name":"odd","namespace":"t2"}},"spec":{{"rules":"not a list"}}}},
+            42, {{"metadata":"not an object"}}]}}"#,
+            ingress("web", "shop", &["shop.example.com"], &[], None),
+            ingress("t1", "huge", &many, &[], None),
+        );
+        let page = parse_list(body.as_bytes(), Some(Kind::Ingress)).unwrap();
+        assert_eq!(page.objects.len(), 3);
+        assert_eq!(page.objects[0].hosts, ["shop.example.com"]);
+        let huge = &page.objects[1];
+        assert!(huge.hosts.is_empty());
+        assert_eq!(
+            huge.problem.as_deref(),
+            Some("1001 hosts, more than the limit of 1000")
+        );
+        assert!(page.objects[2]
+            .problem
+            .as_deref()
+            .unwrap()
+            .starts_with("cannot be read"));
+        assert_eq!(page.unreadable, 2);
+        let mut c = Catalog::default();
+        assert_eq!(c.replace_kind(Kind::Ingress, page.objects), 0);
+        let made = c.document("s", Some("u"), None);
+        assert_eq!((made.routes, made.problems), (1, 2));
+        assert!(made.first_problem.unwrap().contains("t1/huge: 1001 hosts"));
+
+        let event = format!(
+            r#"{{"type":"MODIFIED","object":{}}}"#,
+            ingress("t1", "huge", &many, &[], None)
+        );
+        match parse_event(event.as_bytes(), Kind::Ingress).unwrap() {
+            Event::Put(o, rv) => assert!(o.problem.is_some() && rv.as_deref() == Some("7")),
+            other => panic!("{other:?}"),
+        }
+        let unnamed = br#"{"type":"ADDED","object":{"metadata":7}}"#;
+        assert!(matches!(
+            parse_event(unnamed, Kind::Ingress),
+            Ok(Event::Unreadable(_))
+        ));
+    }
+
+    /// It was: an object past MAX_OBJECTS failed the watch after its resourceVersion was
+    /// taken, and was never seen again.
+    #[test]
+    fn a_full_catalog_counts_what_it_refuses_and_asks_for_it_again() {
+        let mut c = Catalog::default();
+        let objects = (0..MAX_OBJECTS + 2)
+            .map(|i| object(Kind::Ingress, &format!("o{i}"), &[], None))
+            .collect();
+        assert_eq!(c.replace_kind(Kind::Ingress, objects), 2);
+        assert_eq!(c.len(), MAX_OBJECTS);
+        assert!(!c.put(object(Kind::HTTPRoute, "late", &[], None)));
+        assert!(
+            c.put(object(Kind::Ingress, "o1", &["x.test"], None)),
+            "a change fits"
+        );
+        assert_eq!(c.refused(), 3);
+        assert!(
+            c.delete(&object(Kind::Ingress, "o2", &[], None)),
+            "list again"
+        );
+        assert!(!c.delete(&object(Kind::Ingress, "gone", &[], None)));
+    }
+
     #[test]
     fn events_put_delete_bookmark_and_expire() {
         let added = format!(
@@ -683,21 +868,20 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             addresses: ip.iter().map(|ip| ip.parse().unwrap()).collect(),
             class: Some("nginx".into()),
+            problem: None,
         }
     }
 
     #[test]
     fn the_document_keeps_each_apis_wildcard_meaning() {
         let mut c = Catalog::default();
-        c.put(object(
+        assert!(c.put(object(
             Kind::Ingress,
             "a",
             &["*.apps.test", "A.test", "bad host"],
             None,
-        ))
-        .unwrap();
-        c.put(object(Kind::HTTPRoute, "b", &["*.gw.test", "a.test"], None))
-            .unwrap();
+        )));
+        assert!(c.put(object(Kind::HTTPRoute, "b", &["*.gw.test", "a.test"], None)));
         let made = c.document("cluster-a", Some("cluster-a"), None);
         assert_eq!(made.routes, 3);
         assert_eq!(made.repeated, 1, "a.test is the Ingress's");
@@ -717,13 +901,12 @@ mod tests {
     #[test]
     fn without_an_upstream_hosts_route_to_the_load_balancer() {
         let mut c = Catalog::default();
-        c.put(object(
+        assert!(c.put(object(
             Kind::Ingress,
             "shop",
             &["shop.test"],
             Some("10.1.0.7"),
-        ))
-        .unwrap();
+        )));
         let made = c.document("b", None, None);
         let up = &made.document.upstreams[0];
         assert_eq!(up.name, "k8s.b.web.shop");
@@ -754,10 +937,8 @@ mod tests {
     #[test]
     fn a_cache_reads_back_as_the_catalog_it_was() {
         let mut c = Catalog::default();
-        c.put(object(Kind::TLSRoute, "t", &["t.test"], Some("::1")))
-            .unwrap();
-        c.put(object(Kind::Ingress, "i", &["i.test"], None))
-            .unwrap();
+        assert!(c.put(object(Kind::TLSRoute, "t", &["t.test"], Some("::1"))));
+        assert!(c.put(object(Kind::Ingress, "i", &["i.test"], None)));
         let bytes = Cache::of("s", &c).to_bytes();
         assert!(bytes.starts_with(CACHE_MAGIC));
         let shared: Vec<Arc<Object>> = c.objects.values().cloned().collect();

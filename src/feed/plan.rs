@@ -4,7 +4,7 @@
 //! `If-None-Match`. Native route documents are polled. The worker layer makes the requests
 //! this asks for and reports what came back.
 
-use super::kube::{Event, Kind, Object, Page};
+use super::kube::{Event, Kind, Object, Page, MAX_OBJECTS};
 use super::Url;
 
 /// Objects asked for per list page.
@@ -76,6 +76,11 @@ pub enum Body {
 pub struct Listed {
     pub kind: Kind,
     pub objects: Vec<Object>,
+    /// Objects past `MAX_OBJECTS`, not kept.
+    pub beyond: usize,
+    /// Items skipped because they could not be read, and the first reason.
+    pub unreadable: usize,
+    pub first_unreadable: Option<String>,
 }
 
 /// One resource of a source: one kind at one list path, or one polled document.
@@ -91,6 +96,13 @@ pub struct Resource {
     pub resource_version: Option<String>,
     continue_token: Option<String>,
     gathered: Vec<Object>,
+    /// Of the list under way: objects past `MAX_OBJECTS`, pages, unreadable items.
+    beyond: usize,
+    pages: usize,
+    unreadable: usize,
+    first_unreadable: Option<String>,
+    /// Objects asked for per page: halved when a page is too large to take.
+    limit: usize,
     pub etag: Option<String>,
     /// The server answers watches with a plain list (or the document is native): poll.
     pub polling: bool,
@@ -112,6 +124,11 @@ impl Resource {
             resource_version: None,
             continue_token: None,
             gathered: Vec::new(),
+            beyond: 0,
+            pages: 0,
+            unreadable: 0,
+            first_unreadable: None,
+            limit: PAGE_LIMIT,
             etag: None,
             polling,
             failures: 0,
@@ -169,7 +186,7 @@ impl Resource {
             Mode::Watch
         } else {
             self.state = State::Listing;
-            params.push(format!("limit={PAGE_LIMIT}"));
+            params.push(format!("limit={}", self.limit));
             if let Some(c) = &self.continue_token {
                 params.push(format!("continue={}", encode(c)));
             }
@@ -239,7 +256,7 @@ impl Resource {
         self.state = State::Backoff;
         // A list cut short starts over; a watch resumes from its resourceVersion.
         self.continue_token = None;
-        self.gathered.clear();
+        self.clear_list();
         Body::Fail(why, self.backoff(jitter))
     }
 
@@ -258,22 +275,67 @@ impl Resource {
     fn restart(&mut self) {
         self.resource_version = None;
         self.continue_token = None;
-        self.gathered.clear();
+        self.clear_list();
     }
 
-    /// A list page arrived. `Some` once the last page is in.
-    pub fn listed(&mut self, page: Page) -> Option<Listed> {
+    fn clear_list(&mut self) {
+        self.gathered = Vec::new();
+        self.beyond = 0;
+        self.pages = 0;
+        self.unreadable = 0;
+        self.first_unreadable = None;
+    }
+
+    /// Lists the kind again from scratch at the next request: an event could not be applied,
+    /// or objects refused for want of room may fit now.
+    pub fn relist(&mut self) {
+        self.restart();
+    }
+
+    /// The page asked for was too large to take: ask for pages half as large, from the page
+    /// that failed. `false` when a page of one object already is.
+    pub fn too_large(&mut self) -> bool {
+        if self.limit == 1 {
+            return false;
+        }
+        self.limit = (self.limit / 2).max(1);
+        true
+    }
+
+    /// Pages a list may take: enough for `MAX_OBJECTS` at the current page size, and some.
+    fn max_pages(&self) -> usize {
+        MAX_OBJECTS / self.limit + 16
+    }
+
+    /// A list page arrived. `Some` once the last page is in; an error when the list goes on
+    /// past any list the catalog could take (the list is given up, and starts over).
+    pub fn listed(&mut self, page: Page) -> Result<Option<Listed>, String> {
         let kind = self.kind.or(page.kind).unwrap_or(Kind::Ingress);
         self.kind = Some(kind);
         self.failures = 0;
+        self.pages += 1;
+        self.unreadable += page.unreadable;
+        if self.first_unreadable.is_none() {
+            self.first_unreadable = page.first_unreadable;
+        }
+        let room = MAX_OBJECTS - self.gathered.len();
+        self.beyond += page.objects.len().saturating_sub(room);
         if self.gathered.is_empty() {
             self.gathered = page.objects;
+            self.gathered.truncate(room);
         } else {
-            self.gathered.extend(page.objects);
+            self.gathered.extend(page.objects.into_iter().take(room));
         }
         if let Some(c) = page.continue_token {
+            if self.pages >= self.max_pages() {
+                let pages = self.pages;
+                self.restart();
+                return Err(format!(
+                    "a list of more than {pages} pages, more than any list of {MAX_OBJECTS} objects"
+                ));
+            }
             self.continue_token = Some(c);
-            return None;
+            return Ok(None);
         }
         self.continue_token = None;
         self.resource_version = page.resource_version;
@@ -281,10 +343,15 @@ impl Resource {
             // Nothing to watch from: a static list.
             self.polling = true;
         }
-        Some(Listed {
+        let listed = Listed {
             kind,
             objects: std::mem::take(&mut self.gathered),
-        })
+            beyond: self.beyond,
+            unreadable: self.unreadable,
+            first_unreadable: self.first_unreadable.take(),
+        };
+        self.clear_list();
+        Ok(Some(listed))
     }
 
     /// The server answered a watch with a plain list: it cannot watch; poll it.
@@ -314,7 +381,7 @@ impl Resource {
                 true
             }
             Event::Put(_, None) | Event::Delete(_, None) => true,
-            Event::Expired | Event::Error(_) => {
+            Event::Expired | Event::Error(_) | Event::Unreadable(_) => {
                 self.restart();
                 false
             }
@@ -359,10 +426,13 @@ mod tests {
                     hosts: vec![],
                     addresses: vec![],
                     class: None,
+                    problem: None,
                 })
                 .collect(),
             resource_version: rv.map(Into::into),
             continue_token: cont.map(Into::into),
+            unreadable: 0,
+            first_unreadable: None,
         }
     }
 
@@ -396,14 +466,14 @@ mod tests {
             (Mode::List, "/apis/networking.k8s.io/v1/ingresses?limit=500")
         );
         assert_eq!(r.head(Mode::List, 200, None, 0), Body::Collect);
-        assert_eq!(r.listed(page(500, Some("9"), Some("a b"))), None);
+        assert_eq!(r.listed(page(500, Some("9"), Some("a b"))), Ok(None));
         let q = r.request();
         assert!(
             q.target.ends_with("limit=500&continue=a%20b"),
             "{}",
             q.target
         );
-        let done = r.listed(page(3, Some("12"), None)).unwrap();
+        let done = r.listed(page(3, Some("12"), None)).unwrap().unwrap();
         assert_eq!(done.objects.len(), 503);
         let q = r.request();
         assert_eq!(q.mode, Mode::Watch);
@@ -428,6 +498,55 @@ mod tests {
         assert_eq!(r.request().mode, Mode::List);
         r.resource_version = Some("20".into());
         assert_eq!(r.head(Mode::Watch, 410, None, 0), Body::Again(0));
+        assert_eq!(r.request().mode, Mode::List);
+    }
+
+    /// It was: a page larger than MAX_BODY failed and was asked for again, the same, forever.
+    #[test]
+    fn a_page_too_large_is_asked_for_again_smaller() {
+        let mut r = Resource::for_url(&url("http://h/ingresses"), true, 10_000, 1).remove(0);
+        assert!(r.request().target.ends_with("limit=500"));
+        assert!(r.too_large());
+        assert!(r.request().target.ends_with("limit=250"));
+        for _ in 0..8 {
+            r.too_large();
+        }
+        assert!(r.request().target.ends_with("limit=1"));
+        assert!(
+            !r.too_large(),
+            "one object per page: nothing smaller to ask for"
+        );
+    }
+
+    /// A server that pages forever, or past what the catalog can hold, is bounded.
+    #[test]
+    fn a_list_is_bounded_in_objects_and_pages() {
+        let mut r = Resource::for_url(&url("http://h/ingresses"), true, 10_000, 1).remove(0);
+        let mut result = Ok(None);
+        let mut pages = 0;
+        while result == Ok(None) {
+            result = r.listed(page(PAGE_LIMIT, Some("1"), Some("more")));
+            pages += 1;
+        }
+        let err = result.unwrap_err();
+        assert!(err.contains("more than any list"), "{err}");
+        assert_eq!(pages, MAX_OBJECTS / PAGE_LIMIT + 16);
+        assert_eq!(r.request().mode, Mode::List, "starts over");
+        assert!(!r.request().target.contains("continue="));
+        // Past MAX_OBJECTS, objects are counted, not kept.
+        for _ in 0..MAX_OBJECTS / PAGE_LIMIT {
+            assert_eq!(r.listed(page(PAGE_LIMIT, Some("1"), Some("c"))), Ok(None));
+        }
+        let done = r.listed(page(7, Some("2"), None)).unwrap().unwrap();
+        assert_eq!((done.objects.len(), done.beyond), (MAX_OBJECTS, 7));
+    }
+
+    #[test]
+    fn an_event_that_cannot_be_applied_lists_again() {
+        let mut r = Resource::for_url(&url("http://h/ingresses"), true, 10_000, 1).remove(0);
+        r.listed(page(1, Some("3"), None)).unwrap().unwrap();
+        assert_eq!(r.request().mode, Mode::Watch);
+        assert!(!r.event(&Event::Unreadable("broken".into())));
         assert_eq!(r.request().mode, Mode::List);
     }
 
@@ -495,7 +614,7 @@ mod tests {
         );
         // A list path whose server does not watch.
         let mut r = Resource::for_url(&url("http://h/ingresses"), true, 7_000, 1).remove(0);
-        r.listed(page(1, Some("3"), None)).unwrap();
+        r.listed(page(1, Some("3"), None)).unwrap().unwrap();
         assert_eq!(r.request().mode, Mode::Watch);
         r.cannot_watch();
         assert_eq!(r.request().mode, Mode::Poll);

@@ -1,8 +1,9 @@
 //! The state folder's files (`edge_state`): where URL sources keep their last good documents.
 //! Each is written whole under a temporary name unique to its writer, flushed to disk, then
 //! renamed over the old one, and the folder flushed too, so that a power cut leaves either
-//! version, never an empty file. Temporary files of writers that are gone, and the image
-//! files earlier versions of the module published here, are tidied away.
+//! version, never an empty file. Temporary files of writers that are gone, the candidates of
+//! masters that are gone, and the image files earlier versions of the module published here,
+//! are tidied away.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -58,6 +59,12 @@ fn sync_folder(path: &Path) -> std::io::Result<()> {
 /// a temporary file of a process that `alive` says is gone, or an image an earlier version of
 /// the module published here.
 pub fn stale(name: &str, age: Duration, alive: &dyn Fn(i32) -> bool) -> bool {
+    // A URL source's candidate, per master (see `caches`).
+    if let Some((_, master)) = name.rsplit_once(".next.") {
+        if let Ok(pid) = master.parse::<i32>() {
+            return pid > 0 && !alive(pid);
+        }
+    }
     if let Some((_, tail)) = name.rsplit_once(".tmp") {
         let pid = tail.split('-').next().unwrap_or("");
         if let Ok(pid) = pid.parse::<i32>() {
@@ -104,6 +111,9 @@ mod tests {
         for (name, age, is_stale) in [
             ("url-00aa.json.tmp7-3", new, true),
             ("url-00aa.json.tmp7", new, true),
+            ("url-00aa.json.next.7", new, true),
+            ("url-00aa.json.next.42", old, false),
+            ("url-00aa.json.next.42.tmp7-1", new, true),
             ("url-00aa.status.tmp42-0", old, false),
             ("url-00aa.json", old, false),
             ("url-00aa.status", old, false),

@@ -79,12 +79,15 @@ impl std::fmt::Debug for Reader {
     }
 }
 
-/// A URL source, as the table sees it: the file where the worker that fetches it keeps its
-/// last good document, read as any route file is, by its own reader. A missing file is a
-/// source that has not answered yet: it adds nothing.
+/// A URL source, as the table sees it: the files where the worker that fetches it keeps what
+/// it brought, read as any route file is, by its own reader. A missing file is a source that
+/// has not answered yet: it adds nothing.
 #[derive(Debug, Clone)]
 pub struct Cached {
+    /// The last version a table accepted: what a table starts from.
     pub file: PathBuf,
+    /// What the source brought last, once it has answered: what a running table reads.
+    pub candidate: PathBuf,
     pub read: Reader,
     /// What messages call it (`edge_routes_url NAME`), rather than its file.
     pub label: String,
@@ -141,6 +144,8 @@ struct Unit {
     /// A URL source's file: how to read it.
     read: Option<Reader>,
     stamp: Stamp,
+    /// A URL source's candidate (see `Cached`), rather than its accepted version.
+    candidate: bool,
     good: Option<Arc<Document>>,
     /// The accepted version before `good`, while `good` is new in this refresh.
     previous: Option<Option<Arc<Document>>>,
@@ -164,6 +169,11 @@ pub struct Source {
     pending: Option<Pending>,
     /// What a refresh replaced, to be dropped where it costs the event loop nothing.
     retired: Retired,
+    /// Reading at configuration time: URL sources from their accepted versions, and what
+    /// they hold may only fall back (it is not the operator's).
+    starting: bool,
+    /// The candidates of URL sources the last refresh accepted.
+    accepted: Vec<PathBuf>,
 }
 
 /// The state of a refresh between its steps.
@@ -265,15 +275,19 @@ impl Source {
             unreadable: None,
             pending: None,
             retired: Retired::default(),
+            starting: true,
+            accepted: Vec::new(),
         };
         let events = source.refresh(upstream_exists);
+        source.starting = false;
+        source.accepted.clear();
         if let Some(e) = events
             .iter()
-            .find(|e| e.level != Level::Notice && !is_merge_warning(e))
+            .find(|e| e.level != Level::Notice && !is_warning_at_start(e))
         {
             return Err(e.message.clone());
         }
-        let warnings = events.into_iter().filter(is_merge_warning).collect();
+        let warnings = events.into_iter().filter(is_warning_at_start).collect();
         Ok((source, warnings))
     }
 
@@ -340,6 +354,12 @@ impl Source {
         }
     }
 
+    /// The candidates of URL sources the last refresh accepted: for the caller to keep as
+    /// their accepted versions.
+    pub fn take_accepted(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.accepted)
+    }
+
     /// What the last refresh replaced: for the caller to drop off the event loop.
     pub fn take_retired(&mut self) -> Retired {
         std::mem::take(&mut self.retired)
@@ -376,7 +396,7 @@ impl Source {
         let mut units = Vec::with_capacity(listing.len());
         let mut reading = Vec::new();
         let mut old = std::mem::take(&mut self.units).into_iter().peekable();
-        for (name, path, stamp, read) in listing {
+        for (name, path, stamp, read, candidate) in listing {
             while let Some(gone) = old.next_if(|u| u.name < name) {
                 self.retired.documents.extend(gone.good);
             }
@@ -385,18 +405,23 @@ impl Source {
                     units.push(unit);
                     continue;
                 }
-                Some(unit) => unit,
+                Some(mut unit) => {
+                    unit.path = path;
+                    unit
+                }
                 None => Unit {
                     name,
                     path,
                     label: read.as_ref().map(|(_, label)| label.clone()),
                     read: read.map(|(r, _)| r),
                     stamp,
+                    candidate,
                     good: None,
                     previous: None,
                 },
             };
             unit.stamp = stamp;
+            unit.candidate = candidate;
             reading.push(units.len());
             units.push(unit);
         }
@@ -432,6 +457,9 @@ impl Source {
                     let unit = &mut self.units[i];
                     match result {
                         Ok(doc) => unit.previous = Some(unit.good.replace(Arc::new(doc))),
+                        Err(message) if self.starting && unit.read.is_some() => {
+                            pending.events.push(not_used(&message));
+                        }
                         Err(message) => {
                             pending
                                 .events
@@ -490,6 +518,12 @@ impl Source {
                 }
                 self.generation += 1;
                 self.loaded_at = Some(std::time::SystemTime::now());
+                self.accepted = self
+                    .units
+                    .iter()
+                    .filter(|u| u.candidate && u.previous.is_some())
+                    .map(|u| u.path.clone())
+                    .collect();
                 let old = std::mem::replace(&mut self.table, Rc::new(table));
                 self.retired.table = Some(old);
                 if self.single_file() {
@@ -518,8 +552,12 @@ impl Source {
             Err(err) => {
                 let culprit = owners[err.file];
                 let message = format!("{}: {}", self.units[culprit].shown(), err.message);
-                pending.events.push(rejected(&message, self.generation > 0));
-                self.last_error = Some(message);
+                if self.starting && self.units[culprit].read.is_some() {
+                    pending.events.push(not_used(&message));
+                } else {
+                    pending.events.push(rejected(&message, self.generation > 0));
+                    self.last_error = Some(message);
+                }
                 if self.single_file() {
                     // The table in service is the last good one: nothing to merge again.
                     for unit in &mut self.units {
@@ -588,20 +626,29 @@ impl Source {
     /// declared after it. Names are prefixed so that this order is also theirs.
     fn list(&self) -> Result<Vec<Listed>, String> {
         let mut all = Vec::new();
+        let starting = self.starting;
         let cached = |all: &mut Vec<Listed>, at: usize, c: &Cached| -> Result<(), String> {
-            match fs::metadata(&c.file) {
-                Ok(meta) => {
-                    all.push((
-                        format!("{at:04}").into(),
-                        c.file.clone(),
-                        Stamp::of(&meta),
-                        Some((c.read.clone(), c.label.clone())),
-                    ));
-                    Ok(())
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("{}: {e}", c.file.display())),
+            let mut files = vec![(&c.file, false)];
+            if !starting {
+                files.insert(0, (&c.candidate, true));
             }
+            for (file, candidate) in files {
+                match fs::metadata(file) {
+                    Ok(meta) => {
+                        all.push((
+                            format!("{at:04}").into(),
+                            file.clone(),
+                            Stamp::of(&meta),
+                            Some((c.read.clone(), c.label.clone())),
+                            candidate,
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("{}: {e}", file.display())),
+                }
+            }
+            Ok(())
         };
         let mut at = 0;
         for c in &self.inputs.before {
@@ -612,7 +659,7 @@ impl Source {
             for (name, path, stamp) in self.list_path()? {
                 let mut prefixed: OsString = format!("{at:04}/").into();
                 prefixed.push(name);
-                all.push((prefixed, path, stamp, None));
+                all.push((prefixed, path, stamp, None, false));
             }
             at += 1;
         }
@@ -675,8 +722,9 @@ impl Unit {
     }
 }
 
-/// A file of a table: its name for ordering, path, stamp, and a URL source's reader and label.
-type Listed = (OsString, PathBuf, Stamp, Option<(Reader, String)>);
+/// A file of a table: its name for ordering, path, stamp, a URL source's reader and label, and
+/// whether it is a URL source's candidate.
+type Listed = (OsString, PathBuf, Stamp, Option<(Reader, String)>, bool);
 
 /// A step of a refresh that is not under way (work that finished after `abandon`): nothing
 /// changes, and the caller's worker goes on.
@@ -687,9 +735,22 @@ fn not_under_way() -> Step {
     }])
 }
 
-fn is_merge_warning(e: &Event) -> bool {
-    e.level == Level::Warn && e.message.contains(", ignored")
+/// A warning that does not stop a start: a name defined twice, a URL source's last good
+/// document that cannot be used.
+fn is_warning_at_start(e: &Event) -> bool {
+    e.level == Level::Warn && (e.message.contains(", ignored") || e.message.ends_with(NOT_USED))
 }
+
+/// A URL source's last good document that cannot be used at start: the source adds nothing
+/// until it answers (remote data may only fall back).
+fn not_used(message: &str) -> Event {
+    Event {
+        level: Level::Warn,
+        message: format!("{message}{NOT_USED}"),
+    }
+}
+
+const NOT_USED: &str = "; not used: the source adds its routes once it answers";
 
 fn notice(message: String) -> Event {
     Event {
@@ -957,13 +1018,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn url_sources_merge_in_configuration_order_from_their_files() {
-        let dir = Dir::new("cached");
-        let file = dir.write("routes.json", A);
-        // A URL source's file holds a document in its own form; this reader takes the form
-        // "host upstream", and every upstream it names is in the file source.
-        let read = Reader::new(|p: &Path| {
+    /// A URL source's file holds a document in its own form; this reader takes the form
+    /// "host upstream" (one per line).
+    fn line_reader() -> Reader {
+        Reader::new(|p: &Path| {
             let text = fs::read_to_string(p).map_err(|e| e.to_string())?;
             let mut doc = Document::default();
             for line in text.lines() {
@@ -977,21 +1035,30 @@ mod tests {
                 ));
             }
             Ok(doc)
-        });
+        })
+    }
+
+    fn cached(dir: &Dir, name: &str, read: &Reader) -> Cached {
+        Cached {
+            file: dir.0.join(format!("{name}.cache")),
+            candidate: dir.0.join(format!("{name}.next")),
+            read: read.clone(),
+            label: name.into(),
+        }
+    }
+
+    #[test]
+    fn url_sources_merge_in_configuration_order_from_their_files() {
+        let dir = Dir::new("cached");
+        let file = dir.write("routes.json", A);
+        // Every upstream the URL sources name is in the file source.
+        let read = line_reader();
         let before = dir.0.join("url-1.cache");
         let after = dir.0.join("url-2.cache");
         let inputs = Inputs {
             path: Some(file.clone()),
-            before: vec![Cached {
-                file: before.clone(),
-                read: read.clone(),
-                label: "url-1".into(),
-            }],
-            after: vec![Cached {
-                file: after.clone(),
-                read,
-                label: "url-2".into(),
-            }],
+            before: vec![cached(&dir, "url-1", &read)],
+            after: vec![cached(&dir, "url-2", &read)],
         };
         // Neither URL source has answered yet: the file alone.
         let (mut source, _) = Source::open(inputs, &|_| true).unwrap();
@@ -1038,6 +1105,58 @@ mod tests {
         source.refresh(&|_| true);
         assert_eq!(upstream_of(&source, "c.test"), None);
         assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("b"));
+    }
+
+    /// It was: a URL source's last good file that did not merge (or could not be read) made
+    /// `nginx -t` fail, and so the next reload or start.
+    #[test]
+    fn a_url_source_is_read_from_its_candidate_and_only_falls_back_at_start() {
+        let dir = Dir::new("candidate");
+        let file = dir.write("routes.json", A);
+        let read = line_reader();
+        let url = cached(&dir, "url", &read);
+        let inputs = || Inputs {
+            path: Some(file.clone()),
+            before: vec![],
+            after: vec![url.clone()],
+        };
+        fs::write(&url.file, "d.test nowhere").unwrap();
+        let (mut source, warnings) = Source::open(inputs(), &|_| true).unwrap();
+        assert!(
+            warnings.iter().any(|e| e.level == Level::Warn
+                && e.message.contains("unknown upstream \"nowhere\"")
+                && e.message.ends_with(NOT_USED)),
+            "{warnings:?}"
+        );
+        assert_eq!(upstream_of(&source, "d.test"), None);
+        assert_eq!(upstream_of(&source, "a.test").as_deref(), Some("a"));
+        fs::write(&url.file, "not a line").unwrap();
+        assert!(Source::open(inputs(), &|_| true).is_ok(), "unreadable");
+        // A file source's own errors still stop a start.
+        dir.write("routes.json", "{oops");
+        assert!(Source::open(inputs(), &|_| true).is_err());
+        dir.write("routes.json", A);
+
+        // Running: the candidate, once there, is what the table reads; accepted, it is said so.
+        fs::write(&url.candidate, "c.test a").unwrap();
+        source.refresh(&|_| true);
+        assert_eq!(upstream_of(&source, "c.test").as_deref(), Some("a"));
+        assert_eq!(source.take_accepted(), std::slice::from_ref(&url.candidate));
+        // A refused candidate is not.
+        fs::write(&url.candidate, "e.test nowhere").unwrap();
+        let events = source.refresh(&|_| true);
+        assert!(events.iter().any(|e| e.level == Level::Error), "{events:?}");
+        assert!(source.take_accepted().is_empty());
+        assert_eq!(
+            upstream_of(&source, "c.test").as_deref(),
+            Some("a"),
+            "the last good"
+        );
+        // At start, the accepted version, not the candidate.
+        fs::write(&url.file, "c.test a").unwrap();
+        let (started, _) = Source::open(inputs(), &|_| true).unwrap();
+        assert_eq!(upstream_of(&started, "c.test").as_deref(), Some("a"));
+        assert_eq!(upstream_of(&started, "e.test"), None);
     }
 
     #[test]

@@ -8,7 +8,8 @@ package Edge::FakeKube;
 #
 # The state is a folder of files, so that the forked connection handlers and the test see the
 # same: `log` (one line per change: rv, type, kind, JSON), `compacted` (the oldest rv a watch
-# may start from), `mode` (ok, 500, garbage, hang, oversized, slow, eventsize) and `token`.
+# may start from), `mode` (ok, 500, garbage, hang, oversized, bigpages, slow, eventsize; with a
+# second word, only for the paths that contain it: "500 ingresses") and `token`.
 # Every request is appended to `requests` (method, target, with or without a token, TLS).
 # kubectl (`get -o json`, `get --watch`, `proxy`) is the judge that this is faithful enough.
 
@@ -71,7 +72,7 @@ sub _read {
     return scalar <$fh>;
 }
 
-sub set_mode { $_[0]->_write('mode', "$_[1]\n") }
+sub set_mode { my ($self, @mode) = @_; $self->_write('mode', "@mode\n") }
 
 # The native route document served at /edge.json.
 sub set_document { $_[0]->_write('edge.json', $_[1]) }
@@ -156,16 +157,21 @@ sub ingress {
     };
 }
 
-# A Gateway API route (HTTPRoute or TLSRoute) with spec.hostnames.
+# A Gateway API route (HTTPRoute or TLSRoute) with spec.hostnames, attached to the Gateway
+# "gw" of its namespace, which accepted it (as its controller writes in status.parents).
 sub route {
     my ($kind, $ns, $name, @hosts) = @_;
     my $version = $kind eq 'TLSRoute' ? 'v1alpha2' : 'v1';
     return {
         apiVersion => "gateway.networking.k8s.io/$version", kind => $kind,
-        metadata => { name => $name, namespace => $ns, uid => "u-$name", generation => 1 },
+        metadata => { name => $name, namespace => $ns, uid => "u-$name", generation => 1,
+            creationTimestamp => '2026-11-29T10:00:00Z' },
         spec => { parentRefs => [{ name => 'gw' }], hostnames => \@hosts,
             rules => [{ backendRefs => [{ name => 'web', port => 443 }] }] },
-        status => { parents => [] },
+        status => { parents => [{ parentRef => { group => 'gateway.networking.k8s.io', kind => 'Gateway', name => 'gw' },
+            controllerName => 'example.net/gateway-controller',
+            conditions => [{ type => 'Accepted', status => 'True', reason => 'Accepted',
+                lastTransitionTime => '2026-11-29T10:00:01Z', observedGeneration => 1 }] }] },
     };
 }
 
@@ -286,8 +292,9 @@ sub _connection {
     if (length $token && (($auth // '') ne $token)) {
         return _respond($c, 401, _status_json(401, 'Unauthorized', 'Unauthorized'));
     }
-    my $mode = $self->_read('mode');
-    chomp $mode;
+    my ($mode, $only) = split ' ', $self->_read('mode');
+    $mode //= 'ok';
+    $mode = 'ok' if defined $only && index($target, $only) < 0;
     return if $mode eq 'hang' && sleep 3600;
     return _respond($c, 500, _status_json(500, 'InternalError', 'etcdserver: request timed out'))
         if $mode eq '500';
@@ -309,6 +316,10 @@ sub _connection {
     my $k = $KINDS{$res};
     if ($group ne $k->{group} || $version ne $k->{version} || ($group =~ /gateway/ && !$self->{gateway})) {
         return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
+    }
+    # A page of more than 64 MiB unless fewer than 100 objects are asked for.
+    if ($mode eq 'bigpages' && ($q{watch} // '') !~ /^(1|true)$/ && !(($q{limit} // 0) > 0 && $q{limit} < 100)) {
+        $mode = 'oversized';
     }
     if ($mode eq 'oversized') {
         my $filler = 'x' x (1 << 20);

@@ -1,0 +1,177 @@
+//! The two files a URL source keeps in the state folder, and why a worker may trust them:
+//!
+//! - the *candidate* (`url-KEY.json.next.MASTER`): what its feed brought last, written by the
+//!   worker that fetches it, for the table(s) that merge the source to read;
+//! - the *accepted* copy (`url-KEY.json`): the last candidate a table merged, copied once it
+//!   was; the master reads it at start, so that nginx started while the source is unreachable
+//!   still routes, and never from a document the table refused.
+//!
+//! A worker records the SHA-256 of each file it writes in the zone, which no other process can
+//! write. A worker reads either file only if its bytes match: a file written or changed by
+//! another process (the folder is the workers' user's, and root's) is refused, never served.
+//! The master, at start, has no such record: there the accepted copy is read as remote data,
+//! which can only fall back (see `conf`).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::feed::state::write_atomically;
+use crate::zone::{self, Kept};
+
+/// Bytes of a source's file: a larger one is not read, and not written.
+pub const MAX_BYTES: u64 = 256 << 20;
+
+pub type Digest = [u8; 32];
+
+pub fn sha256(bytes: &[u8]) -> Digest {
+    let mut digest = [0u8; 32];
+    // SAFETY: OpenSSL's one-shot digest, into a buffer of its size.
+    unsafe { nginx_sys::SHA256(bytes.as_ptr(), bytes.len(), digest.as_mut_ptr()) };
+    digest
+}
+
+/// A URL source's files.
+pub struct Files {
+    /// The source's cache key: its files' names, and its entry in the zone.
+    pub key: u64,
+    pub accepted: PathBuf,
+    pub candidate: PathBuf,
+    /// Writes of this process, one at a time: the feed's and the promotions'.
+    writing: Mutex<()>,
+    /// The digest of the candidate as the table last read it: the version a table accepted.
+    read: Mutex<Option<Digest>>,
+}
+
+impl Files {
+    /// In `state`, for the master `master` (candidates are per master: another nginx on the
+    /// same folder, or a new master during a binary upgrade, has its own).
+    pub fn new(state: &Path, key: u64, master: i32) -> Files {
+        Files {
+            key,
+            accepted: state.join(format!("url-{key:016x}.json")),
+            candidate: state.join(format!("url-{key:016x}.json.next.{master}")),
+            writing: Mutex::new(()),
+            read: Mutex::new(None),
+        }
+    }
+
+    /// The file beside the accepted copy that holds the source's state, for every worker's
+    /// `edge_status`.
+    pub fn status(&self) -> PathBuf {
+        self.accepted.with_extension("status")
+    }
+
+    fn which(&self, path: &Path) -> Kept {
+        if path == self.candidate {
+            Kept::Candidate
+        } else {
+            Kept::Accepted
+        }
+    }
+
+    /// Reads the candidate or the accepted copy for a table. In a worker, only bytes this
+    /// nginx wrote are returned; in the master (at start) the accepted copy is taken as is.
+    pub fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        let bytes = read_bounded(path)?;
+        let Some(zone) = zone::current() else {
+            return Ok(bytes);
+        };
+        let which = self.which(path);
+        let digest = sha256(&bytes);
+        match zone.vouches(self.key, which, &digest) {
+            Some(true) => {}
+            Some(false) => {
+                return Err("changed by another process than this nginx: not read".into())
+            }
+            None => return Err("not written by this nginx: not read".into()),
+        }
+        if which == Kept::Candidate {
+            *self.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(digest);
+        }
+        Ok(bytes)
+    }
+
+    /// What a feed starts from when it starts in a worker: the candidate this nginx wrote, or
+    /// else the accepted copy — checked against the zone when this nginx wrote it, taken as
+    /// the master took it at start otherwise, and then vouched for.
+    pub fn seed(&self) -> Result<Option<Vec<u8>>, String> {
+        if self.candidate.exists() {
+            if let Ok(bytes) = self.read(&self.candidate) {
+                return Ok(Some(bytes));
+            }
+        }
+        let bytes = match read_bounded(&self.accepted) {
+            Ok(bytes) => bytes,
+            Err(_) if !self.accepted.exists() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if let Some(zone) = zone::current() {
+            let digest = sha256(&bytes);
+            match zone.vouches(self.key, Kept::Accepted, &digest) {
+                Some(false) => {
+                    return Err(format!(
+                        "{}: changed by another process than this nginx: not read",
+                        self.accepted.display()
+                    ))
+                }
+                Some(true) => {}
+                None => {
+                    zone.vouch(self.key, Kept::Accepted, &digest);
+                }
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Writes what the feed brought as the candidate, and vouches for it.
+    pub fn write_candidate(&self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() as u64 > MAX_BYTES {
+            return Err(format!(
+                "{} bytes, more than the limit of {} MiB",
+                bytes.len(),
+                MAX_BYTES >> 20
+            ));
+        }
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        // Vouched for before it is in place: a table that lists it reads it at once.
+        if let Some(zone) = zone::current() {
+            zone.vouch(self.key, Kept::Candidate, &sha256(bytes));
+        }
+        write_atomically(&self.candidate, bytes)
+            .map_err(|e| format!("{}: {e}", self.candidate.display()))
+    }
+
+    /// A table accepted the candidate it read last: copies that version to the accepted
+    /// file, unless the candidate has changed since (the next one will be accepted in turn).
+    pub fn promote(&self) -> Result<bool, String> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(digest) = *self.read.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return Ok(false);
+        };
+        let bytes = read_bounded(&self.candidate)?;
+        if sha256(&bytes) != digest {
+            return Ok(false);
+        }
+        if let Some(zone) = zone::current() {
+            zone.vouch(self.key, Kept::Accepted, &digest);
+        }
+        write_atomically(&self.accepted, &bytes)
+            .map_err(|e| format!("{}: {e}", self.accepted.display()))?;
+        Ok(true)
+    }
+}
+
+/// A file's bytes, refused past `MAX_BYTES` without reading them all.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(format!("{shown}: larger than {} MiB", MAX_BYTES >> 20));
+    }
+    Ok(bytes)
+}
