@@ -125,8 +125,9 @@ impl Files {
         Ok(Some(bytes))
     }
 
-    /// Writes what the feed brought as the candidate, and vouches for it.
-    pub fn write_candidate(&self, bytes: &[u8]) -> Result<(), String> {
+    /// Writes what the feed brought as the candidate, and vouches for it; `false` when the
+    /// zone had no room to (it is then read unchecked, as every file without an entry).
+    pub fn write_candidate(&self, bytes: &[u8]) -> Result<bool, String> {
         if bytes.len() as u64 > MAX_BYTES {
             return Err(format!(
                 "{} bytes, more than the limit of {} MiB",
@@ -136,11 +137,11 @@ impl Files {
         }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         // Vouched for before it is in place: a table that lists it reads it at once.
-        if let Some(zone) = zone::current() {
-            zone.vouch(self.key, Kept::Candidate, &sha256(bytes));
-        }
+        let vouched =
+            zone::current().is_none_or(|z| z.vouch(self.key, Kept::Candidate, &sha256(bytes)));
         write_atomically(&self.candidate, bytes)
-            .map_err(|e| format!("{}: {e}", self.candidate.display()))
+            .map_err(|e| format!("{}: {e}", self.candidate.display()))?;
+        Ok(vouched)
     }
 
     /// A table accepted the candidate it read last: copies that version to the accepted

@@ -77,6 +77,9 @@ pub struct Feed {
     logged: Vec<String>,
     /// The objects refused for want of room when that was last logged.
     refused_logged: usize,
+    unvouched_logged: bool,
+    /// The cluster's default IngressClass, as the catalog last written said.
+    default_class: Option<String>,
     stats: Stats,
     seed: u64,
     /// The longest the event loop has spent in one step of this source (a callback), in CPU
@@ -93,6 +96,9 @@ struct Stats {
     unrouted: usize,
     /// Objects that route nothing because of a problem of their own.
     problems: usize,
+    /// Ingresses of a class the edge does not serve; routes no Gateway accepted.
+    other_class: usize,
+    unaccepted: usize,
 }
 
 /// What a writer thread did.
@@ -101,6 +107,9 @@ struct Written {
     stats: Option<Stats>,
     first_invalid: Option<String>,
     first_problem: Option<String>,
+    default_class: Option<String>,
+    /// The zone had no room to vouch for the candidate.
+    unvouched: bool,
 }
 
 /// What a feed starts from: the catalog of a Kubernetes source's last candidate (or accepted
@@ -296,6 +305,9 @@ impl Feed {
             "repeated_hosts": self.stats.repeated,
             "unrouted_objects": self.stats.unrouted,
             "invalid_objects": self.stats.problems,
+            "other_class_ingresses": self.stats.other_class,
+            "unaccepted_routes": self.stats.unaccepted,
+            "default_ingress_class": self.default_class,
             "refused_objects": self.catalog.refused(),
             "longest_step_ms": (self.longest.as_secs_f64() * 1e4).round() / 10.0,
             "resources": resources,
@@ -341,6 +353,8 @@ pub unsafe fn start(
         last_error: None,
         logged: Vec::new(),
         refused_logged: 0,
+        unvouched_logged: false,
+        default_class: None,
         stats: Stats::default(),
         seed,
         longest: std::time::Duration::ZERO,
@@ -699,8 +713,8 @@ unsafe fn news(feed: &mut Feed, index: usize) {
                 r.ex = None;
                 r.known = true;
                 let retry = r.plan.absent_retry();
-                // The kind is not served: it has no objects (its CRDs were removed, or never
-                // installed).
+                // The kind is not served (its CRDs were removed, or never installed), or the
+                // edge's role may not read it: the source has none of it.
                 if let Some(kind) = r.plan.kind {
                     if feed.catalog.objects.keys().any(|k| k.0 == kind) {
                         feed.catalog.replace_kind(kind, Vec::new());
@@ -710,13 +724,23 @@ unsafe fn news(feed: &mut Feed, index: usize) {
                 let r = &mut feed.resources[index];
                 if !r.absent_logged {
                     r.absent_logged = true;
-                    ngx_log_error!(
-                        NGX_LOG_INFO,
-                        log,
-                        "edge_routes_url {}: the API server does not serve {} (404): not read",
-                        options.name,
-                        r.plan.path()
-                    );
+                    if head.status == 403 {
+                        ngx_log_error!(
+                            nginx_sys::NGX_LOG_WARN,
+                            log,
+                            "edge_routes_url {}: the token's role may not read {} (403): read without it",
+                            options.name,
+                            r.plan.path()
+                        );
+                    } else {
+                        ngx_log_error!(
+                            NGX_LOG_INFO,
+                            log,
+                            "edge_routes_url {}: the API server does not serve {} (404): not read",
+                            options.name,
+                            r.plan.path()
+                        );
+                    }
                 }
                 feed.status_dirty = true;
                 return schedule(&mut feed.resources[index], retry);
@@ -1015,6 +1039,8 @@ unsafe fn flush(feed: &mut Feed) {
             stats: None,
             first_invalid: None,
             first_problem: None,
+            default_class: None,
+            unvouched: false,
         };
         let bytes = match (&objects, edge) {
             (Some(objects), _) => {
@@ -1030,7 +1056,10 @@ unsafe fn flush(feed: &mut Feed) {
                     repeated: made.repeated,
                     unrouted: made.unrouted,
                     problems: made.problems,
+                    other_class: made.other_class,
+                    unaccepted: made.unaccepted,
                 });
+                written.default_class = made.default_class;
                 written.first_invalid = made.invalid.into_iter().next();
                 written.first_problem = made.first_problem;
                 Some(Cache::bytes_of(&options.name, objects))
@@ -1041,7 +1070,10 @@ unsafe fn flush(feed: &mut Feed) {
         if let Some(bytes) = bytes {
             let hash = crate::health::fnv1a(&bytes);
             if hash != last {
-                written.result = files.write_candidate(&bytes).map(|()| Some(hash));
+                written.result = files.write_candidate(&bytes).map(|vouched| {
+                    written.unvouched = !vouched;
+                    Some(hash)
+                });
             }
         }
         let mut status = status;
@@ -1051,6 +1083,9 @@ unsafe fn flush(feed: &mut Feed) {
             status["repeated_hosts"] = json!(stats.repeated);
             status["unrouted_objects"] = json!(stats.unrouted);
             status["invalid_objects"] = json!(stats.problems);
+            status["other_class_ingresses"] = json!(stats.other_class);
+            status["unaccepted_routes"] = json!(stats.unaccepted);
+            status["default_ingress_class"] = json!(written.default_class.clone());
         }
         let _ = write_atomically(&files.status(), status.to_string().as_bytes());
         written
@@ -1107,7 +1142,7 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
         return;
     }
     match job.join() {
-        Ok(written) => {
+        Ok(mut written) => {
             if let Some(stats) = written.stats {
                 if stats.invalid > feed.stats.invalid {
                     ngx_log_error!(
@@ -1133,6 +1168,17 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
                     feed.status_dirty = true;
                 }
                 feed.stats = stats;
+                feed.default_class = written.default_class.take();
+            }
+            if written.unvouched && !feed.unvouched_logged {
+                feed.unvouched_logged = true;
+                ngx_log_error!(
+                    nginx_sys::NGX_LOG_WARN,
+                    feed.log,
+                    "edge_routes_url {}: the zone has no room to vouch for this source's files (more than {} URL sources): they are read unchecked",
+                    feed.options().name,
+                    crate::zone::VOUCHED
+                );
             }
             match written.result {
                 Ok(Some(hash)) => {

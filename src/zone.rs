@@ -35,8 +35,9 @@ const MAGIC: u64 = u64::from_le_bytes(*b"edgezon5");
 /// whose workers run (old and new during a reload).
 pub const TABLES: usize = 32;
 
-/// URL sources whose files in the state folder the zone vouches for.
-pub const VOUCHED: usize = 256;
+/// URL sources whose files in the state folder the zone vouches for; past them, files are
+/// read unchecked (and that is logged).
+pub const VOUCHED: usize = 64;
 
 /// Which file of a URL source: the one its feed wrote last, or the one a table accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +131,8 @@ struct Header {
     slots: [AtomicI32; SLOTS],
     tables: [Published; TABLES],
     vouched: [Vouched; VOUCHED],
+    /// A source found no entry in `vouched`: files without an entry are read unchecked.
+    overflow: AtomicU32,
 }
 
 fn index_offset() -> usize {
@@ -349,6 +352,7 @@ impl Zone {
             .find(|v| v.key.load(Relaxed) == key)
             .or_else(|| entries.iter().find(|v| v.key.load(Relaxed) == 0));
         let Some(entry) = entry else {
+            self.header.overflow.store(1, Relaxed);
             return false;
         };
         entry.key.store(key, Relaxed);
@@ -364,14 +368,17 @@ impl Zone {
     }
 
     /// Whether this nginx vouched for `digest` as one of the last two `copy` of the URL source
-    /// `key`; `None` when it vouched for none yet.
+    /// `key`; `None` when it vouched for none yet (`true` when the zone had no room for some).
     pub fn vouches(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> Option<bool> {
         let _lock = self.pool.lock();
-        let entry = self
+        let Some(entry) = self
             .header
             .vouched
             .iter()
-            .find(|v| v.key.load(Relaxed) == key)?;
+            .find(|v| v.key.load(Relaxed) == key)
+        else {
+            return (self.header.overflow.load(Relaxed) != 0).then_some(true);
+        };
         let versions = match copy {
             Kept::Candidate => &entry.candidate,
             Kept::Accepted => &entry.accepted,

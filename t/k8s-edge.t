@@ -67,10 +67,11 @@ $everywhere->('doc.test', 'c', 'a native route document by URL routes');
 $everywhere->('direct.test', 'edge', "without upstream=, the Ingress's LB address on the listener's port");
 is(http_get($edge, 'grafana.test'), 'b', 'ingress_class= keeps each class to its source');
 
-# One fetch per source for the edge: one watch connection at cluster A for 4 workers.
-wait_for(sub { $a->watching == 1 }, 'a watch at cluster A');
+# One fetch per source for the edge: one watch connection per kind at cluster A (Ingresses,
+# IngressClasses; it serves no Gateway API) for 4 workers.
+wait_for(sub { $a->watching == 2 }, 'the watches at cluster A');
 sleep 1;
-is($a->watching, 1, 'one watch connection at the API server for 4 workers');
+is($a->watching, 2, 'one watch connection per kind at the API server for 4 workers');
 my @fetchers = $t->read_file('error.log') =~ /(\d+)#\d+: edge_routes_url cluster-a: this worker fetches it/g;
 is(scalar @fetchers, 1, 'one worker fetches cluster A');
 
@@ -89,8 +90,8 @@ wait_for(sub { substr($t->read_file('error.log'), $mark) =~ /(\d+)#\d+: edge_rou
 pass('a worker killed with SIGKILL: another fetches its sources');
 $a->apply(Edge::FakeKube::ingress('web', 'taken-over', hosts => ['taken.test']));
 $everywhere->('taken.test', 'a', 'and changes flow through it');
-wait_for(sub { $a->watching == 1 }, 'one watch after the takeover', 60);
-pass('one watch connection after the takeover');
+wait_for(sub { $a->watching == 2 }, 'one watch per kind after the takeover', 60);
+pass('one watch connection per kind after the takeover');
 
 # A reload under traffic: not one connection fails; the new workers take the sources over.
 my $probe = fork() // die;
@@ -120,8 +121,8 @@ waitpid($probe, 0);
 my ($probes, $failed) = split ' ', $t->read_file('probe');
 ok($probes > 50, "the probe ran through the reload ($probes connections)");
 is($failed, 0, 'no connection failed during the reload');
-wait_for(sub { $a->watching == 1 }, 'one watch again', 60);
-pass('the old workers closed their watch; the new leader holds the one watch');
+wait_for(sub { $a->watching == 2 }, 'one watch per kind again', 60);
+pass('the old workers closed their watches; the new leader holds one per kind');
 
 # The one alert: the master saying that the killed worker exited on signal 9.
 my @alerts = grep { /\[(alert|crit|emerg)\]/ && !/worker process $fetcher exited on signal 9/ }

@@ -95,13 +95,13 @@ my $first = $peak->();
 diag(sprintf 'worker peak RSS after the first endless answer: %d MiB', $first / 1024);
 cmp_ok($first / 1024, '<', 64 * 2 + 64, 'it stays within twice the list limit and the worker\'s usual size');
 # Smaller pages are asked for, down to one object; then the failure backs off.
-wait_for(sub { $t->read_file('hostile.log') =~ /limit=1\b/ }, 'pages of one object asked for', 120);
+wait_for(sub { $t->read_file('hostile.log') =~ /ingresses\?limit=1\b/ }, 'pages of one object asked for', 120);
 pass('smaller pages are asked for, down to one object');
 wait_for(sub { (Edge::Test::status_json($t->port('status'))->{urls}[0]{last_error} // '') =~ /larger than 64 MiB/ },
     'the failure in edge_status');
 pass('edge_status says why');
-my $lists = () = $t->read_file('hostile.log') =~ /^GET /mg;
-cmp_ok($lists, '<=', 12, "a bounded number of requests before the backoff ($lists)");
+my $lists = () = $t->read_file('hostile.log') =~ /^GET \S+\/ingresses\?/mg;
+cmp_ok($lists, '<=', 12, "a bounded number of Ingress lists before the backoff ($lists)");
 my $after_lists = $peak->();
 kill 'TERM', $probe;
 waitpid($probe, 0);

@@ -1,5 +1,6 @@
-//! Kubernetes lists and watch events on arbitrary bytes: never panic; whatever parses makes a
-//! route document that merges into a table.
+//! Kubernetes lists and watch events on arbitrary bytes, of every kind (Ingresses,
+//! IngressClasses, routes with their status, Gateways with their listeners): never panic;
+//! whatever parses makes a route document that merges into a table, with and without a class.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,14 +14,21 @@ fuzz_target!(|data: &[u8]| {
             let _ = catalog.put(o);
         }
     }
-    for line in data.split(|&b| b == b'\n') {
-        if let Ok(Event::Put(o, _)) = kube::parse_event(line, Kind::Ingress) {
-            let _ = catalog.put(o);
+    for (i, line) in data.split(|&b| b == b'\n').enumerate() {
+        let kind = Kind::ALL[i % Kind::ALL.len()];
+        match kube::parse_event(line, kind) {
+            Ok(Event::Put(o, _)) => {
+                let _ = catalog.put(o);
+            }
+            Ok(Event::Delete(o, _)) => {
+                let _ = catalog.delete(&o);
+            }
+            _ => {}
         }
     }
     let _ = kube::looks_like_list(data);
-    for upstream in [Some("u"), None] {
-        let made = catalog.document("fuzz", upstream, None);
+    for (upstream, class) in [(Some("u"), None), (None, None), (Some("u"), Some("nginx"))] {
+        let made = catalog.document("fuzz", upstream, class);
         let mut doc = made.document;
         if upstream.is_some() {
             doc.upstreams.push(ngx_stream_edge_module::routes::document::UpstreamDef {

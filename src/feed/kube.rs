@@ -1,6 +1,7 @@
-//! Pure: the Kubernetes objects a source reads (Ingress, and Gateway API HTTPRoute and
-//! TLSRoute), reduced to what makes routes; list and watch-event parsing; the catalog of a
-//! source's objects and the route document it makes; the cache file that keeps it on disk.
+//! Pure: the Kubernetes objects a source reads (Ingress and IngressClass, and Gateway API
+//! HTTPRoute, TLSRoute and Gateway), reduced to what makes routes; list and watch-event
+//! parsing; the catalog of a source's objects and the route document it makes, as the APIs
+//! mean it; the cache file that keeps it on disk.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -30,22 +31,37 @@ pub enum Kind {
     Ingress,
     HTTPRoute,
     TLSRoute,
+    /// Which Ingresses the cluster's default class serves.
+    IngressClass,
+    /// The listeners Gateway API routes attach to.
+    Gateway,
 }
 
 impl Kind {
+    /// Every kind read under an API server's URL, in the order they are asked for.
+    pub const ALL: [Kind; 5] = [
+        Kind::Ingress,
+        Kind::HTTPRoute,
+        Kind::TLSRoute,
+        Kind::IngressClass,
+        Kind::Gateway,
+    ];
+
     pub fn plural(self) -> &'static str {
         match self {
             Kind::Ingress => "ingresses",
             Kind::HTTPRoute => "httproutes",
             Kind::TLSRoute => "tlsroutes",
+            Kind::IngressClass => "ingressclasses",
+            Kind::Gateway => "gateways",
         }
     }
 
     /// API group paths to try, in order, under an API server's URL.
     pub fn api_paths(self) -> &'static [&'static str] {
         match self {
-            Kind::Ingress => &["/apis/networking.k8s.io/v1"],
-            Kind::HTTPRoute => &["/apis/gateway.networking.k8s.io/v1"],
+            Kind::Ingress | Kind::IngressClass => &["/apis/networking.k8s.io/v1"],
+            Kind::HTTPRoute | Kind::Gateway => &["/apis/gateway.networking.k8s.io/v1"],
             Kind::TLSRoute => &[
                 "/apis/gateway.networking.k8s.io/v1",
                 "/apis/gateway.networking.k8s.io/v1alpha2",
@@ -53,20 +69,51 @@ impl Kind {
         }
     }
 
+    /// Whether a source can do without it: every kind but Ingress (a cluster may not serve
+    /// the Gateway API, or the edge's role may not read IngressClasses).
+    pub fn optional(self) -> bool {
+        self != Kind::Ingress
+    }
+
+    /// Whether its objects live in namespaces.
+    pub fn namespaced(self) -> bool {
+        self != Kind::IngressClass
+    }
+
     /// A wildcard host in this kind: Ingress `*.foo.com` is one label, Gateway API any depth.
     fn wildcard(self, suffix: String) -> RouteKey {
         match self {
             Kind::Ingress => RouteKey::OneLabel(suffix),
-            Kind::HTTPRoute | Kind::TLSRoute => RouteKey::Wildcard(suffix),
+            _ => RouteKey::Wildcard(suffix),
         }
     }
 
     fn of_list(kind: &str) -> Option<Kind> {
-        match kind.strip_suffix("List").unwrap_or(kind) {
-            "Ingress" => Some(Kind::Ingress),
-            "HTTPRoute" => Some(Kind::HTTPRoute),
-            "TLSRoute" => Some(Kind::TLSRoute),
-            _ => None,
+        let kind = kind.strip_suffix("List").unwrap_or(kind);
+        Kind::ALL.into_iter().find(|k| format!("{k:?}") == kind)
+    }
+
+    /// The kinds a list path of this kind brings along, at their paths: an Ingress list the
+    /// IngressClasses (cluster-wide), a route list the Gateways (at the same level).
+    pub fn companions(self, path: &str) -> Vec<(Kind, String)> {
+        let Some(base) = path.strip_suffix(self.plural()) else {
+            return Vec::new();
+        };
+        match self {
+            Kind::Ingress => {
+                // `…/v1/namespaces/NS/` or `…/v1/`: IngressClasses are not namespaced.
+                let base = match base.find("/namespaces/") {
+                    Some(at) => &base[..=at],
+                    None => base,
+                };
+                vec![(Kind::IngressClass, format!("{base}ingressclasses"))]
+            }
+            Kind::HTTPRoute | Kind::TLSRoute => {
+                // Gateways at `…/gateway.networking.k8s.io/v1/…`, whatever the route's version.
+                let base = base.replacen("/v1alpha2/", "/v1/", 1);
+                vec![(Kind::Gateway, format!("{base}gateways"))]
+            }
+            Kind::IngressClass | Kind::Gateway => Vec::new(),
         }
     }
 }
@@ -100,11 +147,56 @@ pub struct Object {
     /// version's routes go): more hosts than the limit, a spec that cannot be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// `metadata.creationTimestamp` in Unix seconds: the oldest object keeps a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
+    /// An IngressClass: the cluster's default (`ingressclass.kubernetes.io/is-default-class`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default_class: bool,
+    /// A Gateway's listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<Listener>,
+    /// A Gateway API route: the parents (Gateways) that accepted it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<Parent>,
+}
+
+/// A Gateway's listener: its name, and the hostname it takes (any when absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// A Gateway that accepted a route, and the listener the route names, if it names one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
 }
 
 pub type Key = (Kind, String, String);
 
 impl Object {
+    pub fn new(kind: Kind, namespace: String, name: String) -> Object {
+        Object {
+            kind,
+            namespace,
+            name,
+            hosts: Vec::new(),
+            addresses: Vec::new(),
+            class: None,
+            problem: None,
+            created: None,
+            default_class: false,
+            listeners: Vec::new(),
+            parents: Vec::new(),
+        }
+    }
+
     pub fn key(&self) -> Key {
         (self.kind, self.namespace.clone(), self.name.clone())
     }
@@ -135,6 +227,8 @@ struct RawMeta {
     #[serde(rename = "continue")]
     continue_token: Option<String>,
     annotations: Option<RawAnnotations>,
+    #[serde(rename = "creationTimestamp")]
+    created: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -142,6 +236,8 @@ struct RawMeta {
 struct RawAnnotations {
     #[serde(rename = "kubernetes.io/ingress.class")]
     class: Option<String>,
+    #[serde(rename = "ingressclass.kubernetes.io/is-default-class")]
+    default_class: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -150,8 +246,8 @@ struct RawSpec {
     #[serde(rename = "ingressClassName")]
     ingress_class_name: Option<String>,
     rules: Option<Vec<RawRule>>,
-    tls: Option<Vec<RawTls>>,
     hostnames: Option<Vec<String>>,
+    listeners: Option<Vec<RawListener>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -162,8 +258,9 @@ struct RawRule {
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawTls {
-    hosts: Option<Vec<String>>,
+struct RawListener {
+    name: String,
+    hostname: Option<String>,
 }
 
 /// An object's `status`; a Status object's is a string.
@@ -185,6 +282,35 @@ impl Default for StatusField {
 struct RawStatus {
     #[serde(rename = "loadBalancer")]
     load_balancer: Option<RawLoadBalancer>,
+    /// A Gateway API route's: what each parent made of it.
+    parents: Option<Vec<RawParentStatus>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawParentStatus {
+    #[serde(rename = "parentRef")]
+    parent_ref: RawParentRef,
+    conditions: Option<Vec<RawCondition>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawParentRef {
+    group: Option<String>,
+    kind: Option<String>,
+    namespace: Option<String>,
+    name: String,
+    #[serde(rename = "sectionName")]
+    section_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawCondition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -251,15 +377,8 @@ fn read_object(raw: &RawValue, kind: Option<Kind>) -> (Read, Option<String>) {
         Err(e) => match serde_json::from_str::<RawName>(raw.get()) {
             Ok(n) if !n.metadata.name.is_empty() => {
                 let k = kind_of(n.kind.as_deref());
-                let object = Object {
-                    kind: k,
-                    namespace: n.metadata.namespace,
-                    name: n.metadata.name,
-                    hosts: Vec::new(),
-                    addresses: Vec::new(),
-                    class: None,
-                    problem: Some(format!("cannot be read ({e})")),
-                };
+                let mut object = Object::new(k, n.metadata.namespace, n.metadata.name);
+                object.problem = Some(format!("cannot be read ({e})"));
                 (Read::Object(object), n.metadata.resource_version)
             }
             _ => (Read::Unreadable(e.to_string()), None),
@@ -269,50 +388,125 @@ fn read_object(raw: &RawValue, kind: Option<Kind>) -> (Read, Option<String>) {
 
 impl RawObject {
     fn reduce(self, kind: Kind) -> Object {
-        let mut hosts = Vec::new();
-        if let Some(rules) = self.spec.rules {
-            // A rule without a host adds nothing: it is the cluster's default backend.
-            hosts.extend(rules.into_iter().filter_map(|r| r.host));
-        }
-        if let Some(tls) = self.spec.tls {
-            hosts.extend(tls.into_iter().flat_map(|t| t.hosts.unwrap_or_default()));
-        }
-        if let Some(names) = self.spec.hostnames {
-            hosts.extend(names);
-        }
-        hosts.sort_unstable();
-        hosts.dedup();
-        let problem = (hosts.len() > MAX_HOSTS).then(|| {
-            let n = hosts.len();
-            hosts.clear();
-            format!("{n} hosts, more than the limit of {MAX_HOSTS}")
-        });
+        let mut object = Object::new(kind, self.metadata.namespace, self.metadata.name);
+        object.created = self.metadata.created.as_deref().and_then(unix_seconds);
+        let annotations = self.metadata.annotations.unwrap_or_default();
         let status = match self.status {
             StatusField::Object(s) => s,
             StatusField::Other(_) => RawStatus::default(),
         };
-        let addresses: Vec<IpAddr> = status
-            .load_balancer
-            .and_then(|lb| lb.ingress)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|i| i.ip?.parse().ok())
-            .take(MAX_ADDRESSES)
-            .collect();
-        let class = self
-            .spec
-            .ingress_class_name
-            .or_else(|| self.metadata.annotations.and_then(|a| a.class));
-        Object {
-            kind,
-            namespace: self.metadata.namespace,
-            name: self.metadata.name,
-            hosts,
-            addresses,
-            class,
-            problem,
+        let mut hosts = match kind {
+            // Rules' hosts only: a host named only in `spec.tls` is on a certificate, which
+            // may be shared with other clusters; a rule without a host is the cluster's
+            // default backend, and adds nothing.
+            Kind::Ingress => self
+                .spec
+                .rules
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.host)
+                .collect(),
+            Kind::HTTPRoute | Kind::TLSRoute => self.spec.hostnames.unwrap_or_default(),
+            Kind::IngressClass | Kind::Gateway => Vec::new(),
+        };
+        hosts.sort_unstable();
+        hosts.dedup();
+        if hosts.len() > MAX_HOSTS {
+            object.problem = Some(format!(
+                "{} hosts, more than the limit of {MAX_HOSTS}",
+                hosts.len()
+            ));
+            hosts.clear();
         }
+        object.hosts = hosts;
+        match kind {
+            Kind::Ingress => {
+                object.addresses = status
+                    .load_balancer
+                    .and_then(|lb| lb.ingress)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|i| i.ip?.parse().ok())
+                    .take(MAX_ADDRESSES)
+                    .collect();
+                object.class = self.spec.ingress_class_name.or(annotations.class);
+            }
+            Kind::IngressClass => {
+                object.default_class = annotations.default_class.as_deref() == Some("true");
+            }
+            Kind::Gateway => {
+                object.listeners = self
+                    .spec
+                    .listeners
+                    .unwrap_or_default()
+                    .into_iter()
+                    .take(MAX_LISTENERS)
+                    .map(|l| Listener {
+                        name: l.name,
+                        hostname: l.hostname.filter(|h| !h.is_empty()),
+                    })
+                    .collect();
+            }
+            Kind::HTTPRoute | Kind::TLSRoute => {
+                // The Gateways that accepted the route, as their controllers wrote it.
+                let namespace = object.namespace.clone();
+                object.parents = status
+                    .parents
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| {
+                        let r = &p.parent_ref;
+                        r.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+                            && r.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+                            && p.conditions
+                                .iter()
+                                .flatten()
+                                .any(|c| c.kind == "Accepted" && c.status == "True")
+                    })
+                    .take(MAX_PARENTS)
+                    .map(|p| Parent {
+                        namespace: p.parent_ref.namespace.unwrap_or_else(|| namespace.clone()),
+                        name: p.parent_ref.name,
+                        section: p.parent_ref.section_name,
+                    })
+                    .collect();
+            }
+        }
+        object
     }
+}
+
+/// The Gateway API's group, the default of a parentRef's.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Listeners of one Gateway, and parents of one route, that are read.
+const MAX_LISTENERS: usize = 64;
+const MAX_PARENTS: usize = 32;
+
+/// `2026-11-29T10:00:00Z` (RFC 3339, as Kubernetes writes its timestamps) in Unix seconds.
+fn unix_seconds(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 /// One list page (or a whole list from a server that does not page).
@@ -452,6 +646,12 @@ pub struct Made {
     /// read), and the first of them.
     pub problems: usize,
     pub first_problem: Option<String>,
+    /// Ingresses of a class the edge does not serve.
+    pub other_class: usize,
+    /// Gateway API routes no Gateway accepted (yet).
+    pub unaccepted: usize,
+    /// The cluster's default IngressClass, when it marks one.
+    pub default_class: Option<String>,
 }
 
 impl Catalog {
@@ -521,92 +721,175 @@ impl Catalog {
     }
 }
 
-/// `Catalog::document` for objects in (kind, namespace, name) order.
+/// `Catalog::document`: the route document of a source's objects, as the APIs mean them:
+/// - Ingresses of the class the edge serves: `ingress_class=`, or else the cluster's default
+///   IngressClass; an Ingress without a class belongs to the default class. When the cluster
+///   marks no class as its default (or its IngressClasses cannot be read), without
+///   `ingress_class=` every Ingress is read;
+/// - Gateway API routes that a Gateway accepted, their hostnames intersected with the
+///   listeners' (a route without hostnames takes its listener's); when a Gateway cannot be
+///   read, the route's own hostnames;
+/// - a host claimed by two objects stays with the oldest (`creationTimestamp`, then namespace
+///   and name), as ingress controllers do: a newer object cannot take a live host.
 pub fn document_of<'o>(
     objects: impl Iterator<Item = &'o Object>,
     source: &str,
     upstream: Option<&str>,
     ingress_class: Option<&str>,
 ) -> Made {
-    {
-        let mut made = Made::default();
-        let mut seen = std::collections::HashSet::new();
-        for object in objects {
-            if let Some(problem) = &object.problem {
-                made.problems += 1;
-                made.first_problem.get_or_insert_with(|| {
-                    format!(
-                        "{:?} {}/{}: {problem}",
-                        object.kind, object.namespace, object.name
-                    )
-                });
+    let objects: Vec<&Object> = objects.collect();
+    let mut made = Made::default();
+    let defaults: Vec<&str> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::IngressClass && o.default_class)
+        .map(|o| o.name.as_str())
+        .collect();
+    made.default_class = defaults.first().map(|d| d.to_string());
+    let serves = |class: Option<&str>| match (ingress_class, class) {
+        (Some(want), Some(class)) => class == want,
+        (Some(want), None) => defaults.contains(&want),
+        (None, _) if defaults.is_empty() => true,
+        (None, Some(class)) => defaults.contains(&class),
+        (None, None) => true,
+    };
+    let gateways: std::collections::HashMap<(&str, &str), &Object> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Gateway)
+        .map(|o| ((o.namespace.as_str(), o.name.as_str()), *o))
+        .collect();
+    let mut routing: Vec<(&Object, Vec<String>)> = Vec::new();
+    for object in objects {
+        if let Some(problem) = &object.problem {
+            made.problems += 1;
+            made.first_problem.get_or_insert_with(|| {
+                format!(
+                    "{:?} {}/{}: {problem}",
+                    object.kind, object.namespace, object.name
+                )
+            });
+            continue;
+        }
+        match object.kind {
+            Kind::IngressClass | Kind::Gateway => {}
+            Kind::Ingress if !serves(object.class.as_deref()) => made.other_class += 1,
+            Kind::Ingress => routing.push((object, object.hosts.clone())),
+            _ if object.parents.is_empty() => made.unaccepted += 1,
+            _ => routing.push((object, route_hosts(object, &gateways))),
+        }
+    }
+    routing.sort_by(|(a, _), (b, _)| {
+        let age = |o: &Object| o.created.unwrap_or(i64::MAX);
+        (age(a), &a.namespace, &a.name, a.kind).cmp(&(age(b), &b.namespace, &b.name, b.kind))
+    });
+    let mut seen = std::collections::HashSet::new();
+    for (object, hosts) in routing {
+        let target = match upstream {
+            Some(up) => up.to_owned(),
+            None if object.addresses.is_empty() => {
+                if !hosts.is_empty() {
+                    made.unrouted += 1;
+                }
                 continue;
             }
-            if let Some(want) = ingress_class {
-                if object.kind == Kind::Ingress && object.class.as_deref() != Some(want) {
-                    continue;
-                }
+            None => {
+                let name = made_up_name(source, object);
+                made.document.upstreams.push(UpstreamDef {
+                    name: name.clone(),
+                    kind: UpstreamKind::Servers(
+                        object
+                            .addresses
+                            .iter()
+                            .map(|&ip| ServerDef {
+                                ip,
+                                port: None,
+                                weight: 1,
+                                backup: false,
+                            })
+                            .collect(),
+                    ),
+                    policy: Policy::default(),
+                });
+                name
             }
-            let target = match upstream {
-                Some(up) => up.to_owned(),
-                None if object.addresses.is_empty() => {
-                    if !object.hosts.is_empty() {
-                        made.unrouted += 1;
-                    }
-                    continue;
-                }
+        };
+        for host in &hosts {
+            let key = match parse_route_key(host) {
+                Some(RouteKey::Wildcard(suffix)) => object.kind.wildcard(suffix),
+                Some(key) => key,
                 None => {
-                    let name = made_up_name(source, object);
-                    made.document.upstreams.push(UpstreamDef {
-                        name: name.clone(),
-                        kind: UpstreamKind::Servers(
-                            object
-                                .addresses
-                                .iter()
-                                .map(|&ip| ServerDef {
-                                    ip,
-                                    port: None,
-                                    weight: 1,
-                                    backup: false,
-                                })
-                                .collect(),
-                        ),
-                        policy: Policy::default(),
-                    });
-                    name
+                    made.invalid.push(format!(
+                        "{:?} {}/{}: \"{host}\"",
+                        object.kind, object.namespace, object.name
+                    ));
+                    continue;
                 }
             };
-            for host in &object.hosts {
-                let key = match parse_route_key(host) {
-                    Some(RouteKey::Wildcard(suffix)) => object.kind.wildcard(suffix),
-                    Some(key) => key,
-                    None => {
-                        made.invalid.push(format!(
-                            "{:?} {}/{}: \"{host}\"",
-                            object.kind, object.namespace, object.name
-                        ));
-                        continue;
-                    }
-                };
-                let name = match &key {
-                    RouteKey::Exact(n) => (false, n.clone()),
-                    RouteKey::Wildcard(n) | RouteKey::OneLabel(n) => (true, n.clone()),
-                };
-                if !seen.insert(name) {
-                    made.repeated += 1;
-                    continue;
-                }
-                made.document.routes.push((
-                    key,
-                    Targets {
-                        tls: Some(target.clone()),
-                        http: Some(target.clone()),
-                    },
-                ));
+            let name = match &key {
+                RouteKey::Exact(n) => (false, n.clone()),
+                RouteKey::Wildcard(n) | RouteKey::OneLabel(n) => (true, n.clone()),
+            };
+            if !seen.insert(name) {
+                made.repeated += 1;
+                continue;
+            }
+            made.document.routes.push((
+                key,
+                Targets {
+                    tls: Some(target.clone()),
+                    http: Some(target.clone()),
+                },
+            ));
+        }
+    }
+    made.routes = made.document.routes.len();
+    made
+}
+
+/// The hostnames a Gateway API route serves: its own, intersected with those of the
+/// listeners of the Gateways that accepted it.
+fn route_hosts(
+    route: &Object,
+    gateways: &std::collections::HashMap<(&str, &str), &Object>,
+) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for parent in &route.parents {
+        let Some(gateway) = gateways.get(&(parent.namespace.as_str(), parent.name.as_str())) else {
+            // The Gateway cannot be read: its listeners are not known.
+            hosts.extend(route.hosts.iter().cloned());
+            continue;
+        };
+        let listeners = gateway
+            .listeners
+            .iter()
+            .filter(|l| parent.section.as_deref().is_none_or(|s| s == l.name));
+        for listener in listeners {
+            match &listener.hostname {
+                None => hosts.extend(route.hosts.iter().cloned()),
+                Some(l) if route.hosts.is_empty() => hosts.push(l.clone()),
+                Some(l) => hosts.extend(route.hosts.iter().filter_map(|h| intersect(h, l))),
             }
         }
-        made.routes = made.document.routes.len();
-        made
+    }
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts
+}
+
+/// The hostnames a route's `route` and a listener's `listener` both take (the Gateway API's
+/// intersection): the more specific of the two when one contains the other.
+fn intersect(route: &str, listener: &str) -> Option<String> {
+    let (route, listener) = (route.to_ascii_lowercase(), listener.to_ascii_lowercase());
+    let below = |name: &str, suffix: &str| {
+        name.len() > suffix.len() + 1
+            && name.ends_with(suffix)
+            && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+    };
+    match (route.strip_prefix("*."), listener.strip_prefix("*.")) {
+        (None, None) => (route == listener).then_some(route),
+        (None, Some(l)) => below(&route, l).then_some(route),
+        (Some(r), None) => below(&listener, r).then_some(listener),
+        (Some(r), Some(l)) if r == l || below(r, l) => Some(route),
+        (Some(r), Some(l)) => below(l, r).then_some(listener),
     }
 }
 
@@ -751,7 +1034,9 @@ mod tests {
         assert_eq!(page.resource_version.as_deref(), Some("42"));
         assert_eq!(page.continue_token.as_deref(), Some("abc"));
         let shop = &page.objects[0];
-        assert_eq!(shop.hosts, ["*.shop.example.com", "shop.example.com"]);
+        // Rules' hosts only: `*.shop.example.com` is only on the certificate (`spec.tls`), which
+        // may be shared with another cluster (it was routed).
+        assert_eq!(shop.hosts, ["shop.example.com"]);
         assert_eq!(shop.addresses, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
         assert_eq!(shop.class.as_deref(), Some("nginx"));
         assert!(looks_like_list(body.as_bytes()));
@@ -860,16 +1145,23 @@ mod tests {
         assert!(parse_event(b"garbage", Kind::Ingress).is_err());
     }
 
+    /// An object of namespace "web"; an Ingress of class "nginx"; a route accepted by the
+    /// Gateway "web/gw" (not in the catalog unless a test adds it).
     fn object(kind: Kind, name: &str, hosts: &[&str], ip: Option<&str>) -> Object {
-        Object {
-            kind,
-            namespace: "web".into(),
-            name: name.into(),
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            addresses: ip.iter().map(|ip| ip.parse().unwrap()).collect(),
-            class: Some("nginx".into()),
-            problem: None,
+        let mut o = Object::new(kind, "web".into(), name.into());
+        o.hosts = hosts.iter().map(|h| h.to_string()).collect();
+        o.addresses = ip.iter().map(|ip| ip.parse().unwrap()).collect();
+        if kind == Kind::Ingress {
+            o.class = Some("nginx".into());
         }
+        if matches!(kind, Kind::HTTPRoute | Kind::TLSRoute) {
+            o.parents = vec![Parent {
+                namespace: "web".into(),
+                name: "gw".into(),
+                section: None,
+            }];
+        }
+        o
     }
 
     #[test]
@@ -896,6 +1188,205 @@ mod tests {
             2,
             "only the HTTPRoute"
         );
+    }
+
+    fn class(name: &str, default: bool) -> Object {
+        let mut o = Object::new(Kind::IngressClass, String::new(), name.into());
+        o.default_class = default;
+        o
+    }
+
+    fn hosts_of(made: &Made) -> Vec<String> {
+        let mut hosts: Vec<String> = made
+            .document
+            .routes
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        hosts.sort();
+        hosts
+    }
+
+    /// It was: without `ingress_class=`, Ingresses of every class were published (internal
+    /// ones too); with it, those without a class (which the default class serves) were not.
+    #[test]
+    fn ingresses_follow_the_default_class() {
+        let mut c = Catalog::default();
+        for (name, class) in [
+            ("pub", Some("nginx")),
+            ("int", Some("internal")),
+            ("none", None),
+        ] {
+            let mut o = object(Kind::Ingress, name, &[&format!("{name}.test")], None);
+            o.class = class.map(Into::into);
+            assert!(c.put(o));
+        }
+        let hosts = |c: &Catalog, class| hosts_of(&c.document("s", Some("u"), class));
+        assert_eq!(
+            hosts(&c, None),
+            ["int.test", "none.test", "pub.test"],
+            "no default class"
+        );
+        assert!(c.put(class("nginx", true)));
+        assert!(c.put(class("internal", false)));
+        assert_eq!(hosts(&c, None), ["none.test", "pub.test"]);
+        assert_eq!(hosts(&c, Some("nginx")), ["none.test", "pub.test"]);
+        assert_eq!(hosts(&c, Some("internal")), ["int.test"]);
+        let made = c.document("s", Some("u"), None);
+        assert_eq!(
+            (made.other_class, made.default_class.as_deref()),
+            (1, Some("nginx"))
+        );
+    }
+
+    /// It was: routes were taken whether or not a Gateway accepted them, and whatever the
+    /// listeners' hostnames.
+    #[test]
+    fn gateway_routes_need_a_parent_that_accepted_them_and_its_listeners() {
+        let mut c = Catalog::default();
+        let mut gw = Object::new(Kind::Gateway, "web".into(), "gw".into());
+        gw.listeners = vec![
+            Listener {
+                name: "apps".into(),
+                hostname: Some("*.apps.test".into()),
+            },
+            Listener {
+                name: "admin".into(),
+                hostname: Some("admin.test".into()),
+            },
+        ];
+        assert!(c.put(gw));
+        assert!(c.put(object(
+            Kind::HTTPRoute,
+            "r1",
+            &["a.apps.test", "other.test"],
+            None
+        )));
+        assert!(c.put(object(Kind::TLSRoute, "r2", &[], None)));
+        let mut r3 = object(Kind::HTTPRoute, "r3", &["*.x.apps.test"], None);
+        r3.parents[0].section = Some("apps".into());
+        assert!(c.put(r3));
+        let mut waiting = object(Kind::HTTPRoute, "waiting", &["w.apps.test"], None);
+        waiting.parents.clear();
+        assert!(c.put(waiting));
+        let made = c.document("s", Some("u"), None);
+        assert_eq!(
+            hosts_of(&made),
+            ["*.apps.test", "*.x.apps.test", "a.apps.test", "admin.test"],
+            "r2 takes the listeners' own hostnames"
+        );
+        assert_eq!(made.unaccepted, 1);
+        // A Gateway that cannot be read: the route's own hostnames.
+        let mut elsewhere = object(Kind::HTTPRoute, "r4", &["e.test"], None);
+        elsewhere.parents[0].name = "unknown".into();
+        assert!(c.put(elsewhere));
+        assert!(hosts_of(&c.document("s", Some("u"), None)).contains(&"e.test".to_owned()));
+    }
+
+    #[test]
+    fn hostnames_intersect_as_the_gateway_api_says() {
+        for (route, listener, both) in [
+            ("a.test", "a.test", Some("a.test")),
+            ("a.test", "b.test", None),
+            ("a.b.test", "*.test", Some("a.b.test")),
+            ("test", "*.test", None),
+            ("*.test", "a.test", Some("a.test")),
+            ("*.a.test", "*.test", Some("*.a.test")),
+            ("*.test", "*.a.test", Some("*.a.test")),
+            ("*.test", "*.test", Some("*.test")),
+            ("*.a.test", "*.b.test", None),
+            ("xa.test", "*.a.test", None),
+            ("A.Test", "a.test", Some("a.test")),
+        ] {
+            assert_eq!(
+                intersect(route, listener).as_deref(),
+                both,
+                "{route} {listener}"
+            );
+        }
+    }
+
+    /// It was: a host claimed by two objects went to the first in (kind, namespace, name)
+    /// order, so a newer object in an earlier-sorting namespace took a live host.
+    #[test]
+    fn the_oldest_object_keeps_a_host() {
+        let mut c = Catalog::default();
+        let mut old = object(Kind::Ingress, "old", &["shop.test"], None);
+        old.namespace = "zz".into();
+        old.created = unix_seconds("2025-01-01T00:00:00Z");
+        let mut new = object(Kind::Ingress, "new", &["shop.test"], None);
+        new.namespace = "aa".into();
+        new.created = unix_seconds("2026-11-29T10:00:00Z");
+        let mut route = object(Kind::HTTPRoute, "route", &["shop.test"], None);
+        route.created = unix_seconds("2024-06-01T00:00:00Z");
+        assert!(c.put(old) && c.put(new));
+        let upstream_of = |c: &Catalog| {
+            let made = c.document("s", None, None);
+            made.document.routes.len()
+        };
+        assert_eq!(upstream_of(&c), 0, "no addresses: routed nowhere");
+        let made = c.document("s", Some("u"), None);
+        assert_eq!((made.routes, made.repeated), (1, 1));
+        // Which one kept it shows without upstream=: each has its own load balancer.
+        for (name, ip) in [("old", "10.0.0.1"), ("new", "10.0.0.2")] {
+            let key = (
+                Kind::Ingress,
+                if name == "old" { "zz" } else { "aa" }.to_owned(),
+                name.to_owned(),
+            );
+            let mut o = (*c.objects[&key]).clone();
+            o.addresses = vec![ip.parse().unwrap()];
+            assert!(c.put(o));
+        }
+        let made = c.document("s", None, None);
+        assert_eq!(
+            made.document.routes[0].1.tls.as_deref(),
+            Some("k8s.s.zz.old")
+        );
+        // An older object of another kind, that routes nowhere, takes nothing from it.
+        assert!(c.put(route));
+        let made = c.document("s", None, None);
+        assert_eq!((made.unrouted, made.routes), (1, 1));
+        assert_eq!(
+            made.document.routes[0].1.tls.as_deref(),
+            Some("k8s.s.zz.old")
+        );
+        assert_eq!(unix_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            unix_seconds("2026-11-29T10:00:00.123456Z"),
+            Some(1_795_946_400)
+        );
+        assert_eq!(unix_seconds("not a date"), None);
+    }
+
+    #[test]
+    fn route_status_and_classes_are_read() {
+        let route = br#"{"type":"MODIFIED","object":{"kind":"HTTPRoute","metadata":{"name":"r","namespace":"web","resourceVersion":"9","creationTimestamp":"2026-11-29T10:00:00Z"},
+            "spec":{"hostnames":["r.test"],"parentRefs":[{"name":"gw"},{"name":"other","namespace":"infra"}]},
+            "status":{"parents":[
+              {"parentRef":{"name":"gw"},"controllerName":"c","conditions":[{"type":"Accepted","status":"True"}]},
+              {"parentRef":{"name":"other","namespace":"infra","sectionName":"https"},"conditions":[{"type":"Accepted","status":"False"}]},
+              {"parentRef":{"group":"","kind":"Service","name":"mesh"},"conditions":[{"type":"Accepted","status":"True"}]}]}}}"#;
+        match parse_event(route, Kind::HTTPRoute).unwrap() {
+            Event::Put(o, _) => {
+                assert_eq!(
+                    o.parents,
+                    [Parent {
+                        namespace: "web".into(),
+                        name: "gw".into(),
+                        section: None
+                    }]
+                );
+                assert_eq!(o.created, Some(1_795_946_400));
+            }
+            other => panic!("{other:?}"),
+        }
+        let list = br#"{"kind":"IngressClassList","metadata":{"resourceVersion":"3"},"items":[
+            {"metadata":{"name":"nginx","annotations":{"ingressclass.kubernetes.io/is-default-class":"true"}},"spec":{"controller":"k8s.io/ingress-nginx"}},
+            {"metadata":{"name":"internal"},"spec":{"controller":"k8s.io/ingress-nginx"}}]}"#;
+        let page = parse_list(list, Some(Kind::IngressClass)).unwrap();
+        let defaults: Vec<bool> = page.objects.iter().map(|o| o.default_class).collect();
+        assert_eq!(defaults, [true, false]);
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct Resource {
     pub kind: Option<Kind>,
     /// List paths to try in order: a kind's API versions.
     paths: Vec<String>,
+    /// The source can do without it: a 404 or a 403 means it has none (see `Kind::optional`).
+    optional: bool,
     query: Option<String>,
     at: usize,
     pub state: State,
@@ -116,6 +118,7 @@ impl Resource {
     /// The resources a source reads: one per kind under an API server's URL, else the URL.
     pub fn for_url(url: &Url, k8s: bool, interval_ms: u64, seed: u64) -> Vec<Resource> {
         let make = |kind: Option<Kind>, paths: Vec<String>, polling: bool, i: u64| Resource {
+            optional: kind.is_some_and(Kind::optional),
             kind,
             paths,
             query: url.query.clone(),
@@ -140,8 +143,14 @@ impl Resource {
             return vec![make(None, vec![url.path.clone()], true, 0)];
         }
         match super::kube::Target::of(&url.path) {
-            Some(kind) => vec![make(Some(kind), vec![url.path.clone()], false, 0)],
-            None => [Kind::Ingress, Kind::HTTPRoute, Kind::TLSRoute]
+            // One list path: that kind, and the kinds it needs beside it (an Ingress list's
+            // IngressClasses, a route list's Gateways).
+            Some(kind) => std::iter::once((kind, url.path.clone()))
+                .chain(kind.companions(&url.path))
+                .enumerate()
+                .map(|(i, (kind, path))| make(Some(kind), vec![path], false, i as u64))
+                .collect(),
+            None => Kind::ALL
                 .into_iter()
                 .enumerate()
                 .map(|(i, kind)| {
@@ -154,15 +163,6 @@ impl Resource {
                 })
                 .collect(),
         }
-    }
-
-    /// Whether a 404 means "not served" (a kind under an API server), not an error.
-    fn optional(&self) -> bool {
-        self.paths.len() > 1
-            || self
-                .paths
-                .first()
-                .is_some_and(|p| p.contains("/apis/gateway."))
     }
 
     pub fn path(&self) -> &str {
@@ -229,11 +229,13 @@ impl Resource {
                 self.restart();
                 Body::Again(0)
             }
-            (404, _) if self.optional() && self.at + 1 < self.paths.len() => {
+            (404, _) if self.optional && self.at + 1 < self.paths.len() => {
                 self.at += 1;
                 Body::Again(0)
             }
-            (404, _) if self.optional() => {
+            // Not served (its CRDs are not installed), or not readable by the edge's role:
+            // the source has none of it.
+            (404 | 403, _) if self.optional => {
                 self.state = State::Absent;
                 self.at = 0;
                 Body::Absent
@@ -419,14 +421,12 @@ mod tests {
         Page {
             kind: None,
             objects: (0..n)
-                .map(|i| Object {
-                    kind: Kind::Ingress,
-                    namespace: "ns".into(),
-                    name: format!("o{i}-{}", cont.unwrap_or("")),
-                    hosts: vec![],
-                    addresses: vec![],
-                    class: None,
-                    problem: None,
+                .map(|i| {
+                    Object::new(
+                        Kind::Ingress,
+                        "ns".into(),
+                        format!("o{i}-{}", cont.unwrap_or("")),
+                    )
                 })
                 .collect(),
             resource_version: rv.map(Into::into),
@@ -451,6 +451,29 @@ mod tests {
                 "/k8s/clusters/c-1/apis/networking.k8s.io/v1/ingresses",
                 "/k8s/clusters/c-1/apis/gateway.networking.k8s.io/v1/httproutes",
                 "/k8s/clusters/c-1/apis/gateway.networking.k8s.io/v1/tlsroutes",
+                "/k8s/clusters/c-1/apis/networking.k8s.io/v1/ingressclasses",
+                "/k8s/clusters/c-1/apis/gateway.networking.k8s.io/v1/gateways",
+            ]
+        );
+        // One list path brings the kind it needs beside it.
+        let paths = |u: &str| -> Vec<String> {
+            Resource::for_url(&url(u), true, 10_000, 1)
+                .iter()
+                .map(|r| r.path().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            paths("http://h/apis/networking.k8s.io/v1/namespaces/web/ingresses"),
+            [
+                "/apis/networking.k8s.io/v1/namespaces/web/ingresses",
+                "/apis/networking.k8s.io/v1/ingressclasses"
+            ]
+        );
+        assert_eq!(
+            paths("http://h/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes"),
+            [
+                "/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes",
+                "/apis/gateway.networking.k8s.io/v1/gateways"
             ]
         );
         let mut r = Resource::for_url(
@@ -566,6 +589,12 @@ mod tests {
             ingress.head(Mode::List, 404, None, 0),
             Body::Fail(_, _)
         ));
+        assert!(matches!(
+            ingress.head(Mode::List, 403, None, 0),
+            Body::Fail(_, _)
+        ));
+        // The edge's role may not read IngressClasses: it does without them.
+        assert_eq!(rs[3].head(Mode::List, 403, None, 0), Body::Absent);
     }
 
     #[test]

@@ -26,13 +26,16 @@ use Time::HiRes qw(time sleep);
 my $json = $JSON->new->canonical;
 
 my %KINDS = (
-    ingresses  => { kind => 'Ingress',   group => 'networking.k8s.io',         version => 'v1' },
-    httproutes => { kind => 'HTTPRoute', group => 'gateway.networking.k8s.io', version => 'v1' },
-    tlsroutes  => { kind => 'TLSRoute',  group => 'gateway.networking.k8s.io', version => 'v1alpha2' },
+    ingresses      => { kind => 'Ingress',      group => 'networking.k8s.io',         version => 'v1' },
+    ingressclasses => { kind => 'IngressClass', group => 'networking.k8s.io',         version => 'v1', cluster => 1 },
+    httproutes     => { kind => 'HTTPRoute',    group => 'gateway.networking.k8s.io', version => 'v1' },
+    tlsroutes      => { kind => 'TLSRoute',     group => 'gateway.networking.k8s.io', version => 'v1alpha2' },
+    gateways       => { kind => 'Gateway',      group => 'gateway.networking.k8s.io', version => 'v1' },
 );
+my $RESOURCES = join '|', sort keys %KINDS;
 
 # new($t, $name, tls => [crt, key], client_ca => CA_FILE, token => TEXT, exporter => 1,
-#     gateway => 1, bookmark => SECONDS, gone_as_event => 1)
+#     gateway => 1, bookmark => SECONDS, gone_as_event => 1, forbid => [RESOURCE, ...])
 sub new {
     my ($class, $t, $name, %o) = @_;
     my $dir = $t->dir . "/kube-$name";
@@ -122,14 +125,14 @@ sub _objects {
         last if defined $upto && $rv > $upto;
         next unless $res eq $resource;
         my $o = $json->decode($text);
-        my $key = "$o->{metadata}{namespace}/$o->{metadata}{name}";
+        my $key = ($o->{metadata}{namespace} // '') . "/$o->{metadata}{name}";
         if ($type eq 'DELETED') { delete $objs{$key} } else { $objs{$key} = $o }
     }
     return \%objs;
 }
 
 # An Ingress as the API server stores it. %o: hosts (rules), tls (hosts), ip, class,
-# norule (a rule without host), annotations.
+# norule (a rule without host), annotations, created (creationTimestamp).
 sub ingress {
     my ($ns, $name, %o) = @_;
     my @rules = map { { host => $_, http => { paths => [{ path => '/', pathType => 'Prefix',
@@ -141,7 +144,7 @@ sub ingress {
         kind => 'Ingress',
         metadata => {
             name => $name, namespace => $ns, uid => sprintf('%08x-0000-4000-8000-%012x', length($name), time * 1000 % 1e12),
-            generation => 1, creationTimestamp => '2026-11-29T10:00:00Z',
+            generation => 1, creationTimestamp => $o{created} // '2026-11-29T10:00:00Z',
             annotations => { 'kubectl.kubernetes.io/last-applied-configuration' => '{"apiVersion":"networking.k8s.io/v1"}',
                 %{$o{annotations} // {}} },
             managedFields => [{ manager => 'kubectl-client-side-apply', operation => 'Update',
@@ -175,6 +178,30 @@ sub route {
     };
 }
 
+# An IngressClass (cluster-wide); %o: default (the cluster's default class).
+sub ingressclass {
+    my ($name, %o) = @_;
+    return {
+        apiVersion => 'networking.k8s.io/v1', kind => 'IngressClass',
+        metadata => { name => $name, uid => "c-$name", generation => 1, creationTimestamp => '2026-11-29T09:00:00Z',
+            ($o{default} ? (annotations => { 'ingressclass.kubernetes.io/is-default-class' => 'true' }) : ()) },
+        spec => { controller => 'k8s.io/ingress-nginx' },
+    };
+}
+
+# A Gateway with listeners [name, hostname or undef], as its controller programmed it.
+sub gateway {
+    my ($ns, $name, @listeners) = @_;
+    return {
+        apiVersion => 'gateway.networking.k8s.io/v1', kind => 'Gateway',
+        metadata => { name => $name, namespace => $ns, uid => "g-$name", generation => 1,
+            creationTimestamp => '2026-11-29T09:00:00Z' },
+        spec => { gatewayClassName => 'example', listeners => [map { my ($l, $h) = @$_;
+            { name => $l, protocol => 'HTTPS', port => 443, (defined $h ? (hostname => $h) : ()) } } @listeners] },
+        status => { conditions => [{ type => 'Programmed', status => 'True' }] },
+    };
+}
+
 sub resource_of {
     my ($obj) = @_;
     my ($r) = grep { $KINDS{$_}{kind} eq $obj->{kind} } keys %KINDS;
@@ -185,7 +212,7 @@ sub resource_of {
 sub apply {
     my ($self, $obj) = @_;
     my $res = resource_of($obj);
-    my $key = "$obj->{metadata}{namespace}/$obj->{metadata}{name}";
+    my $key = ($obj->{metadata}{namespace} // '') . "/$obj->{metadata}{name}";
     my $type = $self->_objects($res)->{$key} ? 'MODIFIED' : 'ADDED';
     return $self->_append($type, $res, $obj);
 }
@@ -193,7 +220,7 @@ sub apply {
 sub delete {
     my ($self, $obj) = @_;
     my $res = resource_of($obj);
-    my $key = "$obj->{metadata}{namespace}/$obj->{metadata}{name}";
+    my $key = ($obj->{metadata}{namespace} // '') . "/$obj->{metadata}{name}";
     my $cur = $self->_objects($res)->{$key} or die "no $key to delete\n";
     return $self->_append('DELETED', $res, $cur);
 }
@@ -252,7 +279,7 @@ sub _status_json {
 
 sub _respond {
     my ($c, $code, $body, %h) = @_;
-    my %text = (200 => 'OK', 304 => 'Not Modified', 401 => 'Unauthorized', 404 => 'Not Found',
+    my %text = (200 => 'OK', 304 => 'Not Modified', 401 => 'Unauthorized', 403 => 'Forbidden', 404 => 'Not Found',
         410 => 'Gone', 500 => 'Internal Server Error');
     my $head = "HTTP/1.1 $code " . ($text{$code} // 'X') . "\r\nContent-Type: application/json\r\n"
         . join('', map { "$_: $h{$_}\r\n" } sort keys %h)
@@ -309,12 +336,17 @@ sub _connection {
         return _respond($c, 200, $doc, ETag => $etag);
     }
     my %q = map { my ($k, $v) = split /=/, $_, 2; ($k => _unescape($v // '')) } split /&/, $query // '';
-    return $self->_discovery($c, $path) if $path =~ m{^/(api|apis|version)(/|$)} && $path !~ m{/(ingresses|httproutes|tlsroutes)};
+    return $self->_discovery($c, $path) if $path =~ m{^/(api|apis|version)(/|$)} && $path !~ m{/($RESOURCES)$};
     my ($group, $version, $ns, $res) = $path =~
-        m{^/apis/([^/]+)/([^/]+)(?:/namespaces/([^/]+))?/(ingresses|httproutes|tlsroutes)$}
+        m{^/apis/([^/]+)/([^/]+)(?:/namespaces/([^/]+))?/($RESOURCES)$}
         or return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
     my $k = $KINDS{$res};
-    if ($group ne $k->{group} || $version ne $k->{version} || ($group =~ /gateway/ && !$self->{gateway})) {
+    if (grep { $_ eq $res } @{$self->{forbid} // []}) {
+        return _respond($c, 403, _status_json(403, 'Forbidden',
+            "$res.$k->{group} is forbidden: User \"system:serviceaccount:edge:edge\" cannot list resource \"$res\""));
+    }
+    if ($group ne $k->{group} || $version ne $k->{version} || ($group =~ /gateway/ && !$self->{gateway})
+        || ($k->{cluster} && defined $ns)) {
         return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
     }
     # A page of more than 64 MiB unless fewer than 100 objects are asked for.
@@ -468,7 +500,8 @@ sub _discovery {
         return _respond($c, 404, _status_json(404, 'NotFound', 'not found'))
             unless @res && ($g !~ /gateway/ || $self->{gateway});
         $body = { kind => 'APIResourceList', apiVersion => 'v1', groupVersion => "$g/$v", resources => [map {
-            { name => $_, singularName => lc $KINDS{$_}{kind}, namespaced => JSON::PP::true(),
+            { name => $_, singularName => lc $KINDS{$_}{kind},
+              namespaced => $KINDS{$_}{cluster} ? JSON::PP::false() : JSON::PP::true(),
               kind => $KINDS{$_}{kind}, verbs => [qw(create delete get list patch update watch)],
               ($_ eq 'ingresses' ? (shortNames => ['ing']) : ()) }
         } @res] };
