@@ -1,7 +1,8 @@
 //! The two files a URL source keeps in the state folder, and why a worker may trust them:
 //!
-//! - the *candidate* (`url-KEY.json.next.MASTER`): what its feed brought last, written by the
-//!   worker that fetches it, for the table(s) that merge the source to read;
+//! - the *candidate* (`url-KEY.json.next.MASTER`, named by the workers after their master's
+//!   pid): what its feed brought last, written by the worker that fetches it, for the
+//!   table(s) that merge the source to read;
 //! - the *accepted* copy (`url-KEY.json`): the last candidate a table merged, copied once it
 //!   was; the master reads it at start, so that nginx started while the source is unreachable
 //!   still routes, and never from a document the table refused.
@@ -14,8 +15,9 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::feed::state::write_atomically;
 use crate::zone::{self, Kept};
@@ -37,24 +39,41 @@ pub struct Files {
     /// The source's cache key: its files' names, and its entry in the zone.
     pub key: u64,
     pub accepted: PathBuf,
-    pub candidate: PathBuf,
+    /// Set in the workers (see `start`); the master reads the accepted version only.
+    candidate: OnceLock<PathBuf>,
     /// Writes of this process, one at a time: the feed's and the promotions'.
     writing: Mutex<()>,
-    /// The digest of the candidate as the table last read it: the version a table accepted.
+    /// The digest of the candidate as a table last read it.
     read: Mutex<Option<Digest>>,
 }
 
 impl Files {
-    /// In `state`, for the master `master` (candidates are per master: another nginx on the
-    /// same folder, or a new master during a binary upgrade, has its own).
-    pub fn new(state: &Path, key: u64, master: i32) -> Files {
+    /// In `state`.
+    pub fn new(state: &Path, key: u64) -> Files {
         Files {
             key,
             accepted: state.join(format!("url-{key:016x}.json")),
-            candidate: state.join(format!("url-{key:016x}.json.next.{master}")),
+            candidate: OnceLock::new(),
             writing: Mutex::new(()),
             read: Mutex::new(None),
         }
+    }
+
+    /// Names the candidate after the workers' master, `master` (candidates are per master:
+    /// another nginx on the same folder, or a new master during a binary upgrade, has its
+    /// own). At configuration time the master's pid is not known yet (`daemon on` forks
+    /// after it); its workers know it.
+    pub fn start(&self, master: i32) -> &Path {
+        self.candidate.get_or_init(|| {
+            let mut name = self.accepted.as_os_str().to_owned();
+            name.push(format!(".next.{master}"));
+            PathBuf::from(name)
+        })
+    }
+
+    /// The candidate, once named.
+    pub fn candidate(&self) -> Option<&Path> {
+        self.candidate.get().map(PathBuf::as_path)
     }
 
     /// The file beside the accepted copy that holds the source's state, for every worker's
@@ -64,7 +83,7 @@ impl Files {
     }
 
     fn which(&self, path: &Path) -> Kept {
-        if path == self.candidate {
+        if self.candidate() == Some(path) {
             Kept::Candidate
         } else {
             Kept::Accepted
@@ -97,8 +116,8 @@ impl Files {
     /// else the accepted copy — checked against the zone when this nginx wrote it, taken as
     /// the master took it at start otherwise, and then vouched for.
     pub fn seed(&self) -> Result<Option<Vec<u8>>, String> {
-        if self.candidate.exists() {
-            if let Ok(bytes) = self.read(&self.candidate) {
+        if let Some(candidate) = self.candidate() {
+            if let Ok(bytes) = self.read(candidate) {
                 return Ok(Some(bytes));
             }
         }
@@ -125,9 +144,11 @@ impl Files {
         Ok(Some(bytes))
     }
 
-    /// Writes what the feed brought as the candidate, and vouches for it; `false` when the
-    /// zone had no room to (it is then read unchecked, as every file without an entry).
-    pub fn write_candidate(&self, bytes: &[u8]) -> Result<bool, String> {
+    /// Writes what the feed brought as the candidate, and vouches for it.
+    pub fn write_candidate(&self, bytes: &[u8]) -> Result<(), String> {
+        let Some(candidate) = self.candidate() else {
+            return Err("the candidate is not named yet".into());
+        };
         if bytes.len() as u64 > MAX_BYTES {
             return Err(format!(
                 "{} bytes, more than the limit of {} MiB",
@@ -136,40 +157,69 @@ impl Files {
             ));
         }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        // Vouched for before it is in place: a table that lists it reads it at once.
-        let vouched =
-            zone::current().is_none_or(|z| z.vouch(self.key, Kept::Candidate, &sha256(bytes)));
-        write_atomically(&self.candidate, bytes)
-            .map_err(|e| format!("{}: {e}", self.candidate.display()))?;
-        Ok(vouched)
+        self.write_vouched(candidate, Kept::Candidate, bytes, &sha256(bytes))
     }
 
-    /// A table accepted the candidate it read last: copies that version to the accepted
+    /// The digest of the candidate as a table read it last: what it accepted, when said right
+    /// after its merge (see `promote`).
+    pub fn read_digest(&self) -> Option<Digest> {
+        *self.read.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A table accepted the version `digest` of the candidate: copies it to the accepted
     /// file, unless the candidate has changed since (the next one will be accepted in turn).
-    pub fn promote(&self) -> Result<bool, String> {
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(digest) = *self.read.lock().unwrap_or_else(|e| e.into_inner()) else {
+    pub fn promote(&self, digest: &Digest) -> Result<bool, String> {
+        let Some(candidate) = self.candidate() else {
             return Ok(false);
         };
-        let bytes = read_bounded(&self.candidate)?;
-        if sha256(&bytes) != digest {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = read_bounded(candidate)?;
+        if sha256(&bytes) != *digest {
             return Ok(false);
         }
-        if let Some(zone) = zone::current() {
-            zone.vouch(self.key, Kept::Accepted, &digest);
+        self.write_vouched(&self.accepted, Kept::Accepted, &bytes, digest)
+            .map(|()| true)
+    }
+
+    /// Vouches for `digest`, then writes the file: a table that lists it reads it at once.
+    /// A write that fails takes its vouch back.
+    fn write_vouched(
+        &self,
+        path: &Path,
+        copy: Kept,
+        bytes: &[u8],
+        digest: &Digest,
+    ) -> Result<(), String> {
+        let zone = zone::current();
+        if let Some(zone) = zone {
+            zone.vouch(self.key, copy, digest);
         }
-        write_atomically(&self.accepted, &bytes)
-            .map_err(|e| format!("{}: {e}", self.accepted.display()))?;
-        Ok(true)
+        write_atomically(path, bytes).map_err(|e| {
+            if let Some(zone) = zone {
+                zone.unvouch(self.key, copy, digest);
+            }
+            format!("{}: {e}", path.display())
+        })
     }
 }
 
-/// A file's bytes, refused past `MAX_BYTES` without reading them all.
+/// A file's bytes, refused past `MAX_BYTES` without reading them all. Only a regular file is
+/// read, and not through a symlink: anyone able to write the state folder could put a FIFO
+/// there (whose open and reads would never return) or a link to any file.
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     let shown = path.display();
     let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
+    file.take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| format!("{shown}: {e}"))?;
     if bytes.len() as u64 > MAX_BYTES {
         return Err(format!("{shown}: larger than {} MiB", MAX_BYTES >> 20));

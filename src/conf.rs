@@ -458,13 +458,8 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
         if (named || !mcf.urls.is_empty()) && !add_state_path(cf, &state) {
             return false;
         }
-        let master = libc::getpid();
         for url in &mut mcf.urls {
-            url.files = Some(Arc::new(Files::new(
-                &state,
-                url.options.cache_key(),
-                master,
-            )));
+            url.files = Some(Arc::new(Files::new(&state, url.options.cache_key())));
         }
     }
     let exists = |name: &str| mcf.nginx_upstreams.contains(name);
@@ -475,7 +470,7 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
             let files = url.files.as_ref()?;
             Some(Cached {
                 file: files.accepted.clone(),
-                candidate: files.candidate.clone(),
+                candidate: None,
                 read: url_reader(&url.options, Arc::clone(files)),
                 label: format!("edge_routes_url {}", url.options.name),
             })

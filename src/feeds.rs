@@ -77,7 +77,8 @@ pub struct Feed {
     logged: Vec<String>,
     /// The objects refused for want of room when that was last logged.
     refused_logged: usize,
-    unvouched_logged: bool,
+    /// Failed writes in a row: they back off.
+    write_failures: u32,
     /// The cluster's default IngressClass, as the catalog last written said.
     default_class: Option<String>,
     stats: Stats,
@@ -99,6 +100,9 @@ struct Stats {
     /// Ingresses of a class the edge does not serve; routes no Gateway accepted.
     other_class: usize,
     unaccepted: usize,
+    /// Objects past the source's limits of routes and upstreams.
+    over_limit: usize,
+    ambiguous_class: bool,
 }
 
 /// What a writer thread did.
@@ -108,8 +112,7 @@ struct Written {
     first_invalid: Option<String>,
     first_problem: Option<String>,
     default_class: Option<String>,
-    /// The zone had no room to vouch for the candidate.
-    unvouched: bool,
+    first_over_limit: Option<String>,
 }
 
 /// What a feed starts from: the catalog of a Kubernetes source's last candidate (or accepted
@@ -307,6 +310,7 @@ impl Feed {
             "invalid_objects": self.stats.problems,
             "other_class_ingresses": self.stats.other_class,
             "unaccepted_routes": self.stats.unaccepted,
+            "over_limit_objects": self.stats.over_limit,
             "default_ingress_class": self.default_class,
             "refused_objects": self.catalog.refused(),
             "longest_step_ms": (self.longest.as_secs_f64() * 1e4).round() / 10.0,
@@ -353,7 +357,7 @@ pub unsafe fn start(
         last_error: None,
         logged: Vec::new(),
         refused_logged: 0,
-        unvouched_logged: false,
+        write_failures: 0,
         default_class: None,
         stats: Stats::default(),
         seed,
@@ -451,13 +455,15 @@ unsafe fn read_before(feed: &mut Feed) {
 unsafe fn seeded(feed: &mut Feed, catalog: Seeded) {
     feed.seeded = true;
     match catalog {
-        Ok(Some(catalog)) => {
-            feed.catalog = catalog;
+        // Every kind is known: from the last good table, or there was none (nothing to keep).
+        Ok(catalog) => {
+            if let Some(catalog) = catalog {
+                feed.catalog = catalog;
+            }
             for r in &mut feed.resources {
                 r.known = true;
             }
         }
-        Ok(None) => {}
         Err(e) => {
             ngx_log_error!(
                 nginx_sys::NGX_LOG_WARN,
@@ -920,11 +926,20 @@ unsafe fn stream(feed: &mut Feed, index: usize) -> Result<(), String> {
     }
     feed.answered(index);
     if room {
-        // Objects refused for want of room may fit now: the list takes them.
-        let r = &mut feed.resources[index];
-        r.plan.relist();
-        r.ex = None;
-        schedule(r, RELIST_MS);
+        // Objects refused for want of room may fit now: the lists take them, of every kind
+        // that had some refused.
+        for i in 0..feed.resources.len() {
+            let refused = feed.resources[i]
+                .plan
+                .kind
+                .is_some_and(|k| feed.catalog.refused.get(&k).is_some_and(|&n| n > 0));
+            if i == index || refused {
+                let r = &mut feed.resources[i];
+                r.plan.relist();
+                r.ex = None;
+                schedule(r, RELIST_MS);
+            }
+        }
     }
     Ok(())
 }
@@ -1022,6 +1037,10 @@ unsafe fn flush(feed: &mut Feed) {
     if feed.writer.is_some() || !(catalog || feed.status_dirty || feed.edge_doc.is_some()) {
         return;
     }
+    // After a failed write, the next waits for its backoff (the flush timer).
+    if feed.write_failures > 0 && feed.flush.timer_set() != 0 {
+        return;
+    }
     let Some(files) = feed.files().cloned() else {
         return;
     };
@@ -1040,7 +1059,7 @@ unsafe fn flush(feed: &mut Feed) {
             first_invalid: None,
             first_problem: None,
             default_class: None,
-            unvouched: false,
+            first_over_limit: None,
         };
         let bytes = match (&objects, edge) {
             (Some(objects), _) => {
@@ -1058,7 +1077,10 @@ unsafe fn flush(feed: &mut Feed) {
                     problems: made.problems,
                     other_class: made.other_class,
                     unaccepted: made.unaccepted,
+                    over_limit: made.over_limit,
+                    ambiguous_class: made.ambiguous_class,
                 });
+                written.first_over_limit = made.first_over_limit;
                 written.default_class = made.default_class;
                 written.first_invalid = made.invalid.into_iter().next();
                 written.first_problem = made.first_problem;
@@ -1070,10 +1092,7 @@ unsafe fn flush(feed: &mut Feed) {
         if let Some(bytes) = bytes {
             let hash = crate::health::fnv1a(&bytes);
             if hash != last {
-                written.result = files.write_candidate(&bytes).map(|vouched| {
-                    written.unvouched = !vouched;
-                    Some(hash)
-                });
+                written.result = files.write_candidate(&bytes).map(|()| Some(hash));
             }
         }
         let mut status = status;
@@ -1085,6 +1104,7 @@ unsafe fn flush(feed: &mut Feed) {
             status["invalid_objects"] = json!(stats.problems);
             status["other_class_ingresses"] = json!(stats.other_class);
             status["unaccepted_routes"] = json!(stats.unaccepted);
+            status["over_limit_objects"] = json!(stats.over_limit);
             status["default_ingress_class"] = json!(written.default_class.clone());
         }
         let _ = write_atomically(&files.status(), status.to_string().as_bytes());
@@ -1164,43 +1184,68 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
                         written.first_problem.as_deref().unwrap_or("?")
                     );
                 }
+                if stats.over_limit > feed.stats.over_limit {
+                    ngx_log_error!(
+                        nginx_sys::NGX_LOG_WARN,
+                        feed.log,
+                        "edge_routes_url {}: more than {} routes (or {} upstreams of load-balancer addresses): the {} newest object(s) route nothing, e.g. {}",
+                        feed.options().name,
+                        kube::MAX_SOURCE_ROUTES,
+                        kube::MAX_SOURCE_UPSTREAMS,
+                        stats.over_limit,
+                        written.first_over_limit.as_deref().unwrap_or("?")
+                    );
+                }
+                if stats.ambiguous_class && !feed.stats.ambiguous_class {
+                    ngx_log_error!(
+                        nginx_sys::NGX_LOG_WARN,
+                        feed.log,
+                        "edge_routes_url {}: the cluster has several IngressClasses and marks none as its default: every Ingress is read; name the class the edge fronts with ingress_class=",
+                        feed.options().name
+                    );
+                }
                 if stats.routes != feed.stats.routes {
                     feed.status_dirty = true;
                 }
                 feed.stats = stats;
                 feed.default_class = written.default_class.take();
             }
-            if written.unvouched && !feed.unvouched_logged {
-                feed.unvouched_logged = true;
-                ngx_log_error!(
-                    nginx_sys::NGX_LOG_WARN,
-                    feed.log,
-                    "edge_routes_url {}: the zone has no room to vouch for this source's files (more than {} URL sources): they are read unchecked",
-                    feed.options().name,
-                    crate::zone::VOUCHED
-                );
-            }
             match written.result {
                 Ok(Some(hash)) => {
                     feed.written_hash = hash;
+                    feed.write_failures = 0;
                     (feed.kick)(feed.owner);
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    ngx_log_error!(
-                        NGX_LOG_ERR,
-                        feed.log,
-                        "edge_routes_url {}: cannot keep the table ({}); trying again",
-                        feed.options().name,
-                        e
-                    );
-                    feed.dirty = true;
-                }
+                Err(e) => return write_failed(feed, e),
             }
         }
-        Err(_) => feed.dirty = true,
+        Err(_) => return write_failed(feed, "the thread writing it failed".into()),
     }
     flush(feed);
+}
+
+/// The candidate could not be written (a full disk, say): logged once per reason, tried
+/// again after 1 s, doubling up to 30 s.
+unsafe fn write_failed(feed: &mut Feed, why: String) {
+    let why = format!("cannot keep the table ({why}); trying again");
+    if !feed.logged.contains(&why) {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            feed.log,
+            "edge_routes_url {}: {}",
+            feed.options().name,
+            why
+        );
+        if feed.logged.len() == MAX_LOGGED {
+            feed.logged.remove(0);
+        }
+        feed.logged.push(why);
+    }
+    feed.dirty = true;
+    feed.write_failures = feed.write_failures.saturating_add(1);
+    let ms = (1000u64 << (feed.write_failures - 1).min(5)).min(crate::feed::plan::MAX_BACKOFF_MS);
+    ngx_add_timer(&mut feed.flush, ms as ngx_msec_t);
 }
 
 /// The CPU time the calling thread has used.

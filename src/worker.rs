@@ -135,8 +135,9 @@ struct Refresh {
     publishing: bool,
     /// The leader's memfd of the generation it published last, open for the others to find.
     shared: Option<OwnedFd>,
-    /// URL sources whose candidate the table accepted, to keep as their accepted version.
-    to_keep: Vec<Arc<crate::caches::Files>>,
+    /// URL sources whose candidate the table accepted (the version it read), to keep as their
+    /// accepted version.
+    to_keep: Vec<(Arc<crate::caches::Files>, crate::caches::Digest)>,
     /// Keeping them, on a thread: why it could not.
     keeping: Option<JoinHandle<Vec<String>>>,
     /// The table generation last attached to the zone.
@@ -209,6 +210,28 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     }));
     WORKER = worker;
     let w = &mut *worker;
+    // The URL sources' candidates are named after the master, known now (see `caches`).
+    let master = if nginx_sys::ngx_process as u32 == nginx_sys::NGX_PROCESS_SINGLE {
+        pid
+    } else {
+        libc::getppid()
+    };
+    for url in &(*mcf_ptr).urls {
+        if let Some(files) = &url.files {
+            files.start(master);
+        }
+    }
+    for slot in (*mcf_ptr).sources.iter_mut() {
+        if let Some(source) = slot.source.as_mut() {
+            let urls = &(*mcf_ptr).urls;
+            source.name_candidates(&|accepted| {
+                urls.iter()
+                    .filter_map(|u| u.files.as_ref())
+                    .find(|f| f.accepted == accepted)
+                    .and_then(|f| f.candidate().map(Into::into))
+            });
+        }
+    }
     for (index, slot) in (*mcf_ptr).sources.iter_mut().enumerate() {
         let slot: *mut SourceSlot = &mut **slot;
         let key = crate::health::mix((*mcf_ptr).config_id ^ index as u64).max(1);
@@ -747,8 +770,13 @@ unsafe fn publish(
 /// versions (see `caches`): what nginx starts from.
 unsafe fn keep(w: &Worker, r: &mut Refresh, accepted: &[std::path::PathBuf]) {
     for files in w.main_conf().urls.iter().filter_map(|u| u.files.as_ref()) {
-        if accepted.contains(&files.candidate) && !r.to_keep.iter().any(|f| Arc::ptr_eq(f, files)) {
-            r.to_keep.push(Arc::clone(files));
+        let merged = files
+            .candidate()
+            .is_some_and(|c| accepted.iter().any(|a| a == c));
+        // The version read for the merge that just ended: a later read may change it.
+        if let (true, Some(digest)) = (merged, files.read_digest()) {
+            r.to_keep.retain(|(f, _)| !Arc::ptr_eq(f, files));
+            r.to_keep.push((Arc::clone(files), digest));
         }
     }
     kept(w, r);
@@ -779,7 +807,10 @@ unsafe fn kept(w: &Worker, r: &mut Refresh) {
     let files = r.to_keep.clone();
     // Without a thread, tried again at the next refresh.
     if let Ok(job) = spawn_quiet("edge-keep", move || {
-        files.iter().filter_map(|f| f.promote().err()).collect()
+        files
+            .iter()
+            .filter_map(|(f, digest)| f.promote(digest).err())
+            .collect()
     }) {
         r.to_keep.clear();
         r.keeping = Some(job);

@@ -35,8 +35,8 @@ const MAGIC: u64 = u64::from_le_bytes(*b"edgezon5");
 /// whose workers run (old and new during a reload).
 pub const TABLES: usize = 32;
 
-/// URL sources whose files in the state folder the zone vouches for; past them, files are
-/// read unchecked (and that is logged).
+/// URL sources whose files in the state folder the zone vouches for at a time: the one whose
+/// files were written longest ago makes room for another.
 pub const VOUCHED: usize = 64;
 
 /// Which file of a URL source: the one its feed wrote last, or the one a table accepted.
@@ -54,6 +54,8 @@ pub enum Kept {
 struct Vouched {
     /// The source's cache key; 0 when free.
     key: AtomicU64,
+    /// When it was last written (a count of the zone's vouches).
+    used: AtomicU64,
     candidate: [[AtomicU64; 4]; 2],
     accepted: [[AtomicU64; 4]; 2],
 }
@@ -131,8 +133,8 @@ struct Header {
     slots: [AtomicI32; SLOTS],
     tables: [Published; TABLES],
     vouched: [Vouched; VOUCHED],
-    /// A source found no entry in `vouched`: files without an entry are read unchecked.
-    overflow: AtomicU32,
+    /// Vouches made: the clock of `Vouched::used`.
+    vouches: AtomicU64,
 }
 
 fn index_offset() -> usize {
@@ -238,12 +240,12 @@ pub fn current() -> Option<&'static Zone> {
     unsafe { CURRENT.load(std::sync::atomic::Ordering::Acquire).as_ref() }
 }
 
-/// Makes `zone` the worker's (see `current`); it must live until the process exits.
+/// Makes `zone` the worker's (see `current`), for as long as the process lives: threads that
+/// outlive the worker's state (a feed's writer at exit) may still use it.
 pub fn set_current(zone: &std::sync::Arc<Zone>) {
-    CURRENT.store(
-        std::sync::Arc::as_ptr(zone).cast_mut(),
-        std::sync::atomic::Ordering::Release,
-    );
+    // The reference is never given back: the zone outlives every thread of the process.
+    let kept = std::sync::Arc::into_raw(std::sync::Arc::clone(zone));
+    CURRENT.store(kept.cast_mut(), std::sync::atomic::Ordering::Release);
 }
 
 /// The zone as a worker uses it, from worker start to exit.
@@ -342,34 +344,43 @@ impl Zone {
         self.header.slots[slot].store(0, Relaxed);
     }
 
-    /// Records that this nginx wrote `copy` of the URL source `key` with this digest; `false`
-    /// when every entry is taken (the file is then not vouched for).
-    pub fn vouch(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> bool {
+    /// Records that this nginx writes `copy` of the URL source `key` with this digest (the
+    /// two last of each are kept). With every entry taken, the source written longest ago
+    /// makes room (its files are refused until it writes again).
+    pub fn vouch(&self, key: u64, copy: Kept, digest: &[u8; 32]) {
         let _lock = self.pool.lock();
         let entries = &self.header.vouched;
-        let entry = entries
-            .iter()
-            .find(|v| v.key.load(Relaxed) == key)
-            .or_else(|| entries.iter().find(|v| v.key.load(Relaxed) == 0));
-        let Some(entry) = entry else {
-            self.header.overflow.store(1, Relaxed);
-            return false;
+        let entry = match entries.iter().find(|v| v.key.load(Relaxed) == key) {
+            Some(entry) => entry,
+            None => {
+                // A free entry, or the one written longest ago.
+                let oldest = entries
+                    .iter()
+                    .min_by_key(|v| (v.key.load(Relaxed) != 0, v.used.load(Relaxed)));
+                let Some(entry) = oldest else { return };
+                for w in entry.candidate.iter().chain(&entry.accepted).flatten() {
+                    w.store(0, Relaxed);
+                }
+                entry.key.store(key, Relaxed);
+                entry
+            }
         };
-        entry.key.store(key, Relaxed);
-        let [last, before] = match copy {
-            Kept::Candidate => &entry.candidate,
-            Kept::Accepted => &entry.accepted,
-        };
-        for (i, (b, l)) in before.iter().zip(last).enumerate() {
-            b.store(l.load(Relaxed), Relaxed);
-            l.store(word(digest, i), Relaxed);
+        entry
+            .used
+            .store(self.header.vouches.fetch_add(1, Relaxed) + 1, Relaxed);
+        let [last, before] = copy_of(entry, copy);
+        let want: [u64; 4] = core::array::from_fn(|i| word(digest, i));
+        if last.each_ref().map(|w| w.load(Relaxed)) != want {
+            for (i, (b, l)) in before.iter().zip(last).enumerate() {
+                b.store(l.load(Relaxed), Relaxed);
+                l.store(want[i], Relaxed);
+            }
         }
-        true
     }
 
-    /// Whether this nginx vouched for `digest` as one of the last two `copy` of the URL source
-    /// `key`; `None` when it vouched for none yet (`true` when the zone had no room for some).
-    pub fn vouches(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> Option<bool> {
+    /// Takes back the vouch for `digest`, the last of `copy` of `key`: its file was not
+    /// written.
+    pub fn unvouch(&self, key: u64, copy: Kept, digest: &[u8; 32]) {
         let _lock = self.pool.lock();
         let Some(entry) = self
             .header
@@ -377,12 +388,28 @@ impl Zone {
             .iter()
             .find(|v| v.key.load(Relaxed) == key)
         else {
-            return (self.header.overflow.load(Relaxed) != 0).then_some(true);
+            return;
         };
-        let versions = match copy {
-            Kept::Candidate => &entry.candidate,
-            Kept::Accepted => &entry.accepted,
-        };
+        let [last, before] = copy_of(entry, copy);
+        let want: [u64; 4] = core::array::from_fn(|i| word(digest, i));
+        if last.each_ref().map(|w| w.load(Relaxed)) == want {
+            for (b, l) in before.iter().zip(last) {
+                l.store(b.load(Relaxed), Relaxed);
+                b.store(0, Relaxed);
+            }
+        }
+    }
+
+    /// Whether this nginx vouched for `digest` as one of the last two `copy` of the URL source
+    /// `key`; `None` when it vouched for none yet.
+    pub fn vouches(&self, key: u64, copy: Kept, digest: &[u8; 32]) -> Option<bool> {
+        let _lock = self.pool.lock();
+        let entry = self
+            .header
+            .vouched
+            .iter()
+            .find(|v| v.key.load(Relaxed) == key)?;
+        let versions = copy_of(entry, copy);
         let held = |v: &[AtomicU64; 4]| v.each_ref().map(|w| w.load(Relaxed));
         let want: [u64; 4] = core::array::from_fn(|i| word(digest, i));
         let known = versions.iter().any(|v| held(v) != [0; 4]);
@@ -488,6 +515,13 @@ impl Zone {
                 }
             }
         }
+    }
+}
+
+fn copy_of(entry: &Vouched, copy: Kept) -> &[[AtomicU64; 4]; 2] {
+    match copy {
+        Kept::Candidate => &entry.candidate,
+        Kept::Accepted => &entry.accepted,
     }
 }
 

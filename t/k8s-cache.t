@@ -110,7 +110,7 @@ ok($routes->('shop.test') && $routes->('gw2.test') && $routes->('after.test'), '
 $t->stop;
 my @accepted = glob "$dir/state/url-*.json";
 is(scalar @accepted, 2, 'each source keeps its last good table');
-my ($k8s) = grep { $t->read_file("state/" . s{.*/}{}r) =~ /^\{"edge_url_cache":1/ } @accepted;
+my ($k8s) = grep { $t->read_file("state/" . s{.*/}{}r) =~ /^\{"edge_url_cache":/ } @accepted;
 my ($native) = grep { $_ ne $k8s } @accepted;
 $t->write_file('state/' . ($native =~ s{.*/}{}r), '{"routes": {"d3.test": "nope"}}');
 $t->write_file('state/' . ($k8s =~ s{.*/}{}r),
@@ -142,5 +142,24 @@ rename "$native_candidate.x", $native_candidate or die;
 $t->wait_for_log(qr/edge_routes_url doc: \S+: changed by another process than this nginx: not read/);
 ok(!$routes->('evil.test'), 'a document written by another process does not route');
 ok($routes->('d1.test'), 'the last good one does');
+# The Kubernetes source's candidate, then its accepted copy (with no candidate, it is read).
+my ($k8s_candidate) = grep { $_ ne $native_candidate } glob "$dir/state/url-*.json.next.*";
+my $forged = '{"edge_url_cache":2,"source":"a","objects":[{"kind":"Ingress","namespace":"x","name":"evil",'
+    . '"hosts":["evil-k8s.test"],"addresses":[]}]}';
+my $mark = length $t->read_file('error.log');
+$t->write_file('state/forged', $forged);
+rename "$dir/state/forged", $k8s_candidate or die;
+wait_for(sub { substr($t->read_file('error.log'), $mark) =~ /edge_routes_url a: \S+: changed by another process/ },
+    'the forged candidate refused');
+ok(!$routes->('evil-k8s.test'), "a Kubernetes source's candidate written by another process does not route");
+$mark = length $t->read_file('error.log');
+unlink $k8s_candidate;
+my ($k8s_accepted) = map { s/\.next\.\d+$//r } $k8s_candidate;
+$t->write_file('state/forged', $forged);
+rename "$dir/state/forged", $k8s_accepted or die;
+wait_for(sub { substr($t->read_file('error.log'), $mark) =~ /edge_routes_url a: \S+: changed by another process/ },
+    'the forged accepted copy refused');
+ok(!$routes->('evil-k8s.test'), 'nor its accepted copy');
+ok($routes->('shop.test'), "the source's last good routes serve");
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'no alert, no emerg');
 done_testing;

@@ -1,8 +1,9 @@
 #!/usr/bin/perl
-# An API server that answers as fast as it can with no end (a list body, then a watch line
-# that never ends): the worker that fetches it reads a bounded amount per turn of its event
-# loop, stops at the documented limits (64 MiB for a list, 4 MiB for a watch event), and its
-# memory stays bounded; a probe through the edge every 100 ms is answered all along.
+# An API server that answers as fast as it can with no end (list bodies that never end, one
+# announced as 1 GiB): the worker that fetches it reads a bounded amount per turn of its event
+# loop, stops at the documented limit (64 MiB for a list page; the 4 MiB of a watch event are
+# t/k8s-errors.t's), asks for smaller pages, and its memory stays bounded; a probe through
+# the edge every 100 ms is answered all along.
 
 use strict;
 use warnings;
@@ -17,7 +18,8 @@ my $dir = $t->dir;
 my $port = $t->port('hostile');
 
 # The hostile server: a list answered with a body of 1 GiB announced by Content-Length (the
-# first page asked for), or an endless chunked one (the others); a watch with an endless line.
+# first Ingress page asked for), or an endless chunked one (the others, the IngressClasses
+# the edge reads beside them included).
 # One process per connection; each writes down how much it could send.
 my $listen = IO::Socket::INET->new(Listen => 64, LocalAddr => '127.0.0.1', LocalPort => $port,
     ReuseAddr => 1) or die "hostile server: $!\n";
@@ -32,7 +34,7 @@ if ($server == 0) {
         if (open my $log, '>>', "$dir/hostile.log") { print $log (split /\r\n/, $req)[0], "\n"; close $log }
         my $chunk = 'x' x (1 << 20);
         my ($framed, $sent) = ($chunk, 0);
-        if ($req =~ /limit=500\b/) {
+        if ($req =~ m{/ingresses\?limit=500\b}) {
             print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n";
         } else {
             print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";

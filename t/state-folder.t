@@ -8,24 +8,36 @@ use strict;
 use warnings;
 use Test::More;
 use Edge::Test qw(http_get wait_for);
+use Edge::FakeKube;
 
 my $routes = <<'EOF';
 {"upstreams": {"a": {"servers": ["127.0.0.1:%%PORT_a%%"]}},
  "routes": {"a.test": "a", "%%NAME%%": "a"}}
 EOF
 
-# An edge with 2 workers on a shared state folder; returns it.
+# An edge with 2 workers on a shared state folder, with a route file and, if given, a URL
+# source (a native document); returns it.
 sub edge {
-    my ($state, %o) = @_;
+    my ($state, $url) = @_;
     my $t = Edge::Test->new;
     $t->write_routes('routes.json', $routes =~ s/%%NAME%%/one.test/r);
+    my $source = $url ? "edge_routes_url $url name=doc format=edge interval=1s;" : '';
     $t->config(<<"EOF", workers => 2);
     edge_routes %%TESTDIR%%/routes.json;
+    $source
     edge_state $state;
     server { listen 127.0.0.1:%%PORT_edge%% reuseport; edge_route http; proxy_pass \$edge_upstream; }
     server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
 EOF
     return $t;
+}
+
+# Waits until $name routes in every worker.
+sub routes_everywhere {
+    my ($t, $name) = @_;
+    my $streak = 0;
+    wait_for(sub { $streak = http_get($t->port('edge'), $name) eq 'a' ? $streak + 1 : 0; $streak >= 20 },
+        "$name routes in every worker", 60);
 }
 
 sub workers { my ($t) = @_; return grep { kill 0, $_ } $t->read_file("error.log") =~ /start worker process (\d+)/g }
@@ -34,9 +46,7 @@ sub workers { my ($t) = @_; return grep { kill 0, $_ } $t->read_file("error.log"
 sub change {
     my ($t, $name) = @_;
     $t->write_routes('routes.json', $routes =~ s/%%NAME%%/$name/r);
-    my $streak = 0;
-    wait_for(sub { $streak = http_get($t->port('edge'), $name) eq 'a' ? $streak + 1 : 0; $streak >= 20 },
-        "$name routes in every worker", 60);
+    routes_everywhere($t, $name);
 }
 
 sub no_crash {
@@ -46,7 +56,20 @@ sub no_crash {
 
 # --- Files left by processes that are gone (a temporary file of a dead writer, the images of
 # an older version of the module) are removed; a live process's are not.
-my $a = edge('%%TESTDIR%%/state');
+my $kube;
+my $a = edge('%%TESTDIR%%/state', do {
+    # A URL source: its candidate, accepted copy and status are in the state folder.
+    my $u = Edge::Test->new;
+    $kube = Edge::FakeKube->new($u, 'doc');
+    $kube->{keep} = $u;
+    $kube->url('/edge.json');
+});
+my $doc = sub {
+    my ($name) = @_;
+    $kube->set_document(qq({"upstreams": {"d": {"servers": ["127.0.0.1:@{[$a->port('a')]}"]}}, "routes": {"$name": "d"}}));
+};
+$doc->('u1.test');
+$kube->start;
 my $state = $a->dir . '/state';
 mkdir $state;
 my $dead = 2147483646;
@@ -58,12 +81,16 @@ my $live = "url-00000000000000bb.json.tmp$$";
 $a->write_file("state/$live", 'being written');
 $a->run;
 change($a, 'two.test');
+routes_everywhere($a, 'u1.test');
 wait_for(sub { !grep { -e "$state/$_" } @stale }, 'stale files removed');
 pass('temporary files of dead processes and old images are removed');
 ok(-e "$state/$live", "a live process's temporary file is left alone");
 unlink "$state/$live";
 
 # --- Whatever is written to the state folder, in place or by truncation, changes nothing.
+my @files = glob "$state/url-*";
+ok(scalar(grep { /\.json$/ } @files) && scalar(grep { /\.next\.\d+$/ } @files),
+    'the URL source\'s accepted copy and candidate are there: ' . join(' ', map { s{.*/}{}r } @files));
 for my $file (glob "$state/*") {
     next unless -f $file;
     open my $fh, '+<', $file or next;
@@ -74,7 +101,27 @@ for my $file (glob "$state/*") {
 }
 change($a, 'three.test');
 is(http_get($a->port('edge'), 'two.test'), '', 'the table before it is gone');
+ok(http_get($a->port('edge'), 'u1.test') eq 'a', "the URL source's routes are still served");
+$doc->('u2.test');
+routes_everywhere($a, 'u2.test');
+pass('the URL source changes again');
 no_crash($a, 'files overwritten and truncated');
+
+# --- FIFOs (whose open would never return) and links in place of the URL source's files:
+# they are not read; nginx -t, a reload and a change all go on.
+my ($accepted) = grep { /\.json$/ } glob "$state/url-*";
+my ($candidate) = glob "$state/url-*.json.next.*";
+unlink $accepted, $candidate;
+system('mkfifo', $accepted) == 0 or die "mkfifo: $!";
+symlink '/etc/passwd', $candidate or die "symlink: $!";
+my ($ok, $out) = $a->test_config;
+ok($ok, 'nginx -t returns and passes with a FIFO as a last good table') or diag $out;
+$a->reload;
+$doc->('u3.test');
+routes_everywhere($a, 'u3.test');
+pass('after a reload, the source writes its files again');
+unlink $accepted if -p $accepted;
+no_crash($a, 'FIFOs and links');
 
 # --- A second nginx on the same state folder, and a worker of the first that restarts.
 my $b = edge($state);
@@ -82,7 +129,8 @@ $b->run;
 change($b, 'b.test');
 change($a, 'four.test');
 change($b, 'b2.test');
-my ($leader) = $a->read_file('error.log') =~ /\[notice\] (\d+)#\d+: edge_routes: \S+: table 4 loaded/;
+my ($leader) = $a->read_file('error.log') =~ /.*\[notice\] (\d+)#\d+: edge_routes: \S+: table \d+ loaded/s;
+ok($leader, "the first edge's leader: $leader");
 my ($follower) = grep { $_ != ($leader // 0) } workers($a);
 ok($follower, "the first edge's follower: $follower");
 kill 'KILL', $follower;

@@ -25,6 +25,11 @@ pub const MAX_ADDRESSES: usize = 64;
 pub const MAX_EVENT: usize = 4 << 20;
 /// Bytes of one list page or polled document.
 pub const MAX_BODY: usize = 64 << 20;
+/// Routes one source makes, and upstreams it makes of load-balancer addresses: the newest
+/// objects past them route nothing (counted), so that no tenant can make the whole table too
+/// large to merge.
+pub const MAX_SOURCE_ROUTES: usize = 250_000;
+pub const MAX_SOURCE_UPSTREAMS: usize = 25_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
@@ -652,6 +657,12 @@ pub struct Made {
     pub unaccepted: usize,
     /// The cluster's default IngressClass, when it marks one.
     pub default_class: Option<String>,
+    /// Several IngressClasses, none the default, and no `ingress_class=`: every Ingress is
+    /// read, which is likely not what the edge's operator wants.
+    pub ambiguous_class: bool,
+    /// Objects past `MAX_SOURCE_ROUTES` or `MAX_SOURCE_UPSTREAMS`, and the first of them.
+    pub over_limit: usize,
+    pub first_over_limit: Option<String>,
 }
 
 impl Catalog {
@@ -739,18 +750,29 @@ pub fn document_of<'o>(
 ) -> Made {
     let objects: Vec<&Object> = objects.collect();
     let mut made = Made::default();
-    let defaults: Vec<&str> = objects
+    let classes: Vec<&Object> = objects
         .iter()
-        .filter(|o| o.kind == Kind::IngressClass && o.default_class)
+        .copied()
+        .filter(|o| o.kind == Kind::IngressClass)
+        .collect();
+    let defaults: Vec<&str> = classes
+        .iter()
+        .filter(|o| o.default_class)
         .map(|o| o.name.as_str())
         .collect();
     made.default_class = defaults.first().map(|d| d.to_string());
+    // Without ingress_class= and without a default class: a cluster's only class is the one
+    // the edge fronts; with several, which one is not known (every Ingress is read, warned).
+    let only = (defaults.is_empty() && classes.len() == 1).then(|| classes[0].name.as_str());
+    made.ambiguous_class = ingress_class.is_none() && defaults.is_empty() && classes.len() > 1;
     let serves = |class: Option<&str>| match (ingress_class, class) {
         (Some(want), Some(class)) => class == want,
         (Some(want), None) => defaults.contains(&want),
-        (None, _) if defaults.is_empty() => true,
-        (None, Some(class)) => defaults.contains(&class),
-        (None, None) => true,
+        (None, class) if !defaults.is_empty() => class.is_none_or(|c| defaults.contains(&c)),
+        (None, class) => match only {
+            Some(only) => class == Some(only),
+            None => true,
+        },
     };
     let gateways: std::collections::HashMap<(&str, &str), &Object> = objects
         .iter()
@@ -783,6 +805,15 @@ pub fn document_of<'o>(
     });
     let mut seen = std::collections::HashSet::new();
     for (object, hosts) in routing {
+        let over = made.document.routes.len() + hosts.len() > MAX_SOURCE_ROUTES
+            || (upstream.is_none() && made.document.upstreams.len() >= MAX_SOURCE_UPSTREAMS);
+        if over {
+            made.over_limit += 1;
+            made.first_over_limit.get_or_insert_with(|| {
+                format!("{:?} {}/{}", object.kind, object.namespace, object.name)
+            });
+            continue;
+        }
         let target = match upstream {
             Some(up) => up.to_owned(),
             None if object.addresses.is_empty() => {
@@ -923,19 +954,22 @@ fn made_up_name(source: &str, o: &Object) -> String {
 /// The last good state of a `format=k8s` source, kept on disk.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Cache {
-    /// Always 1: tells a cache from a route file.
+    /// Its format version (2; 1 before Gateway API routes recorded the Gateways that
+    /// accepted them): tells a cache from a route file.
     pub edge_url_cache: u32,
     pub source: String,
     pub objects: Vec<Object>,
 }
 
 /// The start of every cache file: a route file never starts so.
-pub const CACHE_MAGIC: &[u8] = b"{\"edge_url_cache\":1";
+pub const CACHE_MAGIC: &[u8] = b"{\"edge_url_cache\":";
+/// The cache format written.
+const CACHE_VERSION: u32 = 2;
 
 impl Cache {
     pub fn of(source: &str, catalog: &Catalog) -> Cache {
         Cache {
-            edge_url_cache: 1,
+            edge_url_cache: CACHE_VERSION,
             source: source.into(),
             objects: catalog.objects.values().map(|o| (**o).clone()).collect(),
         }
@@ -954,7 +988,7 @@ impl Cache {
             objects: Vec<&'a Object>,
         }
         serde_json::to_vec(&Borrowed {
-            edge_url_cache: 1,
+            edge_url_cache: CACHE_VERSION,
             source,
             objects: objects.iter().map(|o| &**o).collect(),
         })
@@ -968,8 +1002,21 @@ impl Cache {
         if cache.objects.len() > MAX_OBJECTS {
             return Err(format!("more than {MAX_OBJECTS} objects"));
         }
+        if !(1..=CACHE_VERSION).contains(&cache.edge_url_cache) {
+            return Err(format!("cache format {}", cache.edge_url_cache));
+        }
         let mut catalog = Catalog::default();
-        for o in cache.objects {
+        for mut o in cache.objects {
+            // A cache of version 1 did not record who accepted a route: it was routed, and is
+            // again, by its own hostnames (a Gateway not known).
+            let route = matches!(o.kind, Kind::HTTPRoute | Kind::TLSRoute);
+            if cache.edge_url_cache == 1 && route && o.parents.is_empty() {
+                o.parents.push(Parent {
+                    namespace: String::new(),
+                    name: String::new(),
+                    section: None,
+                });
+            }
             catalog.objects.insert(o.key(), Arc::new(o));
         }
         Ok(catalog)
@@ -1237,6 +1284,39 @@ mod tests {
             (made.other_class, made.default_class.as_deref()),
             (1, Some("nginx"))
         );
+        // No default: the only class is the one the edge fronts; several are not known apart.
+        assert!(c.put(class("nginx", false)));
+        let made = c.document("s", Some("u"), None);
+        assert!(made.ambiguous_class);
+        assert_eq!(hosts_of(&made), ["int.test", "none.test", "pub.test"]);
+        c.delete(&class("internal", false));
+        assert_eq!(hosts(&c, None), ["pub.test"], "the only class, nginx");
+    }
+
+    /// A tenant cannot make a source's table too large to merge: the newest objects past
+    /// the limit route nothing.
+    #[test]
+    fn a_source_is_bounded_in_routes() {
+        let mut c = Catalog::default();
+        for i in 0..MAX_SOURCE_ROUTES / MAX_HOSTS + 2 {
+            let mut o = object(Kind::Ingress, &format!("o{i:04}"), &[], None);
+            o.hosts = (0..MAX_HOSTS).map(|h| format!("h{h}.{i}.test")).collect();
+            o.created = Some(i as i64);
+            assert!(c.put(o));
+        }
+        let made = c.document("s", Some("u"), None);
+        assert_eq!(made.routes, MAX_SOURCE_ROUTES);
+        assert_eq!(made.over_limit, 2);
+        assert_eq!(made.first_over_limit.as_deref(), Some("Ingress web/o0250"));
+    }
+
+    /// It was: caches written before routes recorded their Gateways lost every route at start.
+    #[test]
+    fn a_cache_of_version_1_keeps_its_routes() {
+        let v1 = br#"{"edge_url_cache":1,"source":"s","objects":[{"kind":"HTTPRoute","namespace":"web","name":"r","hosts":["r.test"],"addresses":[]}]}"#;
+        let c = Cache::parse(v1).unwrap();
+        assert_eq!(c.document("s", Some("u"), None).routes, 1);
+        assert!(Cache::parse(br#"{"edge_url_cache":9,"source":"s","objects":[]}"#).is_err());
     }
 
     /// It was: routes were taken whether or not a Gateway accepted them, and whatever the

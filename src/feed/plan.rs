@@ -90,8 +90,10 @@ pub struct Resource {
     pub kind: Option<Kind>,
     /// List paths to try in order: a kind's API versions.
     paths: Vec<String>,
-    /// The source can do without it: a 404 or a 403 means it has none (see `Kind::optional`).
+    /// The source can do without it: before it was ever listed, a 404 or a 403 means it has
+    /// none (see `Kind::optional`); after, an error like any other (its objects stay).
     optional: bool,
+    listed_once: bool,
     query: Option<String>,
     at: usize,
     pub state: State,
@@ -119,6 +121,7 @@ impl Resource {
     pub fn for_url(url: &Url, k8s: bool, interval_ms: u64, seed: u64) -> Vec<Resource> {
         let make = |kind: Option<Kind>, paths: Vec<String>, polling: bool, i: u64| Resource {
             optional: kind.is_some_and(Kind::optional),
+            listed_once: false,
             kind,
             paths,
             query: url.query.clone(),
@@ -235,7 +238,7 @@ impl Resource {
             }
             // Not served (its CRDs are not installed), or not readable by the edge's role:
             // the source has none of it.
-            (404 | 403, _) if self.optional => {
+            (404 | 403, _) if self.optional && !self.listed_once => {
                 self.state = State::Absent;
                 self.at = 0;
                 Body::Absent
@@ -304,9 +307,10 @@ impl Resource {
         true
     }
 
-    /// Pages a list may take: enough for `MAX_OBJECTS` at the current page size, and some.
+    /// Pages a list may take: enough for four times `MAX_OBJECTS` at the current page size
+    /// (past `MAX_OBJECTS`, objects are only counted), and some.
     fn max_pages(&self) -> usize {
-        MAX_OBJECTS / self.limit + 16
+        4 * MAX_OBJECTS / self.limit + 16
     }
 
     /// A list page arrived. `Some` once the last page is in; an error when the list goes on
@@ -341,6 +345,7 @@ impl Resource {
         }
         self.continue_token = None;
         self.resource_version = page.resource_version;
+        self.listed_once = true;
         if self.resource_version.is_none() {
             // Nothing to watch from: a static list.
             self.polling = true;
@@ -553,7 +558,7 @@ mod tests {
         }
         let err = result.unwrap_err();
         assert!(err.contains("more than any list"), "{err}");
-        assert_eq!(pages, MAX_OBJECTS / PAGE_LIMIT + 16);
+        assert_eq!(pages, 4 * MAX_OBJECTS / PAGE_LIMIT + 16);
         assert_eq!(r.request().mode, Mode::List, "starts over");
         assert!(!r.request().target.contains("continue="));
         // Past MAX_OBJECTS, objects are counted, not kept.
@@ -595,6 +600,17 @@ mod tests {
         ));
         // The edge's role may not read IngressClasses: it does without them.
         assert_eq!(rs[3].head(Mode::List, 403, None, 0), Body::Absent);
+        // Once listed, a 403 (a role being reconciled) keeps its objects: a failure.
+        let classes = &mut rs[3];
+        classes.listed(page(1, Some("5"), None)).unwrap().unwrap();
+        assert!(matches!(
+            classes.head(Mode::Watch, 403, None, 0),
+            Body::Fail(..)
+        ));
+        assert!(matches!(
+            classes.head(Mode::List, 404, None, 0),
+            Body::Fail(..)
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use super::image::Image;
 
@@ -70,7 +71,15 @@ pub fn publish(image: &[u8], key: u64, generation: u64) -> Result<Shared, String
 /// of this table, and a sound image.
 pub fn open(pid: i32, fd: i32, key: u64) -> Result<(u64, Image), String> {
     let path = format!("/proc/{pid}/fd/{fd}");
-    let file = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    // Not blocking: a pid reused by another process could hold a FIFO at that number.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!("{path}: not a sealed memfd"));
+    }
     let fd = OwnedFd::from(file);
     // SAFETY: fcntl on a descriptor owned here.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };

@@ -86,8 +86,9 @@ impl std::fmt::Debug for Reader {
 pub struct Cached {
     /// The last version a table accepted: what a table starts from.
     pub file: PathBuf,
-    /// What the source brought last, once it has answered: what a running table reads.
-    pub candidate: PathBuf,
+    /// What the source brought last, once it has answered: what a running table reads (set
+    /// in the workers: see `Source::name_candidates`).
+    pub candidate: Option<PathBuf>,
     pub read: Reader,
     /// What messages call it (`edge_routes_url NAME`), rather than its file.
     pub label: String,
@@ -351,6 +352,13 @@ impl Source {
             if let Some(previous) = unit.previous.take() {
                 unit.good = previous;
             }
+        }
+    }
+
+    /// Names the URL sources' candidates (in a worker: see `Cached::candidate`).
+    pub fn name_candidates(&mut self, name: &dyn Fn(&Path) -> Option<PathBuf>) {
+        for c in self.inputs.before.iter_mut().chain(&mut self.inputs.after) {
+            c.candidate = name(&c.file);
         }
     }
 
@@ -627,14 +635,17 @@ impl Source {
     fn list(&self) -> Result<Vec<Listed>, String> {
         let mut all = Vec::new();
         let starting = self.starting;
+        // A URL source's files are the module's own, in the state folder: read only as regular
+        // files, not through a link; at start, one that cannot be looked at is left aside.
         let cached = |all: &mut Vec<Listed>, at: usize, c: &Cached| -> Result<(), String> {
-            let mut files = vec![(&c.file, false)];
-            if !starting {
-                files.insert(0, (&c.candidate, true));
-            }
+            let candidate = c.candidate.as_ref().filter(|_| !starting);
+            let files = candidate
+                .map(|p| (p, true))
+                .into_iter()
+                .chain([(&c.file, false)]);
             for (file, candidate) in files {
-                match fs::metadata(file) {
-                    Ok(meta) => {
+                match fs::symlink_metadata(file) {
+                    Ok(meta) if meta.is_file() => {
                         all.push((
                             format!("{at:04}").into(),
                             file.clone(),
@@ -644,7 +655,8 @@ impl Source {
                         ));
                         return Ok(());
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound || starting => {}
                     Err(e) => return Err(format!("{}: {e}", file.display())),
                 }
             }
@@ -1041,7 +1053,7 @@ mod tests {
     fn cached(dir: &Dir, name: &str, read: &Reader) -> Cached {
         Cached {
             file: dir.0.join(format!("{name}.cache")),
-            candidate: dir.0.join(format!("{name}.next")),
+            candidate: Some(dir.0.join(format!("{name}.next"))),
             read: read.clone(),
             label: name.into(),
         }
@@ -1138,12 +1150,13 @@ mod tests {
         dir.write("routes.json", A);
 
         // Running: the candidate, once there, is what the table reads; accepted, it is said so.
-        fs::write(&url.candidate, "c.test a").unwrap();
+        let candidate = url.candidate.clone().unwrap();
+        fs::write(&candidate, "c.test a").unwrap();
         source.refresh(&|_| true);
         assert_eq!(upstream_of(&source, "c.test").as_deref(), Some("a"));
-        assert_eq!(source.take_accepted(), std::slice::from_ref(&url.candidate));
+        assert_eq!(source.take_accepted(), std::slice::from_ref(&candidate));
         // A refused candidate is not.
-        fs::write(&url.candidate, "e.test nowhere").unwrap();
+        fs::write(&candidate, "e.test nowhere").unwrap();
         let events = source.refresh(&|_| true);
         assert!(events.iter().any(|e| e.level == Level::Error), "{events:?}");
         assert!(source.take_accepted().is_empty());
