@@ -1164,38 +1164,43 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
     match job.join() {
         Ok(mut written) => {
             if let Some(stats) = written.stats {
-                if stats.invalid > feed.stats.invalid {
-                    ngx_log_error!(
-                        nginx_sys::NGX_LOG_WARN,
-                        feed.log,
-                        "edge_routes_url {}: {} host(s) are not host names and route nowhere, e.g. {}",
-                        feed.options().name,
-                        stats.invalid,
-                        written.first_invalid.as_deref().unwrap_or("?")
-                    );
-                }
-                if stats.problems > feed.stats.problems {
-                    ngx_log_error!(
-                        nginx_sys::NGX_LOG_WARN,
-                        feed.log,
-                        "edge_routes_url {}: {} object(s) route nothing because of a problem of their own, e.g. {}",
-                        feed.options().name,
-                        stats.problems,
-                        written.first_problem.as_deref().unwrap_or("?")
-                    );
-                }
-                if stats.over_limit > feed.stats.over_limit {
-                    ngx_log_error!(
-                        nginx_sys::NGX_LOG_WARN,
-                        feed.log,
-                        "edge_routes_url {}: more than {} routes (or {} upstreams of load-balancer addresses): the {} newest object(s) route nothing, e.g. {}",
-                        feed.options().name,
-                        kube::MAX_SOURCE_ROUTES,
-                        kube::MAX_SOURCE_UPSTREAMS,
-                        stats.over_limit,
-                        written.first_over_limit.as_deref().unwrap_or("?")
-                    );
-                }
+                // A count that grew is logged once, with an example.
+                let grew = |before: usize, now: usize, what: &str, example: &Option<String>| {
+                    if now > before {
+                        ngx_log_error!(
+                            nginx_sys::NGX_LOG_WARN,
+                            feed.log,
+                            "edge_routes_url {}: {} {}, e.g. {}",
+                            feed.options().name,
+                            now,
+                            what,
+                            example.as_deref().unwrap_or("?")
+                        );
+                    }
+                };
+                grew(
+                    feed.stats.invalid,
+                    stats.invalid,
+                    "host(s) are not host names and route nowhere",
+                    &written.first_invalid,
+                );
+                grew(
+                    feed.stats.problems,
+                    stats.problems,
+                    "object(s) route nothing because of a problem of their own",
+                    &written.first_problem,
+                );
+                let over = format!(
+                    "object(s), the newest past the source's limit of {} routes or {} upstreams of load-balancer addresses, route nothing",
+                    kube::MAX_SOURCE_ROUTES,
+                    kube::MAX_SOURCE_UPSTREAMS
+                );
+                grew(
+                    feed.stats.over_limit,
+                    stats.over_limit,
+                    &over,
+                    &written.first_over_limit,
+                );
                 if stats.ambiguous_class && !feed.stats.ambiguous_class {
                     ngx_log_error!(
                         nginx_sys::NGX_LOG_WARN,
