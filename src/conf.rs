@@ -473,6 +473,7 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
                 candidate: None,
                 read: url_reader(&url.options, Arc::clone(files)),
                 label: format!("edge_routes_url {}", url.options.name),
+                discovers: (url.options.discover_nodes).then(|| url.options.name.clone()),
             })
         };
         let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
@@ -582,15 +583,20 @@ fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
     let name = options.name.clone();
     let upstream = options.upstream.clone();
     let class = options.ingress_class.clone();
+    let nodes = options.discover_nodes;
     Reader::new(move |path| {
         let shown =
             |e: &dyn std::fmt::Display| format!("edge_routes_url {name}: {}: {e}", path.display());
         let bytes = files.read(path).map_err(|e| shown(&e))?;
         if bytes.starts_with(CACHE_MAGIC) {
             let catalog = Cache::parse(&bytes).map_err(|e| shown(&e))?;
-            Ok(catalog
+            let mut document = catalog
                 .document(&name, upstream.as_deref(), class.as_deref())
-                .document)
+                .document;
+            if nodes {
+                document.discovered = Some(Arc::new(catalog.discovered(&name)));
+            }
+            Ok(document)
         } else {
             source::parse_document(&bytes).map_err(|e| shown(&e))
         }

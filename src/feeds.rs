@@ -364,10 +364,11 @@ pub unsafe fn start(
         longest: std::time::Duration::ZERO,
     });
     let feed_ptr: *mut Feed = &mut *feed;
-    for (index, plan) in Resource::for_url(&options.url, k8s, options.interval_ms, seed)
-        .into_iter()
-        .enumerate()
-    {
+    let mut plans = Resource::for_url(&options.url, k8s, options.interval_ms, seed);
+    if options.discover_nodes {
+        plans.push(Resource::nodes(&options.url, options.interval_ms, seed));
+    }
+    for (index, plan) in plans.into_iter().enumerate() {
         let mut res = Box::new(Res {
             feed: feed_ptr,
             index,

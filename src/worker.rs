@@ -587,7 +587,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 // The leader publishes what it builds, under the edge's next number.
                 let publish = r
                     .published
-                    .filter(|_| r.publishing && matches!(work, Work::Merge(_)))
+                    .filter(|_| r.publishing && matches!(work, Work::Merge(..)))
                     .map(|p| {
                         let next = p.generation_of(r.key).unwrap_or(0).max(source.generation()) + 1;
                         (next, r.key)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::routes::discover::{Discovered, Node, NodeState};
 use crate::routes::document::{
     is_upstream_name, parse_route_key, Document, RouteKey, Targets, UpstreamDef, UpstreamKind,
 };
@@ -40,6 +41,8 @@ pub enum Kind {
     IngressClass,
     /// The listeners Gateway API routes attach to.
     Gateway,
+    /// A node, whose address an upstream may take as a server (`discover=nodes`).
+    Node,
 }
 
 impl Kind {
@@ -52,6 +55,16 @@ impl Kind {
         Kind::Gateway,
     ];
 
+    /// Every kind a cache or a list may name.
+    const ANY: [Kind; 6] = [
+        Kind::Ingress,
+        Kind::HTTPRoute,
+        Kind::TLSRoute,
+        Kind::IngressClass,
+        Kind::Gateway,
+        Kind::Node,
+    ];
+
     pub fn plural(self) -> &'static str {
         match self {
             Kind::Ingress => "ingresses",
@@ -59,6 +72,7 @@ impl Kind {
             Kind::TLSRoute => "tlsroutes",
             Kind::IngressClass => "ingressclasses",
             Kind::Gateway => "gateways",
+            Kind::Node => "nodes",
         }
     }
 
@@ -71,18 +85,20 @@ impl Kind {
                 "/apis/gateway.networking.k8s.io/v1",
                 "/apis/gateway.networking.k8s.io/v1alpha2",
             ],
+            Kind::Node => &["/api/v1"],
         }
     }
 
     /// Whether a source can do without it: every kind but Ingress (a cluster may not serve
-    /// the Gateway API, or the edge's role may not read IngressClasses).
+    /// the Gateway API, or the edge's role may not read IngressClasses or Nodes: an
+    /// upstream that discovers them keeps what it had, see `routes::discover`).
     pub fn optional(self) -> bool {
         self != Kind::Ingress
     }
 
     /// Whether its objects live in namespaces.
     pub fn namespaced(self) -> bool {
-        self != Kind::IngressClass
+        !matches!(self, Kind::IngressClass | Kind::Node)
     }
 
     /// A wildcard host in this kind: Ingress `*.foo.com` is one label, Gateway API any depth.
@@ -95,7 +111,7 @@ impl Kind {
 
     fn of_list(kind: &str) -> Option<Kind> {
         let kind = kind.strip_suffix("List").unwrap_or(kind);
-        Kind::ALL.into_iter().find(|k| format!("{k:?}") == kind)
+        Kind::ANY.into_iter().find(|k| format!("{k:?}") == kind)
     }
 
     /// The kinds a list path of this kind brings along, at their paths: an Ingress list the
@@ -118,7 +134,7 @@ impl Kind {
                 let base = base.replacen("/v1alpha2/", "/v1/", 1);
                 vec![(Kind::Gateway, format!("{base}gateways"))]
             }
-            Kind::IngressClass | Kind::Gateway => Vec::new(),
+            Kind::IngressClass | Kind::Gateway | Kind::Node => Vec::new(),
         }
     }
 }
@@ -164,6 +180,9 @@ pub struct Object {
     /// A Gateway API route: the parents (Gateways) that accepted it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parents: Vec<Parent>,
+    /// A Node: what says whether it takes connections (its address is in `addresses`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Box<NodeState>>,
 }
 
 /// A Gateway's listener: its name, and the hostname it takes (any when absent).
@@ -199,6 +218,7 @@ impl Object {
             default_class: false,
             listeners: Vec::new(),
             parents: Vec::new(),
+            node: None,
         }
     }
 
@@ -234,6 +254,7 @@ struct RawMeta {
     annotations: Option<RawAnnotations>,
     #[serde(rename = "creationTimestamp")]
     created: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -253,6 +274,23 @@ struct RawSpec {
     rules: Option<Vec<RawRule>>,
     hostnames: Option<Vec<String>>,
     listeners: Option<Vec<RawListener>>,
+    /// A Node's.
+    unschedulable: Option<bool>,
+    taints: Option<Vec<RawTaint>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawTaint {
+    key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawNodeAddress {
+    #[serde(rename = "type")]
+    kind: String,
+    address: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,6 +327,9 @@ struct RawStatus {
     load_balancer: Option<RawLoadBalancer>,
     /// A Gateway API route's: what each parent made of it.
     parents: Option<Vec<RawParentStatus>>,
+    /// A Node's.
+    addresses: Option<Vec<RawNodeAddress>>,
+    conditions: Option<Vec<RawCondition>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -396,6 +437,7 @@ impl RawObject {
         let mut object = Object::new(kind, self.metadata.namespace, self.metadata.name);
         object.created = self.metadata.created.as_deref().and_then(unix_seconds);
         let annotations = self.metadata.annotations.unwrap_or_default();
+        let labels = self.metadata.labels.unwrap_or_default();
         let status = match self.status {
             StatusField::Object(s) => s,
             StatusField::Other(_) => RawStatus::default(),
@@ -412,7 +454,7 @@ impl RawObject {
                 .filter_map(|r| r.host)
                 .collect(),
             Kind::HTTPRoute | Kind::TLSRoute => self.spec.hostnames.unwrap_or_default(),
-            Kind::IngressClass | Kind::Gateway => Vec::new(),
+            Kind::IngressClass | Kind::Gateway | Kind::Node => Vec::new(),
         };
         hosts.sort_unstable();
         hosts.dedup();
@@ -452,6 +494,57 @@ impl RawObject {
                     })
                     .collect();
             }
+            Kind::Node => {
+                // Its internal addresses, the first of each family: what an ingress
+                // controller on hostPort listens on.
+                let mut addresses: Vec<IpAddr> = status
+                    .addresses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|a| a.kind == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect();
+                let first_v4 = addresses.iter().position(IpAddr::is_ipv4);
+                let first_v6 = addresses.iter().position(IpAddr::is_ipv6);
+                addresses = [first_v4, first_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|i| addresses[i])
+                    .collect();
+                addresses.sort_by_key(|a| a.is_ipv6());
+                object.addresses = addresses;
+                let ready = status
+                    .conditions
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| c.kind == "Ready")
+                    .and_then(|c| match c.status.as_str() {
+                        "True" => Some(true),
+                        "False" => Some(false),
+                        _ => None,
+                    });
+                if labels.len() > MAX_LABELS {
+                    object.problem = Some(format!(
+                        "{} labels, more than the limit of {MAX_LABELS}",
+                        labels.len()
+                    ));
+                }
+                object.node = Some(Box::new(NodeState {
+                    ready,
+                    unschedulable: self.spec.unschedulable.unwrap_or(false),
+                    deleting: self
+                        .spec
+                        .taints
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|t| t.key == TO_BE_DELETED),
+                    labels: if labels.len() > MAX_LABELS {
+                        BTreeMap::new()
+                    } else {
+                        labels
+                    },
+                }));
+            }
             Kind::HTTPRoute | Kind::TLSRoute => {
                 // The Gateways that accepted the route, as their controllers wrote it.
                 let namespace = object.namespace.clone();
@@ -480,6 +573,11 @@ impl RawObject {
         object
     }
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+/// Labels of one Node that are read: a node with more routes nothing.
+const MAX_LABELS: usize = 256;
 
 /// The Gateway API's group, the default of a parentRef's.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -709,6 +807,25 @@ impl Catalog {
         removed && self.refused.get(&object.kind).is_some_and(|&n| n > 0)
     }
 
+    /// The source's Nodes, for the upstreams that discover them.
+    pub fn discovered(&self, source: &str) -> Discovered {
+        let nodes = self
+            .objects
+            .range((Kind::Node, String::new(), String::new())..)
+            .take_while(|(k, _)| k.0 == Kind::Node)
+            .map(|(_, o)| Node {
+                name: o.name.clone(),
+                address: o.addresses.first().copied(),
+                state: o.node.as_deref().cloned().unwrap_or_default(),
+                problem: o.problem.is_some(),
+            })
+            .collect();
+        Discovered {
+            source: source.into(),
+            nodes,
+        }
+    }
+
     /// Objects refused for want of room, of every kind.
     pub fn refused(&self) -> usize {
         self.refused.values().sum()
@@ -792,7 +909,7 @@ pub fn document_of<'o>(
             continue;
         }
         match object.kind {
-            Kind::IngressClass | Kind::Gateway => {}
+            Kind::IngressClass | Kind::Gateway | Kind::Node => {}
             Kind::Ingress if !serves(object.class.as_deref()) => made.other_class += 1,
             Kind::Ingress => routing.push((object, object.hosts.clone())),
             _ if object.parents.is_empty() => made.unaccepted += 1,
@@ -954,8 +1071,8 @@ fn made_up_name(source: &str, o: &Object) -> String {
 /// The last good state of a `format=k8s` source, kept on disk.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Cache {
-    /// Its format version (2; 1 before Gateway API routes recorded the Gateways that
-    /// accepted them): tells a cache from a route file.
+    /// Its format version (3; 2 before Nodes were kept, 1 before Gateway API routes
+    /// recorded the Gateways that accepted them): tells a cache from a route file.
     pub edge_url_cache: u32,
     pub source: String,
     pub objects: Vec<Object>,
@@ -963,8 +1080,8 @@ pub struct Cache {
 
 /// The start of every cache file: a route file never starts so.
 pub const CACHE_MAGIC: &[u8] = b"{\"edge_url_cache\":";
-/// The cache format written.
-const CACHE_VERSION: u32 = 2;
+/// The cache format written (3 since Nodes are kept).
+const CACHE_VERSION: u32 = 3;
 
 impl Cache {
     pub fn of(source: &str, catalog: &Catalog) -> Cache {
@@ -1520,5 +1637,65 @@ mod tests {
         assert_eq!(c.len(), 1);
         c.delete(&object(Kind::TLSRoute, "t", &[], None));
         assert!(c.is_empty());
+    }
+
+    /// A Node as the API server sends it: its InternalIP (IPv4 first), Ready, cordon, the
+    /// autoscaler's taint and its labels; the rest ignored. Read back from a cache.
+    #[test]
+    fn nodes_are_read_as_kubernetes_writes_them() {
+        let list = br#"{"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"}, "items": [
+          {"metadata": {"name": "a1", "labels": {"role": "ingress"}, "managedFields": [{"x": 1}]},
+           "spec": {"podCIDR": "10.42.0.0/24"},
+           "status": {"addresses": [{"type": "Hostname", "address": "a1"}, {"type": "InternalIP", "address": "fd00::1"},
+                                    {"type": "ExternalIP", "address": "203.0.113.1"}, {"type": "InternalIP", "address": "10.0.0.1"}],
+                      "conditions": [{"type": "MemoryPressure", "status": "False"}, {"type": "Ready", "status": "True"}]}},
+          {"metadata": {"name": "a2"},
+           "spec": {"unschedulable": true, "taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
+           "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}], "conditions": [{"type": "Ready", "status": "Unknown"}]}},
+          {"metadata": {"name": "a3"}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+        ]}"#;
+        let page = parse_list(list, Some(Kind::Node)).unwrap();
+        assert_eq!(page.kind, Some(Kind::Node));
+        let mut catalog = Catalog::default();
+        catalog.replace_kind(Kind::Node, page.objects);
+        let found = catalog.discovered("a");
+        let got: Vec<_> = found
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.address.map(|a| a.to_string()),
+                    n.state.ready,
+                    n.state.unschedulable,
+                    n.state.deleting,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a1", Some("10.0.0.1".into()), Some(true), false, false),
+                ("a2", Some("10.0.0.2".into()), None, true, true),
+                ("a3", None, Some(false), false, false),
+            ]
+        );
+        assert_eq!(found.nodes[0].state.labels["role"], "ingress");
+        // Nodes route nothing, and count as nothing unrouted.
+        let made = catalog.document("a", Some("u"), None);
+        assert_eq!((made.routes, made.unrouted, made.unaccepted), (0, 0, 0));
+        let back = Cache::parse(&Cache::of("a", &catalog).to_bytes()).unwrap();
+        assert_eq!(back.objects, catalog.objects);
+        // A watch event of a Node.
+        let event = br#"{"type": "MODIFIED", "object": {"kind": "Node", "metadata": {"name": "a1", "resourceVersion": "8"},
+            "spec": {"unschedulable": true}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+            "conditions": [{"type": "Ready", "status": "True"}]}}}"#;
+        match parse_event(event, Kind::Node).unwrap() {
+            Event::Put(o, rv) => {
+                assert_eq!(rv.as_deref(), Some("8"));
+                assert!(o.node.unwrap().unschedulable);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -161,6 +161,9 @@ pub struct Options {
     pub certificate: Option<String>,
     pub certificate_key: Option<String>,
     pub ingress_class: Option<String>,
+    /// `discover=nodes`: the source reads the cluster's Nodes too, for upstreams whose
+    /// servers are its nodes (`"discover"` in a route file).
+    pub discover_nodes: bool,
 }
 
 impl Options {
@@ -183,6 +186,7 @@ impl Options {
             certificate: None,
             certificate_key: None,
             ingress_class: None,
+            discover_nodes: false,
         };
         for arg in args {
             let Some((key, value)) = arg.split_once('=') else {
@@ -233,6 +237,14 @@ impl Options {
                 "certificate" => o.certificate = text(),
                 "certificate_key" => o.certificate_key = text(),
                 "ingress_class" => o.ingress_class = text(),
+                "discover" => match value {
+                    "nodes" => o.discover_nodes = true,
+                    _ => {
+                        return Err(format!(
+                            "invalid discover \"{value}\", it must be \"nodes\""
+                        ))
+                    }
+                },
                 _ => return Err(format!("invalid parameter \"{arg}\"")),
             }
         }
@@ -267,6 +279,12 @@ impl Options {
         {
             o.format = Format::K8s;
         }
+        if o.discover_nodes && (o.format != Format::K8s || kube::Target::of(&o.url.path).is_some())
+        {
+            return Err(
+                "discover=nodes needs the API server's URL (format=k8s, not a list path)".into(),
+            );
+        }
         Ok(o)
     }
 
@@ -291,8 +309,13 @@ impl Options {
     /// Tells this source's cache file from another's: everything that shapes its routes.
     pub fn cache_key(&self) -> u64 {
         let text = format!(
-            "{}\n{}\n{:?}\n{:?}\n{:?}",
-            self.url, self.name, self.format, self.upstream, self.ingress_class
+            "{}\n{}\n{:?}\n{:?}\n{:?}{}",
+            self.url,
+            self.name,
+            self.format,
+            self.upstream,
+            self.ingress_class,
+            if self.discover_nodes { "\nnodes" } else { "" }
         );
         crate::health::fnv1a(text.as_bytes())
     }
@@ -371,10 +394,28 @@ mod tests {
                 &["format=edge", "upstream=a"][..],
                 "format=k8s",
             ),
+            ("http://h/", &["discover=pods"][..], "invalid discover"),
+            (
+                "http://h/apis/networking.k8s.io/v1/ingresses",
+                &["discover=nodes"][..],
+                "needs the API server's URL",
+            ),
+            (
+                "http://h/edge.json",
+                &["discover=nodes"][..],
+                "needs the API server's URL",
+            ),
         ] {
             let e = Options::parse(url, args, &secs).unwrap_err();
             assert!(e.contains(why), "{args:?}: {e}");
         }
+        let n = Options::parse("http://h/", &["discover=nodes"], &secs).unwrap();
+        assert!(n.discover_nodes);
+        assert_ne!(
+            n.cache_key(),
+            Options::parse("http://h/", &[], &secs).unwrap().cache_key(),
+            "a source that reads nodes keeps its own cache"
+        );
         let a = Options::parse("http://h/", &["upstream=a"], &secs).unwrap();
         let b = Options::parse("http://h/", &["upstream=b"], &secs).unwrap();
         let c = Options::parse("http://h/", &["upstream=a", "interval=1s"], &secs).unwrap();

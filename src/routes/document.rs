@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use super::discover::{Discover, Discovered, Selector};
 use super::json::Json;
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
 pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
@@ -37,6 +38,9 @@ pub struct Document {
     pub upstreams: Vec<UpstreamDef>,
     pub routes: Vec<(RouteKey, Targets)>,
     pub default: Option<Targets>,
+    /// A URL source's nodes (`discover=nodes`), for the upstreams that discover them: only
+    /// a Kubernetes source's document has them.
+    pub discovered: Option<std::sync::Arc<Discovered>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +56,8 @@ pub enum UpstreamKind {
     Servers(Vec<ServerDef>),
     /// The name of an `upstream {}` block of nginx.conf.
     Nginx(String),
+    /// A source's nodes: the merge makes them `Servers`.
+    Discover(Discover),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -173,6 +179,7 @@ impl Document {
             upstreams: Vec::new(),
             routes: Vec::new(),
             default: None,
+            discovered: None,
         };
         for (key, value) in object(root, &top)? {
             let path = JsonPath::Key(&top, key);
@@ -236,6 +243,7 @@ fn check_upstream_name(name: &str, path: &JsonPath) -> Result<(), SchemaError> {
 fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), SchemaError> {
     let mut servers = None;
     let mut nginx = None;
+    let mut discover = None;
     let mut policy = Policy::default();
     // The first field that only a `servers` upstream may have.
     let mut health_field = None;
@@ -244,6 +252,7 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
         match key.as_str() {
             "servers" => servers = Some(server_list(value, &path)?),
             "nginx_upstream" => nginx = Some(string(value, &path)?.to_owned()),
+            "discover" => discover = Some(discover_of(value, &path)?),
             "balance" => {
                 policy.balance = match string(value, &path)? {
                     "round_robin" => Balance::RoundRobin,
@@ -265,11 +274,13 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
             _ => {
                 return fail(
                     &path,
-                    "unknown field (expected servers, nginx_upstream, balance, max_fails, fail_timeout, check or start)",
+                    "unknown field (expected servers, nginx_upstream, discover, balance, max_fails, fail_timeout, check or start)",
                 )
             }
         }
-        if key != "servers" && key != "nginx_upstream" && health_field.is_none() {
+        if !["servers", "nginx_upstream", "discover"].contains(&key.as_str())
+            && health_field.is_none()
+        {
             health_field = Some(key.as_str());
         }
     }
@@ -279,9 +290,10 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
             "\"down\" needs a check to bring the servers up",
         );
     }
-    match (servers, nginx) {
-        (Some(servers), None) => Ok((UpstreamKind::Servers(servers), policy)),
-        (None, Some(name)) => {
+    match (servers, nginx, discover) {
+        (Some(servers), None, None) => Ok((UpstreamKind::Servers(servers), policy)),
+        (None, None, Some(discover)) => Ok((UpstreamKind::Discover(discover), policy)),
+        (None, Some(name), None) => {
             if let Some(field) = health_field {
                 return fail(
                     &JsonPath::Key(path, field),
@@ -291,8 +303,61 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
             check_upstream_name(&name, &JsonPath::Key(path, "nginx_upstream"))?;
             Ok((UpstreamKind::Nginx(name), Policy::default()))
         }
-        (Some(_), Some(_)) => fail(path, "servers and nginx_upstream exclude each other"),
-        (None, None) => fail(path, "needs servers or nginx_upstream"),
+        (None, None, None) => fail(path, "needs servers, nginx_upstream or discover"),
+        _ => fail(
+            path,
+            "servers, nginx_upstream and discover exclude each other: one of them",
+        ),
+    }
+}
+
+/// `{"source": "cluster-a", "nodes": {"selector": "node-role.kubernetes.io/ingress=true"}}`:
+/// the nodes of a URL source read with `discover=nodes` (all of them without a selector).
+fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
+    let mut source = None;
+    let mut selector = None;
+    for (key, value) in object(value, path)? {
+        let path = JsonPath::Key(path, key);
+        match key.as_str() {
+            "source" => {
+                let name = string(value, &path)?;
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    return fail(
+                        &path,
+                        "the name= of an edge_routes_url: 1 to 64 of [A-Za-z0-9._-]",
+                    );
+                }
+                source = Some(name.to_owned());
+            }
+            "nodes" => {
+                let mut text = "";
+                for (key, value) in object(value, &path)? {
+                    let path = JsonPath::Key(&path, key);
+                    match key.as_str() {
+                        "selector" => text = string(value, &path)?,
+                        _ => return fail(&path, "unknown field (expected selector)"),
+                    }
+                }
+                let parsed = Selector::parse(text).or_else(|e| {
+                    fail(
+                        &JsonPath::Key(&path, "selector"),
+                        format!("a label selector: {e}"),
+                    )
+                })?;
+                selector = Some(parsed);
+            }
+            _ => return fail(&path, "unknown field (expected source or nodes)"),
+        }
+    }
+    match (source, selector) {
+        (Some(source), Some(selector)) => Ok(Discover { source, selector }),
+        (None, _) => fail(path, "needs source (the name= of an edge_routes_url)"),
+        (_, None) => fail(path, "needs nodes (what to discover)"),
     }
 }
 
@@ -709,7 +774,39 @@ mod tests {
             ),
             (
                 r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "nginx_upstream": "x"}}}"#,
-                "upstreams.u: servers and nginx_upstream exclude each other",
+                "upstreams.u: servers, nginx_upstream and discover exclude each other",
+            ),
+            (
+                r#"{"upstreams": {"u": {"servers": ["10.0.0.1"], "discover": {"source": "a", "nodes": {}}}}}"#,
+                "upstreams.u: servers, nginx_upstream and discover exclude each other",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"nodes": {}}}}}"#,
+                "upstreams.u.discover: needs source",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a"}}}}"#,
+                "upstreams.u.discover: needs nodes",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a b", "nodes": {}}}}}"#,
+                "upstreams.u.discover.source: the name= of an edge_routes_url",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {"selector": "zone in (a)"}}}}}"#,
+                "upstreams.u.discover.nodes.selector: a label selector: \"zone in (a)\": only key",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {"label": "x"}}}}}"#,
+                "upstreams.u.discover.nodes.label: unknown field (expected selector)",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "x/y"}}}}"#,
+                "upstreams.u.discover.service: unknown field (expected source or nodes)",
+            ),
+            (
+                r#"{"upstreams": {"u": {}}}"#,
+                "upstreams.u: needs servers, nginx_upstream or discover",
             ),
             (
                 r#"{"upstreams": {"u w": {"nginx_upstream": "x"}}}"#,

@@ -124,6 +124,8 @@ pub struct UpstreamSpec<'a> {
     pub kind: &'a UpstreamKind,
     pub policy: &'a Policy,
     pub check_name: Option<&'a str>,
+    /// Its servers are a source's nodes (`"discover"`): it may have none.
+    pub discovered: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -164,7 +166,7 @@ impl<'a> Builder<'a> {
             .iter()
             .map(|u| match u.kind {
                 UpstreamKind::Servers(list) => list.len(),
-                UpstreamKind::Nginx(_) => 0,
+                UpstreamKind::Nginx(_) | UpstreamKind::Discover(_) => 0,
             })
             .sum();
         let mut strings = Strings::default();
@@ -510,11 +512,11 @@ impl<'a> View<'a> {
             return corrupt("an upstream's servers out of bounds");
         }
         match u.byte(14) {
-            0 if count > 0 => {}
+            0 if count > 0 || u.byte(42) == 1 => {}
             1 if u.string(u.u32(4)).is_some() => {}
             _ => return corrupt("an upstream of no known kind"),
         }
-        if u.byte(15) > 2 || u.byte(24) > 3 || u.byte(26) > 2 {
+        if u.byte(15) > 2 || u.byte(24) > 3 || u.byte(26) > 2 || u.byte(42) > 1 {
             return corrupt("an unknown balance, check or PROXY protocol value");
         }
         for k in [44, 52] {
@@ -701,6 +703,11 @@ impl<'a> UpstreamEntry<'a> {
             .flatten()
     }
 
+    /// Whether its servers are a source's nodes (it may have none).
+    pub fn discovered(&self) -> bool {
+        self.byte(42) == 1
+    }
+
     pub fn servers(&self) -> Vec<ServerDef> {
         let (first, count) = (self.u32(8) as usize, self.u16(12) as usize);
         let b = self.view.bytes;
@@ -795,7 +802,10 @@ fn upstream_record(u: &UpstreamSpec, first_server: usize, strings: &mut Strings)
     let (kind, nginx, count) = match u.kind {
         UpstreamKind::Servers(list) => (0u8, NONE, list.len()),
         UpstreamKind::Nginx(name) => (1u8, strings.add(name), 0),
+        // The merge makes its servers; unresolved, it has none.
+        UpstreamKind::Discover(_) => (0u8, NONE, 0),
     };
+    r[42] = u8::from(u.discovered);
     put32(&mut r, 4, nginx);
     put32(&mut r, 8, first_server as u32);
     r[12..14].copy_from_slice(&(count as u16).to_le_bytes());
@@ -976,6 +986,7 @@ mod tests {
                 kind,
                 policy,
                 check_name: None,
+                discovered: false,
             });
         }
         b

@@ -1,5 +1,6 @@
 //! Pure: the route table schema, its validation, lookup and the sources it is read from.
 
+pub mod discover;
 pub mod document;
 pub mod follow;
 pub mod image;

@@ -158,6 +158,7 @@ mod tests {
             kind: &kind,
             policy: &policy,
             check_name: None,
+            discovered: false,
         });
         b.exact("a.test", Targets { tls: 0, http: 0 });
         b.build()

@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::document::limits::{MAX_FILES, MAX_FILE_BYTES};
 use super::document::Document;
 use super::json::Json;
-use super::table::{MergeError, MergeWarning, RouteTable};
+use super::table::{Discovery, MergeError, MergeWarning, RouteTable};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -92,6 +92,8 @@ pub struct Cached {
     pub read: Reader,
     /// What messages call it (`edge_routes_url NAME`), rather than its file.
     pub label: String,
+    /// Its name, when it discovers nodes for the table's upstreams (`discover=nodes`).
+    pub discovers: Option<String>,
 }
 
 /// What a table is made of, in configuration order (the first wins a conflict): at most one
@@ -195,7 +197,7 @@ pub enum Work {
     /// Read and check these files (a URL source's with its reader).
     Parse(Vec<(PathBuf, Option<Reader>)>),
     /// Merge these documents into a table.
-    Merge(Vec<Arc<Document>>),
+    Merge(Vec<Arc<Document>>, Discovery),
 }
 
 #[derive(Debug)]
@@ -217,9 +219,9 @@ impl Work {
                     })
                     .collect(),
             ),
-            Work::Merge(docs) => {
+            Work::Merge(docs, discovery) => {
                 let docs: Vec<&Document> = docs.iter().map(|d| &**d).collect();
-                Done::Merged(RouteTable::merge(&docs, upstream_exists))
+                Done::Merged(RouteTable::merge_with(&docs, upstream_exists, &discovery))
             }
         }
     }
@@ -505,7 +507,14 @@ impl Source {
             return not_under_way();
         };
         pending.owners = owners;
-        Step::NeedWork(Work::Merge(docs))
+        let discovery = Discovery {
+            sources: (self.inputs.before.iter())
+                .chain(&self.inputs.after)
+                .filter_map(|c| c.discovers.clone())
+                .collect(),
+            previous: self.table.discovered_servers(),
+        };
+        Step::NeedWork(Work::Merge(docs, discovery))
     }
 
     /// A file whose references do not resolve is rejected (reverted to its previous version,
@@ -1056,6 +1065,7 @@ mod tests {
             candidate: Some(dir.0.join(format!("{name}.next"))),
             read: read.clone(),
             label: name.into(),
+            discovers: None,
         }
     }
 

@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use super::discover::{self, Discovered};
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
-use super::document::{Document, RouteKey, Targets, UpstreamDef, UpstreamKind};
+use super::document::{Document, RouteKey, ServerDef, Targets, UpstreamDef, UpstreamKind};
 use super::image::{self, Image};
 use crate::balance::Pool;
 use crate::sniff::Protocol;
@@ -115,13 +116,42 @@ impl<'a, V> InsertNew<'a, V> for HashMap<&'a str, V> {
     }
 }
 
+/// What a merge knows besides its documents: the URL sources of the table that discover
+/// nodes, and the servers each discovering upstream had in the table it replaces (kept when
+/// none is eligible now).
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    pub sources: Vec<String>,
+    pub previous: HashMap<String, Vec<ServerDef>>,
+}
+
 impl RouteTable {
-    /// Merges documents in order. A name defined twice (upstream, route or default) keeps its
-    /// first definition and yields a warning. `nginx_upstream_exists` tells which nginx.conf
-    /// upstream blocks exist.
+    /// Merges documents in order, without sources that discover nodes: see `merge_with`.
     pub fn merge(
         documents: &[&Document],
         nginx_upstream_exists: &dyn Fn(&str) -> bool,
+    ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
+        RouteTable::merge_with(documents, nginx_upstream_exists, &Discovery::default())
+    }
+
+    /// The servers of each upstream that discovers nodes, by name: what the next merge keeps
+    /// if none is eligible then.
+    pub fn discovered_servers(&self) -> HashMap<String, Vec<ServerDef>> {
+        let view = self.image.view();
+        (0..view.upstream_count())
+            .map(|i| view.upstream(i))
+            .filter(|u| u.discovered())
+            .map(|u| (u.name().to_owned(), u.servers()))
+            .collect()
+    }
+
+    /// Merges documents in order. A name defined twice (upstream, route or default) keeps its
+    /// first definition and yields a warning. `nginx_upstream_exists` tells which nginx.conf
+    /// upstream blocks exist.
+    pub fn merge_with(
+        documents: &[&Document],
+        nginx_upstream_exists: &dyn Fn(&str) -> bool,
+        discovery: &Discovery,
     ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
         let mut exact: HashMap<&str, Route> = HashMap::new();
         let mut wildcard: HashMap<&str, (Route, bool)> = HashMap::new();
@@ -162,6 +192,17 @@ impl RouteTable {
                             message: format!(
                                 "upstreams.{}.nginx_upstream: no \"upstream {name} {{}}\" block in the stream section of nginx.conf",
                                 def.name
+                            ),
+                        });
+                    }
+                }
+                if let UpstreamKind::Discover(d) = &def.kind {
+                    if !discovery.sources.contains(&d.source) {
+                        return Err(MergeError {
+                            file,
+                            message: format!(
+                                "upstreams.{}.discover.source: no edge_routes_url name={} with discover=nodes among the sources of this table",
+                                def.name, d.source
                             ),
                         });
                     }
@@ -227,14 +268,61 @@ impl RouteTable {
                 }
             }
         }
+        let found: HashMap<&str, &Discovered> = documents
+            .iter()
+            .filter_map(|d| d.discovered.as_deref())
+            .map(|d| (d.source.as_str(), d))
+            .collect();
+        let resolved: Vec<Option<UpstreamKind>> = defs
+            .iter()
+            .map(|def| {
+                let UpstreamKind::Discover(d) = &def.kind else {
+                    return None;
+                };
+                let nodes = found.get(d.source.as_str()).map_or(&[][..], |f| &f.nodes);
+                let previous = discovery.previous.get(&def.name).map(Vec::as_slice);
+                let s = discover::select(d, nodes, previous);
+                let file = ids[def.name.as_str()].1;
+                let counts = format!(
+                    "{} node(s) of {} selected: {} draining, {} out",
+                    s.matched, d.source, s.draining, s.out
+                );
+                let message = if s.kept_previous {
+                    Some(format!(
+                        "upstreams.{}: no node is eligible ({counts}); its {} previous server(s) are kept",
+                        def.name,
+                        s.servers.len()
+                    ))
+                } else if s.servers.is_empty() {
+                    Some(format!(
+                        "upstreams.{}: no node is eligible ({counts}); it has no server",
+                        def.name
+                    ))
+                } else if s.over > 0 {
+                    Some(format!(
+                        "upstreams.{}: {} eligible node(s) past the limit of {} servers are left out",
+                        def.name,
+                        s.over,
+                        s.servers.len()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = message {
+                    warnings.push(MergeWarning { file, message });
+                }
+                Some(UpstreamKind::Servers(s.servers))
+            })
+            .collect();
         let mut image = image::Builder::default();
         let check_names = check_names(&defs, documents);
-        for (def, check_name) in defs.iter().zip(&check_names) {
+        for ((def, check_name), resolved) in defs.iter().zip(&check_names).zip(&resolved) {
             image.upstream(image::UpstreamSpec {
                 name: &def.name,
-                kind: &def.kind,
+                kind: resolved.as_ref().unwrap_or(&def.kind),
                 policy: &def.policy,
                 check_name: *check_name,
+                discovered: resolved.is_some(),
             });
         }
         for (name, route) in exact {
@@ -389,7 +477,7 @@ fn check_names<'d>(defs: &[&'d UpstreamDef], documents: &[&'d Document]) -> Vec<
                     continue;
                 };
                 let def = defs[i];
-                if !matches!(def.kind, UpstreamKind::Servers(_)) {
+                if matches!(def.kind, UpstreamKind::Nginx(_)) {
                     continue;
                 }
                 let Some(check) = &def.policy.check else {
@@ -522,6 +610,7 @@ mod tests {
                 .collect(),
             routes: Vec::new(),
             default: None,
+            discovered: None,
         };
         let half = MAX_UPSTREAMS / 2 + 1;
         let (a, b) = (file(0, half), file(half, half));
@@ -729,6 +818,86 @@ mod tests {
         assert_eq!(
             find(&t, Some("host19999.example.net"), Protocol::Tls),
             pair("host19999.example.net", "a")
+        );
+    }
+
+    /// An upstream that discovers nodes: the eligible ones of its source's document, the
+    /// previous servers when none is, a source not among the table's refused.
+    #[test]
+    fn discovered_upstreams_take_their_sources_nodes() {
+        use crate::routes::discover::{Discovered, Node, NodeState};
+        let file = document(
+            r#"{"upstreams": {"ingress": {"discover": {"source": "a", "nodes": {"selector": "role=ingress"}}, "balance": "least_conn"}},
+                "routes": {"x.test": "ingress"}}"#,
+        );
+        let node = |name: &str, ip: &str, ready: Option<bool>, role: &str| Node {
+            name: name.into(),
+            address: ip.parse().ok(),
+            state: NodeState {
+                ready,
+                labels: [("role".to_owned(), role.to_owned())].into_iter().collect(),
+                ..NodeState::default()
+            },
+            problem: false,
+        };
+        let source = |nodes: Vec<Node>| Document {
+            discovered: Some(std::sync::Arc::new(Discovered {
+                source: "a".into(),
+                nodes,
+            })),
+            ..Document::default()
+        };
+        let discovery = |previous: Option<&RouteTable>| Discovery {
+            sources: vec!["a".into()],
+            previous: previous
+                .map(RouteTable::discovered_servers)
+                .unwrap_or_default(),
+        };
+        let servers = |t: &RouteTable| -> Vec<String> {
+            t.discovered_servers()["ingress"]
+                .iter()
+                .map(|s| s.ip.to_string())
+                .collect()
+        };
+        let nodes = source(vec![
+            node("a1", "10.0.0.1", Some(true), "ingress"),
+            node("a2", "10.0.0.2", Some(true), "worker"),
+            node("a3", "10.0.0.3", Some(false), "ingress"),
+        ]);
+        let (t, warnings) =
+            RouteTable::merge_with(&[&file, &nodes], &|_| false, &discovery(None)).unwrap();
+        assert_eq!(servers(&t), ["10.0.0.1"]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // Every selected node NotReady: the previous servers are kept, and said.
+        let down = source(vec![node("a1", "10.0.0.1", None, "ingress")]);
+        let (t2, warnings) =
+            RouteTable::merge_with(&[&file, &down], &|_| false, &discovery(Some(&t))).unwrap();
+        assert_eq!(servers(&t2), ["10.0.0.1"]);
+        assert!(
+            warnings[0].message.contains("previous server(s) are kept"),
+            "{warnings:?}"
+        );
+        // The source has not answered yet: no server, said; the table is made all the same.
+        let (t3, warnings) =
+            RouteTable::merge_with(&[&file], &|_| false, &discovery(None)).unwrap();
+        assert!(servers(&t3).is_empty());
+        assert!(
+            warnings[0].message.contains("it has no server"),
+            "{warnings:?}"
+        );
+        let image = crate::routes::image::Image::from_bytes(t3.image().bytes().to_vec());
+        assert!(
+            image.is_ok(),
+            "an image with an empty discovered upstream reads back"
+        );
+        // A source that does not discover nodes.
+        let err = RouteTable::merge_with(&[&file, &nodes], &|_| false, &Discovery::default())
+            .unwrap_err();
+        assert!(
+            err.message
+                .contains("no edge_routes_url name=a with discover=nodes"),
+            "{}",
+            err.message
         );
     }
 }
