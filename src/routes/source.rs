@@ -759,7 +759,12 @@ fn not_under_way() -> Step {
 /// A warning that does not stop a start: a name defined twice, a URL source's last good
 /// document that cannot be used.
 fn is_warning_at_start(e: &Event) -> bool {
-    e.level == Level::Warn && (e.message.contains(", ignored") || e.message.ends_with(NOT_USED))
+    e.level == Level::Warn
+        && (e.message.contains(", ignored")
+            || e.message.ends_with(NOT_USED)
+            // What a cluster's nodes say (see `table::merge_with`): remote data, never fatal.
+            || e.message.contains(": no node is eligible (")
+            || e.message.contains(" eligible node(s) past the limit"))
 }
 
 /// A URL source's last good document that cannot be used at start: the source adds nothing

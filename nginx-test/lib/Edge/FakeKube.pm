@@ -1,10 +1,11 @@
 package Edge::FakeKube;
 
 # A small Kubernetes API server for the tests, shaped after the API reference: discovery
-# (/api, /apis, /apis/GROUP/VERSION, /version), lists (paged with limit and continue), watches
-# (chunked JSON events from a resourceVersion, bookmarks, 410 Gone once compacted), bearer
-# tokens, TLS, and an "exporter" variant that answers every read with the whole list and an
-# ETag. Objects carry what real ones carry (uid, managedFields, annotations, status).
+# (/api, /api/v1, /apis, /apis/GROUP/VERSION, /version), lists (paged with limit and continue),
+# watches (chunked JSON events from a resourceVersion, bookmarks, 410 Gone once compacted), one
+# object by name (GET) and its JSON merge patch (PATCH, as `kubectl cordon` and `label` send),
+# bearer tokens, TLS, and an "exporter" variant that answers every read with the whole list
+# and an ETag. Objects carry what real ones carry (uid, managedFields, annotations, status).
 #
 # The state is a folder of files, so that the forked connection handlers and the test see the
 # same: `log` (one line per change: rv, type, kind, JSON), `compacted` (the oldest rv a watch
@@ -31,7 +32,12 @@ my %KINDS = (
     httproutes     => { kind => 'HTTPRoute',    group => 'gateway.networking.k8s.io', version => 'v1' },
     tlsroutes      => { kind => 'TLSRoute',     group => 'gateway.networking.k8s.io', version => 'v1alpha2' },
     gateways       => { kind => 'Gateway',      group => 'gateway.networking.k8s.io', version => 'v1' },
+    nodes          => { kind => 'Node',         group => '',                          version => 'v1', cluster => 1,
+                        short => 'no' },
 );
+
+# A kind's apiVersion: "v1" for the core group.
+sub _api_version { my ($k) = @_; return $k->{group} ? "$k->{group}/$k->{version}" : $k->{version} }
 my $RESOURCES = join '|', sort keys %KINDS;
 
 # new($t, $name, tls => [crt, key], client_ca => CA_FILE, token => TEXT, exporter => 1,
@@ -189,6 +195,38 @@ sub ingressclass {
     };
 }
 
+# A Node as the kubelet reports it. %o: ready (True, False or Unknown; True by default),
+# unschedulable (cordoned), taints ([key, ...]), labels ({...}), ipv6 (a second InternalIP).
+sub node {
+    my ($name, $ip, %o) = @_;
+    my $ready = $o{ready} // 'True';
+    return {
+        apiVersion => 'v1', kind => 'Node',
+        metadata => { name => $name, uid => "n-$name", creationTimestamp => '2026-11-29T08:00:00Z',
+            labels => { 'kubernetes.io/hostname' => $name, 'kubernetes.io/os' => 'linux', %{$o{labels} // {}} },
+            annotations => { 'node.alpha.kubernetes.io/ttl' => '0' } },
+        spec => { podCIDR => '10.42.0.0/24', providerID => "rke2://$name",
+            ($o{unschedulable} ? (unschedulable => JSON::PP::true()) : ()),
+            ($o{taints} ? (taints => [map { { key => $_, value => '1764403200', effect => 'NoSchedule' } } @{$o{taints}}]) : ()) },
+        status => {
+            addresses => [{ type => 'InternalIP', address => $ip }, ($o{ipv6} ? ({ type => 'InternalIP', address => $o{ipv6} }) : ()),
+                { type => 'Hostname', address => $name }],
+            conditions => [
+                { type => 'MemoryPressure', status => 'False', reason => 'KubeletHasSufficientMemory' },
+                { type => 'Ready', status => $ready, reason => $ready eq 'True' ? 'KubeletReady' : 'NodeStatusUnknown',
+                  lastHeartbeatTime => '2026-11-29T10:00:00Z', lastTransitionTime => '2026-11-29T08:00:00Z' }],
+            nodeInfo => { kubeletVersion => 'v1.30.6+rke2r1', osImage => 'Debian GNU/Linux 12 (bookworm)' },
+        },
+    };
+}
+
+# The object named, as the server holds it now, or undef.
+sub get {
+    my ($self, $kind, $ns, $name) = @_;
+    my ($res) = grep { $KINDS{$_}{kind} eq $kind } keys %KINDS;
+    return $self->_objects($res)->{($ns // '') . "/$name"};
+}
+
 # A Gateway with listeners [name, hostname or undef], as its controller programmed it.
 sub gateway {
     my ($ns, $name, @listeners) = @_;
@@ -279,7 +317,7 @@ sub _status_json {
 
 sub _respond {
     my ($c, $code, $body, %h) = @_;
-    my %text = (200 => 'OK', 304 => 'Not Modified', 401 => 'Unauthorized', 403 => 'Forbidden', 404 => 'Not Found',
+    my %text = (200 => 'OK', 304 => 'Not Modified', 400 => 'Bad Request', 405 => 'Method Not Allowed', 401 => 'Unauthorized', 403 => 'Forbidden', 404 => 'Not Found',
         410 => 'Gone', 500 => 'Internal Server Error');
     my $head = "HTTP/1.1 $code " . ($text{$code} // 'X') . "\r\nContent-Type: application/json\r\n"
         . join('', map { "$_: $h{$_}\r\n" } sort keys %h)
@@ -328,6 +366,13 @@ sub _connection {
     return _respond($c, 200, 'this is not { JSON') if $mode eq 'garbage';
 
     my ($path, $query) = split /\?/, $target, 2;
+    my ($length) = $req =~ m{\r\nContent-Length: (\d+)\r\n}i;
+    my $sent = $req =~ s/^.*?\r\n\r\n//sr;
+    while (length($sent) < ($length // 0)) {
+        my $n = sysread($c, my $buf, 16384);
+        last unless $n;
+        $sent .= $buf;
+    }
     if ($path eq '/edge.json') {
         # A native route document, as an exporter serves it.
         my $doc = $self->_read('edge.json');
@@ -336,10 +381,12 @@ sub _connection {
         return _respond($c, 200, $doc, ETag => $etag);
     }
     my %q = map { my ($k, $v) = split /=/, $_, 2; ($k => _unescape($v // '')) } split /&/, $query // '';
-    return $self->_discovery($c, $path) if $path =~ m{^/(api|apis|version)(/|$)} && $path !~ m{/($RESOURCES)$};
-    my ($group, $version, $ns, $res) = $path =~
-        m{^/apis/([^/]+)/([^/]+)(?:/namespaces/([^/]+))?/($RESOURCES)$}
-        or return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
+    my ($group, $version, $ns, $res, $one) = $path =~
+        m{^(?:/apis/([^/]+)|/api)/([^/]+)(?:/namespaces/([^/]+))?/($RESOURCES)(?:/([^/]+))?$};
+    return $self->_discovery($c, $path) if !defined $res && $path =~ m{^/(api|apis|version)(/|$)};
+    return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'))
+        unless defined $res;
+    $group //= '';
     my $k = $KINDS{$res};
     if (grep { $_ eq $res } @{$self->{forbid} // []}) {
         return _respond($c, 403, _status_json(403, 'Forbidden',
@@ -349,6 +396,7 @@ sub _connection {
         || ($k->{cluster} && defined $ns)) {
         return _respond($c, 404, _status_json(404, 'NotFound', 'the server could not find the requested resource'));
     }
+    return $self->_one($c, $method, $res, $ns, $one, $sent) if defined $one;
     # A page of more than 64 MiB unless fewer than 100 objects are asked for.
     if ($mode eq 'bigpages' && ($q{watch} // '') !~ /^(1|true)$/ && !(($q{limit} // 0) > 0 && $q{limit} < 100)) {
         $mode = 'oversized';
@@ -390,7 +438,7 @@ sub _connection {
     my %meta = (resourceVersion => "$rv");
     $meta{continue} = "$rv:" . ($offset + $limit) if $offset + $limit < @items;
     $meta{remainingItemCount} = @items - $offset - $limit if $meta{continue};
-    my $body = $json->encode({ kind => "$k->{kind}List", apiVersion => "$k->{group}/$k->{version}",
+    my $body = $json->encode({ kind => "$k->{kind}List", apiVersion => _api_version($k),
         metadata => \%meta, items => [grep { defined } @page] });
     if ($mode eq 'slow') {
         print $c "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -400,6 +448,38 @@ sub _connection {
         return;
     }
     _respond($c, 200, $body, $self->{exporter} ? (ETag => $etag) : ());
+}
+
+# One object: GET, or PATCH with a JSON merge patch (a strategic merge patch of plain fields is
+# the same: `{"spec":{"unschedulable":true}}`, null to remove a field).
+sub _one {
+    my ($self, $c, $method, $res, $ns, $name, $body) = @_;
+    my $k = $KINDS{$res};
+    my $cur = $self->_objects($res)->{($ns // '') . "/$name"}
+        or return _respond($c, 404, _status_json(404, 'NotFound', "$res \"$name\" not found"));
+    if ($method eq 'PATCH') {
+        my $patch = eval { $json->decode($body) };
+        return _respond($c, 400, _status_json(400, 'BadRequest', 'the patch is not JSON'))
+            unless ref $patch eq 'HASH';
+        _merge($cur, $patch);
+        $self->_append('MODIFIED', $res, $cur);
+    } elsif ($method ne 'GET') {
+        return _respond($c, 405, _status_json(405, 'MethodNotAllowed', "$method is not served here"));
+    }
+    $cur->{kind} = $k->{kind};
+    $cur->{apiVersion} = _api_version($k);
+    _respond($c, 200, $json->encode($cur));
+}
+
+sub _merge {
+    my ($into, $patch) = @_;
+    for my $key (keys %$patch) {
+        my $v = $patch->{$key};
+        if (!defined $v) { delete $into->{$key} }
+        elsif (ref $v eq 'HASH' && ref $into->{$key} eq 'HASH') { _merge($into->{$key}, $v) }
+        elsif (ref $v eq 'HASH') { $into->{$key} = {}; _merge($into->{$key}, $v) }
+        else { $into->{$key} = $v }
+    }
 }
 
 sub _unescape {
@@ -465,7 +545,7 @@ sub _watch {
         }
         if (($q->{allowWatchBookmarks} // '') eq 'true' && time >= $next_bookmark) {
             _chunk($c, $json->encode({ type => 'BOOKMARK', object => { kind => $k->{kind},
-                apiVersion => "$k->{group}/$k->{version}", metadata => { resourceVersion => "$seen" } } }) . "\n");
+                apiVersion => _api_version($k), metadata => { resourceVersion => "$seen" } } }) . "\n");
             $next_bookmark = time + $bookmark;
         }
         sleep 0.02;
@@ -487,7 +567,10 @@ sub _discovery {
     } elsif ($path eq '/api/v1') {
         $body = { kind => 'APIResourceList', groupVersion => 'v1', resources => [
             { name => 'namespaces', singularName => 'namespace', namespaced => JSON::PP::false(),
-              kind => 'Namespace', verbs => [qw(get list watch)] }] };
+              kind => 'Namespace', verbs => [qw(get list watch)] },
+            map { { name => $_, singularName => lc $KINDS{$_}{kind}, namespaced => JSON::PP::false(),
+              kind => $KINDS{$_}{kind}, verbs => [qw(get list patch watch)], shortNames => [$KINDS{$_}{short}] } }
+            grep { $KINDS{$_}{group} eq '' } sort keys %KINDS] };
     } elsif ($path eq '/apis') {
         $body = { kind => 'APIGroupList', apiVersion => 'v1', groups => [map {
             my ($g, $v) = @$_;
@@ -496,7 +579,7 @@ sub _discovery {
             { name => $g, versions => \@versions, preferredVersion => { groupVersion => "$g/$v", version => $v } }
         } @groups] };
     } elsif (my ($g, $v) = $path =~ m{^/apis/([^/]+)/([^/]+)$}) {
-        my @res = grep { $KINDS{$_}{group} eq $g && $KINDS{$_}{version} eq $v } sort keys %KINDS;
+        my @res = grep { $g ne '' && $KINDS{$_}{group} eq $g && $KINDS{$_}{version} eq $v } sort keys %KINDS;
         return _respond($c, 404, _status_json(404, 'NotFound', 'not found'))
             unless @res && ($g !~ /gateway/ || $self->{gateway});
         $body = { kind => 'APIResourceList', apiVersion => 'v1', groupVersion => "$g/$v", resources => [map {

@@ -311,9 +311,10 @@ sub http_get {
 }
 
 # A backend that a test can stop and start again: a child process listening on
-# $opts{addr} (127.0.0.1) port PORT_$name. Modes:
+# $opts{addr} (127.0.0.1) port $opts{port} (PORT_$name). Modes:
 #   text  writes its name and closes (after the client's bytes, if any, have arrived);
 #   hold  writes its name and keeps the connection until the client closes it;
+#   echo  writes its name, then sends back what it receives, until the client closes;
 #   silent  accepts and never writes, until the client closes;
 #   http  answers one request with status $opts{status} (200) and its name as the body;
 #   tls   completes a TLS handshake ($opts{cert}, $opts{key}), then writes its name.
@@ -322,7 +323,7 @@ sub http_get {
 # listening, so that later connects are refused rather than reset.
 sub backend {
     my ($self, $name, %o) = @_;
-    my $port = $self->port($name);
+    my $port = $o{port} // $self->port($name);
     my $addr = $o{addr} // '127.0.0.1';
     my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => $addr, LocalPort => $port,
         Proto => 'tcp', ReuseAddr => 1) or die "backend $name on $addr:$port: $!\n";
@@ -365,7 +366,7 @@ sub _serve {
         $answered{fileno $c} = 1;
         # FIN after the answer; the socket is closed once the peer closes its side, so that
         # unread bytes never turn the close into a reset.
-        shutdown($c, 1) unless $mode eq 'hold';
+        shutdown($c, 1) unless $mode eq 'hold' || $mode eq 'echo';
     };
     my $accept = sub {
         while (my $c = $listen->accept) {
@@ -382,7 +383,7 @@ sub _serve {
             }
             $buf{fileno $c} = '';
             $sel->add($c);
-            $answer->($c) if $mode eq 'text' || $mode eq 'hold';
+            $answer->($c) if $mode eq 'text' || $mode eq 'hold' || $mode eq 'echo';
         }
     };
     while (1) {
@@ -403,6 +404,7 @@ sub _serve {
                 next;
             }
             $buf{fileno $fh} .= $chunk;
+            syswrite($fh, $chunk) if $mode eq 'echo';
             $answer->($fh) if $mode eq 'http' && !$answered{fileno $fh} && $buf{fileno $fh} =~ /\r\n\r\n/;
         }
     }
