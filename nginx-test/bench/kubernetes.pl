@@ -87,6 +87,7 @@ sub probe {
             sysread($s, my $got, 1);
             close $s;
         }
+        last if $stop;    # the read cut short by the TERM that ends the probe
         my $took = time - $t0;
         $max = $took if $took > $max;
         $n++;
