@@ -197,20 +197,23 @@ impl Pool {
 
     /// The server for the next try: an available one not tried yet (backups only once no
     /// primary is left), by the upstream's `balance`; when every server is down, an untried
-    /// one all the same (fail open). `client` is a hash of the client address, for `hash`.
+    /// one all the same (fail open). A draining server is never chosen. `client` is a hash of
+    /// the client address, for `hash`.
     pub fn pick(&self, tried: &Tried, client: u64, now: u64) -> Option<Pick> {
-        let available = |i: usize| !tried.contains(i) && self.health(i).available(now);
+        let draining = |i: usize| self.servers[i].draining;
+        let available =
+            |i: usize| !tried.contains(i) && !draining(i) && self.health(i).available(now);
         if let Some(index) = self.choose(false, client, &available) {
             return Some(self.picked(index, false));
         }
         if let Some(index) = self.choose(true, client, &available) {
             return Some(self.picked(index, false));
         }
-        if (0..self.servers.len()).any(|i| self.health(i).available(now)) {
+        if (0..self.servers.len()).any(|i| !draining(i) && self.health(i).available(now)) {
             // Some server is up, and this session has tried it already.
             return None;
         }
-        let untried = |i: usize| !tried.contains(i);
+        let untried = |i: usize| !tried.contains(i) && !draining(i);
         let index = self
             .choose(false, client, &untried)
             .or_else(|| self.choose(true, client, &untried))?;
@@ -312,6 +315,7 @@ mod tests {
                     port: None,
                     weight,
                     backup,
+                    draining: false,
                 })
                 .collect(),
             Policy {
@@ -479,6 +483,7 @@ mod tests {
                 port: None,
                 weight: 1,
                 backup: false,
+                draining: false,
             }],
             Policy {
                 start_down: true,
@@ -530,12 +535,14 @@ mod tests {
                     port: None,
                     weight: 1,
                     backup: false,
+                    draining: false,
                 },
                 ServerDef {
                     ip: "2001:db8::1".parse().unwrap(),
                     port: Some(8443),
                     weight: 1,
                     backup: false,
+                    draining: false,
                 },
             ],
             Policy::default(),

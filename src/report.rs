@@ -70,11 +70,12 @@ pub fn check_kind(k: CheckKind) -> &'static str {
     }
 }
 
-fn state(v: &View) -> &'static str {
-    match (v.down, v.checking) {
-        (_, true) => "checking",
-        (true, false) => "down",
-        (false, false) => "up",
+fn state(v: &View, s: &ServerDef) -> &'static str {
+    match (s.draining, v.down, v.checking) {
+        (true, _, _) => "draining",
+        (false, _, true) => "checking",
+        (false, true, false) => "down",
+        (false, false, false) => "up",
     }
 }
 
@@ -130,7 +131,8 @@ pub fn json(
                     "address": address(s),
                     "weight": s.weight,
                     "backup": s.backup,
-                    "state": state(&v),
+                    "state": state(&v, s),
+                    "draining": s.draining,
                     "down": v.down,
                     "why": v.why.as_str(),
                     "fails": v.fails,
@@ -304,6 +306,12 @@ pub fn prometheus(
         "gauge",
         "1 if the server takes new connections, 0 if it is down (passive or active check).",
         per_server(&|v, _| Some(u8::from(!v.down).to_string())),
+    );
+    family(
+        "nginx_edge_server_draining",
+        "gauge",
+        "1 while the server takes no new connection and its open ones continue (a cluster's node cordoned or about to be deleted).",
+        per_server(&|_, s| Some(u8::from(s.draining).to_string())),
     );
     family(
         "nginx_edge_server_checking",
@@ -603,6 +611,7 @@ mod tests {
                 port: None,
                 weight: 1,
                 backup: false,
+                draining: false,
             };
             let n = peer_name(&address(&server), port, &mut buf);
             assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), addr.to_string());

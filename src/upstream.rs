@@ -90,6 +90,8 @@ pub struct ServerDef {
     pub port: Option<u16>,
     pub weight: u32,
     pub backup: bool,
+    /// Takes no new connection; the open ones continue (a cluster's node being drained).
+    pub draining: bool,
 }
 
 impl ServerDef {

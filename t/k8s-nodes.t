@@ -64,8 +64,10 @@ $t->config(<<"EOF");
     edge_routes_url $url name=cluster-a format=k8s discover=nodes;
     edge_state %%TESTDIR%%/state;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
 EOF
 $t->run;
+my $status = $t->port('status');
 
 # Who answers new connections: the set of node names over a run of connections, once the same
 # set was seen twice in a row (the table may change between two runs).
@@ -119,6 +121,11 @@ is($kube->get('Node', undef, 'a2')->{spec}{unschedulable}, JSON::PP::true(), 'th
 is(kubectl(q{get node a2 -o 'jsonpath={.spec.unschedulable}'}), 'true', 'and kubectl reads it back');
 my $took = $serves->('a1,a3', 'kubectl cordon a2: no new connection goes to a2');
 diag sprintf 'cordon to a2 out: within %.2f s', $took;
+my $a2 = Edge::Test::server_state($status, 'ingress', $ip{a2}) // {};
+is($a2->{state}, 'draining', 'status shows a2 draining');
+is($a2->{active}, 1, 'with its one open connection');
+my (undef, $metrics) = Edge::Test::status_get($status, '/metrics');
+like($metrics, qr/^nginx_edge_server_draining\{upstream="ingress",server="\Q$ip{a2}\E"\} 1$/m, 'and in /metrics');
 my $echo = '';
 if ($held) {
     print $held "still there\n";
@@ -133,8 +140,12 @@ if ($held) {
 like($echo, qr/^GET \/ HTTP\/1\.1\r\nHost: app\.test\r\n\r\nstill there\n$/, 'the connection open to a2 keeps transferring');
 close $held if $held;
 
+wait_for(sub { (Edge::Test::server_state($status, 'ingress', $ip{a2}) // {})->{active} == 0 }, 'a2 drained');
+pass('once that connection is closed, a2 has none');
+
 kubectl('uncordon a2');
 $serves->('a1,a2,a3', 'kubectl uncordon a2: a2 takes connections again');
+is((Edge::Test::server_state($status, 'ingress', $ip{a2}) // {})->{state}, 'up', 'and status shows it up');
 
 $kube->apply(Edge::FakeKube::node('a4', $ip{a4}, labels => $ingress));
 $serves->('a1,a2,a3,a4', 'a node added takes connections');

@@ -1,11 +1,15 @@
 //! Kubernetes lists and watch events on arbitrary bytes, of every kind (Ingresses,
-//! IngressClasses, routes with their status, Gateways with their listeners): never panic;
-//! whatever parses makes a route document that merges into a table, with and without a class.
+//! IngressClasses, routes with their status, Gateways with their listeners, Nodes): never
+//! panic; whatever parses makes a route document that merges into a table, with and without a
+//! class, and nodes that an upstream discovering them (with a selector from the same bytes)
+//! takes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ngx_stream_edge_module::feed::kube::{self, Catalog, Event, Kind};
-use ngx_stream_edge_module::routes::table::RouteTable;
+use ngx_stream_edge_module::routes::discover;
+use ngx_stream_edge_module::routes::document::{Document, UpstreamDef, UpstreamKind};
+use ngx_stream_edge_module::routes::table::{Discovery, RouteTable};
 
 fuzz_target!(|data: &[u8]| {
     let mut catalog = Catalog::default();
@@ -15,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for (i, line) in data.split(|&b| b == b'\n').enumerate() {
-        let kind = Kind::ALL[i % Kind::ALL.len()];
+        let kind = Kind::ANY[i % Kind::ANY.len()];
         match kube::parse_event(line, kind) {
             Ok(Event::Put(o, _)) => {
                 let _ = catalog.put(o);
@@ -31,12 +35,35 @@ fuzz_target!(|data: &[u8]| {
         let made = catalog.document("fuzz", upstream, class);
         let mut doc = made.document;
         if upstream.is_some() {
-            doc.upstreams.push(ngx_stream_edge_module::routes::document::UpstreamDef {
+            doc.upstreams.push(UpstreamDef {
                 name: "u".into(),
-                kind: ngx_stream_edge_module::routes::document::UpstreamKind::Nginx("n".into()),
+                kind: UpstreamKind::Nginx("n".into()),
                 policy: Default::default(),
             });
         }
         RouteTable::merge(&[&doc], &|_| true).expect("a made document merges");
     }
+    let selector = std::str::from_utf8(data.split(|&b| b == b'\n').next().unwrap_or_default())
+        .ok()
+        .and_then(|text| discover::Selector::parse(text).ok())
+        .unwrap_or_default();
+    let mut doc = Document {
+        discovered: Some(std::sync::Arc::new(catalog.discovered("fuzz"))),
+        ..Document::default()
+    };
+    doc.upstreams.push(UpstreamDef {
+        name: "nodes".into(),
+        kind: UpstreamKind::Discover(discover::Discover {
+            source: "fuzz".into(),
+            selector,
+        }),
+        policy: Default::default(),
+    });
+    let discovery = Discovery {
+        sources: vec!["fuzz".into()],
+        previous: Default::default(),
+    };
+    let (table, _) =
+        RouteTable::merge_with(&[&doc], &|_| true, &discovery).expect("discovered nodes merge");
+    assert!(table.discovered_servers()["nodes"].len() <= 256);
 });

@@ -26,8 +26,8 @@ fuzz_target!(|data: &[u8]| {
         .filter(|n| !n.is_empty() && n.len() < 256 && n.is_ascii() && seen.insert(n.to_vec()))
         .collect();
     let servers = UpstreamKind::Servers(vec![
-        ServerDef { ip: [10, 0, 0, 1].into(), port: None, weight: 1, backup: false },
-        ServerDef { ip: "2001:db8::1".parse().unwrap(), port: Some(8443), weight: 5, backup: true },
+        ServerDef { ip: [10, 0, 0, 1].into(), port: None, weight: 1, backup: false, draining: false },
+        ServerDef { ip: "2001:db8::1".parse().unwrap(), port: Some(8443), weight: 5, backup: true, draining: true },
     ]);
     let checked = Policy {
         check: Some(CheckDef {

@@ -56,7 +56,7 @@ impl Kind {
     ];
 
     /// Every kind a cache or a list may name.
-    const ANY: [Kind; 6] = [
+    pub const ANY: [Kind; 6] = [
         Kind::Ingress,
         Kind::HTTPRoute,
         Kind::TLSRoute,
@@ -952,6 +952,7 @@ pub fn document_of<'o>(
                                 port: None,
                                 weight: 1,
                                 backup: false,
+                                draining: false,
                             })
                             .collect(),
                     ),
@@ -1604,7 +1605,8 @@ mod tests {
                 ip: "10.1.0.7".parse().unwrap(),
                 port: None,
                 weight: 1,
-                backup: false
+                backup: false,
+                draining: false,
             }])
         );
         assert_eq!(

@@ -199,17 +199,21 @@ pub struct Selection {
     pub servers: Vec<ServerDef>,
     /// Nodes the selector took.
     pub matched: usize,
+    /// Servers that take new connections.
+    pub eligible: usize,
     pub draining: usize,
     pub out: usize,
-    /// Eligible nodes past `MAX_SERVERS`.
+    /// Eligible and draining nodes past `MAX_SERVERS`.
     pub over: usize,
     /// No node was eligible: the servers are the upstream's previous ones (fail open).
     pub kept_previous: bool,
 }
 
-/// The servers `spec` takes of `nodes`: the eligible ones, in name order, on the listener's
-/// port. When none is eligible, the `previous` servers (a partition that marks every node
-/// NotReady must not leave the edge with nowhere to send).
+/// The servers `spec` takes of `nodes`, in name order, on the listener's port: the eligible
+/// ones, and the draining ones marked so (they take no new connection; the open ones
+/// continue, and show in status). When none is eligible, the `previous` servers that took
+/// new connections (a partition that marks every node NotReady must not leave the edge with
+/// nowhere to send).
 pub fn select(spec: &Discover, nodes: &[Node], previous: Option<&[ServerDef]>) -> Selection {
     let mut s = Selection::default();
     for node in nodes {
@@ -217,23 +221,41 @@ pub fn select(spec: &Discover, nodes: &[Node], previous: Option<&[ServerDef]>) -
             continue;
         }
         s.matched += 1;
-        match (standing(node), node.address) {
-            (Standing::Eligible, Some(ip)) if s.servers.len() < MAX_SERVERS => {
-                s.servers.push(ServerDef {
-                    ip,
-                    port: None,
-                    weight: 1,
-                    backup: false,
-                })
+        let draining = match standing(node) {
+            Standing::Eligible => false,
+            Standing::Draining(_) => {
+                s.draining += 1;
+                true
             }
-            (Standing::Eligible, _) => s.over += 1,
-            (Standing::Draining(_), _) => s.draining += 1,
-            (Standing::Out(_), _) => s.out += 1,
+            Standing::Out(_) => {
+                s.out += 1;
+                continue;
+            }
+        };
+        let Some(ip) = node.address else { continue };
+        if s.servers.len() == MAX_SERVERS {
+            s.over += 1;
+            continue;
         }
+        s.eligible += usize::from(!draining);
+        s.servers.push(ServerDef {
+            ip,
+            port: None,
+            weight: 1,
+            backup: false,
+            draining,
+        });
     }
-    if s.servers.is_empty() {
-        if let Some(previous) = previous.filter(|p| !p.is_empty()) {
-            s.servers = previous.to_vec();
+    if s.eligible == 0 {
+        let previous: Vec<ServerDef> = previous
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| !p.draining)
+            .copied()
+            .collect();
+        if !previous.is_empty() {
+            s.eligible = previous.len();
+            s.servers = previous;
             s.kept_previous = true;
         }
     }
@@ -325,10 +347,16 @@ mod tests {
             node("a4", "10.0.0.4", |_| {}),
         ];
         let s = select(&all(), &nodes, None);
-        assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.4"]);
+        assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.2", "10.0.0.4"]);
+        let draining: Vec<bool> = s.servers.iter().map(|s| s.draining).collect();
         assert_eq!(
-            (s.matched, s.draining, s.out, s.kept_previous),
-            (4, 1, 1, false)
+            draining,
+            [false, true, false],
+            "a cordoned node stays, draining"
+        );
+        assert_eq!(
+            (s.matched, s.eligible, s.draining, s.out, s.kept_previous),
+            (4, 2, 1, 1, false)
         );
         assert!(s.servers.iter().all(|s| s.port.is_none() && !s.backup));
     }
@@ -348,6 +376,15 @@ mod tests {
         assert!(s.servers.is_empty() && !s.kept_previous);
         // An empty previous set is no previous set.
         assert!(!select(&all(), &nodes, Some(&[])).kept_previous);
+        // Every node cordoned: the previous servers that took connections are kept, not
+        // the draining ones.
+        let cordoned = [node("a1", "10.0.0.1", |s| s.unschedulable = true)];
+        let mut previous = previous.clone();
+        previous.push(select(&all(), &cordoned, None).servers[0]);
+        previous[1].ip = "10.0.0.9".parse().unwrap();
+        let s = select(&all(), &cordoned, Some(&previous));
+        assert_eq!(ips(&s), ["10.0.0.1"]);
+        assert_eq!((s.kept_previous, s.eligible), (true, 1));
     }
 
     #[test]

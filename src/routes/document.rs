@@ -527,6 +527,7 @@ fn server(value: &Json, path: &JsonPath) -> Result<ServerDef, SchemaError> {
         port: None,
         weight: 1,
         backup: false,
+        draining: false,
     };
     let address = match value {
         Json::String(address) => address,

@@ -77,7 +77,8 @@ const HEADER: usize = core::mem::size_of::<Header>();
 const SLOT: usize = core::mem::size_of::<Slot>();
 /// An upstream record; see `UpstreamEntry` for its fields.
 const UPSTREAM: usize = 64;
-/// A server record: address (16, v4 mapped), port (0: the listener's), weight, backup, v6.
+/// A server record: address (16, v4 mapped), port (0: the listener's), weight, backup, v6,
+/// draining.
 const SERVER: usize = 24;
 
 /// What a route sends each protocol to: upstream ids, or `NONE`.
@@ -534,6 +535,9 @@ impl<'a> View<'a> {
             if weight == 0 || u32::from(weight) > MAX_WEIGHT {
                 return corrupt("a server weight out of range");
             }
+            if self.bytes[at + 20] > 1 || self.bytes[at + 22] > 1 {
+                return corrupt("a server flag out of range");
+            }
         }
         Ok(())
     }
@@ -726,6 +730,7 @@ impl<'a> UpstreamEntry<'a> {
                     port: (port != 0).then_some(port),
                     weight: u32::from(u16::from_le_bytes([b[at + 18], b[at + 19]])),
                     backup: b[at + 20] != 0,
+                    draining: b[at + 22] != 0,
                 }
             })
             .collect()
@@ -856,6 +861,7 @@ fn server_record(s: &ServerDef) -> [u8; SERVER] {
     r[18..20].copy_from_slice(&(s.weight as u16).to_le_bytes());
     r[20] = u8::from(s.backup);
     r[21] = v6;
+    r[22] = u8::from(s.draining);
     r
 }
 

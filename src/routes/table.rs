@@ -293,9 +293,9 @@ impl RouteTable {
                         def.name,
                         s.servers.len()
                     ))
-                } else if s.servers.is_empty() {
+                } else if s.eligible == 0 {
                     Some(format!(
-                        "upstreams.{}: no node is eligible ({counts}); it has no server",
+                        "upstreams.{}: no node is eligible ({counts}); it has no server to send to",
                         def.name
                     ))
                 } else if s.over > 0 {
