@@ -67,7 +67,9 @@ $t->config(<<"EOF");
 EOF
 $t->run;
 my $routes = sub { http_get($edge, $_[0]) };
-wait_for(sub { $routes->('pub.test') eq 'a' && $routes->('a.apps.test') eq 'a' }, 'both kinds route');
+# The Gateways too: admin.test routes only by its listener's hostname.
+wait_for(sub { $routes->('pub.test') eq 'a' && $routes->('a.apps.test') eq 'a' && $routes->('admin.test') eq 'a' },
+    'both kinds route');
 
 subtest 'Ingress hosts and classes' => sub {
     is($routes->('own.test'), 'a', "a rule's host routes");
@@ -81,7 +83,11 @@ subtest 'Gateway API routes' => sub {
     is($routes->('w.apps.test'), '', 'a route no Gateway accepted does not route');
     is($routes->('admin.test'), 'a', "a route without hostnames takes its listener's (sectionName admin)");
     is($routes->('x.apps.test'), '', 'not the other listeners\'');
-    my $st = (grep { $_->{name} eq 'a' } @{Edge::Test::status_json($t->port('status'))->{urls}})[0];
+    # The fetching worker writes the source's state after the table: polled.
+    my $st = {};
+    wait_for(sub {
+        $st = (grep { $_->{name} eq 'a' } @{Edge::Test::status_json($t->port('status'))->{urls}})[0] // {};
+        ($st->{unaccepted_routes} // -1) == 1 }, 'the source\'s state');
     is($st->{unaccepted_routes}, 1, 'the route waiting for a Gateway is counted');
     is($st->{default_ingress_class}, 'nginx', 'the default class shows');
 };
