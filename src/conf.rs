@@ -249,6 +249,9 @@ pub unsafe extern "C" fn set_edge_routes_url(
             return NGX_CONF_ERROR;
         }
         slot.options.interval_ms = slot.options.interval_ms.min(options.interval_ms);
+        // One source, read with what either directive asks.
+        slot.options.discover.nodes |= options.discover.nodes;
+        slot.options.discover.endpoints |= options.discover.endpoints;
         if !scf.urls.contains(&i) {
             scf.urls.push(i);
         }
@@ -473,7 +476,8 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
                 candidate: None,
                 read: url_reader(&url.options, Arc::clone(files)),
                 label: format!("edge_routes_url {}", url.options.name),
-                discovers: (url.options.discover_nodes).then(|| url.options.name.clone()),
+                discovers: (url.options.discover.any())
+                    .then(|| (url.options.name.clone(), url.options.discover)),
             })
         };
         let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
@@ -583,7 +587,7 @@ fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
     let name = options.name.clone();
     let upstream = options.upstream.clone();
     let class = options.ingress_class.clone();
-    let nodes = options.discover_nodes;
+    let discovers = options.discover.any();
     Reader::new(move |path| {
         let shown =
             |e: &dyn std::fmt::Display| format!("edge_routes_url {name}: {}: {e}", path.display());
@@ -593,7 +597,7 @@ fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
             let mut document = catalog
                 .document(&name, upstream.as_deref(), class.as_deref())
                 .document;
-            if nodes {
+            if discovers {
                 document.discovered = Some(Arc::new(catalog.discovered(&name)));
             }
             Ok(document)

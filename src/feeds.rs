@@ -365,8 +365,18 @@ pub unsafe fn start(
     });
     let feed_ptr: *mut Feed = &mut *feed;
     let mut plans = Resource::for_url(&options.url, k8s, options.interval_ms, seed);
-    if options.discover_nodes {
-        plans.push(Resource::nodes(&options.url, options.interval_ms, seed));
+    for (wanted, kind) in [
+        (options.discover.nodes, Kind::Node),
+        (options.discover.endpoints, Kind::EndpointSlice),
+    ] {
+        if wanted {
+            plans.push(Resource::discovered(
+                &options.url,
+                kind,
+                options.interval_ms,
+                seed,
+            ));
+        }
     }
     for (index, plan) in plans.into_iter().enumerate() {
         let mut res = Box::new(Res {
@@ -721,8 +731,11 @@ unsafe fn news(feed: &mut Feed, index: usize) {
                 r.known = true;
                 let retry = r.plan.absent_retry();
                 // The kind is not served (its CRDs were removed, or never installed), or the
-                // edge's role may not read it: the source has none of it.
-                if let Some(kind) = r.plan.kind {
+                // edge's role may not read it: the source has none of it. Nodes and
+                // EndpointSlices are core: a 403 there is the role's, and what was known of
+                // them keeps making servers.
+                let discovered = matches!(r.plan.kind, Some(Kind::Node | Kind::EndpointSlice));
+                if let Some(kind) = r.plan.kind.filter(|_| !discovered) {
                     if feed.catalog.objects.keys().any(|k| k.0 == kind) {
                         feed.catalog.replace_kind(kind, Vec::new());
                         feed.dirty = true;

@@ -59,7 +59,8 @@ $t->write_routes('routes.json', <<'EOF');
  "routes": {"app.test": "ingress"}}
 EOF
 my $url = $kube->url;
-$t->config(<<"EOF");
+# Two workers: the one that reads the cluster, and one that builds its tables from the image.
+$t->config(<<"EOF", workers => 2);
     edge_routes %%TESTDIR%%/routes.json;
     edge_routes_url $url name=cluster-a format=k8s discover=nodes;
     edge_state %%TESTDIR%%/state;
@@ -69,8 +70,6 @@ EOF
 $t->run;
 my $status = $t->port('status');
 
-# Who answers new connections: the set of node names over a run of connections, once the same
-# set was seen twice in a row (the table may change between two runs).
 # Which node a new connection reaches: the first two bytes (its name) from the echo backend.
 my $who = sub {
     my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$edge", Timeout => 10) or return ('', undef);
@@ -84,6 +83,8 @@ my $who = sub {
     }
     return ($got, $s);
 };
+# Who answers new connections: the set of node names over a run of connections, once the same
+# set was seen twice in a row (the table may change between two runs).
 my $answers = sub {
     my %seen;
     for (1 .. 12) {
@@ -161,11 +162,17 @@ $serves->('a2', 'a node the autoscaler is about to delete takes none');
 
 # Fail open: a2 goes Unknown (a partition), and no node is eligible.
 $kube->apply(Edge::FakeKube::node('a2', $ip{a2}, labels => $ingress, ready => 'Unknown'));
-$t->wait_for_log(qr/upstreams\.ingress: no node is eligible \(4 node\(s\) of cluster-a selected: 1 draining, 3 out\); its 1 previous server\(s\) are kept/);
+$t->wait_for_log(qr/upstreams\.ingress: no node is eligible \(4 node\(s\) of cluster-a selected: 1 draining, 3 out\); its 1 previous server\(s\), unready, are kept \(fail open\)/);
 pass('no node eligible: said');
 $serves->('a2', 'and the upstream keeps its previous server');
+# A reload (or a restart) has no previous table: every unready node is taken.
+$t->reload;
+$serves->('a2,a3', 'after a reload, fail open takes every unready node');
 $kube->apply(Edge::FakeKube::node('a3', $ip{a3}, labels => $ingress));
 $serves->('a3', 'a node Ready again takes over');
+# The last eligible node deleted: it is not taken back; the unready one is.
+$kube->delete(Edge::FakeKube::node('a3', $ip{a3}));
+$serves->('a2', 'a node deleted is gone, fail open takes the unready one');
 
 my @alerts = grep { /\[(alert|crit|emerg)\]/ } split /\n/, $t->read_file('error.log');
 is_deeply(\@alerts, [], 'no alert in error.log');

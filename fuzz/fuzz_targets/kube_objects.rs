@@ -55,15 +55,34 @@ fuzz_target!(|data: &[u8]| {
         name: "nodes".into(),
         kind: UpstreamKind::Discover(discover::Discover {
             source: "fuzz".into(),
-            selector,
+            what: discover::What::Nodes(selector),
         }),
         policy: Default::default(),
     });
+    for address in [discover::Address::Pod, discover::Address::Node] {
+        doc.upstreams.push(UpstreamDef {
+            name: format!("service-{address:?}"),
+            kind: UpstreamKind::Discover(discover::Discover {
+                source: "fuzz".into(),
+                what: discover::What::Service {
+                    namespace: "ns".into(),
+                    name: "svc".into(),
+                    address,
+                    port: None,
+                },
+            }),
+            policy: Default::default(),
+        });
+    }
+    let all = discover::Kinds {
+        nodes: true,
+        endpoints: true,
+    };
     let discovery = Discovery {
-        sources: vec!["fuzz".into()],
+        sources: vec![("fuzz".into(), all)],
         previous: Default::default(),
     };
     let (table, _) =
-        RouteTable::merge_with(&[&doc], &|_| true, &discovery).expect("discovered nodes merge");
-    assert!(table.discovered_servers()["nodes"].len() <= 256);
+        RouteTable::merge_with(&[&doc], &|_| true, &discovery).expect("discovered servers merge");
+    assert!(table.discovered_servers().values().all(|s| s.len() <= 256));
 });

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::routes::discover::{Discovered, Node, NodeState};
+use crate::routes::discover::{Discovered, Endpoint, Node, NodeState, Slice};
 use crate::routes::document::{
     is_upstream_name, parse_route_key, Document, RouteKey, Targets, UpstreamDef, UpstreamKind,
 };
@@ -43,6 +43,8 @@ pub enum Kind {
     Gateway,
     /// A node, whose address an upstream may take as a server (`discover=nodes`).
     Node,
+    /// The endpoints of a Service (`discover=endpoints`).
+    EndpointSlice,
 }
 
 impl Kind {
@@ -56,13 +58,14 @@ impl Kind {
     ];
 
     /// Every kind a cache or a list may name.
-    pub const ANY: [Kind; 6] = [
+    pub const ANY: [Kind; 7] = [
         Kind::Ingress,
         Kind::HTTPRoute,
         Kind::TLSRoute,
         Kind::IngressClass,
         Kind::Gateway,
         Kind::Node,
+        Kind::EndpointSlice,
     ];
 
     pub fn plural(self) -> &'static str {
@@ -73,6 +76,7 @@ impl Kind {
             Kind::IngressClass => "ingressclasses",
             Kind::Gateway => "gateways",
             Kind::Node => "nodes",
+            Kind::EndpointSlice => "endpointslices",
         }
     }
 
@@ -86,6 +90,7 @@ impl Kind {
                 "/apis/gateway.networking.k8s.io/v1alpha2",
             ],
             Kind::Node => &["/api/v1"],
+            Kind::EndpointSlice => &["/apis/discovery.k8s.io/v1"],
         }
     }
 
@@ -134,7 +139,7 @@ impl Kind {
                 let base = base.replacen("/v1alpha2/", "/v1/", 1);
                 vec![(Kind::Gateway, format!("{base}gateways"))]
             }
-            Kind::IngressClass | Kind::Gateway | Kind::Node => Vec::new(),
+            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => Vec::new(),
         }
     }
 }
@@ -183,6 +188,11 @@ pub struct Object {
     /// A Node: what says whether it takes connections (its address is in `addresses`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<Box<NodeState>>,
+    /// An EndpointSlice: its Service (`kubernetes.io/service-name`) and endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// A Gateway's listener: its name, and the hostname it takes (any when absent).
@@ -219,6 +229,8 @@ impl Object {
             listeners: Vec::new(),
             parents: Vec::new(),
             node: None,
+            service: None,
+            endpoints: Vec::new(),
         }
     }
 
@@ -240,6 +252,25 @@ struct RawObject {
     code: Option<u16>,
     reason: Option<String>,
     message: Option<String>,
+    /// An EndpointSlice's (beside its metadata, not under a spec).
+    endpoints: Option<Vec<RawEndpoint>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawEndpoint {
+    addresses: Vec<String>,
+    conditions: RawEndpointConditions,
+    #[serde(rename = "nodeName")]
+    node_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawEndpointConditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -255,6 +286,8 @@ struct RawMeta {
     #[serde(rename = "creationTimestamp")]
     created: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+    #[serde(rename = "deletionTimestamp")]
+    deleted: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -401,7 +434,7 @@ struct RawName {
 /// One object of a list or an event, read leniently.
 enum Read {
     /// Read; perhaps with a problem that makes it route nothing.
-    Object(Object),
+    Object(Box<Object>),
     /// Not even its name could be read.
     Unreadable(String),
 }
@@ -418,14 +451,14 @@ fn read_object(raw: &RawValue, kind: Option<Kind>) -> (Read, Option<String>) {
         Ok(mut o) => {
             let k = kind_of(o.kind.as_deref());
             let rv = o.metadata.resource_version.take();
-            (Read::Object(o.reduce(k)), rv)
+            (Read::Object(Box::new(o.reduce(k))), rv)
         }
         Err(e) => match serde_json::from_str::<RawName>(raw.get()) {
             Ok(n) if !n.metadata.name.is_empty() => {
                 let k = kind_of(n.kind.as_deref());
                 let mut object = Object::new(k, n.metadata.namespace, n.metadata.name);
                 object.problem = Some(format!("cannot be read ({e})"));
-                (Read::Object(object), n.metadata.resource_version)
+                (Read::Object(Box::new(object)), n.metadata.resource_version)
             }
             _ => (Read::Unreadable(e.to_string()), None),
         },
@@ -438,6 +471,7 @@ impl RawObject {
         object.created = self.metadata.created.as_deref().and_then(unix_seconds);
         let annotations = self.metadata.annotations.unwrap_or_default();
         let labels = self.metadata.labels.unwrap_or_default();
+        let deleting = self.metadata.deleted.is_some();
         let status = match self.status {
             StatusField::Object(s) => s,
             StatusField::Other(_) => RawStatus::default(),
@@ -454,7 +488,7 @@ impl RawObject {
                 .filter_map(|r| r.host)
                 .collect(),
             Kind::HTTPRoute | Kind::TLSRoute => self.spec.hostnames.unwrap_or_default(),
-            Kind::IngressClass | Kind::Gateway | Kind::Node => Vec::new(),
+            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => Vec::new(),
         };
         hosts.sort_unstable();
         hosts.dedup();
@@ -494,6 +528,35 @@ impl RawObject {
                     })
                     .collect();
             }
+            Kind::EndpointSlice => {
+                object.service = labels.get(SERVICE_NAME).cloned();
+                let endpoints = self.endpoints.unwrap_or_default();
+                if endpoints.len() > MAX_ENDPOINTS {
+                    object.problem = Some(format!(
+                        "{} endpoints, more than the limit of {MAX_ENDPOINTS}",
+                        endpoints.len()
+                    ));
+                } else {
+                    // Kubernetes' meaning of absent conditions: ready and serving unless
+                    // said otherwise, terminating only when said.
+                    object.endpoints = endpoints
+                        .into_iter()
+                        .filter_map(|e| {
+                            Some(Endpoint {
+                                address: e
+                                    .addresses
+                                    .iter()
+                                    .filter_map(|a| a.parse().ok())
+                                    .find(usable)?,
+                                not_ready: e.conditions.ready == Some(false),
+                                not_serving: e.conditions.serving == Some(false),
+                                terminating: e.conditions.terminating == Some(true),
+                                node: e.node_name,
+                            })
+                        })
+                        .collect();
+                }
+            }
             Kind::Node => {
                 // Its internal addresses, the first of each family: what an ingress
                 // controller on hostPort listens on.
@@ -503,6 +566,7 @@ impl RawObject {
                     .into_iter()
                     .filter(|a| a.kind == "InternalIP")
                     .filter_map(|a| a.address.parse().ok())
+                    .filter(usable)
                     .collect();
                 let first_v4 = addresses.iter().position(IpAddr::is_ipv4);
                 let first_v6 = addresses.iter().position(IpAddr::is_ipv6);
@@ -523,26 +587,25 @@ impl RawObject {
                         "False" => Some(false),
                         _ => None,
                     });
-                if labels.len() > MAX_LABELS {
+                let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let too_many = labels.len() > MAX_LABELS || label_bytes > MAX_LABEL_BYTES;
+                if too_many {
                     object.problem = Some(format!(
-                        "{} labels, more than the limit of {MAX_LABELS}",
+                        "{} labels of {label_bytes} bytes, more than the limits of {MAX_LABELS} and {MAX_LABEL_BYTES}",
                         labels.len()
                     ));
                 }
                 object.node = Some(Box::new(NodeState {
                     ready,
                     unschedulable: self.spec.unschedulable.unwrap_or(false),
-                    deleting: self
-                        .spec
-                        .taints
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|t| t.key == TO_BE_DELETED),
-                    labels: if labels.len() > MAX_LABELS {
-                        BTreeMap::new()
-                    } else {
-                        labels
-                    },
+                    deleting: deleting
+                        || self
+                            .spec
+                            .taints
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|t| GOING_AWAY.contains(&t.key.as_str())),
+                    labels: if too_many { BTreeMap::new() } else { labels },
                 }));
             }
             Kind::HTTPRoute | Kind::TLSRoute => {
@@ -574,10 +637,36 @@ impl RawObject {
     }
 }
 
-/// The taint the cluster autoscaler puts on a node it is about to remove.
-const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
-/// Labels of one Node that are read: a node with more routes nothing.
-const MAX_LABELS: usize = 256;
+/// Whether a node's or an endpoint's address can be a server: not unspecified, multicast,
+/// broadcast or link-local (a kubelet writes its own Node's addresses: 169.254.169.254 would
+/// send clients to the edge host's cloud metadata service).
+fn usable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local())
+        }
+        IpAddr::V6(v6) => {
+            let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+            !(v6.is_unspecified() || v6.is_multicast() || link_local)
+                && v6.to_ipv4_mapped().is_none_or(|v4| usable(&IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// The label that names an EndpointSlice's Service.
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Endpoints of one EndpointSlice (Kubernetes puts at most 1,000 in one).
+const MAX_ENDPOINTS: usize = 1000;
+/// The taints the cluster autoscaler and Karpenter put on a node they are about to remove.
+const GOING_AWAY: [&str; 3] = [
+    "ToBeDeletedByClusterAutoscaler",
+    "karpenter.sh/disrupted",
+    "karpenter.sh/disruption",
+];
+/// Labels of one Node that are read, in number and in bytes: a node with more takes no
+/// connection (node-feature-discovery adds a few hundred short ones).
+const MAX_LABELS: usize = 1024;
+const MAX_LABEL_BYTES: usize = 64 << 10;
 
 /// The Gateway API's group, the default of a parentRef's.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -659,7 +748,7 @@ pub fn parse_list(body: &[u8], kind: Option<Kind>) -> Result<Page, String> {
     };
     for item in items.into_iter().take(MAX_OBJECTS) {
         match read_object(item, of).0 {
-            Read::Object(o) => page.objects.push(o),
+            Read::Object(o) => page.objects.push(*o),
             Read::Unreadable(why) => {
                 page.unreadable += 1;
                 page.first_unreadable.get_or_insert(why);
@@ -692,7 +781,7 @@ pub fn parse_event(line: &[u8], kind: Kind) -> Result<Event, String> {
     match raw.kind.as_str() {
         "ADDED" | "MODIFIED" | "DELETED" => {
             let (o, rv) = match read_object(raw.object, Some(kind)) {
-                (Read::Object(o), rv) => (o, rv),
+                (Read::Object(o), rv) => (*o, rv),
                 (Read::Unreadable(why), _) => return Ok(Event::Unreadable(why)),
             };
             if raw.kind == "DELETED" {
@@ -807,7 +896,7 @@ impl Catalog {
         removed && self.refused.get(&object.kind).is_some_and(|&n| n > 0)
     }
 
-    /// The source's Nodes, for the upstreams that discover them.
+    /// The source's Nodes and EndpointSlices, for the upstreams that discover them.
     pub fn discovered(&self, source: &str) -> Discovered {
         let nodes = self
             .objects
@@ -820,9 +909,22 @@ impl Catalog {
                 problem: o.problem.is_some(),
             })
             .collect();
+        let slices = self
+            .objects
+            .range((Kind::EndpointSlice, String::new(), String::new())..)
+            .take_while(|(k, _)| k.0 == Kind::EndpointSlice)
+            .filter_map(|(_, o)| {
+                Some(Slice {
+                    namespace: o.namespace.clone(),
+                    service: o.service.clone()?,
+                    endpoints: o.endpoints.clone(),
+                })
+            })
+            .collect();
         Discovered {
             source: source.into(),
             nodes,
+            slices,
         }
     }
 
@@ -909,7 +1011,7 @@ pub fn document_of<'o>(
             continue;
         }
         match object.kind {
-            Kind::IngressClass | Kind::Gateway | Kind::Node => {}
+            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => {}
             Kind::Ingress if !serves(object.class.as_deref()) => made.other_class += 1,
             Kind::Ingress => routing.push((object, object.hosts.clone())),
             _ if object.parents.is_empty() => made.unaccepted += 1,
@@ -1081,13 +1183,23 @@ pub struct Cache {
 
 /// The start of every cache file: a route file never starts so.
 pub const CACHE_MAGIC: &[u8] = b"{\"edge_url_cache\":";
-/// The cache format written (3 since Nodes are kept).
+/// The newest cache format (3 since Nodes and EndpointSlices are kept).
 const CACHE_VERSION: u32 = 3;
+
+/// The format a cache of `objects` is written in: 2 unless it holds Nodes or EndpointSlices,
+/// so that an edge rolled back to a version without them still starts from its copy.
+fn version_for<'o>(mut objects: impl Iterator<Item = &'o Object>) -> u32 {
+    if objects.any(|o| matches!(o.kind, Kind::Node | Kind::EndpointSlice)) {
+        CACHE_VERSION
+    } else {
+        2
+    }
+}
 
 impl Cache {
     pub fn of(source: &str, catalog: &Catalog) -> Cache {
         Cache {
-            edge_url_cache: CACHE_VERSION,
+            edge_url_cache: version_for(catalog.objects.values().map(|o| &**o)),
             source: source.into(),
             objects: catalog.objects.values().map(|o| (**o).clone()).collect(),
         }
@@ -1106,7 +1218,7 @@ impl Cache {
             objects: Vec<&'a Object>,
         }
         serde_json::to_vec(&Borrowed {
-            edge_url_cache: CACHE_VERSION,
+            edge_url_cache: version_for(objects.iter().map(|o| &**o)),
             source,
             objects: objects.iter().map(|o| &**o).collect(),
         })
@@ -1699,5 +1811,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Addresses a kubelet could write to turn the edge against its own host: never servers.
+    #[test]
+    fn unusable_node_addresses_are_refused() {
+        for bad in [
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!usable(&bad.parse().unwrap()), "{bad}");
+        }
+        for good in [
+            "10.0.0.1",
+            "127.0.0.2",
+            "192.168.0.1",
+            "2001:db8::1",
+            "fd00::1",
+        ] {
+            assert!(usable(&good.parse().unwrap()), "{good}");
+        }
+        let node = br#"{"kind": "Node", "metadata": {"name": "evil", "deletionTimestamp": "2026-11-29T10:00:00Z"},
+            "spec": {"taints": [{"key": "karpenter.sh/disrupted"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "169.254.169.254"}], "conditions": [{"type": "Ready", "status": "True"}]}}"#;
+        let raw: &RawValue = serde_json::from_slice(node).unwrap();
+        let (Read::Object(o), _) = read_object(raw, Some(Kind::Node)) else {
+            panic!()
+        };
+        assert!(o.addresses.is_empty());
+        assert!(o.node.unwrap().deleting);
     }
 }

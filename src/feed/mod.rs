@@ -10,6 +10,8 @@ pub mod state;
 use std::fmt;
 use std::net::IpAddr;
 
+use crate::routes::discover::Kinds;
+
 /// What the URL serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -161,9 +163,10 @@ pub struct Options {
     pub certificate: Option<String>,
     pub certificate_key: Option<String>,
     pub ingress_class: Option<String>,
-    /// `discover=nodes`: the source reads the cluster's Nodes too, for upstreams whose
-    /// servers are its nodes (`"discover"` in a route file).
-    pub discover_nodes: bool,
+    /// `discover=nodes`, `endpoints` or `nodes,endpoints`: the source reads the cluster's
+    /// Nodes or EndpointSlices too, for upstreams whose servers come from them (`"discover"`
+    /// in a route file).
+    pub discover: Kinds,
 }
 
 impl Options {
@@ -186,8 +189,9 @@ impl Options {
             certificate: None,
             certificate_key: None,
             ingress_class: None,
-            discover_nodes: false,
+            discover: Kinds::default(),
         };
+        let mut named = false;
         for arg in args {
             let Some((key, value)) = arg.split_once('=') else {
                 return Err(format!("invalid parameter \"{arg}\""));
@@ -208,6 +212,7 @@ impl Options {
                         ));
                     }
                     o.name = value.to_owned();
+                    named = true;
                 }
                 "format" => {
                     o.format = match value {
@@ -237,14 +242,19 @@ impl Options {
                 "certificate" => o.certificate = text(),
                 "certificate_key" => o.certificate_key = text(),
                 "ingress_class" => o.ingress_class = text(),
-                "discover" => match value {
-                    "nodes" => o.discover_nodes = true,
-                    _ => {
-                        return Err(format!(
-                            "invalid discover \"{value}\", it must be \"nodes\""
-                        ))
+                "discover" => {
+                    for what in value.split(',') {
+                        match what {
+                            "nodes" => o.discover.nodes = true,
+                            "endpoints" => o.discover.endpoints = true,
+                            _ => {
+                                return Err(format!(
+                                    "invalid discover \"{value}\": nodes, endpoints, or both (nodes,endpoints)"
+                                ))
+                            }
+                        }
                     }
-                },
+                }
                 _ => return Err(format!("invalid parameter \"{arg}\"")),
             }
         }
@@ -279,10 +289,15 @@ impl Options {
         {
             o.format = Format::K8s;
         }
-        if o.discover_nodes && (o.format != Format::K8s || kube::Target::of(&o.url.path).is_some())
+        if o.discover.any() && !named {
+            return Err(
+                "discover= needs name=: a route file's \"discover\" names the source by it".into(),
+            );
+        }
+        if o.discover.any() && (o.format != Format::K8s || kube::Target::of(&o.url.path).is_some())
         {
             return Err(
-                "discover=nodes needs the API server's URL (format=k8s, not a list path)".into(),
+                "discover= needs the API server's URL (format=k8s, not a list path)".into(),
             );
         }
         Ok(o)
@@ -307,15 +322,12 @@ impl Options {
     }
 
     /// Tells this source's cache file from another's: everything that shapes its routes.
+    /// Not `discover=`: a source that starts discovering keeps its last good copy (its
+    /// routes at the next start), and two directives for one source read what either asks.
     pub fn cache_key(&self) -> u64 {
         let text = format!(
-            "{}\n{}\n{:?}\n{:?}\n{:?}{}",
-            self.url,
-            self.name,
-            self.format,
-            self.upstream,
-            self.ingress_class,
-            if self.discover_nodes { "\nnodes" } else { "" }
+            "{}\n{}\n{:?}\n{:?}\n{:?}",
+            self.url, self.name, self.format, self.upstream, self.ingress_class
         );
         crate::health::fnv1a(text.as_bytes())
     }
@@ -395,26 +407,38 @@ mod tests {
                 "format=k8s",
             ),
             ("http://h/", &["discover=pods"][..], "invalid discover"),
+            ("http://h/", &["discover=nodes,"][..], "invalid discover"),
+            (
+                "http://h/",
+                &["discover=nodes"][..],
+                "discover= needs name=",
+            ),
             (
                 "http://h/apis/networking.k8s.io/v1/ingresses",
-                &["discover=nodes"][..],
+                &["name=a", "discover=nodes"][..],
                 "needs the API server's URL",
             ),
             (
                 "http://h/edge.json",
-                &["discover=nodes"][..],
+                &["name=a", "discover=nodes"][..],
                 "needs the API server's URL",
             ),
         ] {
             let e = Options::parse(url, args, &secs).unwrap_err();
             assert!(e.contains(why), "{args:?}: {e}");
         }
-        let n = Options::parse("http://h/", &["discover=nodes"], &secs).unwrap();
-        assert!(n.discover_nodes);
-        assert_ne!(
+        let n = Options::parse("http://h/", &["name=h", "discover=nodes"], &secs).unwrap();
+        assert!(n.discover.nodes && !n.discover.endpoints);
+        let both =
+            Options::parse("http://h/", &["name=h", "discover=nodes,endpoints"], &secs).unwrap();
+        assert!(both.discover.nodes && both.discover.endpoints);
+        assert_eq!(both.cache_key(), n.cache_key());
+        assert_eq!(
             n.cache_key(),
-            Options::parse("http://h/", &[], &secs).unwrap().cache_key(),
-            "a source that reads nodes keeps its own cache"
+            Options::parse("http://h/", &["name=h"], &secs)
+                .unwrap()
+                .cache_key(),
+            "a source that starts reading nodes keeps its last good copy"
         );
         let a = Options::parse("http://h/", &["upstream=a"], &secs).unwrap();
         let b = Options::parse("http://h/", &["upstream=b"], &secs).unwrap();

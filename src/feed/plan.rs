@@ -168,19 +168,20 @@ impl Resource {
         }
     }
 
-    /// The Nodes of the API server at `url` (`discover=nodes`): read after the source's
-    /// other kinds, as one more of them.
-    pub fn nodes(url: &Url, interval_ms: u64, seed: u64) -> Resource {
+    /// The Nodes or EndpointSlices of the API server at `url` (`discover=`): read after the
+    /// source's other kinds, as more of them.
+    pub fn discovered(url: &Url, kind: Kind, interval_ms: u64, seed: u64) -> Resource {
         let mut r = Resource::for_url(url, true, interval_ms, seed).remove(0);
-        let kind = Kind::Node;
         r.kind = Some(kind);
+        // The URL's query (a labelSelector for Ingresses, say) is not theirs.
+        r.query = None;
         r.optional = kind.optional();
         r.paths = kind
             .api_paths()
             .iter()
             .map(|api| format!("{}{api}/{}", url.path, kind.plural()))
             .collect();
-        r.watch_seconds = 300 + seed.wrapping_add(7 * 0x9e37_79b9) % 300;
+        r.watch_seconds = 300 + seed.wrapping_add((7 + kind as u64) * 0x9e37_79b9) % 300;
         r
     }
 

@@ -1,6 +1,7 @@
-//! Upstreams whose servers are a cluster's nodes (`"discover"` in a route file): which nodes
-//! a selector takes, which of them take new connections as Kubernetes means it, and the
-//! servers that makes. Pure: the feed brings the nodes, the merge calls `select`.
+//! Upstreams whose servers come from a cluster (`"discover"` in a route file): its nodes, or
+//! the endpoints of a Service (pods, or the nodes they run on); which of them take new
+//! connections as Kubernetes means it, and the servers that makes. Pure: the feed brings the
+//! objects, the merge calls `select`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,43 +43,49 @@ pub struct Node {
     pub problem: bool,
 }
 
-/// The nodes a source brought, for the upstreams that discover them.
+/// What a source brought, for the upstreams that discover it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Discovered {
     /// The source's name (`edge_routes_url ... name=`).
     pub source: String,
     /// In name order.
     pub nodes: Vec<Node>,
+    /// EndpointSlices, in (namespace, name) order.
+    pub slices: Vec<Slice>,
 }
 
-/// Whether a node takes connections.
+/// Whether a node or an endpoint takes connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
     /// New connections go to it.
     Eligible,
     /// No new connections; the open ones continue (why).
     Draining(&'static str),
+    /// Out because the cluster says it is not ready (why): what fail open may take back when
+    /// nothing is eligible (a partition makes every node Unknown).
+    Unready(&'static str),
     /// Out (why).
     Out(&'static str),
 }
 
-/// As Kubernetes means it: out when excluded from external load balancers, not Ready (False
-/// or Unknown), or unreadable; draining when the cluster autoscaler is about to delete it or
-/// it is cordoned; eligible otherwise.
+/// Out when excluded from external load balancers, without a usable InternalIP, or
+/// unreadable; unready when not Ready (False or Unknown); draining when it is going away (the
+/// cluster autoscaler's or Karpenter's taint, or being deleted) or cordoned; eligible
+/// otherwise.
 pub fn standing(node: &Node) -> Standing {
     let s = &node.state;
     if node.problem {
         Standing::Out("its object cannot be read")
     } else if node.address.is_none() {
-        Standing::Out("no InternalIP")
+        Standing::Out("no usable InternalIP")
     } else if s.labels.contains_key(EXCLUDED) {
         Standing::Out("excluded from external load balancers")
     } else if s.ready == Some(false) {
-        Standing::Out("NotReady")
+        Standing::Unready("NotReady")
     } else if s.ready.is_none() {
-        Standing::Out("Ready Unknown")
+        Standing::Unready("Ready Unknown")
     } else if s.deleting {
-        Standing::Draining("to be deleted by the cluster autoscaler")
+        Standing::Draining("going away")
     } else if s.unschedulable {
         Standing::Draining("cordoned")
     } else {
@@ -186,80 +193,302 @@ fn label_chars(text: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
-/// An upstream's `"discover"`: the nodes of `source` that `selector` takes.
+/// An upstream's `"discover"`: what of `source` makes its servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discover {
     pub source: String,
-    pub selector: Selector,
+    pub what: What,
 }
 
-/// The servers an upstream takes from its source's nodes, and how the nodes stood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// The nodes `selector` takes.
+    Nodes(Selector),
+    /// The endpoints of a Service: each pod's address, or its node's.
+    Service {
+        namespace: String,
+        name: String,
+        address: Address,
+        /// A fixed port; `None`: the listener's.
+        port: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Address {
+    Pod,
+    /// The InternalIP of the node the pod runs on (a hostPort controller).
+    Node,
+}
+
+impl Discover {
+    /// What the source must read (`discover=` of its `edge_routes_url`).
+    pub fn needs(&self) -> Kinds {
+        match &self.what {
+            What::Nodes(_) => Kinds {
+                nodes: true,
+                endpoints: false,
+            },
+            What::Service { address, .. } => Kinds {
+                nodes: *address == Address::Node,
+                endpoints: true,
+            },
+        }
+    }
+}
+
+/// What a source discovers: `discover=nodes`, `discover=endpoints`, or both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Kinds {
+    pub nodes: bool,
+    pub endpoints: bool,
+}
+
+impl Kinds {
+    /// Whether `self` reads everything `other` needs.
+    pub fn covers(self, other: Kinds) -> bool {
+        (self.nodes || !other.nodes) && (self.endpoints || !other.endpoints)
+    }
+
+    pub fn any(self) -> bool {
+        self.nodes || self.endpoints
+    }
+}
+
+impl fmt::Display for Kinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.nodes, self.endpoints) {
+            (true, true) => f.write_str("nodes,endpoints"),
+            (true, false) => f.write_str("nodes"),
+            (false, true) => f.write_str("endpoints"),
+            (false, false) => f.write_str("nothing"),
+        }
+    }
+}
+
+/// One endpoint of an EndpointSlice, as Kubernetes' conditions mean it (an absent `ready` or
+/// `serving` is read as true, an absent `terminating` as false).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Its first address.
+    pub address: IpAddr,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_ready: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_serving: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The endpoints of one Service, from one EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    pub namespace: String,
+    pub service: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// As Kubernetes means it: eligible when ready and not terminating; draining when
+/// terminating and still serving; out otherwise.
+pub fn endpoint_standing(e: &Endpoint) -> Standing {
+    match (e.terminating, e.not_serving, e.not_ready) {
+        (true, false, _) => Standing::Draining("terminating"),
+        (true, true, _) => Standing::Out("terminating, not serving"),
+        (false, _, true) => Standing::Unready("not ready"),
+        (false, _, false) => Standing::Eligible,
+    }
+}
+
+/// The servers an upstream takes from its source, and how what it took stood.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Selection {
     pub servers: Vec<ServerDef>,
-    /// Nodes the selector took.
+    /// Nodes the selector took, or endpoints of the Service.
     pub matched: usize,
     /// Servers that take new connections.
     pub eligible: usize,
     pub draining: usize,
     pub out: usize,
-    /// Eligible and draining nodes past `MAX_SERVERS`.
+    /// Eligible and draining servers past `MAX_SERVERS`.
     pub over: usize,
-    /// No node was eligible: the servers are the upstream's previous ones (fail open).
+    /// Nothing was eligible: the servers are unready ones (fail open)...
+    pub failed_open: bool,
+    /// ...the upstream's previous ones among them, or its previous ones as they were when
+    /// the source has not answered.
     pub kept_previous: bool,
 }
 
-/// The servers `spec` takes of `nodes`, in name order, on the listener's port: the eligible
-/// ones, and the draining ones marked so (they take no new connection; the open ones
-/// continue, and show in status). When none is eligible, the `previous` servers that took
-/// new connections (a partition that marks every node NotReady must not leave the edge with
-/// nowhere to send).
-pub fn select(spec: &Discover, nodes: &[Node], previous: Option<&[ServerDef]>) -> Selection {
+/// The servers `spec` takes of what its source `found`: the eligible ones, and the draining
+/// ones marked so (they take no new connection; the open ones continue, and show in status);
+/// nodes in name order, endpoints in address order; one server per address (the first node
+/// claiming an address keeps it).
+///
+/// Fail open, when none is eligible: the `previous` servers that are only unready now, or
+/// else every unready one (a partition that makes every node Unknown must not leave the edge
+/// with nowhere to send, also after a restart); the `previous` servers as they were when the
+/// source has not answered (`found` is `None`). Nodes deleted, excluded or out of the selector
+/// are never taken back.
+pub fn select(
+    spec: &Discover,
+    found: Option<&Discovered>,
+    previous: Option<&[ServerDef]>,
+) -> Selection {
     let mut s = Selection::default();
-    for node in nodes {
-        if !spec.selector.matches(&node.state.labels) {
-            continue;
+    let Some(found) = found else {
+        s.servers = previous
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| !p.draining)
+            .copied()
+            .collect();
+        s.eligible = s.servers.len();
+        s.kept_previous = !s.servers.is_empty();
+        return s;
+    };
+    // (address, port, standing), in the order servers are made.
+    let mut taken: Vec<(IpAddr, Option<u16>, Standing)> = Vec::new();
+    match &spec.what {
+        What::Nodes(selector) => {
+            let mut seen = std::collections::HashSet::new();
+            for node in &found.nodes {
+                if !selector.matches(&node.state.labels) {
+                    continue;
+                }
+                s.matched += 1;
+                let st = match node.address {
+                    Some(ip) if !seen.insert(ip) => Standing::Out("an address another node has"),
+                    _ => standing(node),
+                };
+                match node.address {
+                    Some(ip) => taken.push((ip, None, st)),
+                    None => s.out += 1,
+                }
+            }
         }
-        s.matched += 1;
-        let draining = match standing(node) {
+        What::Service {
+            namespace,
+            name,
+            address,
+            port,
+        } => {
+            let endpoints = found
+                .slices
+                .iter()
+                .filter(|sl| sl.namespace == *namespace && sl.service == *name)
+                .flat_map(|sl| &sl.endpoints);
+            // Several pods on one node, or one pod in two slices: one server, standing as
+            // the best of them.
+            let mut by_address: BTreeMap<IpAddr, Standing> = BTreeMap::new();
+            for e in endpoints {
+                s.matched += 1;
+                let (standing, ip) = match address {
+                    Address::Pod => (endpoint_standing(e), Some(e.address)),
+                    Address::Node => {
+                        let node = e
+                            .node
+                            .as_deref()
+                            .and_then(|n| found.nodes.iter().find(|x| x.name == n));
+                        match node {
+                            Some(node) => {
+                                (worse(endpoint_standing(e), standing(node)), node.address)
+                            }
+                            None => (Standing::Out("on no known node"), None),
+                        }
+                    }
+                };
+                match ip {
+                    Some(ip) => {
+                        let entry = by_address.entry(ip).or_insert(standing);
+                        *entry = better(*entry, standing);
+                    }
+                    None => s.out += 1,
+                }
+            }
+            taken.extend(by_address.into_iter().map(|(ip, st)| (ip, *port, st)));
+        }
+    }
+    let mut unready = Vec::new();
+    for (ip, port, standing) in taken {
+        let server = |draining| ServerDef {
+            ip,
+            port,
+            weight: 1,
+            backup: false,
+            draining,
+        };
+        let draining = match standing {
             Standing::Eligible => false,
             Standing::Draining(_) => {
                 s.draining += 1;
                 true
+            }
+            Standing::Unready(_) => {
+                s.out += 1;
+                unready.push(server(false));
+                continue;
             }
             Standing::Out(_) => {
                 s.out += 1;
                 continue;
             }
         };
-        let Some(ip) = node.address else { continue };
         if s.servers.len() == MAX_SERVERS {
             s.over += 1;
             continue;
         }
         s.eligible += usize::from(!draining);
-        s.servers.push(ServerDef {
-            ip,
-            port: None,
-            weight: 1,
-            backup: false,
-            draining,
-        });
+        s.servers.push(server(draining));
     }
-    if s.eligible == 0 {
-        let previous: Vec<ServerDef> = previous
-            .unwrap_or_default()
+    if s.eligible == 0 && !unready.is_empty() {
+        let kept: Vec<ServerDef> = unready
             .iter()
-            .filter(|p| !p.draining)
+            .filter(|u| {
+                previous
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|p| !p.draining && p.ip == u.ip && p.port == u.port)
+            })
             .copied()
             .collect();
-        if !previous.is_empty() {
-            s.eligible = previous.len();
-            s.servers = previous;
-            s.kept_previous = true;
-        }
+        let (kept, was) = if kept.is_empty() {
+            (unready, false)
+        } else {
+            (kept, true)
+        };
+        s.servers.retain(|d| !kept.iter().any(|k| k.ip == d.ip));
+        s.servers.extend(kept.into_iter().take(MAX_SERVERS));
+        s.servers.truncate(MAX_SERVERS);
+        s.eligible = s.servers.iter().filter(|d| !d.draining).count();
+        s.kept_previous = was;
+        s.failed_open = true;
     }
     s
+}
+
+/// The better of two standings: eligible, then draining, then unready, then out.
+fn better(a: Standing, b: Standing) -> Standing {
+    let rank = |x: Standing| match x {
+        Standing::Eligible => 0,
+        Standing::Draining(_) => 1,
+        Standing::Unready(_) => 2,
+        Standing::Out(_) => 3,
+    };
+    if rank(b) < rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// The worse of two standings: out, then unready, then draining, then eligible.
+fn worse(a: Standing, b: Standing) -> Standing {
+    if better(a, b) == a {
+        b
+    } else {
+        a
+    }
 }
 
 #[cfg(test)]
@@ -283,7 +512,15 @@ mod tests {
     fn all() -> Discover {
         Discover {
             source: "a".into(),
-            selector: Selector::default(),
+            what: What::Nodes(Selector::default()),
+        }
+    }
+
+    fn found(nodes: &[Node]) -> Discovered {
+        Discovered {
+            source: "a".into(),
+            nodes: nodes.to_vec(),
+            slices: Vec::new(),
         }
     }
 
@@ -297,11 +534,11 @@ mod tests {
             (node("a", "10.0.0.1", |_| {}), Standing::Eligible),
             (
                 node("b", "10.0.0.2", |s| s.ready = Some(false)),
-                Standing::Out("NotReady"),
+                Standing::Unready("NotReady"),
             ),
             (
                 node("c", "10.0.0.3", |s| s.ready = None),
-                Standing::Out("Ready Unknown"),
+                Standing::Unready("Ready Unknown"),
             ),
             (
                 node("d", "10.0.0.4", |s| s.unschedulable = true),
@@ -309,7 +546,7 @@ mod tests {
             ),
             (
                 node("e", "10.0.0.5", |s| s.deleting = true),
-                Standing::Draining("to be deleted by the cluster autoscaler"),
+                Standing::Draining("going away"),
             ),
             (
                 node("f", "10.0.0.6", |s| {
@@ -317,14 +554,14 @@ mod tests {
                 }),
                 Standing::Out("excluded from external load balancers"),
             ),
-            (node("g", "", |_| {}), Standing::Out("no InternalIP")),
+            (node("g", "", |_| {}), Standing::Out("no usable InternalIP")),
             // Not ready and cordoned: out, not draining.
             (
                 node("h", "10.0.0.8", |s| {
                     s.ready = Some(false);
                     s.unschedulable = true;
                 }),
-                Standing::Out("NotReady"),
+                Standing::Unready("NotReady"),
             ),
         ];
         for (n, want) in cases {
@@ -346,7 +583,7 @@ mod tests {
             node("a3", "10.0.0.3", |s| s.ready = Some(false)),
             node("a4", "10.0.0.4", |_| {}),
         ];
-        let s = select(&all(), &nodes, None);
+        let s = select(&all(), Some(&found(&nodes)), None);
         assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.2", "10.0.0.4"]);
         let draining: Vec<bool> = s.servers.iter().map(|s| s.draining).collect();
         assert_eq!(
@@ -367,24 +604,52 @@ mod tests {
             node("a1", "10.0.0.1", |s| s.ready = Some(false)),
             node("a2", "10.0.0.2", |s| s.ready = None),
         ];
-        let previous = select(&all(), &[node("a1", "10.0.0.1", |_| {})], None).servers;
-        let s = select(&all(), &nodes, Some(&previous));
+        let previous = select(
+            &all(),
+            Some(&found(&[node("a1", "10.0.0.1", |_| {})])),
+            None,
+        )
+        .servers;
+        let s = select(&all(), Some(&found(&nodes)), Some(&previous));
         assert!(s.kept_previous);
         assert_eq!(ips(&s), ["10.0.0.1"]);
-        // Without a previous set (a start), nothing: the upstream has no server.
-        let s = select(&all(), &nodes, None);
-        assert!(s.servers.is_empty() && !s.kept_previous);
+        // Without a previous set (a start), every unready node.
+        let s = select(&all(), Some(&found(&nodes)), None);
+        assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.2"]);
+        assert!(s.failed_open && !s.kept_previous);
         // An empty previous set is no previous set.
-        assert!(!select(&all(), &nodes, Some(&[])).kept_previous);
-        // Every node cordoned: the previous servers that took connections are kept, not
-        // the draining ones.
+        assert!(!select(&all(), Some(&found(&nodes)), Some(&[])).kept_previous);
+        // A node deleted, or excluded, is not taken back.
+        let excluded = [node("a1", "10.0.0.1", |s| {
+            s.ready = None;
+            s.labels.insert(EXCLUDED.into(), String::new());
+        })];
+        let s = select(&all(), Some(&found(&excluded)), Some(&previous));
+        assert!(s.servers.is_empty() && !s.failed_open);
+        assert!(select(&all(), Some(&found(&[])), Some(&previous))
+            .servers
+            .is_empty());
+        // The source has not answered: the previous servers as they were.
+        let s = select(&all(), None, Some(&previous));
+        assert_eq!(
+            (ips(&s), s.kept_previous),
+            (vec!["10.0.0.1".to_owned()], true)
+        );
+        // Every node cordoned: that is the operator's doing, not a partition; they drain.
         let cordoned = [node("a1", "10.0.0.1", |s| s.unschedulable = true)];
-        let mut previous = previous.clone();
-        previous.push(select(&all(), &cordoned, None).servers[0]);
-        previous[1].ip = "10.0.0.9".parse().unwrap();
-        let s = select(&all(), &cordoned, Some(&previous));
+        let s = select(&all(), Some(&found(&cordoned)), Some(&previous));
         assert_eq!(ips(&s), ["10.0.0.1"]);
-        assert_eq!((s.kept_previous, s.eligible), (true, 1));
+        assert_eq!(
+            (s.failed_open, s.eligible, s.servers[0].draining),
+            (false, 0, true)
+        );
+        // Two nodes claiming one address: the first keeps it.
+        let twins = [
+            node("a1", "10.0.0.1", |_| {}),
+            node("a2", "10.0.0.1", |_| {}),
+        ];
+        let s = select(&all(), Some(&found(&twins)), None);
+        assert_eq!((ips(&s), s.out), (vec!["10.0.0.1".to_owned()], 1));
     }
 
     #[test]
@@ -398,7 +663,7 @@ mod tests {
                 )
             })
             .collect();
-        let s = select(&all(), &nodes, None);
+        let s = select(&all(), Some(&found(&nodes)), None);
         assert_eq!((s.servers.len(), s.over), (MAX_SERVERS, 3));
     }
 
@@ -440,5 +705,137 @@ mod tests {
             Selector::parse("a=1,!b,c!=2,d").unwrap().to_string(),
             "a=1,!b,c!=2,d"
         );
+    }
+
+    fn endpoint(ip: &str, node: &str, f: impl FnOnce(&mut Endpoint)) -> Endpoint {
+        let mut e = Endpoint {
+            address: ip.parse().unwrap(),
+            not_ready: false,
+            not_serving: false,
+            terminating: false,
+            node: Some(node.into()),
+        };
+        f(&mut e);
+        e
+    }
+
+    #[test]
+    fn endpoint_conditions_as_kubernetes_means_them() {
+        let cases = [
+            (endpoint("10.42.0.1", "a1", |_| {}), Standing::Eligible),
+            (
+                endpoint("10.42.0.2", "a1", |e| e.not_ready = true),
+                Standing::Unready("not ready"),
+            ),
+            (
+                endpoint("10.42.0.3", "a1", |e| {
+                    e.not_ready = true;
+                    e.terminating = true;
+                }),
+                Standing::Draining("terminating"),
+            ),
+            (
+                endpoint("10.42.0.4", "a1", |e| {
+                    e.terminating = true;
+                    e.not_serving = true;
+                }),
+                Standing::Out("terminating, not serving"),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(endpoint_standing(&e), want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_services_endpoints_by_pod_or_by_node() {
+        let mut found = found(&[
+            node("a1", "10.0.0.1", |_| {}),
+            node("a2", "10.0.0.2", |s| s.unschedulable = true),
+            node("a3", "10.0.0.3", |_| {}),
+            node("a4", "10.0.0.4", |s| s.ready = Some(false)),
+        ]);
+        let slice = |name: &str, endpoints: Vec<Endpoint>| Slice {
+            namespace: "kube-system".into(),
+            service: name.into(),
+            endpoints,
+        };
+        found.slices = vec![
+            slice(
+                "ingress",
+                vec![
+                    endpoint("10.42.1.1", "a1", |_| {}),
+                    endpoint("10.42.1.2", "a1", |e| e.terminating = true),
+                    endpoint("10.42.2.1", "a2", |_| {}),
+                    endpoint("10.42.4.1", "a4", |_| {}),
+                    endpoint("10.42.9.1", "gone", |_| {}),
+                ],
+            ),
+            slice("other", vec![endpoint("10.42.3.1", "a3", |_| {})]),
+        ];
+        let service = |address, port| Discover {
+            source: "a".into(),
+            what: What::Service {
+                namespace: "kube-system".into(),
+                name: "ingress".into(),
+                address,
+                port,
+            },
+        };
+        // By node: a1 (one eligible pod of two), a2 draining (cordoned); a3 has no pod of
+        // the Service, a4 is NotReady, "gone" is no node.
+        let s = select(&service(Address::Node, None), Some(&found), None);
+        assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.2"]);
+        let draining: Vec<bool> = s.servers.iter().map(|s| s.draining).collect();
+        assert_eq!(draining, [false, true]);
+        assert_eq!((s.matched, s.eligible, s.out), (5, 1, 2));
+        // By pod, on a fixed port: the terminating pod drains, whatever its node.
+        let s = select(&service(Address::Pod, Some(8443)), Some(&found), None);
+        assert_eq!(
+            ips(&s),
+            [
+                "10.42.1.1",
+                "10.42.1.2",
+                "10.42.2.1",
+                "10.42.4.1",
+                "10.42.9.1"
+            ]
+        );
+        assert!(s.servers.iter().all(|s| s.port == Some(8443)));
+        assert_eq!(s.servers.iter().filter(|s| s.draining).count(), 1);
+        // A Service without endpoints (deleted): nothing, even with previous servers.
+        let mut none = service(Address::Pod, None);
+        if let What::Service { name, .. } = &mut none.what {
+            *name = "missing".into();
+        }
+        let previous = select(&service(Address::Node, None), Some(&found), None).servers;
+        assert!(select(&none, Some(&found), Some(&previous))
+            .servers
+            .is_empty());
+        // What each way needs its source to read.
+        assert_eq!(
+            service(Address::Node, None).needs(),
+            Kinds {
+                nodes: true,
+                endpoints: true
+            }
+        );
+        assert_eq!(
+            service(Address::Pod, None).needs(),
+            Kinds {
+                nodes: false,
+                endpoints: true
+            }
+        );
+        assert!(Kinds {
+            nodes: true,
+            endpoints: true
+        }
+        .covers(all().needs()));
+        assert!(!Kinds {
+            nodes: false,
+            endpoints: true
+        }
+        .covers(all().needs()));
     }
 }

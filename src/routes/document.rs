@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use super::discover::{Discover, Discovered, Selector};
+use super::discover::{Address, Discover, Discovered, Selector, What};
 use super::json::Json;
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
 pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
@@ -312,10 +312,16 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
 }
 
 /// `{"source": "cluster-a", "nodes": {"selector": "node-role.kubernetes.io/ingress=true"}}`:
-/// the nodes of a URL source read with `discover=nodes` (all of them without a selector).
+/// the nodes of a URL source read with `discover=nodes` (all of them without a selector); or
+/// `{"source": "cluster-a", "service": "kube-system/ingress", "address": "node", "port": 443}`:
+/// the endpoints of a Service (`discover=endpoints`), by pod address (the default) or by the
+/// address of the node each pod runs on, on `port` or the listener's.
 fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
     let mut source = None;
     let mut selector = None;
+    let mut service = None;
+    let mut address = None;
+    let mut port = None;
     for (key, value) in object(value, path)? {
         let path = JsonPath::Key(path, key);
         match key.as_str() {
@@ -351,14 +357,59 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
                 })?;
                 selector = Some(parsed);
             }
-            _ => return fail(&path, "unknown field (expected source or nodes)"),
+            "service" => {
+                let text = string(value, &path)?;
+                let dns = |s: &str| {
+                    !s.is_empty()
+                        && s.len() <= 63
+                        && s.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !s.starts_with('-')
+                        && !s.ends_with('-')
+                };
+                match text.split_once('/') {
+                    Some((ns, name)) if dns(ns) && dns(name) => {
+                        service = Some((ns.to_owned(), name.to_owned()))
+                    }
+                    _ => return fail(&path, "expected \"namespace/name\" of a Service"),
+                }
+            }
+            "address" => {
+                address = Some(match string(value, &path)? {
+                    "pod" => Address::Pod,
+                    "node" => Address::Node,
+                    _ => return fail(&path, "expected \"pod\" or \"node\""),
+                })
+            }
+            "port" => port = Some(integer(value, &path, 1..=65535)? as u16),
+            _ => {
+                return fail(
+                    &path,
+                    "unknown field (expected source, nodes, service, address or port)",
+                )
+            }
         }
     }
-    match (source, selector) {
-        (Some(source), Some(selector)) => Ok(Discover { source, selector }),
-        (None, _) => fail(path, "needs source (the name= of an edge_routes_url)"),
-        (_, None) => fail(path, "needs nodes (what to discover)"),
-    }
+    let Some(source) = source else {
+        return fail(path, "needs source (the name= of an edge_routes_url)");
+    };
+    let what = match (selector, service) {
+        (Some(selector), None) => {
+            if address.is_some() || port.is_some() {
+                return fail(path, "address and port go with service, not nodes");
+            }
+            What::Nodes(selector)
+        }
+        (None, Some((namespace, name))) => What::Service {
+            namespace,
+            name,
+            address: address.unwrap_or(Address::Pod),
+            port,
+        },
+        (None, None) => return fail(path, "needs nodes or service (what to discover)"),
+        (Some(_), Some(_)) => return fail(path, "nodes and service exclude each other"),
+    };
+    Ok(Discover { source, what })
 }
 
 /// `"2s"`, `"500ms"`, `"1m"`, `"1h"`, or a number of seconds.
@@ -787,7 +838,7 @@ mod tests {
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a"}}}}"#,
-                "upstreams.u.discover: needs nodes",
+                "upstreams.u.discover: needs nodes or service",
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a b", "nodes": {}}}}}"#,
@@ -802,12 +853,32 @@ mod tests {
                 "upstreams.u.discover.nodes.label: unknown field (expected selector)",
             ),
             (
-                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "x/y"}}}}"#,
-                "upstreams.u.discover.service: unknown field (expected source or nodes)",
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "xy"}}}}"#,
+                "upstreams.u.discover.service: expected \"namespace/name\" of a Service",
             ),
             (
                 r#"{"upstreams": {"u": {}}}"#,
                 "upstreams.u: needs servers, nginx_upstream or discover",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {}, "service": "x/y"}}}}"#,
+                "upstreams.u.discover: nodes and service exclude each other",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {}, "port": 443}}}}"#,
+                "upstreams.u.discover: address and port go with service",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "x/y", "address": "host"}}}}"#,
+                "upstreams.u.discover.address: expected \"pod\" or \"node\"",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "x/y", "port": 0}}}}"#,
+                "upstreams.u.discover.port: expected an integer from 1 to 65535",
+            ),
+            (
+                r#"{"upstreams": {"u": {"discover": {"source": "a", "service": "Kube/y"}}}}"#,
+                "upstreams.u.discover.service: expected \"namespace/name\"",
             ),
             (
                 r#"{"upstreams": {"u w": {"nginx_upstream": "x"}}}"#,

@@ -92,8 +92,8 @@ pub struct Cached {
     pub read: Reader,
     /// What messages call it (`edge_routes_url NAME`), rather than its file.
     pub label: String,
-    /// Its name, when it discovers nodes for the table's upstreams (`discover=nodes`).
-    pub discovers: Option<String>,
+    /// Its name and what it discovers for the table's upstreams (`discover=`), if anything.
+    pub discovers: Option<(String, crate::routes::discover::Kinds)>,
 }
 
 /// What a table is made of, in configuration order (the first wins a conflict): at most one
@@ -764,7 +764,9 @@ fn is_warning_at_start(e: &Event) -> bool {
             || e.message.ends_with(NOT_USED)
             // What a cluster's nodes say (see `table::merge_with`): remote data, never fatal.
             || e.message.contains(": no node is eligible (")
-            || e.message.contains(" eligible node(s) past the limit"))
+            || e.message.contains(": no endpoint is eligible (")
+            || e.message.contains(" has not answered yet; its ")
+            || e.message.contains("(s) past the limit of 256 servers are left out"))
 }
 
 /// A URL source's last good document that cannot be used at start: the source adds nothing

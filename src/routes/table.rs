@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::discover::{self, Discovered};
+use super::discover::{self, Discovered, Kinds, What};
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
 use super::document::{Document, RouteKey, ServerDef, Targets, UpstreamDef, UpstreamKind};
 use super::image::{self, Image};
@@ -121,7 +121,7 @@ impl<'a, V> InsertNew<'a, V> for HashMap<&'a str, V> {
 /// none is eligible now).
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
-    pub sources: Vec<String>,
+    pub sources: Vec<(String, Kinds)>,
     pub previous: HashMap<String, Vec<ServerDef>>,
 }
 
@@ -197,12 +197,19 @@ impl RouteTable {
                     }
                 }
                 if let UpstreamKind::Discover(d) = &def.kind {
-                    if !discovery.sources.contains(&d.source) {
+                    let reads = discovery
+                        .sources
+                        .iter()
+                        .find(|(name, _)| *name == d.source)
+                        .map(|&(_, kinds)| kinds);
+                    if !reads.is_some_and(|k| k.covers(d.needs())) {
                         return Err(MergeError {
                             file,
                             message: format!(
-                                "upstreams.{}.discover.source: no edge_routes_url name={} with discover=nodes among the sources of this table",
-                                def.name, d.source
+                                "upstreams.{}.discover.source: no edge_routes_url name={} with discover={} among the sources of this table",
+                                def.name,
+                                d.source,
+                                d.needs()
                             ),
                         });
                     }
@@ -279,28 +286,55 @@ impl RouteTable {
                 let UpstreamKind::Discover(d) = &def.kind else {
                     return None;
                 };
-                let nodes = found.get(d.source.as_str()).map_or(&[][..], |f| &f.nodes);
                 let previous = discovery.previous.get(&def.name).map(Vec::as_slice);
-                let s = discover::select(d, nodes, previous);
+                let answered = found.get(d.source.as_str()).copied();
+                let s = discover::select(d, answered, previous);
                 let file = ids[def.name.as_str()].1;
-                let counts = format!(
-                    "{} node(s) of {} selected: {} draining, {} out",
-                    s.matched, d.source, s.draining, s.out
-                );
-                let message = if s.kept_previous {
+                let (one, counts) = match &d.what {
+                    What::Nodes(_) => (
+                        "node",
+                        format!(
+                            "{} node(s) of {} selected: {} draining, {} out",
+                            s.matched, d.source, s.draining, s.out
+                        ),
+                    ),
+                    What::Service {
+                        namespace, name, ..
+                    } => (
+                        "endpoint",
+                        format!(
+                            "{} endpoint(s) of Service {namespace}/{name} in {}: {} draining, {} out",
+                            s.matched, d.source, s.draining, s.out
+                        ),
+                    ),
+                };
+                let message = if answered.is_none() {
                     Some(format!(
-                        "upstreams.{}: no node is eligible ({counts}); its {} previous server(s) are kept",
+                        "upstreams.{}: {} has not answered yet; its {} previous server(s) are kept",
                         def.name,
+                        d.source,
                         s.servers.len()
+                    ))
+                } else if s.kept_previous {
+                    Some(format!(
+                        "upstreams.{}: no {one} is eligible ({counts}); its {} previous server(s), unready, are kept (fail open)",
+                        def.name,
+                        s.eligible
+                    ))
+                } else if s.failed_open {
+                    Some(format!(
+                        "upstreams.{}: no {one} is eligible ({counts}); its {} unready server(s) are taken (fail open)",
+                        def.name,
+                        s.eligible
                     ))
                 } else if s.eligible == 0 {
                     Some(format!(
-                        "upstreams.{}: no node is eligible ({counts}); it has no server to send to",
+                        "upstreams.{}: no {one} is eligible ({counts}); it has no server to send to",
                         def.name
                     ))
                 } else if s.over > 0 {
                     Some(format!(
-                        "upstreams.{}: {} eligible node(s) past the limit of {} servers are left out",
+                        "upstreams.{}: {} {one}(s) past the limit of {} servers are left out",
                         def.name,
                         s.over,
                         s.servers.len()
@@ -844,11 +878,18 @@ mod tests {
             discovered: Some(std::sync::Arc::new(Discovered {
                 source: "a".into(),
                 nodes,
+                slices: Vec::new(),
             })),
             ..Document::default()
         };
         let discovery = |previous: Option<&RouteTable>| Discovery {
-            sources: vec!["a".into()],
+            sources: vec![(
+                "a".into(),
+                Kinds {
+                    nodes: true,
+                    endpoints: false,
+                },
+            )],
             previous: previous
                 .map(RouteTable::discovered_servers)
                 .unwrap_or_default(),
@@ -874,7 +915,9 @@ mod tests {
             RouteTable::merge_with(&[&file, &down], &|_| false, &discovery(Some(&t))).unwrap();
         assert_eq!(servers(&t2), ["10.0.0.1"]);
         assert!(
-            warnings[0].message.contains("previous server(s) are kept"),
+            warnings[0]
+                .message
+                .contains("previous server(s), unready, are kept (fail open)"),
             "{warnings:?}"
         );
         // The source has not answered yet: no server, said; the table is made all the same.
@@ -882,7 +925,9 @@ mod tests {
             RouteTable::merge_with(&[&file], &|_| false, &discovery(None)).unwrap();
         assert!(servers(&t3).is_empty());
         assert!(
-            warnings[0].message.contains("it has no server"),
+            warnings[0]
+                .message
+                .contains("a has not answered yet; its 0 previous server(s)"),
             "{warnings:?}"
         );
         let image = crate::routes::image::Image::from_bytes(t3.image().bytes().to_vec());

@@ -34,6 +34,7 @@ my %KINDS = (
     gateways       => { kind => 'Gateway',      group => 'gateway.networking.k8s.io', version => 'v1' },
     nodes          => { kind => 'Node',         group => '',                          version => 'v1', cluster => 1,
                         short => 'no' },
+    endpointslices => { kind => 'EndpointSlice', group => 'discovery.k8s.io',         version => 'v1' },
 );
 
 # A kind's apiVersion: "v1" for the core group.
@@ -217,6 +218,28 @@ sub node {
                   lastHeartbeatTime => '2026-11-29T10:00:00Z', lastTransitionTime => '2026-11-29T08:00:00Z' }],
             nodeInfo => { kubeletVersion => 'v1.30.6+rke2r1', osImage => 'Debian GNU/Linux 12 (bookworm)' },
         },
+    };
+}
+
+# The EndpointSlice NAME of Service SERVICE in NS, as the EndpointSlice controller writes it.
+# @endpoints: [address, node, %conditions (ready, serving, terminating: 'true' or 'false';
+# absent when not given)].
+sub endpointslice {
+    my ($ns, $name, $service, @endpoints) = @_;
+    return {
+        apiVersion => 'discovery.k8s.io/v1', kind => 'EndpointSlice', addressType => 'IPv4',
+        metadata => { name => $name, namespace => $ns, uid => "e-$name", generation => 1,
+            creationTimestamp => '2026-11-29T08:00:00Z',
+            labels => { 'kubernetes.io/service-name' => $service,
+                'endpointslice.kubernetes.io/managed-by' => 'endpointslice-controller.k8s.io' },
+            ownerReferences => [{ apiVersion => 'v1', kind => 'Service', name => $service, uid => "s-$service" }] },
+        endpoints => [map {
+            my ($address, $node, %c) = @$_;
+            { addresses => [$address], nodeName => $node,
+              conditions => { map { ($_ => $c{$_} eq 'true' ? JSON::PP::true() : JSON::PP::false()) } keys %c },
+              targetRef => { kind => 'Pod', namespace => $ns, name => "$service-$node" } }
+        } @endpoints],
+        ports => [{ name => 'https', port => 443, protocol => 'TCP' }, { name => 'http', port => 80, protocol => 'TCP' }],
     };
 }
 
@@ -556,7 +579,7 @@ sub _watch {
 
 sub _discovery {
     my ($self, $c, $path) = @_;
-    my @groups = (['networking.k8s.io', 'v1']);
+    my @groups = (['networking.k8s.io', 'v1'], ['discovery.k8s.io', 'v1']);
     push @groups, ['gateway.networking.k8s.io', 'v1'] if $self->{gateway};
     my $body;
     if ($path eq '/version') {
