@@ -155,6 +155,12 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let record = servers.health(i);
     record.connected(data.slot);
     data.current = Some((i, record.generation()));
+    if let Some(ctx) = session::get(data.session) {
+        ctx.server = Some(servers.servers()[i]);
+        if let Some(w) = worker::get() {
+            w.track(data.session);
+        }
+    }
     NGX_OK as ngx_int_t
 }
 

@@ -108,6 +108,9 @@ pub struct MainConf {
     pub urls: Vec<Box<UrlSlot>>,
     /// Counts `edge_routes` and `edge_routes_url` directives: their order is the merge order.
     pub directives: usize,
+    /// `edge_drain_timeout`: how long a connection may stay open once its server or route
+    /// went away (never, without it).
+    pub drain_timeout_ms: Option<u64>,
 }
 
 pub struct SrvConf {
@@ -317,6 +320,34 @@ pub unsafe extern "C" fn set_edge_zone(
             NGX_CONF_OK
         }
         None => NGX_CONF_ERROR,
+    }
+}
+
+/// `edge_drain_timeout TIME;`
+pub unsafe extern "C" fn set_edge_drain_timeout(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    if mcf.drain_timeout_ms.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let text = String::from_utf8_lossy(stream::conf_args(cf)[1].as_bytes()).into_owned();
+    match crate::routes::document::parse_duration(&text).filter(|&ms| ms > 0 && ms <= 86_400_000) {
+        Some(ms) => {
+            mcf.drain_timeout_ms = Some(ms);
+            NGX_CONF_OK
+        }
+        None => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "edge_drain_timeout: invalid time \"{}\" (1ms to 24h, as \"30s\", \"10m\")",
+                text
+            );
+            NGX_CONF_ERROR
+        }
     }
 }
 

@@ -83,7 +83,7 @@ mod wiring {
         ..ngx_module_t::default()
     };
 
-    static mut COMMANDS: [ngx_command_t; 7] = [
+    static mut COMMANDS: [ngx_command_t; 8] = [
         command(
             ngx_string!("edge_routes"),
             NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12,
@@ -112,6 +112,12 @@ mod wiring {
             ngx_string!("edge_state"),
             NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1,
             conf::set_edge_state,
+            0,
+        ),
+        command(
+            ngx_string!("edge_drain_timeout"),
+            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1,
+            conf::set_edge_drain_timeout,
             0,
         ),
         command(

@@ -9,6 +9,7 @@ use ngx::core::Pool;
 use crate::routes::table::{RouteTable, Upstream};
 use crate::sniff::{Protocol, ServerName};
 use crate::stream;
+use crate::upstream::ServerDef;
 
 /// What the module learnt about a session. Lives in the connection's pool; holds its route
 /// table so that a table swapped in mid-session cannot pull anything from under it.
@@ -27,6 +28,14 @@ pub struct SessionCtx {
     pub scratch: Vec<u8>,
     /// The request and answer of an `edge_status` server.
     pub status: Option<StatusExchange>,
+    /// The server the balancer chose last.
+    pub server: Option<ServerDef>,
+    /// With `edge_drain_timeout`: its place in the worker's list of proxied sessions (1-based,
+    /// 0 when not listed), the table source it was routed by, and the timer that closes it
+    /// once its server or route went away.
+    pub drain_index: usize,
+    pub drain_source: *const core::ffi::c_void,
+    pub drain: Option<Box<nginx_sys::ngx_event_t>>,
 }
 
 /// Which route matched; keys point into the session's table.
@@ -51,6 +60,10 @@ impl SessionCtx {
             done: false,
             scratch: Vec::new(),
             status: None,
+            server: None,
+            drain_index: 0,
+            drain_source: core::ptr::null(),
+            drain: None,
         });
         if ctx.is_null() {
             return None;

@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nginx_sys::{
-    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ALERT, NGX_LOG_CRIT,
-    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
+    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_log_t, ngx_msec_t, ngx_stream_session_t,
+    NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
@@ -26,7 +26,8 @@ use crate::routes::document::Document;
 use crate::routes::follow::{Action, Failed, Follow, FOLLOW_MS};
 use crate::routes::share;
 use crate::routes::source::{Done, Retired, Source, Step, Work};
-use crate::routes::table::{Backend, RouteTable};
+use crate::routes::table::{Backend, Gone, RouteTable};
+use crate::session;
 use crate::stream;
 use crate::stream::{arm, cancel_timer as cancel};
 pub use crate::stream::{exiting, spawn_quiet};
@@ -64,6 +65,9 @@ pub struct Worker {
     fetching: Vec<bool>,
     /// Tables whose URL sources this worker starts fetching once it is set up.
     fetching_for: Vec<usize>,
+    /// With `edge_drain_timeout`: the sessions proxied to a server of the module's, checked
+    /// against each new table (see `drain_stale`).
+    proxied: RefCell<Vec<*mut ngx_stream_session_t>>,
 }
 
 /// The active checks' per-worker state; the callbacks are in `check`.
@@ -207,6 +211,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         feeds: Vec::new(),
         fetching: vec![false; (*mcf_ptr).urls.len()],
         fetching_for: Vec::new(),
+        proxied: RefCell::new(Vec::new()),
     }));
     WORKER = worker;
     let w = &mut *worker;
@@ -339,6 +344,90 @@ impl Worker {
         unsafe { &*self.mcf }
     }
 
+    /// Lists a session the balancer sent to a server, with `edge_drain_timeout`: its server
+    /// or route may go away in a later table (see `drain_stale`). Taken off the list when its
+    /// pool is destroyed.
+    pub unsafe fn track(&self, s: *mut ngx_stream_session_t) {
+        if (*self.mcf).drain_timeout_ms.is_none() {
+            return;
+        }
+        let Some(ctx) = session::get(s) else { return };
+        if ctx.drain_index != 0 {
+            return;
+        }
+        let cleanup = nginx_sys::ngx_pool_cleanup_add((*(*s).connection).pool, 0);
+        if cleanup.is_null() {
+            return;
+        }
+        (*cleanup).handler = Some(untrack);
+        (*cleanup).data = s.cast();
+        let mut list = self.proxied.borrow_mut();
+        list.push(s);
+        ctx.drain_index = list.len();
+        ctx.drain_source = stream::srv_conf::<crate::conf::SrvConf>(s).source as *const _;
+    }
+
+    /// After a new table of `source`: each session routed by it whose server was removed or
+    /// is draining, or whose route now names another upstream, is closed after
+    /// `edge_drain_timeout` unless it ends first. Logged once per server and reason.
+    unsafe fn drain_stale(&self, source: *const SourceSlot) {
+        let Some(ms) = (*self.mcf).drain_timeout_ms else {
+            return;
+        };
+        let Some(table) = (*source).source.as_ref().map(|s| Rc::clone(s.table())) else {
+            return;
+        };
+        let mut stale: std::collections::BTreeMap<(String, String, Gone), usize> =
+            std::collections::BTreeMap::new();
+        for &s in self.proxied.borrow().iter() {
+            let Some(ctx) = session::get(s) else { continue };
+            if ctx.drain.is_some()
+                || ctx.drain_source != source.cast()
+                || ctx.table.as_ref().is_some_and(|t| Rc::ptr_eq(t, &table))
+            {
+                continue;
+            }
+            let (Some(upstream), Some(server), Some(protocol)) =
+                (ctx.upstream(), ctx.server, ctx.protocol)
+            else {
+                continue;
+            };
+            let name = ctx.name.as_ref().map(crate::sniff::ServerName::as_str);
+            let Err(why) = table.still_serves(name, protocol, &upstream.name, &server) else {
+                continue;
+            };
+            *stale
+                .entry((
+                    upstream.name.to_string(),
+                    crate::report::address(&server),
+                    why,
+                ))
+                .or_default() += 1;
+            let c = (*s).connection;
+            let mut ev: Box<ngx_event_t> = Box::new(core::mem::zeroed());
+            arm(
+                &mut ev,
+                Some(on_drained),
+                c.cast(),
+                (*c).log,
+                ms as ngx_msec_t,
+            );
+            ctx.drain = Some(ev);
+        }
+        for ((upstream, server, why), n) in stale {
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                self.log,
+                "edge: upstream \"{}\" server {}: {} open connection(s) to drain ({}), closed in {}ms if still open (edge_drain_timeout)",
+                upstream,
+                server,
+                n,
+                why.as_str(),
+                ms
+            );
+        }
+    }
+
     /// Whether the worker is failing open on `upstream`, after a pick said it starts (`true`)
     /// or stops (`false`).
     pub fn set_failing_open(&self, upstream: &str, on: bool) {
@@ -367,6 +456,8 @@ impl Worker {
 
     /// `replaced` is the generation of the table the swap took out of service.
     fn retire(&self, retired: Retired, replaced: u64, source: *const SourceSlot) {
+        // SAFETY: source slots live as long as the cycle's configuration.
+        unsafe { self.drain_stale(source) };
         if let Some(table) = retired.table {
             self.retiring.borrow_mut().push(RetiringTable {
                 table,
@@ -433,6 +524,46 @@ impl Worker {
             .sources
             .iter()
             .filter_map(|slot| slot.source.as_ref().map(|s| s.table()))
+    }
+}
+
+/// A session listed by `track` ends: off the list, and its drain timer (if any) stopped.
+unsafe extern "C" fn untrack(data: *mut core::ffi::c_void) {
+    let s = data.cast::<ngx_stream_session_t>();
+    let Some(ctx) = session::get(s) else { return };
+    if let Some(ev) = ctx.drain.as_mut() {
+        cancel(&mut **ev);
+    }
+    let index = core::mem::take(&mut ctx.drain_index);
+    let Some(w) = get() else { return };
+    if index == 0 {
+        return;
+    }
+    let mut list = w.proxied.borrow_mut();
+    if index > list.len() || list[index - 1] != s {
+        return;
+    }
+    list.swap_remove(index - 1);
+    if let Some(&moved) = list.get(index - 1) {
+        if let Some(other) = session::get(moved) {
+            other.drain_index = index;
+        }
+    }
+}
+
+/// `edge_drain_timeout` passed for a session whose server or route went away: it is closed
+/// the way nginx closes sessions at `worker_shutdown_timeout` (the proxy module sees
+/// `c->close` and finalizes the session, upstream side included).
+unsafe extern "C" fn on_drained(ev: *mut ngx_event_t) {
+    let c = (*ev).data.cast::<nginx_sys::ngx_connection_t>();
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        (*c).log,
+        "edge: closing a connection kept past edge_drain_timeout"
+    );
+    (*c).set_close(1);
+    if let Some(handler) = (*(*c).read).handler {
+        handler((*c).read);
     }
 }
 

@@ -85,6 +85,27 @@ pub struct RouteTable {
     checked: Vec<UpstreamId>,
 }
 
+/// Why a connection's server no longer takes connections like it (see `still_serves`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Gone {
+    /// Its route now names another upstream, or none.
+    RouteMoved,
+    /// Its server is no longer in its upstream.
+    Removed,
+    /// Its server is draining (a cluster's node cordoned or going away).
+    Draining,
+}
+
+impl Gone {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gone::RouteMoved => "its route moved",
+            Gone::Removed => "the server was removed",
+            Gone::Draining => "the server is draining",
+        }
+    }
+}
+
 /// Something worth a warning that does not reject the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergeWarning {
@@ -465,6 +486,36 @@ impl RouteTable {
             first = false;
         }
         None
+    }
+
+    /// Whether a connection that went to `server` of upstream `upstream` for `name` would
+    /// still go there with this table: `Err(why)` when its route now names another upstream
+    /// (or none), or its server was removed or is draining.
+    pub fn still_serves(
+        &self,
+        name: Option<&str>,
+        protocol: Protocol,
+        upstream: &str,
+        server: &ServerDef,
+    ) -> Result<(), Gone> {
+        let Some(found) = self.lookup(name, protocol) else {
+            return Err(Gone::RouteMoved);
+        };
+        if &*found.upstream.name != upstream {
+            return Err(Gone::RouteMoved);
+        }
+        let Some(pool) = found.upstream.servers() else {
+            return Err(Gone::RouteMoved);
+        };
+        match pool
+            .servers()
+            .iter()
+            .find(|s| s.ip == server.ip && s.port == server.port)
+        {
+            None => Err(Gone::Removed),
+            Some(s) if s.draining => Err(Gone::Draining),
+            Some(_) => Ok(()),
+        }
     }
 
     pub fn upstreams(&self) -> &[Upstream] {
@@ -943,6 +994,48 @@ mod tests {
                 .contains("no edge_routes_url name=a with discover=nodes"),
             "{}",
             err.message
+        );
+    }
+
+    /// A connection's server and route, against the next table.
+    #[test]
+    fn still_serves_tells_what_moved() {
+        let server = |ip: &str| ServerDef {
+            ip: ip.parse().unwrap(),
+            port: None,
+            weight: 1,
+            backup: false,
+            draining: false,
+        };
+        let table = |text: &str| RouteTable::merge(&[&document(text)], &|_| true).unwrap().0;
+        let before = table(
+            r#"{"upstreams": {"u": {"servers": ["10.0.0.1", "10.0.0.2"]}}, "routes": {"x.test": "u"}}"#,
+        );
+        let q = |t: &RouteTable, ip: &str| {
+            t.still_serves(Some("x.test"), Protocol::Http, "u", &server(ip))
+        };
+        assert_eq!(q(&before, "10.0.0.1"), Ok(()));
+        assert_eq!(q(&before, "10.0.0.9"), Err(Gone::Removed));
+        let removed =
+            table(r#"{"upstreams": {"u": {"servers": ["10.0.0.2"]}}, "routes": {"x.test": "u"}}"#);
+        assert_eq!(q(&removed, "10.0.0.1"), Err(Gone::Removed));
+        assert_eq!(q(&removed, "10.0.0.2"), Ok(()));
+        let moved = table(
+            r#"{"upstreams": {"u": {"servers": ["10.0.0.1"]}, "v": {"servers": ["10.0.0.1"]}}, "routes": {"x.test": "v"}}"#,
+        );
+        assert_eq!(q(&moved, "10.0.0.1"), Err(Gone::RouteMoved));
+        let gone = table(r#"{"upstreams": {"u": {"servers": ["10.0.0.1"]}}}"#);
+        assert_eq!(q(&gone, "10.0.0.1"), Err(Gone::RouteMoved));
+        let nginx =
+            table(r#"{"upstreams": {"u": {"nginx_upstream": "n"}}, "routes": {"x.test": "u"}}"#);
+        assert_eq!(q(&nginx, "10.0.0.1"), Err(Gone::RouteMoved));
+        let with_port = table(
+            r#"{"upstreams": {"u": {"servers": ["10.0.0.1:443"]}}, "routes": {"x.test": "u"}}"#,
+        );
+        assert_eq!(
+            q(&with_port, "10.0.0.1"),
+            Err(Gone::Removed),
+            "another port is another server"
         );
     }
 }
