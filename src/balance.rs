@@ -44,6 +44,8 @@ pub struct Pool {
     /// Per server, its address as a peer connection takes it, by port (a server listed
     /// without a port has one per listener port): made at first use, then only read.
     peers: Box<[PeerCache]>,
+    /// A Service's node ports: for servers without a port, the listener's port to theirs.
+    port_map: Box<[(u16, u16)]>,
 }
 
 /// A server's address for nginx's peer connection: made once per table, server and port, so
@@ -137,7 +139,30 @@ impl Pool {
             fail_open: Cell::new(false),
             check_name: None,
             peers: (0..n).map(|_| PeerCache::default()).collect(),
+            port_map: Box::new([]),
         }
+    }
+
+    /// Servers without a port take the port `map` gives the listener's (a Service's node
+    /// ports), instead of the listener's own.
+    pub fn set_port_map(&mut self, map: Vec<(u16, u16)>) {
+        self.port_map = map.into();
+    }
+
+    pub fn port_map(&self) -> &[(u16, u16)] {
+        &self.port_map
+    }
+
+    /// The port a server without one takes for a connection to `local_port`: the listener's,
+    /// or its node port; `None` when the Service has no port for that listener.
+    pub fn port_for(&self, local_port: u16) -> Option<u16> {
+        if self.port_map.is_empty() {
+            return Some(local_port);
+        }
+        self.port_map
+            .iter()
+            .find(|&&(listener, _)| listener == local_port)
+            .map(|&(_, node)| node)
     }
 
     pub fn servers(&self) -> &[ServerDef] {
@@ -152,7 +177,10 @@ impl Pool {
     /// none; made at the first call for each port.
     pub fn peer(&self, i: usize, local_port: u16) -> &PeerAddr {
         let server = &self.servers[i];
-        let port = server.port.unwrap_or(local_port);
+        let port = server
+            .port
+            .or_else(|| self.port_for(local_port))
+            .unwrap_or(local_port);
         // SAFETY: one thread (the worker's) uses a pool; entries are appended, never removed
         // or moved out of their boxes, so the returned reference outlives any later push.
         let cache = unsafe { &mut *self.peers[i].0.get() };

@@ -117,6 +117,17 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let pc = &mut *pc;
     let data = &mut *data.cast::<PeerData>();
     let servers = &*data.servers;
+    if servers.port_for(data.local_port).is_none() {
+        let c = &*(*data.session).connection;
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            c.log,
+            "edge: upstream \"{}\" has no node port for the listener's port {}",
+            (*data.upstream).name,
+            data.local_port
+        );
+        return NGX_BUSY as ngx_int_t;
+    }
     let Some(pick) = servers.pick(&data.tried, data.client, loop_now_ms()) else {
         return NGX_BUSY as ngx_int_t;
     };

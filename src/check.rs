@@ -90,7 +90,12 @@ unsafe fn start_probe(w: &Worker, table: Rc<RouteTable>, u: usize, i: usize, now
         return;
     };
     let server = &pool.servers()[i];
-    let addr = SocketAddr::new(server.ip, server.port.unwrap_or(check.default_port()));
+    // A Service's node ports map the check's port as they map a listener's.
+    let port = check.default_port();
+    let addr = SocketAddr::new(
+        server.ip,
+        server.port.or_else(|| pool.port_for(port)).unwrap_or(port),
+    );
     let name_text = addr.to_string();
     let mut request = check
         .proxy_protocol

@@ -253,8 +253,7 @@ pub unsafe extern "C" fn set_edge_routes_url(
         }
         slot.options.interval_ms = slot.options.interval_ms.min(options.interval_ms);
         // One source, read with what either directive asks.
-        slot.options.discover.nodes |= options.discover.nodes;
-        slot.options.discover.endpoints |= options.discover.endpoints;
+        slot.options.discover.add(options.discover);
         if !scf.urls.contains(&i) {
             scf.urls.push(i);
         }

@@ -368,6 +368,7 @@ pub unsafe fn start(
     for (wanted, kind) in [
         (options.discover.nodes, Kind::Node),
         (options.discover.endpoints, Kind::EndpointSlice),
+        (options.discover.services, Kind::Service),
     ] {
         if wanted {
             plans.push(Resource::discovered(
@@ -734,7 +735,10 @@ unsafe fn news(feed: &mut Feed, index: usize) {
                 // edge's role may not read it: the source has none of it. Nodes and
                 // EndpointSlices are core: a 403 there is the role's, and what was known of
                 // them keeps making servers.
-                let discovered = matches!(r.plan.kind, Some(Kind::Node | Kind::EndpointSlice));
+                let discovered = matches!(
+                    r.plan.kind,
+                    Some(Kind::Node | Kind::EndpointSlice | Kind::Service)
+                );
                 if let Some(kind) = r.plan.kind.filter(|_| !discovered) {
                     if feed.catalog.objects.keys().any(|k| k.0 == kind) {
                         feed.catalog.replace_kind(kind, Vec::new());

@@ -74,9 +74,21 @@ fuzz_target!(|data: &[u8]| {
             policy: Default::default(),
         });
     }
+    doc.upstreams.push(UpstreamDef {
+        name: "nodeport".into(),
+        kind: UpstreamKind::Discover(discover::Discover {
+            source: "fuzz".into(),
+            what: discover::What::NodePort {
+                namespace: "ns".into(),
+                name: "svc".into(),
+            },
+        }),
+        policy: Default::default(),
+    });
     let all = discover::Kinds {
         nodes: true,
         endpoints: true,
+        services: true,
     };
     let discovery = Discovery {
         sources: vec![("fuzz".into(), all)],

@@ -47,9 +47,9 @@ fuzz_target!(|data: &[u8]| {
     let plain = Policy::default();
     let nginx = UpstreamKind::Nginx("vhosts".into());
     let mut b = Builder::default();
-    b.upstream(UpstreamSpec { name: "a", kind: &servers, policy: &checked, check_name: Some("a.test"), discovered: false });
-    b.upstream(UpstreamSpec { name: "b", kind: &servers, policy: &plain, check_name: None, discovered: true });
-    b.upstream(UpstreamSpec { name: "c", kind: &nginx, policy: &plain, check_name: None, discovered: false });
+    b.upstream(UpstreamSpec { name: "a", kind: &servers, policy: &checked, check_name: Some("a.test"), discovered: false, port_map: &[] });
+    b.upstream(UpstreamSpec { name: "b", kind: &servers, policy: &plain, check_name: None, discovered: true, port_map: &[(443, 30443)] });
+    b.upstream(UpstreamSpec { name: "c", kind: &nginx, policy: &plain, check_name: None, discovered: false, port_map: &[] });
     for (i, n) in names.iter().enumerate() {
         let n = std::str::from_utf8(n).unwrap();
         let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };

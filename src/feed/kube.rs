@@ -10,7 +10,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::routes::discover::{Discovered, Endpoint, Node, NodeState, Slice};
+use crate::routes::discover::{
+    Discovered, Endpoint, Node, NodePorts, NodeState, ServiceInfo, Slice,
+};
 use crate::routes::document::{
     is_upstream_name, parse_route_key, Document, RouteKey, Targets, UpstreamDef, UpstreamKind,
 };
@@ -45,6 +47,8 @@ pub enum Kind {
     Node,
     /// The endpoints of a Service (`discover=endpoints`).
     EndpointSlice,
+    /// A Service's node ports (`discover=services`).
+    Service,
 }
 
 impl Kind {
@@ -58,7 +62,7 @@ impl Kind {
     ];
 
     /// Every kind a cache or a list may name.
-    pub const ANY: [Kind; 7] = [
+    pub const ANY: [Kind; 8] = [
         Kind::Ingress,
         Kind::HTTPRoute,
         Kind::TLSRoute,
@@ -66,6 +70,7 @@ impl Kind {
         Kind::Gateway,
         Kind::Node,
         Kind::EndpointSlice,
+        Kind::Service,
     ];
 
     pub fn plural(self) -> &'static str {
@@ -77,6 +82,7 @@ impl Kind {
             Kind::Gateway => "gateways",
             Kind::Node => "nodes",
             Kind::EndpointSlice => "endpointslices",
+            Kind::Service => "services",
         }
     }
 
@@ -91,6 +97,7 @@ impl Kind {
             ],
             Kind::Node => &["/api/v1"],
             Kind::EndpointSlice => &["/apis/discovery.k8s.io/v1"],
+            Kind::Service => &["/api/v1"],
         }
     }
 
@@ -139,7 +146,11 @@ impl Kind {
                 let base = base.replacen("/v1alpha2/", "/v1/", 1);
                 vec![(Kind::Gateway, format!("{base}gateways"))]
             }
-            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => Vec::new(),
+            Kind::IngressClass
+            | Kind::Gateway
+            | Kind::Node
+            | Kind::EndpointSlice
+            | Kind::Service => Vec::new(),
         }
     }
 }
@@ -193,6 +204,9 @@ pub struct Object {
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// A Service of type NodePort or LoadBalancer: its node ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ports: Option<Box<NodePorts>>,
 }
 
 /// A Gateway's listener: its name, and the hostname it takes (any when absent).
@@ -231,6 +245,7 @@ impl Object {
             node: None,
             service: None,
             endpoints: Vec::new(),
+            node_ports: None,
         }
     }
 
@@ -310,6 +325,21 @@ struct RawSpec {
     /// A Node's.
     unschedulable: Option<bool>,
     taints: Option<Vec<RawTaint>>,
+    /// A Service's.
+    #[serde(rename = "type")]
+    service_type: Option<String>,
+    ports: Option<Vec<RawServicePort>>,
+    #[serde(rename = "externalTrafficPolicy")]
+    external_traffic_policy: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawServicePort {
+    port: u16,
+    #[serde(rename = "nodePort")]
+    node_port: Option<u16>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -488,7 +518,11 @@ impl RawObject {
                 .filter_map(|r| r.host)
                 .collect(),
             Kind::HTTPRoute | Kind::TLSRoute => self.spec.hostnames.unwrap_or_default(),
-            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => Vec::new(),
+            Kind::IngressClass
+            | Kind::Gateway
+            | Kind::Node
+            | Kind::EndpointSlice
+            | Kind::Service => Vec::new(),
         };
         hosts.sort_unstable();
         hosts.dedup();
@@ -527,6 +561,28 @@ impl RawObject {
                         hostname: l.hostname.filter(|h| !h.is_empty()),
                     })
                     .collect();
+            }
+            Kind::Service => {
+                let with_node_ports = matches!(
+                    self.spec.service_type.as_deref(),
+                    Some("NodePort" | "LoadBalancer")
+                );
+                if with_node_ports {
+                    let ports = self
+                        .spec
+                        .ports
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                        .filter_map(|p| Some((p.port, p.node_port.filter(|&n| n > 0)?)))
+                        .filter(|&(port, _)| port > 0)
+                        .take(MAX_LISTENERS)
+                        .collect();
+                    object.node_ports = Some(Box::new(NodePorts {
+                        ports,
+                        local: self.spec.external_traffic_policy.as_deref() == Some("Local"),
+                    }));
+                }
             }
             Kind::EndpointSlice => {
                 object.service = labels.get(SERVICE_NAME).cloned();
@@ -921,10 +977,23 @@ impl Catalog {
                 })
             })
             .collect();
+        let services = self
+            .objects
+            .range((Kind::Service, String::new(), String::new())..)
+            .take_while(|(k, _)| k.0 == Kind::Service)
+            .filter_map(|(_, o)| {
+                Some(ServiceInfo {
+                    namespace: o.namespace.clone(),
+                    name: o.name.clone(),
+                    node_ports: (**o.node_ports.as_ref()?).clone(),
+                })
+            })
+            .collect();
         Discovered {
             source: source.into(),
             nodes,
             slices,
+            services,
         }
     }
 
@@ -1011,7 +1080,11 @@ pub fn document_of<'o>(
             continue;
         }
         match object.kind {
-            Kind::IngressClass | Kind::Gateway | Kind::Node | Kind::EndpointSlice => {}
+            Kind::IngressClass
+            | Kind::Gateway
+            | Kind::Node
+            | Kind::EndpointSlice
+            | Kind::Service => {}
             Kind::Ingress if !serves(object.class.as_deref()) => made.other_class += 1,
             Kind::Ingress => routing.push((object, object.hosts.clone())),
             _ if object.parents.is_empty() => made.unaccepted += 1,
@@ -1189,7 +1262,7 @@ const CACHE_VERSION: u32 = 3;
 /// The format a cache of `objects` is written in: 2 unless it holds Nodes or EndpointSlices,
 /// so that an edge rolled back to a version without them still starts from its copy.
 fn version_for<'o>(mut objects: impl Iterator<Item = &'o Object>) -> u32 {
-    if objects.any(|o| matches!(o.kind, Kind::Node | Kind::EndpointSlice)) {
+    if objects.any(|o| matches!(o.kind, Kind::Node | Kind::EndpointSlice | Kind::Service)) {
         CACHE_VERSION
     } else {
         2
@@ -1846,5 +1919,33 @@ mod tests {
         };
         assert!(o.addresses.is_empty());
         assert!(o.node.unwrap().deleting);
+    }
+
+    /// A Service of type NodePort or LoadBalancer: its TCP node ports and traffic policy; a
+    /// ClusterIP Service has none.
+    #[test]
+    fn services_node_ports() {
+        let list = br#"{"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "3"}, "items": [
+          {"metadata": {"name": "ingress", "namespace": "kube-system"},
+           "spec": {"type": "NodePort", "externalTrafficPolicy": "Local", "clusterIP": "10.43.0.10",
+                    "ports": [{"name": "https", "port": 443, "targetPort": 443, "nodePort": 30443, "protocol": "TCP"},
+                              {"name": "dns", "port": 53, "nodePort": 30053, "protocol": "UDP"},
+                              {"name": "http", "port": 80, "nodePort": 30080}]}},
+          {"metadata": {"name": "web", "namespace": "shop"}, "spec": {"type": "ClusterIP", "ports": [{"port": 80}]}}
+        ]}"#;
+        let page = parse_list(list, Some(Kind::Service)).unwrap();
+        let mut catalog = Catalog::default();
+        catalog.replace_kind(Kind::Service, page.objects);
+        let found = catalog.discovered("a");
+        assert_eq!(found.services.len(), 1);
+        let ingress = &found.services[0];
+        assert_eq!(
+            (ingress.namespace.as_str(), ingress.name.as_str()),
+            ("kube-system", "ingress")
+        );
+        assert_eq!(ingress.node_ports.ports, [(443, 30443), (80, 30080)]);
+        assert!(ingress.node_ports.local);
+        let back = Cache::parse(&Cache::of("a", &catalog).to_bytes()).unwrap();
+        assert_eq!(back.objects, catalog.objects);
     }
 }

@@ -247,9 +247,10 @@ impl Options {
                         match what {
                             "nodes" => o.discover.nodes = true,
                             "endpoints" => o.discover.endpoints = true,
+                            "services" => o.discover.services = true,
                             _ => {
                                 return Err(format!(
-                                    "invalid discover \"{value}\": nodes, endpoints, or both (nodes,endpoints)"
+                                    "invalid discover \"{value}\": nodes, endpoints, services, or several of them (nodes,endpoints)"
                                 ))
                             }
                         }

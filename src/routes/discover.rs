@@ -52,6 +52,8 @@ pub struct Discovered {
     pub nodes: Vec<Node>,
     /// EndpointSlices, in (namespace, name) order.
     pub slices: Vec<Slice>,
+    /// Services with node ports.
+    pub services: Vec<ServiceInfo>,
 }
 
 /// Whether a node or an endpoint takes connections.
@@ -212,6 +214,9 @@ pub enum What {
         /// A fixed port; `None`: the listener's.
         port: Option<u16>,
     },
+    /// A Service's node ports: every node (with `externalTrafficPolicy: Local`, those with
+    /// a ready pod of it), on the `nodePort` of the Service port that is the listener's.
+    NodePort { namespace: String, name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,43 +232,84 @@ impl Discover {
         match &self.what {
             What::Nodes(_) => Kinds {
                 nodes: true,
-                endpoints: false,
+                ..Kinds::default()
             },
             What::Service { address, .. } => Kinds {
                 nodes: *address == Address::Node,
                 endpoints: true,
+                services: false,
+            },
+            What::NodePort { .. } => Kinds {
+                nodes: true,
+                endpoints: true,
+                services: true,
             },
         }
     }
 }
 
-/// What a source discovers: `discover=nodes`, `discover=endpoints`, or both.
+/// What a source discovers: `discover=` any of `nodes`, `endpoints`, `services`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Kinds {
     pub nodes: bool,
     pub endpoints: bool,
+    pub services: bool,
 }
 
 impl Kinds {
     /// Whether `self` reads everything `other` needs.
     pub fn covers(self, other: Kinds) -> bool {
-        (self.nodes || !other.nodes) && (self.endpoints || !other.endpoints)
+        (self.nodes || !other.nodes)
+            && (self.endpoints || !other.endpoints)
+            && (self.services || !other.services)
     }
 
     pub fn any(self) -> bool {
-        self.nodes || self.endpoints
+        self.nodes || self.endpoints || self.services
+    }
+
+    /// Adds what `other` reads.
+    pub fn add(&mut self, other: Kinds) {
+        self.nodes |= other.nodes;
+        self.endpoints |= other.endpoints;
+        self.services |= other.services;
     }
 }
 
 impl fmt::Display for Kinds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.nodes, self.endpoints) {
-            (true, true) => f.write_str("nodes,endpoints"),
-            (true, false) => f.write_str("nodes"),
-            (false, true) => f.write_str("endpoints"),
-            (false, false) => f.write_str("nothing"),
+        let names: Vec<&str> = [
+            (self.nodes, "nodes"),
+            (self.endpoints, "endpoints"),
+            (self.services, "services"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if names.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&names.join(","))
         }
     }
+}
+
+/// A Service's node ports (`type: NodePort` or `LoadBalancer`): each TCP port and its
+/// `nodePort`; with `externalTrafficPolicy: Local`, only the nodes running one of its ready
+/// pods take its traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePorts {
+    pub ports: Vec<(u16, u16)>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+/// One Service with node ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    pub node_ports: NodePorts,
 }
 
 /// One endpoint of an EndpointSlice, as Kubernetes' conditions mean it (an absent `ready` or
@@ -313,6 +359,8 @@ pub struct Selection {
     pub out: usize,
     /// Eligible and draining servers past `MAX_SERVERS`.
     pub over: usize,
+    /// A Service's node ports: the listener's port to the node's (`NodePort`).
+    pub port_map: Vec<(u16, u16)>,
     /// Nothing was eligible: the servers are unready ones (fail open)...
     pub failed_open: bool,
     /// ...the upstream's previous ones among them, or its previous ones as they were when
@@ -407,6 +455,44 @@ pub fn select(
                 }
             }
             taken.extend(by_address.into_iter().map(|(ip, st)| (ip, *port, st)));
+        }
+        What::NodePort { namespace, name } => {
+            let service = found
+                .services
+                .iter()
+                .find(|sv| sv.namespace == *namespace && sv.name == *name);
+            if let Some(service) = service {
+                s.port_map = service.node_ports.ports.clone();
+                // With Local, the nodes that run a ready pod of the Service.
+                let with_pods: Option<std::collections::HashSet<&str>> =
+                    service.node_ports.local.then(|| {
+                        found
+                            .slices
+                            .iter()
+                            .filter(|sl| sl.namespace == *namespace && sl.service == *name)
+                            .flat_map(|sl| &sl.endpoints)
+                            .filter(|e| endpoint_standing(e) == Standing::Eligible)
+                            .filter_map(|e| e.node.as_deref())
+                            .collect()
+                    });
+                let mut seen = std::collections::HashSet::new();
+                for node in &found.nodes {
+                    s.matched += 1;
+                    let st = match (node.address, &with_pods) {
+                        (Some(ip), _) if !seen.insert(ip) => {
+                            Standing::Out("an address another node has")
+                        }
+                        (_, Some(pods)) if !pods.contains(node.name.as_str()) => {
+                            Standing::Out("no ready pod of the Service (Local)")
+                        }
+                        _ => standing(node),
+                    };
+                    match node.address {
+                        Some(ip) => taken.push((ip, None, st)),
+                        None => s.out += 1,
+                    }
+                }
+            }
         }
     }
     let mut unready = Vec::new();
@@ -521,6 +607,7 @@ mod tests {
             source: "a".into(),
             nodes: nodes.to_vec(),
             slices: Vec::new(),
+            services: Vec::new(),
         }
     }
 
@@ -817,25 +904,79 @@ mod tests {
             service(Address::Node, None).needs(),
             Kinds {
                 nodes: true,
-                endpoints: true
+                endpoints: true,
+                services: false
             }
         );
         assert_eq!(
             service(Address::Pod, None).needs(),
             Kinds {
                 nodes: false,
-                endpoints: true
+                endpoints: true,
+                services: false
             }
         );
-        assert!(Kinds {
+        let both = Kinds {
             nodes: true,
-            endpoints: true
-        }
-        .covers(all().needs()));
+            endpoints: true,
+            services: false,
+        };
+        assert!(both.covers(all().needs()));
         assert!(!Kinds {
             nodes: false,
-            endpoints: true
+            ..both
         }
         .covers(all().needs()));
+        assert_eq!(both.to_string(), "nodes,endpoints");
+    }
+
+    #[test]
+    fn a_services_node_ports() {
+        let mut found = found(&[
+            node("a1", "10.0.0.1", |_| {}),
+            node("a2", "10.0.0.2", |s| s.unschedulable = true),
+            node("a3", "10.0.0.3", |_| {}),
+        ]);
+        found.services = vec![ServiceInfo {
+            namespace: "kube-system".into(),
+            name: "ingress".into(),
+            node_ports: NodePorts {
+                ports: vec![(443, 30443), (80, 30080)],
+                local: false,
+            },
+        }];
+        found.slices = vec![Slice {
+            namespace: "kube-system".into(),
+            service: "ingress".into(),
+            endpoints: vec![endpoint("10.42.0.1", "a3", |_| {})],
+        }];
+        let spec = Discover {
+            source: "a".into(),
+            what: What::NodePort {
+                namespace: "kube-system".into(),
+                name: "ingress".into(),
+            },
+        };
+        // Cluster: every node, on the listener's node port.
+        let s = select(&spec, Some(&found), None);
+        assert_eq!(ips(&s), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(s.port_map, [(443, 30443), (80, 30080)]);
+        assert!(s.servers.iter().all(|s| s.port.is_none()));
+        assert_eq!((s.eligible, s.draining), (2, 1));
+        // Local: only the nodes with a ready pod of the Service.
+        found.services[0].node_ports.local = true;
+        let s = select(&spec, Some(&found), None);
+        assert_eq!((ips(&s), s.out), (vec!["10.0.0.3".to_owned()], 2));
+        // No such Service: nothing.
+        found.services.clear();
+        assert!(select(&spec, Some(&found), None).servers.is_empty());
+        assert_eq!(
+            spec.needs(),
+            Kinds {
+                nodes: true,
+                endpoints: true,
+                services: true
+            }
+        );
     }
 }

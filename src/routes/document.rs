@@ -320,6 +320,7 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
     let mut source = None;
     let mut selector = None;
     let mut service = None;
+    let mut nodeport = None;
     let mut address = None;
     let mut port = None;
     for (key, value) in object(value, path)? {
@@ -357,7 +358,7 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
                 })?;
                 selector = Some(parsed);
             }
-            "service" => {
+            "service" | "nodeport" => {
                 let text = string(value, &path)?;
                 let dns = |s: &str| {
                     !s.is_empty()
@@ -367,11 +368,14 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
                         && !s.starts_with('-')
                         && !s.ends_with('-')
                 };
-                match text.split_once('/') {
-                    Some((ns, name)) if dns(ns) && dns(name) => {
-                        service = Some((ns.to_owned(), name.to_owned()))
-                    }
+                let named = match text.split_once('/') {
+                    Some((ns, name)) if dns(ns) && dns(name) => (ns.to_owned(), name.to_owned()),
                     _ => return fail(&path, "expected \"namespace/name\" of a Service"),
+                };
+                if key == "service" {
+                    service = Some(named);
+                } else {
+                    nodeport = Some(named);
                 }
             }
             "address" => {
@@ -385,7 +389,7 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
             _ => {
                 return fail(
                     &path,
-                    "unknown field (expected source, nodes, service, address or port)",
+                    "unknown field (expected source, nodes, service, nodeport, address or port)",
                 )
             }
         }
@@ -393,21 +397,32 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
     let Some(source) = source else {
         return fail(path, "needs source (the name= of an edge_routes_url)");
     };
-    let what = match (selector, service) {
-        (Some(selector), None) => {
+    let what = match (selector, service, nodeport) {
+        (Some(selector), None, None) => {
             if address.is_some() || port.is_some() {
                 return fail(path, "address and port go with service, not nodes");
             }
             What::Nodes(selector)
         }
-        (None, Some((namespace, name))) => What::Service {
+        (None, Some((namespace, name)), None) => What::Service {
             namespace,
             name,
             address: address.unwrap_or(Address::Pod),
             port,
         },
-        (None, None) => return fail(path, "needs nodes or service (what to discover)"),
-        (Some(_), Some(_)) => return fail(path, "nodes and service exclude each other"),
+        (None, None, Some((namespace, name))) => {
+            if address.is_some() || port.is_some() {
+                return fail(
+                    path,
+                    "address and port go with service: a nodeport's are the nodes' and the Service's",
+                );
+            }
+            What::NodePort { namespace, name }
+        }
+        (None, None, None) => {
+            return fail(path, "needs nodes, service or nodeport (what to discover)")
+        }
+        _ => return fail(path, "nodes, service and nodeport exclude each other"),
     };
     Ok(Discover { source, what })
 }
@@ -838,7 +853,7 @@ mod tests {
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a"}}}}"#,
-                "upstreams.u.discover: needs nodes or service",
+                "upstreams.u.discover: needs nodes, service or nodeport",
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a b", "nodes": {}}}}}"#,
@@ -862,7 +877,7 @@ mod tests {
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {}, "service": "x/y"}}}}"#,
-                "upstreams.u.discover: nodes and service exclude each other",
+                "upstreams.u.discover: nodes, service and nodeport exclude each other",
             ),
             (
                 r#"{"upstreams": {"u": {"discover": {"source": "a", "nodes": {}, "port": 443}}}}"#,

@@ -127,6 +127,8 @@ pub struct UpstreamSpec<'a> {
     pub check_name: Option<&'a str>,
     /// Its servers are a source's nodes (`"discover"`): it may have none.
     pub discovered: bool,
+    /// A Service's node ports: the listener's port to the servers' (`"nodeport"`).
+    pub port_map: &'a [(u16, u16)],
 }
 
 impl<'a> Builder<'a> {
@@ -520,7 +522,7 @@ impl<'a> View<'a> {
         if u.byte(15) > 2 || u.byte(24) > 3 || u.byte(26) > 2 || u.byte(42) > 1 {
             return corrupt("an unknown balance, check or PROXY protocol value");
         }
-        for k in [44, 52] {
+        for k in [44, 52, 56] {
             let off = u.u32(k);
             if off != NONE && u.string(off).is_none() {
                 return corrupt("a check name out of bounds");
@@ -712,6 +714,18 @@ impl<'a> UpstreamEntry<'a> {
         self.byte(42) == 1
     }
 
+    /// A Service's node ports: the listener's port to the servers' (empty: none).
+    pub fn port_map(&self) -> Vec<(u16, u16)> {
+        self.string(self.u32(56))
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pair| {
+                let (a, b) = pair.split_once(':')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+            .collect()
+    }
+
     pub fn servers(&self) -> Vec<ServerDef> {
         let (first, count) = (self.u32(8) as usize, self.u16(12) as usize);
         let b = self.view.bytes;
@@ -811,6 +825,16 @@ fn upstream_record(u: &UpstreamSpec, first_server: usize, strings: &mut Strings)
         UpstreamKind::Discover(_) => (0u8, NONE, 0),
     };
     r[42] = u8::from(u.discovered);
+    let map: Vec<String> = u.port_map.iter().map(|(a, b)| format!("{a}:{b}")).collect();
+    put32(
+        &mut r,
+        56,
+        if map.is_empty() {
+            NONE
+        } else {
+            strings.add(&map.join(","))
+        },
+    );
     put32(&mut r, 4, nginx);
     put32(&mut r, 8, first_server as u32);
     r[12..14].copy_from_slice(&(count as u16).to_le_bytes());
@@ -993,6 +1017,7 @@ mod tests {
                 policy,
                 check_name: None,
                 discovered: false,
+                port_map: &[],
             });
         }
         b

@@ -159,6 +159,7 @@ mod tests {
             policy: &policy,
             check_name: None,
             discovered: false,
+            port_map: &[],
         });
         b.exact("a.test", Targets { tls: 0, http: 0 });
         b.build()

@@ -301,7 +301,9 @@ impl RouteTable {
             .filter_map(|d| d.discovered.as_deref())
             .map(|d| (d.source.as_str(), d))
             .collect();
-        let resolved: Vec<Option<UpstreamKind>> = defs
+        // A discovering upstream's servers, and its node ports.
+        type Resolved = Option<(UpstreamKind, Vec<(u16, u16)>)>;
+        let resolved: Vec<Resolved> = defs
             .iter()
             .map(|def| {
                 let UpstreamKind::Discover(d) = &def.kind else {
@@ -316,6 +318,13 @@ impl RouteTable {
                         "node",
                         format!(
                             "{} node(s) of {} selected: {} draining, {} out",
+                            s.matched, d.source, s.draining, s.out
+                        ),
+                    ),
+                    What::NodePort { namespace, name } => (
+                        "node",
+                        format!(
+                            "{} node(s) of {} for the node ports of Service {namespace}/{name}: {} draining, {} out",
                             s.matched, d.source, s.draining, s.out
                         ),
                     ),
@@ -366,7 +375,7 @@ impl RouteTable {
                 if let Some(message) = message {
                     warnings.push(MergeWarning { file, message });
                 }
-                Some(UpstreamKind::Servers(s.servers))
+                Some((UpstreamKind::Servers(s.servers), s.port_map))
             })
             .collect();
         let mut image = image::Builder::default();
@@ -374,10 +383,11 @@ impl RouteTable {
         for ((def, check_name), resolved) in defs.iter().zip(&check_names).zip(&resolved) {
             image.upstream(image::UpstreamSpec {
                 name: &def.name,
-                kind: resolved.as_ref().unwrap_or(&def.kind),
+                kind: resolved.as_ref().map_or(&def.kind, |(kind, _)| kind),
                 policy: &def.policy,
                 check_name: *check_name,
                 discovered: resolved.is_some(),
+                port_map: resolved.as_ref().map_or(&[][..], |(_, map)| map),
             });
         }
         for (name, route) in exact {
@@ -403,6 +413,7 @@ impl RouteTable {
                 Some(name) => Backend::Nginx(name.into()),
                 None => {
                     let mut pool = Pool::new(entry.servers(), entry.policy());
+                    pool.set_port_map(entry.port_map());
                     if pool.policy().check.is_some() {
                         pool.set_check_name(entry.check_name().map(Into::into));
                         checked.push(i as UpstreamId);
@@ -929,7 +940,7 @@ mod tests {
             discovered: Some(std::sync::Arc::new(Discovered {
                 source: "a".into(),
                 nodes,
-                slices: Vec::new(),
+                ..Discovered::default()
             })),
             ..Document::default()
         };
@@ -938,7 +949,7 @@ mod tests {
                 "a".into(),
                 Kinds {
                     nodes: true,
-                    endpoints: false,
+                    ..Kinds::default()
                 },
             )],
             previous: previous

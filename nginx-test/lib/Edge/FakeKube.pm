@@ -35,6 +35,7 @@ my %KINDS = (
     nodes          => { kind => 'Node',         group => '',                          version => 'v1', cluster => 1,
                         short => 'no' },
     endpointslices => { kind => 'EndpointSlice', group => 'discovery.k8s.io',         version => 'v1' },
+    services       => { kind => 'Service',      group => '',                          version => 'v1', short => 'svc' },
 );
 
 # A kind's apiVersion: "v1" for the core group.
@@ -240,6 +241,21 @@ sub endpointslice {
               targetRef => { kind => 'Pod', namespace => $ns, name => "$service-$node" } }
         } @endpoints],
         ports => [{ name => 'https', port => 443, protocol => 'TCP' }, { name => 'http', port => 80, protocol => 'TCP' }],
+    };
+}
+
+# A Service NS/NAME of type NodePort: @ports [port, nodePort]; %o: local (externalTrafficPolicy
+# Local), type (NodePort by default).
+sub service {
+    my ($ns, $name, $ports, %o) = @_;
+    return {
+        apiVersion => 'v1', kind => 'Service',
+        metadata => { name => $name, namespace => $ns, uid => "s-$name", creationTimestamp => '2026-11-29T08:00:00Z' },
+        spec => { type => $o{type} // 'NodePort', clusterIP => '10.43.0.10', clusterIPs => ['10.43.0.10'],
+            externalTrafficPolicy => $o{local} ? 'Local' : 'Cluster', selector => { app => $name },
+            ports => [map { { name => "p$_->[0]", port => 0 + $_->[0], targetPort => 0 + $_->[0], nodePort => 0 + $_->[1],
+                protocol => 'TCP' } } @$ports] },
+        status => { loadBalancer => {} },
     };
 }
 
@@ -591,7 +607,7 @@ sub _discovery {
         $body = { kind => 'APIResourceList', groupVersion => 'v1', resources => [
             { name => 'namespaces', singularName => 'namespace', namespaced => JSON::PP::false(),
               kind => 'Namespace', verbs => [qw(get list watch)] },
-            map { { name => $_, singularName => lc $KINDS{$_}{kind}, namespaced => JSON::PP::false(),
+            map { { name => $_, singularName => lc $KINDS{$_}{kind}, namespaced => $KINDS{$_}{cluster} ? JSON::PP::false() : JSON::PP::true(),
               kind => $KINDS{$_}{kind}, verbs => [qw(get list patch watch)], shortNames => [$KINDS{$_}{short}] } }
             grep { $KINDS{$_}{group} eq '' } sort keys %KINDS] };
     } elsif ($path eq '/apis') {
