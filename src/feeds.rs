@@ -732,13 +732,11 @@ unsafe fn news(feed: &mut Feed, index: usize) {
                 r.known = true;
                 let retry = r.plan.absent_retry();
                 // The kind is not served (its CRDs were removed, or never installed), or the
-                // edge's role may not read it: the source has none of it. Nodes and
-                // EndpointSlices are core: a 403 there is the role's, and what was known of
-                // them keeps making servers.
-                let discovered = matches!(
-                    r.plan.kind,
-                    Some(Kind::Node | Kind::EndpointSlice | Kind::Service)
-                );
+                // edge's role may not read it: the source has none of it. Nodes and Services
+                // are core: a 403 there is the role's, and what was known of them keeps
+                // making servers. Not EndpointSlices: a pod's address goes to another pod
+                // within minutes.
+                let discovered = matches!(r.plan.kind, Some(Kind::Node | Kind::Service));
                 if let Some(kind) = r.plan.kind.filter(|_| !discovered) {
                     if feed.catalog.objects.keys().any(|k| k.0 == kind) {
                         feed.catalog.replace_kind(kind, Vec::new());

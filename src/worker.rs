@@ -381,8 +381,7 @@ impl Worker {
             std::collections::BTreeMap::new();
         for &s in self.proxied.borrow().iter() {
             let Some(ctx) = session::get(s) else { continue };
-            if ctx.drain.is_some()
-                || ctx.drain_source != source.cast()
+            if ctx.drain_source != source.cast()
                 || ctx.table.as_ref().is_some_and(|t| Rc::ptr_eq(t, &table))
             {
                 continue;
@@ -393,8 +392,16 @@ impl Worker {
                 continue;
             };
             let name = ctx.name.as_ref().map(crate::sniff::ServerName::as_str);
-            let Err(why) = table.still_serves(name, protocol, &upstream.name, &server) else {
-                continue;
+            let why = match table.still_serves(name, protocol, &upstream.name, &server) {
+                // Served again (a node back from a blip): its timer is stopped.
+                Ok(()) => {
+                    if let Some(mut ev) = ctx.drain.take() {
+                        cancel(&mut *ev);
+                    }
+                    continue;
+                }
+                Err(_) if ctx.drain.is_some() => continue,
+                Err(why) => why,
             };
             *stale
                 .entry((
@@ -456,9 +463,9 @@ impl Worker {
 
     /// `replaced` is the generation of the table the swap took out of service.
     fn retire(&self, retired: Retired, replaced: u64, source: *const SourceSlot) {
-        // SAFETY: source slots live as long as the cycle's configuration.
-        unsafe { self.drain_stale(source) };
         if let Some(table) = retired.table {
+            // SAFETY: source slots live as long as the cycle's configuration.
+            unsafe { self.drain_stale(source) };
             self.retiring.borrow_mut().push(RetiringTable {
                 table,
                 generation: replaced,

@@ -27,7 +27,7 @@ EOF
 $routes->('um', 'b3', 'b4');
 $t->config(<<'EOF');
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
-    edge_drain_timeout 10s;
+    edge_drain_timeout 20s;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass $edge_upstream; }
 EOF
 $t->run;
@@ -77,7 +77,7 @@ is($to_kept, 'b5', 'kept.test goes to b5');
 # moved.test now goes to uv; the server removed.test went to leaves ur.
 my $stays = $to_removed eq 'b3' ? 'b4' : 'b3';
 $routes->('uv', $stays);
-$t->wait_for_log(qr/upstream "um" server 127\.0\.0\.1:\d+: 1 open connection\(s\) to drain \(its route moved\), closed in 10000ms/);
+$t->wait_for_log(qr/upstream "um" server 127\.0\.0\.1:\d+: 1 open connection\(s\) to drain \(its route moved\), closed in 20000ms/);
 pass('a route moved: its open connection is to drain, logged');
 $t->wait_for_log(qr/upstream "ur" server 127\.0\.0\.1:\d+: 1 open connection\(s\) to drain \(the server was removed\)/);
 pass('a server removed: likewise');

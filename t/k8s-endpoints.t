@@ -64,6 +64,7 @@ $t->config(<<"EOF", workers => 2);
     edge_routes_url $url name=cluster-a format=k8s discover=nodes,endpoints;
     edge_state %%TESTDIR%%/state;
     server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
 EOF
 $t->run;
 
@@ -99,6 +100,8 @@ is_deeply([sort map { "$_->{metadata}{namespace}/$_->{metadata}{name}" } @$slice
 $kube->apply($slice->([$ip{p1}, 'a1'], [$ip{p2}, 'a2', ready => 'false', serving => 'true', terminating => 'true']));
 $serves->('node.test', 'a1', 'a node whose pod is terminating takes no new connection');
 $serves->('pod.test', 'p1', 'nor does the terminating pod');
+is((Edge::Test::server_state($t->port('status'), 'by-pod', $ip{p2}) // {})->{state}, 'draining',
+    'which status shows draining');
 
 # A new pod on a3, not ready yet, then ready.
 $kube->apply($slice->([$ip{p1}, 'a1'], [$ip{p3}, 'a3', ready => 'false']));

@@ -82,6 +82,9 @@ pub fn standing(node: &Node) -> Standing {
         Standing::Out("no usable InternalIP")
     } else if s.labels.contains_key(EXCLUDED) {
         Standing::Out("excluded from external load balancers")
+    } else if s.ready != Some(true) && (s.deleting || s.unschedulable) {
+        // Taken out by the operator or the autoscaler, and not ready: never taken back.
+        Standing::Out("not ready, and cordoned or going away")
     } else if s.ready == Some(false) {
         Standing::Unready("NotReady")
     } else if s.ready.is_none() {
@@ -421,11 +424,17 @@ pub fn select(
             address,
             port,
         } => {
-            let endpoints = found
-                .slices
-                .iter()
-                .filter(|sl| sl.namespace == *namespace && sl.service == *name)
-                .flat_map(|sl| &sl.endpoints);
+            let all = || {
+                found
+                    .slices
+                    .iter()
+                    .filter(|sl| sl.namespace == *namespace && sl.service == *name)
+                    .flat_map(|sl| &sl.endpoints)
+            };
+            // A dual-stack Service has a slice per family for the same pods: its IPv4
+            // addresses, when it has any.
+            let v4 = all().any(|e| e.address.is_ipv4());
+            let endpoints = all().filter(|e| !v4 || e.address.is_ipv4());
             // Several pods on one node, or one pod in two slices: one server, standing as
             // the best of them.
             let mut by_address: BTreeMap<IpAddr, Standing> = BTreeMap::new();
@@ -543,9 +552,9 @@ pub fn select(
         } else {
             (kept, true)
         };
-        s.servers.retain(|d| !kept.iter().any(|k| k.ip == d.ip));
+        // Draining servers take no new connection anyway: the unready ones take their room.
+        s.servers.retain(|d| !d.draining);
         s.servers.extend(kept.into_iter().take(MAX_SERVERS));
-        s.servers.truncate(MAX_SERVERS);
         s.eligible = s.servers.iter().filter(|d| !d.draining).count();
         s.kept_previous = was;
         s.failed_open = true;
@@ -568,12 +577,14 @@ fn better(a: Standing, b: Standing) -> Standing {
     }
 }
 
-/// The worse of two standings: out, then unready, then draining, then eligible.
+/// The worse of two standings: out, then unready, then draining, then eligible; draining
+/// and unready together are out (neither new connections nor fail open).
 fn worse(a: Standing, b: Standing) -> Standing {
-    if better(a, b) == a {
-        b
-    } else {
-        a
+    match (a, b) {
+        (Standing::Draining(_), Standing::Unready(_))
+        | (Standing::Unready(_), Standing::Draining(_)) => Standing::Out("draining, and not ready"),
+        _ if better(a, b) == a => b,
+        _ => a,
     }
 }
 
@@ -642,13 +653,13 @@ mod tests {
                 Standing::Out("excluded from external load balancers"),
             ),
             (node("g", "", |_| {}), Standing::Out("no usable InternalIP")),
-            // Not ready and cordoned: out, not draining.
+            // Not ready and cordoned: out, neither draining nor taken back by fail open.
             (
                 node("h", "10.0.0.8", |s| {
                     s.ready = Some(false);
                     s.unschedulable = true;
                 }),
-                Standing::Unready("NotReady"),
+                Standing::Out("not ready, and cordoned or going away"),
             ),
         ];
         for (n, want) in cases {
@@ -977,6 +988,70 @@ mod tests {
                 endpoints: true,
                 services: true
             }
+        );
+    }
+
+    /// Review: a cordoned node that then goes NotReady is never taken back by fail open, nor
+    /// a terminating pod on a NotReady node; a dual-stack Service makes one server per pod.
+    #[test]
+    fn what_fail_open_never_takes_back() {
+        let cordoned = node("a1", "10.0.0.1", |s| {
+            s.unschedulable = true;
+            s.ready = Some(false);
+        });
+        let mut previous = select(
+            &all(),
+            Some(&found(&[node("a1", "10.0.0.1", |s| {
+                s.unschedulable = true
+            })])),
+            None,
+        )
+        .servers;
+        for p in [None, Some(&previous[..])] {
+            let s = select(&all(), Some(&found(std::slice::from_ref(&cordoned))), p);
+            assert!(s.servers.is_empty() && !s.failed_open, "{p:?}");
+        }
+        let mut f = found(&[node("a2", "10.0.0.2", |s| s.ready = Some(false))]);
+        f.slices = vec![
+            Slice {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                endpoints: vec![
+                    endpoint("10.42.0.1", "a2", |e| e.terminating = true),
+                    endpoint("10.42.0.9", "a2", |_| {}),
+                ],
+            },
+            Slice {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                endpoints: vec![endpoint("fd00::1", "a2", |_| {})],
+            },
+        ];
+        let by = |address| Discover {
+            source: "a".into(),
+            what: What::Service {
+                namespace: "ns".into(),
+                name: "svc".into(),
+                address,
+                port: None,
+            },
+        };
+        previous.clear();
+        let s = select(&by(Address::Node), Some(&f), None);
+        // The eligible pod on the NotReady node makes it unready (fail open takes it); the
+        // terminating one alone would make it out.
+        assert_eq!(
+            (ips(&s), s.failed_open),
+            (vec!["10.0.0.2".to_owned()], true)
+        );
+        f.slices[0].endpoints.pop();
+        let s = select(&by(Address::Node), Some(&f), None);
+        assert!(s.servers.is_empty() && !s.failed_open);
+        let s = select(&by(Address::Pod), Some(&f), None);
+        assert_eq!(
+            ips(&s),
+            ["10.42.0.1"],
+            "IPv4 only, for a dual-stack Service"
         );
     }
 }

@@ -766,7 +766,10 @@ fn is_warning_at_start(e: &Event) -> bool {
             || e.message.contains(": no node is eligible (")
             || e.message.contains(": no endpoint is eligible (")
             || e.message.contains(" has not answered yet; its ")
-            || e.message.contains("(s) past the limit of 256 servers are left out"))
+            || e.message.contains(&format!(
+                "(s) past the limit of {} servers are left out",
+                crate::upstream::MAX_SERVERS
+            )))
 }
 
 /// A URL source's last good document that cannot be used at start: the source adds nothing
