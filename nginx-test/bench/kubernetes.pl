@@ -7,7 +7,8 @@ use Time::HiRes qw(time sleep);
 use Edge::Test qw(http_get wait_for);
 use Edge::FakeKube;
 
-my ($count, $rate, $seconds) = @ARGV;
+my ($count, $rate, $seconds, $nodes) = @ARGV;
+$nodes //= 0;
 my $workers = 2;
 
 sub kb {
@@ -51,16 +52,26 @@ my $t = Edge::Test->new;
 my $dir = $t->dir;
 my $kube = Edge::FakeKube->new($t, 'a');
 $kube->add(fat_ingress($_)) for 1 .. $count;
+# The cluster's nodes, each running one pod of the ingress controller (a hostPort DaemonSet):
+# a Node and an EndpointSlice each, read for an upstream that discovers them.
+for my $i (1 .. $nodes) {
+    my $ip = sprintf '10.%d.%d.%d', 100 + int($i / 65536), int($i / 256) % 256, $i % 256;
+    $kube->add(Edge::FakeKube::node("node$i", $ip, labels => { 'node-role.kubernetes.io/worker' => 'true' }));
+    $kube->add(Edge::FakeKube::endpointslice('kube-system', "ingress-$i", 'ingress',
+        ["10.42.@{[int($i / 256) % 256]}.@{[$i % 256]}", "node$i", ready => 'true']));
+}
 $kube->start;
 my $log_mb = (-s "$dir/kube-a/log") / 1e6;
 
-$t->write_routes('routes.json', <<'CONF');
-{"upstreams": {"cluster": {"servers": ["127.0.0.1:%%PORT_b%%"]}}, "routes": {"probe.test": "cluster"}}
+my $discover = $nodes ? ', "nodes": {"discover": {"source": "a", "service": "kube-system/ingress", "address": "node"}}' : '';
+$t->write_routes('routes.json', <<"CONF");
+{"upstreams": {"cluster": {"servers": ["127.0.0.1:%%PORT_b%%"]}$discover}, "routes": {"probe.test": "cluster"}}
 CONF
 my $url = $kube->url;
+my $discover_arg = $nodes ? 'discover=nodes,endpoints' : '';
 $t->config(<<"CONF", workers => $workers);
     edge_routes %%TESTDIR%%/routes.json;
-    edge_routes_url $url name=a format=k8s upstream=cluster;
+    edge_routes_url $url name=a format=k8s upstream=cluster $discover_arg;
     edge_state %%TESTDIR%%/state;
     server { listen 127.0.0.1:%%PORT_edge%% reuseport; edge_route http; proxy_pass \$edge_upstream; }
     server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
@@ -179,8 +190,9 @@ my $swap_median = @swaps ? $swaps[int($#swaps / 2)] : 0;
 my $pct = sub { my ($p) = @_; @delays ? $delays[int($p * $#delays)] * 1000 : -1 };
 $t->stop;
 
-printf "Kubernetes source: %d Ingresses (API log %.1f MB), %d workers, nginx-edge %s\n\n",
-    $count, $log_mb, $workers, $status->{version};
+printf "Kubernetes source: %d Ingresses%s (API log %.1f MB), %d workers, nginx-edge %s\n\n",
+    $count, $nodes ? ", $nodes Nodes and their EndpointSlices (an upstream of the nodes with an ingress pod)" : '',
+    $log_mb, $workers, $status->{version};
 print "| measure | value | target |\n|---|---|---|\n";
 printf "| list: start to every worker routing all %d hosts | %.2f s | |\n", $count, $list_s;
 printf "| longest event-loop step of the source (leader, CPU time) | %.2f ms | <= 5 ms |\n", $u->{longest_step_ms};
