@@ -296,8 +296,13 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     }
     // One worker (the first to start) tidies the state folder, off the event loop.
     if let (Some(0) | None, Some(state)) = (w.slot, (*mcf_ptr).state.clone()) {
+        let keys: Vec<u64> = (*mcf_ptr)
+            .urls
+            .iter()
+            .map(|u| u.options.cache_key())
+            .collect();
         let _ = spawn_quiet("edge-tidy", move || {
-            crate::feed::state::tidy(&state, &zone::process_alive)
+            crate::feed::state::tidy(&state, &zone::process_alive, &keys)
         });
     }
     if w.zone.is_some() {

@@ -77,15 +77,23 @@ my @stale = ("url-00000000000000aa.json.tmp$dead", "url-00000000000000aa.status.
     'routes-00000000000000aa-3.img', 'routes-00000000000000aa-4.img.tmp');
 $a->write_file("state/$_", 'left behind') for @stale;
 utime time - 3600, time - 3600, map { "$state/$_" } @stale;
+# The files of a URL source no configuration names (its URL changed): removed after a week
+# untouched, kept before.
+my @unused = ('url-00000000000000cc.json', 'url-00000000000000cc.status');
+$a->write_file("state/$_", 'an old URL') for @unused, 'url-00000000000000dd.json';
+utime time - 8 * 86400, time - 8 * 86400, map { "$state/$_" } @unused;
+utime time - 86400, time - 86400, "$state/url-00000000000000dd.json";
+push @stale, @unused;
 my $live = "url-00000000000000bb.json.tmp$$";
 $a->write_file("state/$live", 'being written');
 $a->run;
 change($a, 'two.test');
 routes_everywhere($a, 'u1.test');
 wait_for(sub { !grep { -e "$state/$_" } @stale }, 'stale files removed');
-pass('temporary files of dead processes and old images are removed');
+pass('temporary files of dead processes, old images and a week-old unknown source are removed');
 ok(-e "$state/$live", "a live process's temporary file is left alone");
-unlink "$state/$live";
+ok(-e "$state/url-00000000000000dd.json", 'an unknown source untouched for a day is kept');
+unlink "$state/$live", "$state/url-00000000000000dd.json";
 
 # --- Whatever is written to the state folder, in place or by truncation, changes nothing.
 my @files = glob "$state/url-*";

@@ -2,8 +2,10 @@
 //! Each is written whole under a temporary name unique to its writer, flushed to disk, then
 //! renamed over the old one, and the folder flushed too, so that a power cut leaves either
 //! version, never an empty file. Temporary files of writers that are gone, the candidates of
-//! masters that are gone, and the image files earlier versions of the module published here,
-//! are tidied away.
+//! masters that are gone, the image files earlier versions of the module published here, and
+//! the files of URL sources no longer configured (a URL changed) once untouched for a week,
+//! are tidied away; the configured sources' files are touched daily, so that another nginx
+//! sharing the folder never takes them for stale.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -14,6 +16,21 @@ use std::time::Duration;
 /// How old a file of an earlier version of the module must be before it is removed: its
 /// workers mapped it within a second of its publication.
 pub const LEGACY_AGE: Duration = Duration::from_secs(60);
+/// How long the files of a URL source that no configuration names are kept: another nginx on
+/// the same folder touches its own daily (`TOUCH_AGE`).
+pub const UNUSED_AGE: Duration = Duration::from_secs(7 * 86_400);
+pub const TOUCH_AGE: Duration = Duration::from_secs(86_400);
+
+/// The cache key of a URL source's accepted copy or state (`url-KEY.json`, `url-KEY.status`).
+fn url_key(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("url-")?;
+    let hex = rest
+        .strip_suffix(".json")
+        .or_else(|| rest.strip_suffix(".status"))?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
 
 /// A name for a temporary file beside `path`, unique to this process and call:
 /// `PATH.tmpPID-N`.
@@ -58,7 +75,11 @@ fn sync_folder(path: &Path) -> std::io::Result<()> {
 /// Whether a file of the state folder, named `name` and last changed `age` ago, is left over:
 /// a temporary file of a process that `alive` says is gone, or an image an earlier version of
 /// the module published here.
-pub fn stale(name: &str, age: Duration, alive: &dyn Fn(i32) -> bool) -> bool {
+pub fn stale(name: &str, age: Duration, alive: &dyn Fn(i32) -> bool, keys: &[u64]) -> bool {
+    // A URL source this configuration does not name, left alone for a week.
+    if let Some(key) = url_key(name) {
+        return !keys.contains(&key) && age >= UNUSED_AGE;
+    }
     // A URL source's candidate, per master (see `caches`).
     if let Some((_, master)) = name.rsplit_once(".next.") {
         if let Ok(pid) = master.parse::<i32>() {
@@ -76,8 +97,9 @@ pub fn stale(name: &str, age: Duration, alive: &dyn Fn(i32) -> bool) -> bool {
     legacy && age >= LEGACY_AGE
 }
 
-/// Removes the stale files of `folder`; returns how many.
-pub fn tidy(folder: &Path, alive: &dyn Fn(i32) -> bool) -> usize {
+/// Removes the stale files of `folder`; returns how many. The files of the URL sources
+/// `keys` (this configuration's) are touched when a day old.
+pub fn tidy(folder: &Path, alive: &dyn Fn(i32) -> bool, keys: &[u64]) -> usize {
     let Ok(entries) = fs::read_dir(folder) else {
         return 0;
     };
@@ -92,7 +114,12 @@ pub fn tidy(folder: &Path, alive: &dyn Fn(i32) -> bool) -> usize {
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok());
         let Some(age) = age else { continue };
-        if stale(name, age, alive) && fs::remove_file(entry.path()).is_ok() {
+        if url_key(name).is_some_and(|k| keys.contains(&k)) && age >= TOUCH_AGE {
+            if let Ok(file) = File::options().append(true).open(entry.path()) {
+                let _ = file.set_modified(std::time::SystemTime::now());
+            }
+        }
+        if stale(name, age, alive, keys) && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -108,6 +135,7 @@ mod tests {
         let alive = |pid: i32| pid == 42;
         let old = Duration::from_secs(3600);
         let new = Duration::from_secs(1);
+        let week = UNUSED_AGE;
         for (name, age, is_stale) in [
             ("url-00aa.json.tmp7-3", new, true),
             ("url-00aa.json.tmp7", new, true),
@@ -122,8 +150,15 @@ mod tests {
             ("routes-00aa-5.img", new, false),
             ("notes.txt", old, false),
             ("x.tmpfile", old, false),
+            // A URL source no longer configured: kept a week.
+            ("url-00000000000000bb.json", old, false),
+            ("url-00000000000000bb.json", week, true),
+            ("url-00000000000000bb.status", week, true),
+            ("url-00000000000000aa.json", week, false),
+            ("url-00000000000000aa.status", week, false),
+            ("url-00aa.json", week, false),
         ] {
-            assert_eq!(stale(name, age, &alive), is_stale, "{name}");
+            assert_eq!(stale(name, age, &alive, &[0xaa]), is_stale, "{name}");
         }
     }
 
@@ -144,7 +179,7 @@ mod tests {
         assert_eq!(names, ["url-1.json"]);
         assert_ne!(temporary(&path), temporary(&path));
         fs::write(dir.join("url-2.json.tmp2147483646-0"), b"left").unwrap();
-        assert_eq!(tidy(&dir, &|pid| pid == std::process::id() as i32), 1);
+        assert_eq!(tidy(&dir, &|pid| pid == std::process::id() as i32, &[]), 1);
         assert!(path.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
