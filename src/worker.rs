@@ -38,6 +38,8 @@ use crate::zone::{self, Published, Zone};
 /// loop a few dozen polls, not hundreds.
 const POLL_MS: ngx_msec_t = 5;
 const POLL_MAX_MS: ngx_msec_t = 100;
+/// How often the state folder is tidied, after the start.
+const TIDY_MS: u64 = 12 * 3_600_000;
 
 pub struct Worker {
     pub log: *mut ngx_log_t,
@@ -68,6 +70,8 @@ pub struct Worker {
     /// With `edge_drain_timeout`: the sessions proxied to a server of the module's, checked
     /// against each new table (see `drain_stale`).
     proxied: RefCell<Vec<*mut ngx_stream_session_t>>,
+    /// When the state folder was last tidied (`tidy`).
+    tidied: Cell<u64>,
 }
 
 /// The active checks' per-worker state; the callbacks are in `check`.
@@ -212,6 +216,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         fetching: vec![false; (*mcf_ptr).urls.len()],
         fetching_for: Vec::new(),
         proxied: RefCell::new(Vec::new()),
+        tidied: Cell::new(0),
     }));
     WORKER = worker;
     let w = &mut *worker;
@@ -294,17 +299,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     for index in core::mem::take(&mut w.fetching_for) {
         start_feeds(index);
     }
-    // One worker (the first to start) tidies the state folder, off the event loop.
-    if let (Some(0) | None, Some(state)) = (w.slot, (*mcf_ptr).state.clone()) {
-        let keys: Vec<u64> = (*mcf_ptr)
-            .urls
-            .iter()
-            .map(|u| u.options.cache_key())
-            .collect();
-        let _ = spawn_quiet("edge-tidy", move || {
-            crate::feed::state::tidy(&state, &zone::process_alive, &keys)
-        });
-    }
+    w.tidy();
     if w.zone.is_some() {
         let data = addr_of_mut!(w.touch).cast();
         arm(&mut w.touch, Some(on_touch), data, log, zone::TOUCH_MS as _);
@@ -347,6 +342,20 @@ impl Worker {
     pub fn main_conf(&self) -> &MainConf {
         // SAFETY: the cycle's configuration lives as long as the worker.
         unsafe { &*self.mcf }
+    }
+
+    /// One worker (the first to start) tidies the state folder, off the event loop: at start,
+    /// then twice a day (see `on_touch`), so that its sources' files are touched daily.
+    fn tidy(&self) {
+        // SAFETY: the main configuration lives as long as the worker.
+        let mcf = unsafe { &*self.mcf };
+        if let (Some(0) | None, Some(state)) = (self.slot, mcf.state.clone()) {
+            self.tidied.set(now_ms());
+            let keys: Vec<u64> = mcf.urls.iter().map(|u| u.options.cache_key()).collect();
+            let _ = spawn_quiet("edge-tidy", move || {
+                crate::feed::state::tidy(&state, &zone::process_alive, &keys)
+            });
+        }
     }
 
     /// Lists a session the balancer sent to a server, with `edge_drain_timeout`: its server
@@ -589,6 +598,9 @@ unsafe extern "C" fn on_touch(ev: *mut ngx_event_t) {
             for table in w.tables() {
                 zone.touch(table);
             }
+        }
+        if now_ms().saturating_sub(w.tidied.get()) >= TIDY_MS {
+            w.tidy();
         }
     }
     ngx_add_timer(ev, zone::TOUCH_MS as _);
