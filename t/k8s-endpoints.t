@@ -14,7 +14,7 @@ use Test::More;
 use JSON::PP;
 use IO::Socket::INET;
 use Time::HiRes qw(time);
-use Edge::Test qw(wait_for);
+use Edge::Test qw(echo_serves);
 use Edge::FakeKube;
 
 plan skip_all => 'kubectl is not installed' unless system('kubectl version --client >/dev/null 2>&1') == 0;
@@ -35,22 +35,7 @@ $kube->apply(Edge::FakeKube::endpointslice('web', 'shop-9f8d', 'shop', [$ip{p3},
 $kube->start;
 $t->backend($_, addr => $ip{$_}, port => $edge, mode => 'echo') for sort keys %ip;
 
-$t->write_file('kubeconfig', <<"EOF");
-apiVersion: v1
-kind: Config
-clusters:
-- name: fake
-  cluster: {server: "@{[$kube->url]}"}
-users:
-- name: edge
-  user: {}
-contexts:
-- name: fake
-  context: {cluster: fake, user: edge}
-current-context: fake
-EOF
-$ENV{KUBECONFIG} = "$dir/kubeconfig";
-$ENV{HOME} = $dir;
+$kube->kubeconfig;
 
 $t->write_routes('routes.json', <<"EOF");
 {"upstreams": {
@@ -68,27 +53,7 @@ $t->config(<<"EOF", workers => 2);
 EOF
 $t->run;
 
-my $who = sub {
-    my ($host) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$edge", Timeout => 10) or return '';
-    print $s "GET / HTTP/1.1\r\nHost: $host\r\n\r\n";
-    my $got = '';
-    my $deadline = time + 10;
-    while (length $got < 2 && time < $deadline) {
-        my $n = sysread($s, my $buf, 2 - length $got);
-        last unless $n;
-        $got .= $buf;
-    }
-    return $got;
-};
-my $serves = sub {
-    my ($host, $want, $what) = @_;
-    my $last = '';
-    my $answers = sub { my %seen; $seen{$who->($host)}++ for 1 .. 12; join ',', sort keys %seen };
-    wait_for(sub { my $now = $answers->(); my $ok = $now eq $want && $last eq $want; $last = $now; $ok },
-        "$what ($want)", 60);
-    is($last, $want, $what);
-};
+my $serves = sub { my ($host, @rest) = @_; echo_serves($edge, $host, @rest) };
 
 $serves->('node.test', 'a1,a2', "by node: the nodes with a pod of the Service, not a3");
 $serves->('pod.test', 'p1,p2', 'by pod: the pods');

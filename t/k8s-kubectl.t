@@ -19,22 +19,7 @@ $kube->apply(Edge::FakeKube::ingress('web', 'shop', hosts => ['shop.test'], ip =
 $kube->apply(Edge::FakeKube::ingress('ops', 'grafana', hosts => ['grafana.test']));
 $kube->start;
 my $port = $kube->port;
-$t->write_file('kubeconfig', <<"EOF2");
-apiVersion: v1
-kind: Config
-clusters:
-- name: fake
-  cluster: {server: "http://127.0.0.1:$port"}
-users:
-- name: edge
-  user: {}
-contexts:
-- name: fake
-  context: {cluster: fake, user: edge}
-current-context: fake
-EOF2
-$ENV{KUBECONFIG} = "$dir/kubeconfig";
-$ENV{HOME} = $dir;    # kubectl's discovery cache goes under it
+$kube->kubeconfig;
 
 my $list = `kubectl get ingress -A -o json 2>&1`;
 is($?, 0, 'kubectl get ingress -A -o json succeeds') or diag $list;

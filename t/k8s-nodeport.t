@@ -11,7 +11,7 @@ use Test::More;
 use JSON::PP;
 use IO::Socket::INET;
 use Time::HiRes qw(time);
-use Edge::Test qw(wait_for);
+use Edge::Test qw(echo_name echo_serves);
 use Edge::FakeKube;
 
 my $t = Edge::Test->new;
@@ -46,28 +46,8 @@ $t->config(<<"EOF");
 EOF
 $t->run;
 
-# Who answers on a listener: the backend's name (its first bytes, up to the echoed request).
-my $who = sub {
-    my ($port) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 10) or return '';
-    print $s "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    my $got = '';
-    my $deadline = time + 10;
-    while ($got !~ /GET/ && time < $deadline) {
-        sysread($s, my $buf, 4096) or last;
-        $got .= $buf;
-    }
-    $got =~ s/GET.*//s;
-    return $got;
-};
-my $serves = sub {
-    my ($port, $want, $what) = @_;
-    my $last = '';
-    my $answers = sub { my %seen; $seen{$who->($port)}++ for 1 .. 12; join ',', sort keys %seen };
-    wait_for(sub { my $now = $answers->(); my $ok = $now eq $want && $last eq $want; $last = $now; $ok },
-        "$what ($want)", 60);
-    is($last, $want, $what);
-};
+my $who = sub { (echo_name($_[0], 'app.test'))[0] };
+my $serves = sub { my ($port, @rest) = @_; echo_serves($port, 'app.test', @rest) };
 
 $serves->($tls, 'a1-tls,a2-tls', "every node, on the Service's node port for the listener's port");
 $serves->($http, 'a1-http,a2-http', 'and the other listener on the other node port');

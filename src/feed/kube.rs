@@ -952,13 +952,19 @@ impl Catalog {
         removed && self.refused.get(&object.kind).is_some_and(|&n| n > 0)
     }
 
-    /// The source's Nodes and EndpointSlices, for the upstreams that discover them.
+    /// The objects of `kind`, in (namespace, name) order.
+    fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> {
+        self.objects
+            .range((kind, String::new(), String::new())..)
+            .take_while(move |(k, _)| k.0 == kind)
+            .map(|(_, o)| &**o)
+    }
+
+    /// The source's Nodes, EndpointSlices and Services, for the upstreams that discover them.
     pub fn discovered(&self, source: &str) -> Discovered {
         let nodes = self
-            .objects
-            .range((Kind::Node, String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == Kind::Node)
-            .map(|(_, o)| Node {
+            .of_kind(Kind::Node)
+            .map(|o| Node {
                 name: o.name.clone(),
                 address: o.addresses.first().copied(),
                 state: o.node.as_deref().cloned().unwrap_or_default(),
@@ -966,10 +972,8 @@ impl Catalog {
             })
             .collect();
         let slices = self
-            .objects
-            .range((Kind::EndpointSlice, String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == Kind::EndpointSlice)
-            .filter_map(|(_, o)| {
+            .of_kind(Kind::EndpointSlice)
+            .filter_map(|o| {
                 Some(Slice {
                     namespace: o.namespace.clone(),
                     service: o.service.clone()?,
@@ -978,10 +982,8 @@ impl Catalog {
             })
             .collect();
         let services = self
-            .objects
-            .range((Kind::Service, String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == Kind::Service)
-            .filter_map(|(_, o)| {
+            .of_kind(Kind::Service)
+            .filter_map(|o| {
                 Some(ServiceInfo {
                     namespace: o.namespace.clone(),
                     name: o.name.clone(),

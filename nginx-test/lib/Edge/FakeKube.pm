@@ -61,6 +61,29 @@ sub new {
 sub port { $_[0]{port} }
 sub dir { $_[0]{dir} }
 
+# A kubeconfig for kubectl against this server, in the test folder; KUBECONFIG points at it,
+# and HOME at the test folder (kubectl's discovery cache goes under it).
+sub kubeconfig {
+    my ($self) = @_;
+    my $t = $self->{t};
+    $t->write_file('kubeconfig', <<"EOF");
+apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster: {server: "@{[$self->url]}"}
+users:
+- name: edge
+  user: {}
+contexts:
+- name: fake
+  context: {cluster: fake, user: edge}
+current-context: fake
+EOF
+    $ENV{KUBECONFIG} = $t->dir . '/kubeconfig';
+    $ENV{HOME} = $t->dir;
+}
+
 sub url {
     my ($self, $path) = @_;
     my $scheme = $self->{tls} ? 'https' : 'http';

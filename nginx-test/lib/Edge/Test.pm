@@ -21,7 +21,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(client_hello tls_records http_get raw_exchange wait_for http_request
-    read_until_closed);
+    read_until_closed echo_name echo_serves);
 
 sub new {
     my ($class, %opts) = @_;
@@ -308,6 +308,36 @@ sub http_request {
 sub http_get {
     my ($port, $host, %opts) = @_;
     return raw_exchange($port, [http_request($host, %opts)], %opts);
+}
+
+# Which `echo` backend a new connection through the edge on $port for $host reaches: what it
+# wrote before echoing the request back (its name). Returns the name and the open socket.
+sub echo_name {
+    my ($port, $host) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Timeout => 10) or return ('', undef);
+    print $s "GET / HTTP/1.1\r\nHost: $host\r\n\r\n";
+    my $got = '';
+    my $deadline = time + 10;
+    while ($got !~ /GET/ && time < $deadline) {
+        sysread($s, my $buf, 4096) or last;
+        $got .= $buf;
+    }
+    $got =~ s/GET.*//s;
+    return ($got, $s);
+}
+
+# Waits until new connections for $host on $port reach exactly the echo backends named in
+# $want ("a1,a2": the names of 12 connections, sorted, the same in two runs in a row, since
+# a table may change between two), then checks it. Returns the seconds it took.
+sub echo_serves {
+    my ($port, $host, $want, $what) = @_;
+    my $began = time;
+    my $last = '';
+    my $names = sub { my %seen; $seen{(echo_name($port, $host))[0]}++ for 1 .. 12; join ',', sort keys %seen };
+    wait_for(sub { my $now = $names->(); my $ok = $now eq $want && $last eq $want; $last = $now; $ok },
+        "$what ($want)", 60);
+    Test::More::is($last, $want, $what);
+    return time - $began;
 }
 
 # A backend that a test can stop and start again: a child process listening on
