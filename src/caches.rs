@@ -17,9 +17,10 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::feed::state::write_atomically;
+use crate::routes::document::Document;
 use crate::zone::{self, Kept};
 
 /// Bytes of a source's file: a larger one is not read, and not written.
@@ -45,6 +46,16 @@ pub struct Files {
     writing: Mutex<()>,
     /// The digest of the candidate as a table last read it.
     read: Mutex<Option<Digest>>,
+    /// The document the feed made of the candidate it last wrote, by the candidate's digest:
+    /// a table that reads those very bytes takes it rather than parsing them again (a large
+    /// source's objects take longer to parse than to make routes of).
+    made: Mutex<Option<(Digest, Arc<Document>)>>,
+}
+
+/// What a read of a source's file gave: its bytes, or the document this process made of them.
+pub enum Contents {
+    Bytes(Vec<u8>),
+    Made(Arc<Document>),
 }
 
 impl Files {
@@ -56,6 +67,7 @@ impl Files {
             candidate: OnceLock::new(),
             writing: Mutex::new(()),
             read: Mutex::new(None),
+            made: Mutex::new(None),
         }
     }
 
@@ -93,9 +105,26 @@ impl Files {
     /// Reads the candidate or the accepted copy for a table. In a worker, only bytes this
     /// nginx wrote are returned; in the master (at start) the accepted copy is taken as is.
     pub fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.read_checked(path).map(|(bytes, _)| bytes)
+    }
+
+    /// `read`, or the document the feed made of those bytes when it wrote them (see `made`).
+    pub fn read_or_recall(&self, path: &Path) -> Result<Contents, String> {
+        let (bytes, digest) = self.read_checked(path)?;
+        let made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        match (digest, made.as_ref()) {
+            (Some(digest), Some((of, document))) if *of == digest => {
+                Ok(Contents::Made(Arc::clone(document)))
+            }
+            _ => Ok(Contents::Bytes(bytes)),
+        }
+    }
+
+    /// The bytes, and their digest once vouched for (in a worker).
+    fn read_checked(&self, path: &Path) -> Result<(Vec<u8>, Option<Digest>), String> {
         let bytes = read_bounded(path)?;
         let Some(zone) = zone::current() else {
-            return Ok(bytes);
+            return Ok((bytes, None));
         };
         let which = self.which(path);
         let digest = sha256(&bytes);
@@ -109,7 +138,7 @@ impl Files {
         if which == Kept::Candidate {
             *self.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(digest);
         }
-        Ok(bytes)
+        Ok((bytes, Some(digest)))
     }
 
     /// What a feed starts from when it starts in a worker: the candidate this nginx wrote, or
@@ -144,8 +173,9 @@ impl Files {
         Ok(Some(bytes))
     }
 
-    /// Writes what the feed brought as the candidate, and vouches for it.
-    pub fn write_candidate(&self, bytes: &[u8]) -> Result<(), String> {
+    /// Writes what the feed brought as the candidate, and vouches for it; `made` is the
+    /// document the feed made of it, for the table to take rather than parse the bytes again.
+    pub fn write_candidate(&self, bytes: &[u8], made: Option<Arc<Document>>) -> Result<(), String> {
         let Some(candidate) = self.candidate() else {
             return Err("the candidate is not named yet".into());
         };
@@ -157,7 +187,14 @@ impl Files {
             ));
         }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_vouched(candidate, Kept::Candidate, bytes, &sha256(bytes))
+        let digest = sha256(bytes);
+        // Forgotten first: while the file changes, its document is not the one of its bytes.
+        *self.made.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.write_vouched(candidate, Kept::Candidate, bytes, &digest)?;
+        if let Some(made) = made {
+            *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, made));
+        }
+        Ok(())
     }
 
     /// The digest of the candidate as a table read it last: what it accepted, when said right

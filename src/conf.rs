@@ -15,7 +15,7 @@ use nginx_sys::{
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
-use crate::caches::Files;
+use crate::caches::{Contents, Files};
 use crate::feed::kube::{Cache, CACHE_MAGIC};
 use crate::feed::Options;
 use crate::routes::source::{self, Cached, Event, Inputs, Level, Reader, Source};
@@ -621,18 +621,20 @@ fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
     Reader::new(move |path| {
         let shown =
             |e: &dyn std::fmt::Display| format!("edge_routes_url {name}: {}: {e}", path.display());
-        let bytes = files.read(path).map_err(|e| shown(&e))?;
+        let bytes = match files.read_or_recall(path).map_err(|e| shown(&e))? {
+            Contents::Made(document) => return Ok(document),
+            Contents::Bytes(bytes) => bytes,
+        };
         if bytes.starts_with(CACHE_MAGIC) {
             let catalog = Cache::parse(&bytes).map_err(|e| shown(&e))?;
-            let mut document = catalog
-                .document(&name, upstream.as_deref(), class.as_deref())
-                .document;
-            if discovers {
-                document.discovered = Some(Arc::new(catalog.discovered(&name)));
-            }
-            Ok(document)
+            let made = catalog.document(&name, upstream.as_deref(), class.as_deref());
+            Ok(Arc::new(made.with_discovered(
+                discovers.then(|| catalog.discovered(&name)),
+            )))
         } else {
-            source::parse_document(&bytes).map_err(|e| shown(&e))
+            source::parse_document(&bytes)
+                .map(Arc::new)
+                .map_err(|e| shown(&e))
         }
     })
 }

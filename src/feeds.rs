@@ -44,6 +44,16 @@ const POLL_MS: ngx_msec_t = 5;
 /// long (deletes come in bursts).
 const RELIST_MS: u64 = 1000;
 
+/// A write of the catalog costs the whole source (making its routes, serialising it), and
+/// the table's merge that follows as much again: the next write waits this many times the
+/// CPU time the last one took, so that a source under a stream of events costs at most a
+/// few percent of a core, events coming in the meantime are written together.
+const WRITE_GAP_FACTOR: u32 = 8;
+/// Bounds of that wait: a small source's events are written at once, a huge one's within a
+/// second.
+const WRITE_GAP_MIN_MS: u64 = 20;
+const WRITE_GAP_MAX_MS: u64 = 1000;
+
 /// Tells the table that merges a source that its file changed.
 pub type Kick = unsafe fn(usize);
 
@@ -79,6 +89,8 @@ pub struct Feed {
     refused_logged: usize,
     /// Failed writes in a row: they back off.
     write_failures: u32,
+    /// The catalog is not written again before then (see `WRITE_GAP_FACTOR`).
+    next_write_ms: u64,
     /// The cluster's default IngressClass, as the catalog last written said.
     default_class: Option<String>,
     stats: Stats,
@@ -113,6 +125,8 @@ struct Written {
     first_problem: Option<String>,
     default_class: Option<String>,
     first_over_limit: Option<String>,
+    /// The CPU time the thread spent.
+    cpu: std::time::Duration,
 }
 
 /// What a feed starts from: the catalog of a Kubernetes source's last candidate (or accepted
@@ -358,6 +372,7 @@ pub unsafe fn start(
         logged: Vec::new(),
         refused_logged: 0,
         write_failures: 0,
+        next_write_ms: 0,
         default_class: None,
         stats: Stats::default(),
         seed,
@@ -1057,6 +1072,14 @@ unsafe fn flush(feed: &mut Feed) {
     if feed.write_failures > 0 && feed.flush.timer_set() != 0 {
         return;
     }
+    // The events of a burst are written together.
+    let now = crate::health::now_ms();
+    if catalog && now < feed.next_write_ms {
+        if feed.flush.timer_set() == 0 {
+            ngx_add_timer(&mut feed.flush, (feed.next_write_ms - now) as ngx_msec_t);
+        }
+        return;
+    }
     let Some(files) = feed.files().cloned() else {
         return;
     };
@@ -1076,10 +1099,11 @@ unsafe fn flush(feed: &mut Feed) {
             first_problem: None,
             default_class: None,
             first_over_limit: None,
+            cpu: std::time::Duration::ZERO,
         };
-        let bytes = match (&objects, edge) {
+        let (bytes, document) = match (&objects, edge) {
             (Some(objects), _) => {
-                let made = kube::document_of(
+                let mut made = kube::document_of(
                     objects.iter().map(|o| &**o),
                     &options.name,
                     options.upstream.as_deref(),
@@ -1096,19 +1120,27 @@ unsafe fn flush(feed: &mut Feed) {
                     over_limit: made.over_limit,
                     ambiguous_class: made.ambiguous_class,
                 });
-                written.first_over_limit = made.first_over_limit;
-                written.default_class = made.default_class;
-                written.first_invalid = made.invalid.into_iter().next();
-                written.first_problem = made.first_problem;
-                Some(Cache::bytes_of(&options.name, objects))
+                written.first_over_limit = made.first_over_limit.take();
+                written.default_class = made.default_class.take();
+                written.first_invalid = made.invalid.drain(..).next();
+                written.first_problem = made.first_problem.take();
+                let discovered = options
+                    .discover
+                    .any()
+                    .then(|| kube::discovered_of(objects.iter().map(|o| &**o), &options.name));
+                let document = Arc::new(made.with_discovered(discovered));
+                (
+                    Some(Cache::bytes_of(&options.name, objects)),
+                    Some(document),
+                )
             }
-            (None, Some(doc)) => Some(doc),
-            (None, None) => None,
+            (None, Some(doc)) => (Some(doc), None),
+            (None, None) => (None, None),
         };
         if let Some(bytes) = bytes {
             let hash = crate::health::fnv1a(&bytes);
             if hash != last {
-                written.result = files.write_candidate(&bytes).map(|()| Some(hash));
+                written.result = files.write_candidate(&bytes, document).map(|()| Some(hash));
             }
         }
         let mut status = status;
@@ -1124,6 +1156,7 @@ unsafe fn flush(feed: &mut Feed) {
             status["default_ingress_class"] = json!(written.default_class.clone());
         }
         let _ = write_atomically(&files.status(), status.to_string().as_bytes());
+        written.cpu = thread_cpu();
         written
     });
     match job {
@@ -1179,6 +1212,11 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
     }
     match job.join() {
         Ok(mut written) => {
+            if written.stats.is_some() {
+                let gap = written.cpu.as_millis() as u64 * u64::from(WRITE_GAP_FACTOR);
+                feed.next_write_ms =
+                    crate::health::now_ms() + gap.clamp(WRITE_GAP_MIN_MS, WRITE_GAP_MAX_MS);
+            }
             if let Some(stats) = written.stats {
                 // A count that grew is logged once, with an example.
                 let grew = |before: usize, now: usize, what: &str, example: &Option<String>| {

@@ -207,6 +207,40 @@ pub struct Object {
     /// A Service of type NodePort or LoadBalancer: its node ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_ports: Option<Box<NodePorts>>,
+    /// Its JSON in a cache file, once written (see `Cache::bytes_of`).
+    #[serde(skip)]
+    pub json: Json,
+}
+
+/// An object's JSON, made the first time a cache file holds it: an object stays in the
+/// catalog, shared, until an event replaces it, and each write of the catalog copies the
+/// JSON of the objects that did not change. Not part of what the object is: a clone has none,
+/// and two objects compare equal whatever their JSON.
+#[derive(Default)]
+pub struct Json(std::sync::OnceLock<Box<[u8]>>);
+
+impl Clone for Json {
+    fn clone(&self) -> Json {
+        Json::default()
+    }
+}
+
+impl PartialEq for Json {
+    fn eq(&self, _: &Json) -> bool {
+        true
+    }
+}
+
+impl Eq for Json {}
+
+impl std::fmt::Debug for Json {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Json(made)"
+        } else {
+            "Json"
+        })
+    }
 }
 
 /// A Gateway's listener: its name, and the hostname it takes (any when absent).
@@ -246,6 +280,7 @@ impl Object {
             service: None,
             endpoints: Vec::new(),
             node_ports: None,
+            json: Json::default(),
         }
     }
 
@@ -908,6 +943,15 @@ pub struct Made {
     pub first_over_limit: Option<String>,
 }
 
+impl Made {
+    /// The document, with what the source discovers for the table's upstreams, if anything.
+    pub fn with_discovered(self, discovered: Option<Discovered>) -> Document {
+        let mut document = self.document;
+        document.discovered = discovered.map(Arc::new);
+        document
+    }
+}
+
 impl Catalog {
     pub fn len(&self) -> usize {
         self.objects.len()
@@ -962,41 +1006,8 @@ impl Catalog {
 
     /// The source's Nodes, EndpointSlices and Services, for the upstreams that discover them.
     pub fn discovered(&self, source: &str) -> Discovered {
-        let nodes = self
-            .of_kind(Kind::Node)
-            .map(|o| Node {
-                name: o.name.clone(),
-                address: o.addresses.first().copied(),
-                state: o.node.as_deref().cloned().unwrap_or_default(),
-                problem: o.problem.is_some(),
-            })
-            .collect();
-        let slices = self
-            .of_kind(Kind::EndpointSlice)
-            .filter_map(|o| {
-                Some(Slice {
-                    namespace: o.namespace.clone(),
-                    service: o.service.clone()?,
-                    endpoints: o.endpoints.clone(),
-                })
-            })
-            .collect();
-        let services = self
-            .of_kind(Kind::Service)
-            .filter_map(|o| {
-                Some(ServiceInfo {
-                    namespace: o.namespace.clone(),
-                    name: o.name.clone(),
-                    node_ports: (**o.node_ports.as_ref()?).clone(),
-                })
-            })
-            .collect();
-        Discovered {
-            source: source.into(),
-            nodes,
-            slices,
-            services,
-        }
+        let kinds = [Kind::Node, Kind::EndpointSlice, Kind::Service];
+        discovered_of(kinds.into_iter().flat_map(|k| self.of_kind(k)), source)
     }
 
     /// Objects refused for want of room, of every kind.
@@ -1020,6 +1031,44 @@ impl Catalog {
             ingress_class,
         )
     }
+}
+
+/// `Catalog::discovered`, of objects in key order.
+pub fn discovered_of<'o>(objects: impl Iterator<Item = &'o Object>, source: &str) -> Discovered {
+    let mut found = Discovered {
+        source: source.into(),
+        ..Discovered::default()
+    };
+    for o in objects {
+        match o.kind {
+            Kind::Node => found.nodes.push(Node {
+                name: o.name.clone(),
+                address: o.addresses.first().copied(),
+                state: o.node.as_deref().cloned().unwrap_or_default(),
+                problem: o.problem.is_some(),
+            }),
+            Kind::EndpointSlice => {
+                if let Some(service) = &o.service {
+                    found.slices.push(Slice {
+                        namespace: o.namespace.clone(),
+                        service: service.clone(),
+                        endpoints: o.endpoints.clone(),
+                    });
+                }
+            }
+            Kind::Service => {
+                if let Some(ports) = &o.node_ports {
+                    found.services.push(ServiceInfo {
+                        namespace: o.namespace.clone(),
+                        name: o.name.clone(),
+                        node_ports: (**ports).clone(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    found
 }
 
 /// `Catalog::document`: the route document of a source's objects, as the APIs mean them:
@@ -1284,20 +1333,36 @@ impl Cache {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The bytes of a cache of `objects`, without copying them first.
+    /// The bytes of a cache of `objects`, as `to_bytes` writes them: each object's JSON is
+    /// made once (see `Json`).
     pub fn bytes_of(source: &str, objects: &[Arc<Object>]) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Borrowed<'a> {
-            edge_url_cache: u32,
-            source: &'a str,
-            objects: Vec<&'a Object>,
+        let jsons: Vec<&[u8]> = objects
+            .iter()
+            .map(|o| {
+                &**o.json
+                    .0
+                    .get_or_init(|| serde_json::to_vec(&**o).unwrap_or_default().into())
+            })
+            .collect();
+        let mut bytes = Vec::with_capacity(jsons.iter().map(|j| j.len() + 1).sum::<usize>() + 64);
+        bytes.extend_from_slice(CACHE_MAGIC);
+        bytes.extend_from_slice(
+            version_for(objects.iter().map(|o| &**o))
+                .to_string()
+                .as_bytes(),
+        );
+        bytes.extend_from_slice(b",\"source\":");
+        // A string's JSON cannot fail.
+        let _ = serde_json::to_writer(&mut bytes, source);
+        bytes.extend_from_slice(b",\"objects\":[");
+        for (i, json) in jsons.iter().enumerate() {
+            if i > 0 {
+                bytes.push(b',');
+            }
+            bytes.extend_from_slice(json);
         }
-        serde_json::to_vec(&Borrowed {
-            edge_url_cache: version_for(objects.iter().map(|o| &**o)),
-            source,
-            objects: objects.iter().map(|o| &**o).collect(),
-        })
-        .unwrap_or_default()
+        bytes.extend_from_slice(b"]}");
+        bytes
     }
 
     /// A cache read back; one holding more than `MAX_OBJECTS` objects is refused (this
@@ -1820,12 +1885,59 @@ mod tests {
         assert!(bytes.starts_with(CACHE_MAGIC));
         let shared: Vec<Arc<Object>> = c.objects.values().cloned().collect();
         assert_eq!(Cache::bytes_of("s", &shared), bytes);
+        // Again, from each object's JSON made the first time; and a name JSON must escape.
+        assert_eq!(Cache::bytes_of("s", &shared), bytes);
+        assert_eq!(
+            Cache::bytes_of("s\"é\\", &shared),
+            Cache::of("s\"é\\", &c).to_bytes()
+        );
         assert_eq!(Cache::parse(&bytes).unwrap(), c);
         assert!(Cache::parse(b"{\"edge_url_cache\":1}").is_err());
         c.replace_kind(Kind::Ingress, vec![]);
         assert_eq!(c.len(), 1);
         c.delete(&object(Kind::TLSRoute, "t", &[], None));
         assert!(c.is_empty());
+    }
+
+    /// The table takes the document the feed made when it wrote a candidate rather than
+    /// parsing the bytes again: both must be the same document.
+    #[test]
+    fn the_document_made_is_the_one_read_back() {
+        let mut c = Catalog::default();
+        c.put(object(
+            Kind::Ingress,
+            "i",
+            &["i.test", "*.w.test", "bad host"],
+            None,
+        ));
+        c.put(object(
+            Kind::Ingress,
+            "j",
+            &["i.test", "j.test"],
+            Some("10.0.0.9"),
+        ));
+        c.put(object(Kind::TLSRoute, "t", &["t.test"], Some("::1")));
+        let mut class = Object::new(Kind::IngressClass, String::new(), "nginx".into());
+        class.default_class = true;
+        c.put(class);
+        let mut node = Object::new(Kind::Node, String::new(), "n1".into());
+        node.addresses = vec!["10.1.0.1".parse().unwrap()];
+        c.put(node);
+        let mut slice = Object::new(Kind::EndpointSlice, "ingress".into(), "s1".into());
+        slice.service = Some("ingress".into());
+        c.put(slice);
+        let objects: Vec<Arc<Object>> = c.objects.values().cloned().collect();
+        for upstream in [Some("up"), None] {
+            let made = document_of(objects.iter().map(|o| &**o), "s", upstream, None)
+                .with_discovered(Some(discovered_of(objects.iter().map(|o| &**o), "s")));
+            let back = Cache::parse(&Cache::bytes_of("s", &objects)).unwrap();
+            let read = back
+                .document("s", upstream, None)
+                .with_discovered(Some(back.discovered("s")));
+            assert_eq!(made, read);
+            assert_eq!(read.discovered.as_ref().unwrap().nodes.len(), 1);
+            assert_eq!(read.discovered.as_ref().unwrap().slices.len(), 1);
+        }
     }
 
     /// A Node as the API server sends it: its InternalIP (IPv4 first), Ready, cordon, the

@@ -58,17 +58,19 @@ impl Kind {
 
 /// Reads a URL source's last good document from its file in the state folder.
 /// How a URL source's file is read.
-type ReadFn = dyn Fn(&Path) -> Result<Document, String> + Send + Sync;
+type ReadFn = dyn Fn(&Path) -> Result<Arc<Document>, String> + Send + Sync;
 
 #[derive(Clone)]
 pub struct Reader(Arc<ReadFn>);
 
 impl Reader {
-    pub fn new(f: impl Fn(&Path) -> Result<Document, String> + Send + Sync + 'static) -> Reader {
+    pub fn new(
+        f: impl Fn(&Path) -> Result<Arc<Document>, String> + Send + Sync + 'static,
+    ) -> Reader {
         Reader(Arc::new(f))
     }
 
-    pub fn read(&self, path: &Path) -> Result<Document, String> {
+    pub fn read(&self, path: &Path) -> Result<Arc<Document>, String> {
         (self.0)(path)
     }
 }
@@ -202,7 +204,7 @@ pub enum Work {
 
 #[derive(Debug)]
 pub enum Done {
-    Parsed(Vec<Result<Document, String>>),
+    Parsed(Vec<Result<Arc<Document>, String>>),
     Merged(Result<(RouteTable, Vec<MergeWarning>), MergeError>),
 }
 
@@ -215,7 +217,7 @@ impl Work {
                     .iter()
                     .map(|(p, read)| match read {
                         Some(read) => read.read(p),
-                        None => read_document(p),
+                        None => read_document(p).map(Arc::new),
                     })
                     .collect(),
             ),
@@ -466,7 +468,7 @@ impl Source {
                 for (&i, result) in pending.reading.iter().zip(results) {
                     let unit = &mut self.units[i];
                     match result {
-                        Ok(doc) => unit.previous = Some(unit.good.replace(Arc::new(doc))),
+                        Ok(doc) => unit.previous = Some(unit.good.replace(doc)),
                         Err(message) if self.starting && unit.read.is_some() => {
                             pending.events.push(not_used(&message));
                         }
@@ -1065,7 +1067,7 @@ mod tests {
                     },
                 ));
             }
-            Ok(doc)
+            Ok(Arc::new(doc))
         })
     }
 
