@@ -32,7 +32,7 @@ use crate::feed::plan::{Body, Mode, Resource, State};
 use crate::feed::state::write_atomically;
 use crate::feed::Format;
 use crate::fetch::Exchange;
-use crate::stream::{cancel_timer, spawn_quiet as spawn};
+use crate::stream::{cancel_timer, spawn_quiet as spawn, thread_cpu};
 
 /// Distinct problems remembered per failure, to log each once.
 const MAX_LOGGED: usize = 8;
@@ -45,10 +45,12 @@ const POLL_MS: ngx_msec_t = 5;
 const RELIST_MS: u64 = 1000;
 
 /// A write of the catalog costs the whole source (making its routes, serialising it), and
-/// the table's merge that follows as much again: the next write waits this many times the
-/// CPU time the last one took, so that a source under a stream of events costs at most a
-/// few percent of a core, events coming in the meantime are written together.
-const WRITE_GAP_FACTOR: u32 = 8;
+/// the table's build that follows (merge and image) about as much again; the other workers'
+/// mapping of it and keeping it as accepted add less. The next write waits this many times
+/// the CPU time of the last write and build, so that under a stream of events a source costs
+/// the edge about a tenth of a core whatever its size, the events of the meantime written
+/// together (as kube-proxy's `--iptables-min-sync-period`, but scaled to the cost).
+const WRITE_GAP_FACTOR: u32 = 12;
 /// Bounds of that wait: a small source's events are written at once, a huge one's within a
 /// second.
 const WRITE_GAP_MIN_MS: u64 = 20;
@@ -56,6 +58,8 @@ const WRITE_GAP_MAX_MS: u64 = 1000;
 
 /// Tells the table that merges a source that its file changed.
 pub type Kick = unsafe fn(usize);
+/// The CPU time the table's last build took (its merge and image, on a thread).
+pub type Cost = unsafe fn(usize) -> std::time::Duration;
 
 /// One URL source, in the worker that fetches it.
 pub struct Feed {
@@ -80,6 +84,7 @@ pub struct Feed {
     flush: ngx_event_t,
     token: Token,
     kick: Kick,
+    cost: Cost,
     owner: usize,
     last_success: Option<SystemTime>,
     last_error: Option<String>,
@@ -338,6 +343,7 @@ pub unsafe fn start(
     url: *const UrlSlot,
     log: *mut ngx_log_t,
     kick: Kick,
+    cost: Cost,
     owner: usize,
 ) -> Box<Feed> {
     let options = &(*url).options;
@@ -366,6 +372,7 @@ pub unsafe fn start(
             value: None,
         },
         kick,
+        cost,
         owner,
         last_success: None,
         last_error: None,
@@ -995,7 +1002,14 @@ unsafe fn log_refused(feed: &mut Feed) {
 /// A full list of a kind arrived: it replaces the kind's objects in the catalog.
 unsafe fn took_list(feed: &mut Feed, index: usize, listed: crate::feed::plan::Listed) {
     let kind = listed.kind;
-    let refused = feed.catalog.replace_kind(kind, listed.objects) + listed.beyond;
+    let (refused, old) = feed.catalog.swap_kind(kind, listed.objects);
+    let refused = refused + listed.beyond;
+    if !old.is_empty() {
+        // Freed on a thread: a large kind's objects take milliseconds (without a thread, here).
+        let _ = spawn("edge-feed", move || {
+            crate::stream::without_fastbins(|| drop(old))
+        });
+    }
     *feed.catalog.refused.entry(kind).or_default() = refused;
     log_refused(feed);
     if listed.unreadable > 0 {
@@ -1213,7 +1227,8 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
     match job.join() {
         Ok(mut written) => {
             if written.stats.is_some() {
-                let gap = written.cpu.as_millis() as u64 * u64::from(WRITE_GAP_FACTOR);
+                let spent = written.cpu + (feed.cost)(feed.owner);
+                let gap = spent.as_millis() as u64 * u64::from(WRITE_GAP_FACTOR);
                 feed.next_write_ms =
                     crate::health::now_ms() + gap.clamp(WRITE_GAP_MIN_MS, WRITE_GAP_MAX_MS);
             }
@@ -1305,17 +1320,6 @@ unsafe fn write_failed(feed: &mut Feed, why: String) {
     feed.write_failures = feed.write_failures.saturating_add(1);
     let ms = (1000u64 << (feed.write_failures - 1).min(5)).min(crate::feed::plan::MAX_BACKOFF_MS);
     ngx_add_timer(&mut feed.flush, ms as ngx_msec_t);
-}
-
-/// The CPU time the calling thread has used.
-fn thread_cpu() -> std::time::Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the calling thread's clock into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// What `edge_status` shows of a URL source: the fetching worker's last word.

@@ -82,12 +82,31 @@ pub fn exiting() -> bool {
     }
 }
 
+/// The module's threads still running their work (see `wait_for_threads`).
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a thread's work as running until it is dropped (when the work ends, or with a
+/// thread that could not start).
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Starts a thread with every signal blocked in it: nginx's signals are for the worker's own
-/// thread, which handles them.
+/// thread, which handles them. Its work is counted until it ends (see `wait_for_threads`).
 pub fn spawn_quiet<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
+    RUNNING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let running = Running;
+    let f = move || {
+        let _running = running;
+        f()
+    };
     // SAFETY: signal-mask calls on this thread only, restored before returning.
     unsafe {
         let mut all: libc::sigset_t = core::mem::zeroed();
@@ -121,5 +140,53 @@ pub unsafe fn arm(
 pub unsafe fn cancel_timer(ev: *mut nginx_sys::ngx_event_t) {
     if (*ev).timer_set() != 0 {
         nginx_sys::ngx_del_timer(ev);
+    }
+}
+
+/// Runs `f` (which frees a table) with glibc's fastbins off. A table read at configuration
+/// time was allocated by the master in the main arena: its millions of small chunks, freed on
+/// any thread, would wait in the main arena's fastbins until the event loop's next large
+/// allocation consolidates them all at once (130 ms at 1,000,000 routes). Without fastbins
+/// each chunk is coalesced as it is freed, here.
+pub fn without_fastbins(f: impl FnOnce()) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    /// glibc's default `M_MXFAST` on 64-bit targets.
+    const DEFAULT_MXFAST: libc::c_int = 128;
+    static FREEING: AtomicUsize = AtomicUsize::new(0);
+    // SAFETY: mallopt is thread-safe; the last thread out restores the default.
+    unsafe {
+        if FREEING.fetch_add(1, SeqCst) == 0 {
+            libc::mallopt(libc::M_MXFAST, 0);
+        }
+        f();
+        if FREEING.fetch_sub(1, SeqCst) == 1 {
+            libc::mallopt(libc::M_MXFAST, DEFAULT_MXFAST);
+        }
+    }
+}
+
+/// The CPU time the calling thread has used.
+pub fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the calling thread's clock into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Waits, up to `limit`, for the module's threads to end their work; returns how many have
+/// not. A worker ends with `exit()`, whose handlers free what such a thread may be using:
+/// OpenSSL's, registered with `atexit`, free the digests a thread hashing a source's file
+/// calls (a worker that exited while one did was killed by SIGSEGV).
+pub fn wait_for_threads(limit: std::time::Duration) -> usize {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let running = RUNNING.load(std::sync::atomic::Ordering::SeqCst);
+        if running == 0 || std::time::Instant::now() >= until {
+            return running;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

@@ -29,7 +29,7 @@ use crate::routes::source::{Done, Retired, Source, Step, Work};
 use crate::routes::table::{Backend, Gone, RouteTable};
 use crate::session;
 use crate::stream;
-use crate::stream::{arm, cancel_timer as cancel};
+use crate::stream::{arm, cancel_timer as cancel, without_fastbins};
 pub use crate::stream::{exiting, spawn_quiet};
 use crate::zone::{self, Published, Zone};
 
@@ -115,6 +115,8 @@ struct Built {
     /// For a table it was to publish: the generation and the memfd that holds it, or why it
     /// could not.
     published: Option<Result<(u64, OwnedFd), String>>,
+    /// The CPU time the thread spent.
+    cpu: Duration,
 }
 
 struct RetiringTable {
@@ -154,6 +156,8 @@ struct Refresh {
     busy: Duration,
     /// The next poll's delay while work runs on a thread.
     poll_ms: ngx_msec_t,
+    /// The CPU time the last build of a table took, on its thread.
+    build_cpu: Duration,
 }
 
 static mut WORKER: *mut Worker = null_mut();
@@ -277,6 +281,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             attached: 0,
             busy: Duration::ZERO,
             poll_ms: POLL_MS,
+            build_cpu: Duration::ZERO,
         });
         if let (Some(zone), Some(source)) = (w.zone.as_ref(), (*slot).source.as_ref()) {
             zone.log_full(zone.attach(source.table()), log);
@@ -314,7 +319,10 @@ pub unsafe fn start_checks(handler: nginx_sys::ngx_event_handler_pt, ms: ngx_mse
     arm(&mut w.checks.ticker, handler, data, w.log, ms);
 }
 
-/// Drops the worker's state at process exit.
+/// How long a worker that exits waits for the module's threads (see `wait_for_threads`).
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Drops the worker's state at process exit, and waits for the threads still at work.
 pub unsafe fn stop() {
     let worker = core::mem::replace(&mut *addr_of_mut!(WORKER), null_mut());
     if worker.is_null() {
@@ -335,6 +343,18 @@ pub unsafe fn stop() {
     cancel(&mut w.checks.ticker);
     if let (Some(zone), Some(slot)) = (w.zone.as_ref(), w.slot) {
         zone.release_slot(slot);
+    }
+    let log = w.log;
+    drop(w);
+    let running = crate::stream::wait_for_threads(EXIT_WAIT);
+    if running > 0 {
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "edge: {} thread(s) of the module still at work after {} s, exiting anyway",
+            running,
+            EXIT_WAIT.as_secs()
+        );
     }
 }
 
@@ -645,6 +665,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         }
         Some(Job::Build(handle)) => match handle.join() {
             Ok(built) => {
+                r.build_cpu = built.cpu;
                 attached_on_thread = built.unattached;
                 published = built.published;
                 source.resume(built.done)
@@ -779,7 +800,7 @@ unsafe fn start_feeds(index: usize) {
     for (i, url) in mcf.urls.iter().enumerate() {
         if url.owner == index && !w.fetching[i] {
             w.fetching[i] = true;
-            let feed = feeds::start(&**url, w.log, kick, index);
+            let feed = feeds::start(&**url, w.log, kick, build_cpu, index);
             w.feeds.push(feed);
         }
     }
@@ -800,33 +821,22 @@ unsafe fn kick(index: usize) {
     ngx_add_timer(&mut r.timer, 0);
 }
 
+/// The CPU time table `index`'s last build took (for a feed's pace: see `feeds`).
+unsafe fn build_cpu(index: usize) -> Duration {
+    let Some(w) = WORKER.as_ref() else {
+        return Duration::ZERO;
+    };
+    w.refreshes
+        .iter()
+        .find(|r| r.index == index)
+        .map_or(Duration::ZERO, |r| r.build_cpu)
+}
+
 /// Puts the calling thread in the idle scheduling class (Linux `SCHED_IDLE`).
 fn idle_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: applies to the calling thread only; failure leaves its priority as it was.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-}
-
-/// Runs `f` (which frees a table) with glibc's fastbins off. A table read at configuration
-/// time was allocated by the master in the main arena: its millions of small chunks, freed on
-/// any thread, would wait in the main arena's fastbins until the event loop's next large
-/// allocation consolidates them all at once (130 ms at 1,000,000 routes). Without fastbins
-/// each chunk is coalesced as it is freed, here.
-fn without_fastbins(f: impl FnOnce()) {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    /// glibc's default `M_MXFAST` on 64-bit targets.
-    const DEFAULT_MXFAST: libc::c_int = 128;
-    static FREEING: AtomicUsize = AtomicUsize::new(0);
-    // SAFETY: mallopt is thread-safe; the last thread out restores the default.
-    unsafe {
-        if FREEING.fetch_add(1, SeqCst) == 0 {
-            libc::mallopt(libc::M_MXFAST, 0);
-        }
-        f();
-        if FREEING.fetch_sub(1, SeqCst) == 1 {
-            libc::mallopt(libc::M_MXFAST, DEFAULT_MXFAST);
-        }
-    }
 }
 
 /// Runs `work` on a thread of its own, and attaches the table it builds, if any, to the zone
@@ -861,6 +871,7 @@ fn spawn(
             done,
             unattached,
             published,
+            cpu: crate::stream::thread_cpu(),
         }
     })
 }

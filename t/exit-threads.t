@@ -1,0 +1,88 @@
+#!/usr/bin/perl
+# A worker that exits waits for the module's threads still at work. nginx ends a worker with
+# exit(), whose handlers (OpenSSL's cleanup, registered with atexit) free what a thread
+# hashing a source's file uses: a worker that exited while one did was killed by SIGSEGV.
+# Made likely here with a preloaded shim whose SHA256() takes a second, noting when each
+# call starts and ends: the worker is told to quit while one is under way.
+
+use strict;
+use warnings;
+use Test::More;
+use Edge::Test qw(http_get wait_for);
+use Edge::FakeKube;
+
+my $t = Edge::Test->new;
+my $dir = $t->dir;
+plan skip_all => 'needs a C compiler for the shim' unless system('cc --version >/dev/null 2>&1') == 0;
+$t->write_file('slow-sha.c', <<'C');
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Read when the shim loads: nginx's workers have another environment. */
+static char marks[4096];
+__attribute__((constructor)) static void init(void) {
+    const char *m = getenv("EDGE_SLOW_SHA_MARKS");
+    if (m && strlen(m) < sizeof marks) strcpy(marks, m);
+}
+
+static void mark(const char *what) {
+    int fd = open(marks, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (fd < 0) return;
+    write(fd, what, strlen(what));
+    close(fd);
+}
+
+unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md) {
+    static unsigned char *(*real)(const unsigned char *, size_t, unsigned char *);
+    if (!real) real = dlsym(RTLD_NEXT, "SHA256");
+    mark("start\n");
+    struct timespec second = { 1, 0 };
+    nanosleep(&second, NULL);
+    unsigned char *r = real(d, n, md);
+    mark("end\n");
+    return r;
+}
+C
+system("cc -shared -fPIC -O2 -o $dir/slow-sha.so $dir/slow-sha.c -ldl") == 0 or die "cannot build the shim\n";
+
+my $kube = Edge::FakeKube->new($t, 'doc');
+my $doc = sub {
+    my ($name) = @_;
+    $kube->set_document(qq({"upstreams": {"a": {"servers": ["127.0.0.1:@{[$t->port('a')]}"]}}, "routes": {"$name": "a"}}));
+};
+$doc->('one.test');
+$kube->start;
+my $url = $kube->url('/edge.json');
+$t->config(<<"EOF");
+    edge_routes_url $url name=doc format=edge interval=1s timeout=3s;
+    edge_state %%TESTDIR%%/state;
+    server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
+EOF
+# Written by the workers, which may run as another user.
+mkdir "$dir/marks.d" or die "mkdir: $!\n";
+chmod 0777, "$dir/marks.d";
+my $marks = "$dir/marks.d/marks";
+{
+    local $ENV{LD_PRELOAD} = "$dir/slow-sha.so";
+    local $ENV{EDGE_SLOW_SHA_MARKS} = $marks;
+    $t->run;
+}
+my $edge = $t->port('edge');
+wait_for(sub { http_get($edge, 'one.test') eq 'a' }, 'the source routes', 60);
+my $count = sub { my ($what) = @_; scalar(() = $t->read_file('marks.d/marks') =~ /^$what$/mg) };
+# Nothing hashing: the next change starts a hash, and the worker is told to quit during it.
+wait_for(sub { $count->('start') == $count->('end') }, 'no hash under way', 60);
+my $before = $count->('start');
+$doc->('two.test');
+wait_for(sub { $count->('start') > $before }, 'a hash of the new document under way', 60);
+$t->stop;
+is($count->('end'), $count->('start'), 'every hash under way when the worker quit ended before it exited');
+my @killed = grep { /exited on signal/ } split /\n/, $t->read_file('error.log');
+is_deeply(\@killed, [], 'no worker killed by a signal');
+done_testing;
