@@ -438,15 +438,18 @@ pub fn select(
             // Several pods on one node, or one pod in two slices: one server, standing as
             // the best of them.
             let mut by_address: BTreeMap<IpAddr, Standing> = BTreeMap::new();
+            // Each endpoint's node by name: a cluster of thousands of nodes has as many
+            // endpoints of a DaemonSet's Service.
+            let nodes: std::collections::HashMap<&str, &Node> = match address {
+                Address::Node => found.nodes.iter().map(|n| (n.name.as_str(), n)).collect(),
+                Address::Pod => std::collections::HashMap::new(),
+            };
             for e in endpoints {
                 s.matched += 1;
                 let (standing, ip) = match address {
                     Address::Pod => (endpoint_standing(e), Some(e.address)),
                     Address::Node => {
-                        let node = e
-                            .node
-                            .as_deref()
-                            .and_then(|n| found.nodes.iter().find(|x| x.name == n));
+                        let node = e.node.as_deref().and_then(|n| nodes.get(n).copied());
                         match node {
                             Some(node) => {
                                 (worse(endpoint_standing(e), standing(node)), node.address)
