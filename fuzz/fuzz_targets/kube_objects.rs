@@ -2,7 +2,8 @@
 //! IngressClasses, routes with their status, Gateways with their listeners, Nodes): never
 //! panic; whatever parses makes a route document that merges into a table, with and without a
 //! class, and nodes that an upstream discovering them (with a selector from the same bytes)
-//! takes.
+//! takes. The document the feed makes of a catalog is the one its cache file reads back as
+//! (the table takes the first for the second).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let mut catalog = Catalog::default();
     if let Ok(page) = kube::parse_list(data, None) {
         for o in page.objects {
-            let _ = catalog.put(o);
+            let _ = catalog.put(std::sync::Arc::unwrap_or_clone(o));
         }
     }
     for (i, line) in data.split(|&b| b == b'\n').enumerate() {
@@ -31,6 +32,17 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = kube::looks_like_list(data);
+    let objects: Vec<_> = catalog.objects.values().cloned().collect();
+    let back = kube::Cache::parse(&kube::Cache::bytes_of("fuzz", &objects))
+        .expect("a cache written reads back");
+    for upstream in [Some("u"), None] {
+        let made = kube::document_of(objects.iter().map(|o| &**o), "fuzz", upstream, None)
+            .with_discovered(Some(kube::discovered_of(objects.iter().map(|o| &**o), "fuzz")));
+        let read = back
+            .document("fuzz", upstream, None)
+            .with_discovered(Some(back.discovered("fuzz")));
+        assert_eq!(made, read, "the document made is the one read back");
+    }
     for (upstream, class) in [(Some("u"), None), (None, None), (Some("u"), Some("nginx"))] {
         let made = catalog.document("fuzz", upstream, class);
         let mut doc = made.document;

@@ -797,7 +797,7 @@ fn unix_seconds(text: &str) -> Option<i64> {
 pub struct Page {
     /// The kind the list says it holds, when it says so.
     pub kind: Option<Kind>,
-    pub objects: Vec<Object>,
+    pub objects: Vec<Arc<Object>>,
     pub resource_version: Option<String>,
     pub continue_token: Option<String>,
     /// Items skipped because not even their name could be read, and the first reason.
@@ -839,7 +839,8 @@ pub fn parse_list(body: &[u8], kind: Option<Kind>) -> Result<Page, String> {
     };
     for item in items.into_iter().take(MAX_OBJECTS) {
         match read_object(item, of).0 {
-            Read::Object(o) => page.objects.push(*o),
+            // Shared here, on the thread that parses the list, not in the event loop.
+            Read::Object(o) => page.objects.push(Arc::from(o)),
             Read::Unreadable(why) => {
                 page.unreadable += 1;
                 page.first_unreadable.get_or_insert(why);
@@ -963,7 +964,7 @@ impl Catalog {
 
     /// Replaces the objects of `kind` with a full list of them, as many as the catalog has
     /// room for (in the list's order); returns how many it refused.
-    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) -> usize {
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Arc<Object>>) -> usize {
         self.swap_kind(kind, objects).0
     }
 
@@ -974,7 +975,7 @@ impl Catalog {
     pub fn swap_kind(
         &mut self,
         kind: Kind,
-        objects: Vec<Object>,
+        objects: Vec<Arc<Object>>,
     ) -> (usize, BTreeMap<Key, Arc<Object>>) {
         let mut old = self
             .objects
@@ -989,7 +990,7 @@ impl Catalog {
         let mut new: BTreeMap<Key, Arc<Object>> = objects
             .into_iter()
             .take(room)
-            .map(|o| (o.key(), Arc::new(o)))
+            .map(|o| (o.key(), o))
             .collect();
         self.objects.append(&mut new);
         self.refused.insert(kind, refused);
@@ -1537,7 +1538,7 @@ mod tests {
     fn a_full_catalog_counts_what_it_refuses_and_asks_for_it_again() {
         let mut c = Catalog::default();
         let objects = (0..MAX_OBJECTS + 2)
-            .map(|i| object(Kind::Ingress, &format!("o{i}"), &[], None))
+            .map(|i| Arc::new(object(Kind::Ingress, &format!("o{i}"), &[], None)))
             .collect();
         assert_eq!(c.replace_kind(Kind::Ingress, objects), 2);
         assert_eq!(c.len(), MAX_OBJECTS);
@@ -1932,8 +1933,8 @@ mod tests {
             let (refused, old) = c.swap_kind(
                 kind,
                 vec![
-                    object(kind, "c", &[], None),
-                    object(kind, "b", &["new.test"], None),
+                    Arc::new(object(kind, "c", &[], None)),
+                    Arc::new(object(kind, "b", &["new.test"], None)),
                 ],
             );
             assert_eq!((refused, old.len()), (0, 2), "{kind:?}");

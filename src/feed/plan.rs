@@ -4,6 +4,8 @@
 //! `If-None-Match`. Native route documents are polled. The worker layer makes the requests
 //! this asks for and reports what came back.
 
+use std::sync::Arc;
+
 use super::kube::{Event, Kind, Object, Page, MAX_OBJECTS};
 use super::Url;
 
@@ -75,7 +77,7 @@ pub enum Body {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
     pub kind: Kind,
-    pub objects: Vec<Object>,
+    pub objects: Vec<Arc<Object>>,
     /// Objects past `MAX_OBJECTS`, not kept.
     pub beyond: usize,
     /// Items skipped because they could not be read, and the first reason.
@@ -99,7 +101,7 @@ pub struct Resource {
     pub state: State,
     pub resource_version: Option<String>,
     continue_token: Option<String>,
-    gathered: Vec<Object>,
+    gathered: Vec<Arc<Object>>,
     /// Of the list under way: objects past `MAX_OBJECTS`, pages, unreadable items.
     beyond: usize,
     pages: usize,
@@ -444,11 +446,11 @@ mod tests {
             kind: None,
             objects: (0..n)
                 .map(|i| {
-                    Object::new(
+                    Arc::new(Object::new(
                         Kind::Ingress,
                         "ns".into(),
                         format!("o{i}-{}", cont.unwrap_or("")),
-                    )
+                    ))
                 })
                 .collect(),
             resource_version: rv.map(Into::into),
