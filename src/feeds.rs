@@ -56,6 +56,9 @@ const WRITE_GAP_FACTOR: u32 = 12;
 const WRITE_GAP_MIN_MS: u64 = 20;
 const WRITE_GAP_MAX_MS: u64 = 1000;
 
+/// Addresses of a URL's host name tried in turn, at most.
+const MAX_RESOLVED: usize = 16;
+
 /// Tells the table that merges a source that its file changed.
 pub type Kick = unsafe fn(usize);
 /// The CPU time the table's last build took (its merge and image, on a thread).
@@ -157,8 +160,11 @@ struct Res {
     error: Option<String>,
     /// A name resolution under way, for a URL with a host name.
     resolving: *mut nginx_sys::ngx_resolver_ctx_t,
-    /// Its answer, for the request about to be made.
-    resolved: Option<std::net::IpAddr>,
+    /// Its answer: the addresses of the URL's host name, tried in turn by the request about
+    /// to be made until one answers (see `next_address`).
+    addresses: Vec<std::net::IpAddr>,
+    /// The one being tried.
+    address: usize,
     absent_logged: bool,
     /// Its objects are known: listed since the feed started, absent, or read back from the
     /// source's last candidate. The catalog is written only once every kind is known, so
@@ -416,7 +422,8 @@ pub unsafe fn start(
             parsing: None,
             error: None,
             resolving: ptr::null_mut(),
-            resolved: None,
+            addresses: Vec::new(),
+            address: 0,
             absent_logged: false,
             known: false,
         });
@@ -574,8 +581,8 @@ unsafe fn request(feed: &mut Feed, index: usize) {
     r.first_line = true;
     let ip = match options.url.ip() {
         Some(ip) => ip,
-        None => match r.resolved.take() {
-            Some(ip) => ip,
+        None => match r.addresses.get(r.address) {
+            Some(&ip) => ip,
             None => return resolve(feed, index),
         },
     };
@@ -618,6 +625,7 @@ unsafe fn request(feed: &mut Feed, index: usize) {
             news(feed, index);
             flush(feed);
         }
+        Err(e) if next_address(feed, index, &e) => {}
         Err(e) => failed(feed, index, e),
     }
 }
@@ -655,11 +663,14 @@ unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
     let index = r.index;
     r.resolving = ptr::null_mut();
     let state = (*ctx).state;
-    let ip = if state == 0 && (*ctx).naddrs > 0 {
-        sockaddr_ip((*(*ctx).addrs).sockaddr.cast())
-    } else {
-        None
-    };
+    let mut addresses = Vec::new();
+    if state == 0 {
+        for i in 0..(*ctx).naddrs.min(MAX_RESOLVED) {
+            if let Some(ip) = sockaddr_ip((*(*ctx).addrs.add(i)).sockaddr.cast()) {
+                addresses.push(ip);
+            }
+        }
+    }
     let host = &feed.options().url.host;
     let why = if state != 0 {
         let text = nginx_sys::ngx_resolver_strerror(state);
@@ -678,14 +689,41 @@ unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
     if crate::stream::exiting() {
         return;
     }
-    match ip {
-        Some(ip) => {
-            feed.resources[index].resolved = Some(ip);
-            request(feed, index);
-        }
-        None => failed(feed, index, why),
+    if addresses.is_empty() {
+        failed(feed, index, why);
+    } else {
+        let r = &mut feed.resources[index];
+        r.addresses = addresses;
+        r.address = 0;
+        request(feed, index);
     }
     flush(feed);
+}
+
+/// A connection to one address of the URL's host name failed before any answer: the next
+/// one is tried at once (an API server behind a name with an address per control-plane node,
+/// one of them down). `false` once each was tried: the name is resolved again next time.
+unsafe fn next_address(feed: &mut Feed, index: usize, why: &str) -> bool {
+    let log = feed.log;
+    let name = &feed.slot().options.name;
+    let r = &mut feed.resources[index];
+    if r.address + 1 >= r.addresses.len() {
+        r.addresses.clear();
+        r.address = 0;
+        return false;
+    }
+    r.ex = None;
+    r.address += 1;
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        log,
+        "edge_routes_url {}: {}: trying {}",
+        name,
+        why,
+        r.addresses[r.address]
+    );
+    request(feed, index);
+    true
 }
 
 unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
@@ -732,6 +770,9 @@ unsafe fn news(feed: &mut Feed, index: usize) {
     let r = &mut feed.resources[index];
     let Some(ex) = r.ex.as_mut() else { return };
     if let Some(head) = ex.take_head() {
+        // Answered: the next request resolves the name again (nginx's resolver caches it).
+        r.addresses.clear();
+        r.address = 0;
         match r.plan.head(r.mode, head.status, head.etag, j) {
             Body::Stream => r.streaming = true,
             Body::Collect => r.collecting = true,
@@ -801,6 +842,15 @@ unsafe fn news(feed: &mut Feed, index: usize) {
     let Some(outcome) = ex.outcome().cloned() else {
         return;
     };
+    // Failed before any answer: the connection, at one address of a host name.
+    if let (Err(e), false, false) = (&outcome, r.streaming, r.collecting) {
+        let e = e.clone();
+        if next_address(feed, index, &e) {
+            return;
+        }
+    }
+    let r = &mut feed.resources[index];
+    let Some(ex) = r.ex.as_mut() else { return };
     match outcome {
         // A list page too large to take: ask for smaller pages, at once.
         Err(e) if ex.too_large() && r.mode == Mode::List && r.plan.too_large() => {

@@ -7,6 +7,7 @@ use strict;
 use warnings;
 use Test::More;
 use IO::Socket::INET;
+use HTTP::Tiny;
 use POSIX ();
 use Edge::Test qw(http_get wait_for);
 use Edge::FakeKube;
@@ -50,6 +51,11 @@ my ($ok, $out) = $t->test_config;
 ok(!$ok && $out =~ /"api\.cluster\.test" is a host name: it needs "resolver"/, 'nginx -t: a host name needs resolver')
     or diag $out;
 
+# The name has an address per control-plane node, two of them down (nothing listens there):
+# each is tried in turn, at once, and none of them makes the source fail.
+my $added = HTTP::Tiny->new(timeout => 5)->post("http://127.0.0.1:$mgmt/add-a", { content =>
+    '{"host": "api.cluster.test.", "addresses": ["127.0.0.2", "127.0.0.3", "127.0.0.1"]}' });
+$added->{success} or die "add-a: $added->{status} $added->{content}\n";
 my $mark = length $t->read_file('error.log');
 $t->config("    resolver 127.0.0.1:$dns valid=10s;\n" . $stream);
 $t->run;
@@ -59,7 +65,11 @@ pass('the host name is resolved, sent as SNI and verified by name');
 $kube->apply(Edge::FakeKube::ingress('web', 'blog', hosts => ['blog.test']));
 wait_for(sub { http_get($edge, 'blog.test') eq 'a' }, 'the watch');
 pass('and watched');
-unlike(substr($t->read_file('error.log'), $mark), qr/\[(alert|crit|emerg)\]/, 'no alerts in error.log');
+my $log = substr($t->read_file('error.log'), $mark);
+unlike($log, qr/\[(alert|crit|emerg)\]/, 'no alerts in error.log');
+unlike($log, qr/\[error\].*edge_routes_url/, 'no address that refused made the source fail: the next was tried at once');
+like($log, qr/cannot connect to 127\.0\.0\.[23]:\d+ .*: trying 127\.0\.0\.\d/, 'a refused address is said at info, with the next one tried')
+    or diag(join "\n", grep { /edge_routes_url/ } split /\n/, $log);
 
 $t->stop;
 kill 'TERM', $dns_pid;
