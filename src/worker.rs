@@ -152,8 +152,8 @@ struct Refresh {
     keeping: Option<JoinHandle<Vec<String>>>,
     /// The table generation last attached to the zone.
     attached: u64,
-    /// Time the event loop has spent on the refresh under way.
-    busy: Duration,
+    /// Time the event loop has spent on the refresh under way: wall, and CPU.
+    busy: Spent,
     /// The next poll's delay while work runs on a thread.
     poll_ms: ngx_msec_t,
     /// The CPU time the last build of a table took, on its thread.
@@ -279,7 +279,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
             to_keep: Vec::new(),
             keeping: None,
             attached: 0,
-            busy: Duration::ZERO,
+            busy: Spent::default(),
             poll_ms: POLL_MS,
             build_cpu: Duration::ZERO,
         });
@@ -634,7 +634,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
         return;
     }
     let Some(w) = get() else { return };
-    let entered = Instant::now();
+    let entered = Entered::now();
     let r = &mut *(*ev).data.cast::<Refresh>();
     let slot = &mut *r.slot;
     let log = (*ev).log;
@@ -650,7 +650,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
     let mut step = match r.job.take() {
         Some(job) if !job.is_finished() => {
             r.job = Some(job);
-            r.busy += entered.elapsed();
+            r.busy += entered.spent();
             r.poll_ms = (r.poll_ms * 2).min(POLL_MAX_MS);
             ngx_add_timer(ev, r.poll_ms);
             return;
@@ -683,7 +683,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             }
         },
         None => {
-            r.busy = Duration::ZERO;
+            r.busy = Spent::default();
             // One worker reads the source for the whole edge and publishes what it builds;
             // the others map it.
             r.publishing = false;
@@ -750,7 +750,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     w.carry_failing_open(source.table());
                     w.retire(source.take_retired(), replaced, r.slot);
                     let accepted = source.take_accepted();
-                    in_service(log, slot, generation, r.busy + entered.elapsed());
+                    in_service(log, slot, generation, r.busy + entered.spent());
                     keep(w, r, &accepted);
                 } else {
                     w.retire(source.take_retired(), replaced, r.slot);
@@ -771,7 +771,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 match spawn(work, names, w.zone.clone(), publish) {
                     Ok(job) => {
                         r.job = Some(Job::Build(job));
-                        r.busy += entered.elapsed();
+                        r.busy += entered.spent();
                         r.poll_ms = POLL_MS;
                         ngx_add_timer(ev, r.poll_ms);
                         return;
@@ -984,15 +984,63 @@ unsafe fn kept(w: &Worker, r: &mut Refresh) {
 }
 
 /// Says that a table is in service, and what it cost this worker's event loop.
-fn in_service(log: *mut ngx_log_t, slot: &SourceSlot, generation: u64, busy: Duration) {
+fn in_service(log: *mut ngx_log_t, slot: &SourceSlot, generation: u64, busy: Spent) {
     ngx_log_error!(
         NGX_LOG_NOTICE,
         log,
-        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it",
+        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it ({:.2} ms of CPU)",
         slot.path.display(),
         generation,
-        busy.as_secs_f64() * 1000.0
+        busy.wall.as_secs_f64() * 1000.0,
+        busy.cpu.as_secs_f64() * 1000.0
     );
+}
+
+/// Time spent: wall (what clients waited, with the moments the worker waited for a core),
+/// and the CPU time of the event loop's thread (what the work cost).
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl core::ops::Add for Spent {
+    type Output = Spent;
+    fn add(self, other: Spent) -> Spent {
+        Spent {
+            wall: self.wall + other.wall,
+            cpu: self.cpu + other.cpu,
+        }
+    }
+}
+
+impl core::ops::AddAssign for Spent {
+    fn add_assign(&mut self, other: Spent) {
+        *self = *self + other;
+    }
+}
+
+/// When an event handler was entered, to measure what it spent.
+#[derive(Clone, Copy)]
+struct Entered {
+    at: Instant,
+    cpu: Duration,
+}
+
+impl Entered {
+    fn now() -> Entered {
+        Entered {
+            at: Instant::now(),
+            cpu: crate::stream::thread_cpu(),
+        }
+    }
+
+    fn spent(&self) -> Spent {
+        Spent {
+            wall: self.at.elapsed(),
+            cpu: crate::stream::thread_cpu().saturating_sub(self.cpu),
+        }
+    }
 }
 
 /// A published generation was mapped (or not): serve it, or keep the last good table and try
@@ -1002,7 +1050,7 @@ unsafe fn loaded(
     r: &mut Refresh,
     result: Result<Loaded, String>,
     generation: u64,
-    entered: Instant,
+    entered: Entered,
 ) {
     let slot = &mut *r.slot;
     let Some(source) = slot.source.as_mut() else {
@@ -1018,7 +1066,7 @@ unsafe fn loaded(
             }
             w.carry_failing_open(source.table());
             w.retire(source.take_retired(), replaced, r.slot);
-            in_service(w.log, slot, generation, r.busy + entered.elapsed());
+            in_service(w.log, slot, generation, r.busy + entered.spent());
         }
         Ok(Err(e)) | Err(e) => load_failed(w, r, generation, &e),
     }
