@@ -629,7 +629,7 @@ fn url_reader(options: &Options, files: Arc<Files>) -> Reader {
             let catalog = Cache::parse(&bytes).map_err(|e| shown(&e))?;
             let made = catalog.document(&name, upstream.as_deref(), class.as_deref());
             Ok(Arc::new(made.with_discovered(
-                discovers.then(|| catalog.discovered(&name)),
+                discovers.then(|| Arc::new(catalog.discovered(&name))),
             )))
         } else {
             source::parse_document(&bytes)

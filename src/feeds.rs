@@ -99,6 +99,8 @@ pub struct Feed {
     write_failures: u32,
     /// The catalog is not written again before then (see `WRITE_GAP_FACTOR`).
     next_write_ms: u64,
+    /// What the source discovered when last written (see `Discovery`).
+    discovery: Option<kube::Discovery>,
     /// The cluster's default IngressClass, as the catalog last written said.
     default_class: Option<String>,
     stats: Stats,
@@ -135,6 +137,8 @@ struct Written {
     first_over_limit: Option<String>,
     /// The CPU time the thread spent.
     cpu: std::time::Duration,
+    /// What the source discovers, when made again (see `Discovery`).
+    discovery: Option<kube::Discovery>,
 }
 
 /// What a feed starts from: the catalog of a Kubernetes source's last candidate (or accepted
@@ -386,6 +390,7 @@ pub unsafe fn start(
         refused_logged: 0,
         write_failures: 0,
         next_write_ms: 0,
+        discovery: None,
         default_class: None,
         stats: Stats::default(),
         seed,
@@ -1153,6 +1158,7 @@ unsafe fn flush(feed: &mut Feed) {
     let edge = feed.edge_doc.take();
     let status = feed.status();
     let last = feed.written_hash;
+    let memo = feed.discovery.clone();
     feed.dirty = feed.dirty && !catalog;
     feed.status_dirty = false;
     let job = spawn("edge-feed", move || {
@@ -1164,6 +1170,7 @@ unsafe fn flush(feed: &mut Feed) {
             default_class: None,
             first_over_limit: None,
             cpu: std::time::Duration::ZERO,
+            discovery: None,
         };
         let (bytes, document) = match (&objects, edge) {
             (Some(objects), _) => {
@@ -1188,10 +1195,11 @@ unsafe fn flush(feed: &mut Feed) {
                 written.default_class = made.default_class.take();
                 written.first_invalid = made.invalid.drain(..).next();
                 written.first_problem = made.first_problem.take();
-                let discovered = options
-                    .discover
-                    .any()
-                    .then(|| kube::discovered_of(objects.iter().map(|o| &**o), &options.name));
+                let discovered = options.discover.any().then(|| {
+                    let (discovered, made) = kube::discovered_again(objects, &options.name, memo);
+                    written.discovery = made;
+                    discovered
+                });
                 let document = Arc::new(made.with_discovered(discovered));
                 (
                     Some(Cache::bytes_of(&options.name, objects)),
@@ -1281,6 +1289,9 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
                 let gap = spent.as_millis() as u64 * u64::from(WRITE_GAP_FACTOR);
                 feed.next_write_ms =
                     crate::health::now_ms() + gap.clamp(WRITE_GAP_MIN_MS, WRITE_GAP_MAX_MS);
+            }
+            if let Some(discovery) = written.discovery.take() {
+                feed.discovery = Some(discovery);
             }
             if let Some(stats) = written.stats {
                 // A count that grew is logged once, with an example.

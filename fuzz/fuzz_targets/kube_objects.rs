@@ -37,10 +37,10 @@ fuzz_target!(|data: &[u8]| {
         .expect("a cache written reads back");
     for upstream in [Some("u"), None] {
         let made = kube::document_of(objects.iter().map(|o| &**o), "fuzz", upstream, None)
-            .with_discovered(Some(kube::discovered_of(objects.iter().map(|o| &**o), "fuzz")));
+            .with_discovered(Some(std::sync::Arc::new(kube::discovered_of(objects.iter().map(|o| &**o), "fuzz"))));
         let read = back
             .document("fuzz", upstream, None)
-            .with_discovered(Some(back.discovered("fuzz")));
+            .with_discovered(Some(std::sync::Arc::new(back.discovered("fuzz"))));
         assert_eq!(made, read, "the document made is the one read back");
     }
     for (upstream, class) in [(Some("u"), None), (None, None), (Some("u"), Some("nginx"))] {

@@ -946,9 +946,9 @@ pub struct Made {
 
 impl Made {
     /// The document, with what the source discovers for the table's upstreams, if anything.
-    pub fn with_discovered(self, discovered: Option<Discovered>) -> Document {
+    pub fn with_discovered(self, discovered: Option<Arc<Discovered>>) -> Document {
         let mut document = self.document;
-        document.discovered = discovered.map(Arc::new);
+        document.discovered = discovered;
         document
     }
 }
@@ -1089,6 +1089,33 @@ pub fn discovered_of<'o>(objects: impl Iterator<Item = &'o Object>, source: &str
         }
     }
     found
+}
+
+/// What a source's Nodes, EndpointSlices and Services made for the upstreams that discover
+/// them, with those objects: while they are the same (a batch of Ingress events), the next
+/// write takes it as it is rather than copying thousands of nodes again.
+pub type Discovery = Arc<(Vec<Arc<Object>>, Arc<Discovered>)>;
+
+/// The source's discovered objects, made again unless they are those of `memo`; the new memo
+/// when made.
+pub fn discovered_again(
+    objects: &[Arc<Object>],
+    source: &str,
+    memo: Option<Discovery>,
+) -> (Arc<Discovered>, Option<Discovery>) {
+    let now: Vec<&Arc<Object>> = objects
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Node | Kind::EndpointSlice | Kind::Service))
+        .collect();
+    if let Some(memo) = memo {
+        let (before, discovered) = &*memo;
+        if before.len() == now.len() && before.iter().zip(&now).all(|(a, b)| Arc::ptr_eq(a, b)) {
+            return (Arc::clone(discovered), None);
+        }
+    }
+    let discovered = Arc::new(discovered_of(now.iter().map(|o| &***o), source));
+    let memo = Arc::new((now.into_iter().cloned().collect(), Arc::clone(&discovered)));
+    (discovered, Some(memo))
 }
 
 /// `Catalog::document`: the route document of a source's objects, as the APIs mean them:
@@ -1953,6 +1980,41 @@ mod tests {
         assert_eq!(c.len(), before - 2);
     }
 
+    fn arc_node(name: &str, ip: &str) -> Arc<Object> {
+        let mut o = Object::new(Kind::Node, String::new(), name.into());
+        o.addresses = vec![ip.parse().unwrap()];
+        Arc::new(o)
+    }
+
+    /// A batch that changed no Node, EndpointSlice or Service takes what they made last time;
+    /// one that changed any makes it again.
+    #[test]
+    fn the_discovered_objects_are_made_again_only_when_they_change() {
+        let ingress = Arc::new(Object::new(Kind::Ingress, "web".into(), "shop".into()));
+        let mut objects = vec![Arc::clone(&ingress), arc_node("a1", "10.0.0.1")];
+        let (first, memo) = discovered_again(&objects, "s", None);
+        assert_eq!(first.nodes.len(), 1);
+        let memo = memo.expect("made");
+        // Another Ingress: the same nodes.
+        objects.push(Arc::new(Object::new(
+            Kind::Ingress,
+            "web".into(),
+            "blog".into(),
+        )));
+        let (again, none) = discovered_again(&objects, "s", Some(Arc::clone(&memo)));
+        assert!(none.is_none());
+        assert!(Arc::ptr_eq(&first, &again));
+        // A node replaced by an event, even an equal one: made again.
+        objects[1] = arc_node("a1", "10.0.0.2");
+        let (changed, made) = discovered_again(&objects, "s", Some(Arc::clone(&memo)));
+        assert!(made.is_some());
+        assert_eq!(changed.nodes[0].address, Some("10.0.0.2".parse().unwrap()));
+        // A node added.
+        objects.push(arc_node("a2", "10.0.0.3"));
+        let (more, _) = discovered_again(&objects, "s", made);
+        assert_eq!(more.nodes.len(), 2);
+    }
+
     /// The table takes the document the feed made when it wrote a candidate rather than
     /// parsing the bytes again: both must be the same document.
     #[test]
@@ -1982,12 +2044,14 @@ mod tests {
         c.put(slice);
         let objects: Vec<Arc<Object>> = c.objects.values().cloned().collect();
         for upstream in [Some("up"), None] {
-            let made = document_of(objects.iter().map(|o| &**o), "s", upstream, None)
-                .with_discovered(Some(discovered_of(objects.iter().map(|o| &**o), "s")));
+            let made =
+                document_of(objects.iter().map(|o| &**o), "s", upstream, None).with_discovered(
+                    Some(Arc::new(discovered_of(objects.iter().map(|o| &**o), "s"))),
+                );
             let back = Cache::parse(&Cache::bytes_of("s", &objects)).unwrap();
             let read = back
                 .document("s", upstream, None)
-                .with_discovered(Some(back.discovered("s")));
+                .with_discovered(Some(Arc::new(back.discovered("s"))));
             assert_eq!(made, read);
             assert_eq!(read.discovered.as_ref().unwrap().nodes.len(), 1);
             assert_eq!(read.discovered.as_ref().unwrap().slices.len(), 1);
