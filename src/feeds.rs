@@ -169,6 +169,8 @@ struct Res {
     addresses: Vec<std::net::IpAddr>,
     /// The one being tried.
     address: usize,
+    /// The connection of the last list page, kept for the next request.
+    idle: Option<Box<Exchange>>,
     absent_logged: bool,
     /// Its objects are known: listed since the feed started, absent, or read back from the
     /// source's last candidate. The catalog is written only once every kind is known, so
@@ -429,6 +431,7 @@ pub unsafe fn start(
             resolving: ptr::null_mut(),
             addresses: Vec::new(),
             address: 0,
+            idle: None,
             absent_logged: false,
             known: false,
         });
@@ -584,6 +587,35 @@ unsafe fn request(feed: &mut Feed, index: usize) {
     r.collecting = false;
     r.line.clear();
     r.first_line = true;
+    // A list's pages, and the watch after them, on one connection: the server closes it
+    // after the watch.
+    let keep_alive = q.mode == Mode::List;
+    let request_bytes = || {
+        http::request(
+            &q.target,
+            &options.url.authority(),
+            token.as_deref(),
+            q.etag.as_deref(),
+            keep_alive,
+        )
+    };
+    let idle = q.idle_ms.map(|ms| ms as ngx_msec_t);
+    let deadline = options.timeout_ms as ngx_msec_t;
+    // A watch is taken line by line; a list or a document whole.
+    let max_pending = if q.mode == Mode::Watch {
+        MAX_EVENT
+    } else {
+        MAX_BODY
+    };
+    if let Some(mut kept) = r.idle.take() {
+        if kept.reuse(request_bytes(), keep_alive, deadline, idle, max_pending) {
+            r.ex = Some(kept);
+            feed.status_dirty = true;
+            news(feed, index);
+            flush(feed);
+            return;
+        }
+    }
     let ip = match options.url.ip() {
         Some(ip) => ip,
         None => match r.addresses.get(r.address) {
@@ -591,31 +623,20 @@ unsafe fn request(feed: &mut Feed, index: usize) {
             None => return resolve(feed, index),
         },
     };
-    let bytes = http::request(
-        &q.target,
-        &options.url.authority(),
-        token.as_deref(),
-        q.etag.as_deref(),
-    );
-    let idle = q.idle_ms.map(|ms| ms as ngx_msec_t);
+    let bytes = request_bytes();
     let server_name = options
         .url
         .ip()
         .is_none()
         .then_some(options.url.host.as_str());
     let owner = ptr::from_mut(&mut **r).cast();
-    // A watch is taken line by line; a list or a document whole.
-    let max_pending = if q.mode == Mode::Watch {
-        MAX_EVENT
-    } else {
-        MAX_BODY
-    };
     let started = Exchange::start(
         std::net::SocketAddr::new(ip, options.url.port),
         tls,
         server_name,
         bytes,
-        options.timeout_ms as ngx_msec_t,
+        keep_alive,
+        deadline,
         idle,
         max_pending,
         log,
@@ -849,6 +870,12 @@ unsafe fn news(feed: &mut Feed, index: usize) {
     };
     // Failed before any answer: the connection, at one address of a host name.
     if let (Err(e), false, false) = (&outcome, r.streaming, r.collecting) {
+        if ex.reused() {
+            // A kept connection the server closed as it was used: the request again, on a
+            // connection of its own.
+            r.ex = None;
+            return request(feed, index);
+        }
         let e = e.clone();
         if next_address(feed, index, &e) {
             return;
@@ -876,7 +903,8 @@ unsafe fn news(feed: &mut Feed, index: usize) {
         Err(e) => failed(feed, index, e),
         Ok(()) if r.collecting => {
             let body = std::mem::take(ex.body());
-            r.ex = None;
+            // Its connection, when kept, for the next page.
+            r.idle = r.ex.take().filter(|ex| ex.kept());
             let kind = r.plan.kind;
             let auto = options.format == Format::Auto;
             let polled_document = r.mode == Mode::Poll && kind.is_none();

@@ -131,6 +131,15 @@ pub struct Exchange {
     max_pending: usize,
     too_large: bool,
     outcome: Option<Result<(), String>>,
+    /// The request asked to keep the connection, and the answer ended without closing it:
+    /// the connection waits, open, for the next request (see `reuse`).
+    keep_alive: bool,
+    kept: bool,
+    /// The answer's head said the server closes the connection after it (the head itself
+    /// is taken by the owner as soon as it comes).
+    closes: bool,
+    /// A request on a connection kept from an earlier one.
+    reused: bool,
     notify: Notify,
     owner: *mut c_void,
 }
@@ -146,6 +155,7 @@ impl Exchange {
         tls: Option<&Tls>,
         server_name: Option<&str>,
         request: Vec<u8>,
+        keep_alive: bool,
         deadline_ms: ngx_msec_t,
         idle_ms: Option<ngx_msec_t>,
         max_pending: usize,
@@ -178,6 +188,10 @@ impl Exchange {
             max_pending,
             too_large: false,
             outcome: None,
+            keep_alive,
+            kept: false,
+            closes: true,
+            reused: false,
             notify,
             owner,
         });
@@ -244,6 +258,53 @@ impl Exchange {
         self.too_large
     }
 
+    /// Whether it was made on a connection kept from an earlier exchange (which the server
+    /// may have closed just before it was used).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Whether it ended well and kept its connection for another request.
+    pub fn kept(&self) -> bool {
+        self.kept
+    }
+
+    /// Makes another request on the connection of this exchange, which ended well and kept
+    /// it: `false` (and the connection closed) when it cannot (not kept, or the server closed
+    /// it or sent something meanwhile).
+    pub unsafe fn reuse(
+        &mut self,
+        request: Vec<u8>,
+        keep_alive: bool,
+        deadline_ms: ngx_msec_t,
+        idle_ms: Option<ngx_msec_t>,
+        max_pending: usize,
+    ) -> bool {
+        let c = self.pc.connection;
+        if !self.kept || c.is_null() || !quiet((*c).fd) {
+            self.close();
+            return false;
+        }
+        self.request = request;
+        self.sent = 0;
+        self.head_buf.clear();
+        self.head = None;
+        self.body = None;
+        self.decoded.clear();
+        self.idle_ms = idle_ms;
+        self.max_pending = max_pending;
+        self.too_large = false;
+        self.outcome = None;
+        self.keep_alive = keep_alive;
+        self.kept = false;
+        self.closes = true;
+        self.reused = true;
+        self.stage = Stage::Sending;
+        ngx_add_timer((*c).read, deadline_ms);
+        self.send();
+        true
+    }
+
     unsafe fn connection(&self) -> *mut ngx_connection_t {
         self.pc.connection
     }
@@ -257,7 +318,22 @@ impl Exchange {
         }
     }
 
+    /// Ends the exchange well and keeps its connection for the next request: no timer, and
+    /// its events are ignored until then (`reuse` looks at the socket first).
+    unsafe fn keep(&mut self) {
+        let c = self.pc.connection;
+        if (*(*c).read).timer_set() != 0 {
+            nginx_sys::ngx_del_timer((*c).read);
+        }
+        self.kept = true;
+        self.stage = Stage::Done;
+        if self.outcome.is_none() {
+            self.outcome = Some(Ok(()));
+        }
+    }
+
     unsafe fn close(&mut self) {
+        self.kept = false;
         let c = self.pc.connection;
         if !c.is_null() {
             self.pc.connection = ptr::null_mut();
@@ -459,6 +535,9 @@ impl Exchange {
                 )));
             }
             if self.body.as_ref().is_some_and(Body::is_done) {
+                if self.keep_alive && !self.closes {
+                    return self.keep();
+                }
                 return self.finish(Ok(()));
             }
             if let (Some(idle), true) = (self.idle_ms, self.body.is_some()) {
@@ -475,6 +554,7 @@ impl Exchange {
             };
             let rest = std::mem::take(&mut self.head_buf);
             let mut body = Body::new(head.framing);
+            self.closes = head.close;
             self.head = Some(head);
             let decoded = &mut self.decoded;
             let fed = body.feed(&rest[len..], &mut |b| decoded.extend_from_slice(b));
@@ -494,6 +574,19 @@ impl Drop for Exchange {
         // SAFETY: closes what `start` opened, once.
         unsafe { self.close() };
     }
+}
+
+/// Whether a kept connection's socket is still open with nothing to read: a server that
+/// closed it, or sent anything unasked, makes it useless.
+unsafe fn quiet(fd: c_int) -> bool {
+    let mut byte = 0u8;
+    let n = libc::recv(
+        fd,
+        ptr::from_mut(&mut byte).cast(),
+        1,
+        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+    );
+    n < 0 && *libc::__errno_location() == libc::EAGAIN
 }
 
 /// Read and write events of an exchange's connection.

@@ -8,8 +8,15 @@ pub const MAX_HEAD: usize = 32 * 1024;
 /// Bytes of a chunk-size or trailer line.
 const MAX_LINE: usize = 4096;
 
-/// A GET request. `token` goes in `Authorization: Bearer`; `etag` in `If-None-Match`.
-pub fn request(target: &str, authority: &str, token: Option<&str>, etag: Option<&str>) -> Vec<u8> {
+/// A GET request. `token` goes in `Authorization: Bearer`; `etag` in `If-None-Match`. With
+/// `keep_alive`, the connection may carry the next request (the next page of a list).
+pub fn request(
+    target: &str,
+    authority: &str,
+    token: Option<&str>,
+    etag: Option<&str>,
+    keep_alive: bool,
+) -> Vec<u8> {
     let mut r = format!(
         "GET {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n\
          User-Agent: nginx-edge/{}\r\n",
@@ -25,7 +32,10 @@ pub fn request(target: &str, authority: &str, token: Option<&str>, etag: Option<
         r.push_str(etag);
         r.push_str("\r\n");
     }
-    r.push_str("Connection: close\r\n\r\n");
+    if !keep_alive {
+        r.push_str("Connection: close\r\n");
+    }
+    r.push_str("\r\n");
     r.into_bytes()
 }
 
@@ -43,6 +53,8 @@ pub struct Head {
     pub status: u16,
     pub etag: Option<String>,
     pub framing: Framing,
+    /// The server closes the connection after this answer (`Connection: close`, HTTP/1.0).
+    pub close: bool,
 }
 
 /// Parses a response head from the start of `buf`: the head and its length, or `None` if more
@@ -65,7 +77,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     let mut etag = None;
     let mut length = None;
     let mut chunked = false;
+    let mut close = response.version != Some(1);
     for h in response.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            close |= v.split(',').any(|t| t.trim() == "close");
+        }
         if h.name.eq_ignore_ascii_case("etag") {
             etag = std::str::from_utf8(h.value)
                 .ok()
@@ -100,6 +117,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             status,
             etag,
             framing,
+            close,
         },
         len,
     )))
@@ -154,7 +172,7 @@ impl Body {
     }
 
     /// Decodes `input`, handing each piece of the body to `out`. Bytes after the end of the
-    /// body are an error (the request said `Connection: close`).
+    /// body are an error (no request is sent before the answer to the last one ended).
     pub fn feed(&mut self, mut input: &[u8], out: &mut dyn FnMut(&[u8])) -> Result<(), String> {
         while !input.is_empty() {
             match self.state {
@@ -265,12 +283,25 @@ mod tests {
         assert_eq!((h.status, h.framing), (200, Framing::Chunked));
         assert_eq!(h.etag.as_deref(), Some("\"abc\""));
         assert_eq!(len, 92);
+        assert!(
+            !h.close,
+            "HTTP/1.1 keeps the connection unless it says otherwise"
+        );
         let (h, _) = parse_head(b"HTTP/1.1 304 Not Modified\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(h.framing, Framing::Length(0));
         let (h, _) = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, Framing::Close);
+        assert!(h.close, "HTTP/1.0 closes");
+        for close in ["close", "Close", "keep-alive, close"] {
+            let head =
+                format!("HTTP/1.1 200 OK\r\nConnection: {close}\r\nContent-Length: 0\r\n\r\n");
+            assert!(
+                parse_head(head.as_bytes()).unwrap().unwrap().0.close,
+                "{close}"
+            );
+        }
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nContent-"), Ok(None));
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
         assert!(
@@ -324,12 +355,23 @@ mod tests {
 
     #[test]
     fn requests_carry_token_and_etag_only_when_given() {
-        let r = String::from_utf8(request("/a?b=1", "h:6443", Some("t0k"), Some("\"e\""))).unwrap();
+        let r = String::from_utf8(request(
+            "/a?b=1",
+            "h:6443",
+            Some("t0k"),
+            Some("\"e\""),
+            false,
+        ))
+        .unwrap();
         assert!(r.starts_with("GET /a?b=1 HTTP/1.1\r\nHost: h:6443\r\n"));
         assert!(r.contains("Authorization: Bearer t0k\r\n"));
         assert!(r.contains("If-None-Match: \"e\"\r\n"));
-        assert!(r.ends_with("\r\n\r\n"));
-        let r = String::from_utf8(request("/", "h", None, None)).unwrap();
+        assert!(r.ends_with("Connection: close\r\n\r\n"));
+        let r = String::from_utf8(request("/", "h", None, None, true)).unwrap();
         assert!(!r.contains("Authorization") && !r.contains("If-None-Match"));
+        assert!(
+            !r.contains("Connection") && r.ends_with("\r\n\r\n"),
+            "kept alive"
+        );
     }
 }

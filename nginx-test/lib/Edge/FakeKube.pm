@@ -112,7 +112,8 @@ sub set_mode { my ($self, @mode) = @_; $self->_write('mode', "@mode\n") }
 sub set_document { $_[0]->_write('edge.json', $_[1]) }
 sub set_token { $_[0]->_write('token', "$_[1]\n") }
 
-# The requests the server has seen: [method, target, had a token].
+# The requests the server has seen: [method, target, had a token, tls or plain,
+# If-None-Match or '-', the connection (the process that served it)].
 sub requests {
     my ($self) = @_;
     return [map { [split /\t/] } grep { length } split /\n/, $self->_read('requests')];
@@ -377,13 +378,19 @@ sub _status_json {
         message => $message, reason => $reason, code => $code });
 }
 
+# Whether the answer being made may keep its connection (an HTTP/1.1 request that did not ask
+# to close it), and whether the last answer did: the connection then waits for the next
+# request. Only answers made by _respond keep it (watches and the slow modes close).
+our ($KEEP, $KEPT) = (0, 0);
+
 sub _respond {
     my ($c, $code, $body, %h) = @_;
     my %text = (200 => 'OK', 304 => 'Not Modified', 400 => 'Bad Request', 405 => 'Method Not Allowed', 401 => 'Unauthorized', 403 => 'Forbidden', 404 => 'Not Found',
         410 => 'Gone', 500 => 'Internal Server Error');
     my $head = "HTTP/1.1 $code " . ($text{$code} // 'X') . "\r\nContent-Type: application/json\r\n"
         . join('', map { "$_: $h{$_}\r\n" } sort keys %h)
-        . "Content-Length: " . length($body) . "\r\nConnection: close\r\n\r\n";
+        . "Content-Length: " . length($body) . "\r\n" . ($KEEP ? '' : "Connection: close\r\n") . "\r\n";
+    $KEPT = $KEEP;
     print $c $head, $body;
 }
 
@@ -400,18 +407,32 @@ sub _connection {
                 return;
             };
     }
-    my $req = '';
-    while ($req !~ /\r\n\r\n/) {
-        my $n = sysread($c, my $buf, 16384);
-        return unless $n;
-        $req .= $buf;
+    while (1) {
+        local ($KEEP, $KEPT) = (0, 0);
+        my $req = '';
+        while ($req !~ /\r\n\r\n/) {
+            my $n = sysread($c, my $buf, 16384);
+            return unless $n;
+            $req .= $buf;
+        }
+        $KEEP = $req =~ m{^\S+ \S+ HTTP/1\.1\r\n} && $req !~ m{\r\nConnection:[^\r\n]*close}i ? 1 : 0;
+        $c->autoflush(1);
+        $self->_request($c, $req);
+        return unless $KEPT;
+        # An API server's idle timeout, say, closing a connection it answered as kept.
+        return if $self->_read('mode') =~ /^drop-kept/;
     }
+}
+
+# One request of a connection; the log says which connection (the process serving it).
+sub _request {
+    my ($self, $c, $req) = @_;
     my ($method, $target) = $req =~ m{^(\S+) (\S+) HTTP/1\.[01]\r\n} or return;
     my ($auth) = $req =~ m{\r\nAuthorization: Bearer (\S+)\r\n}i;
     my ($inm) = $req =~ m{\r\nIf-None-Match: ([^\r\n]+)\r\n}i;
     if (open my $log, '>>', "$self->{dir}/requests") {
         print $log join("\t", $method, $target, defined $auth ? 1 : 0, $self->{tls} ? 'tls' : 'plain',
-            defined $inm ? $inm : '-'), "\n";
+            defined $inm ? $inm : '-', $$), "\n";
         close $log;
     }
     my $token = $self->_read('token');
