@@ -189,7 +189,9 @@ impl Files {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let digest = sha256(bytes);
         // Forgotten first: while the file changes, its document is not the one of its bytes.
-        *self.made.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // (Dropped out of the lock: a large document takes a while to free.)
+        let before = self.made.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(before);
         self.write_vouched(candidate, Kept::Candidate, bytes, &digest)?;
         if let Some(made) = made {
             *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, made));

@@ -169,6 +169,9 @@ struct Res {
     addresses: Vec<std::net::IpAddr>,
     /// The one being tried.
     address: usize,
+    /// The address that answered last: tried first while the name has it (the resolver
+    /// rotates its answers, and an address that never answers costs a whole timeout).
+    answered_by: Option<std::net::IpAddr>,
     /// The connection of the last list page, kept for the next request.
     idle: Option<Box<Exchange>>,
     absent_logged: bool,
@@ -431,6 +434,7 @@ pub unsafe fn start(
             resolving: ptr::null_mut(),
             addresses: Vec::new(),
             address: 0,
+            answered_by: None,
             idle: None,
             absent_logged: false,
             known: false,
@@ -719,6 +723,9 @@ unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
         failed(feed, index, why);
     } else {
         let r = &mut feed.resources[index];
+        if let Some(at) = addresses.iter().position(|&a| Some(a) == r.answered_by) {
+            addresses[..=at].rotate_right(1);
+        }
         r.addresses = addresses;
         r.address = 0;
         request(feed, index);
@@ -799,6 +806,7 @@ unsafe fn news(feed: &mut Feed, index: usize) {
         // Answered: the next request resolves the name again (nginx's resolver caches it).
         r.addresses.clear();
         r.address = 0;
+        r.answered_by = Some(ex.peer());
         match r.plan.head(r.mode, head.status, head.etag, j) {
             Body::Stream => r.streaming = true,
             Body::Collect => r.collecting = true,
@@ -1312,14 +1320,20 @@ unsafe extern "C" fn on_flush(ev: *mut ngx_event_t) {
     }
     match job.join() {
         Ok(mut written) => {
-            if written.stats.is_some() {
+            // A write paces the next one; a catalog that had not changed was not written.
+            if matches!(written.result, Ok(Some(_))) {
                 let spent = written.cpu + (feed.cost)(feed.owner);
                 let gap = spent.as_millis() as u64 * u64::from(WRITE_GAP_FACTOR);
                 feed.next_write_ms =
                     crate::health::now_ms() + gap.clamp(WRITE_GAP_MIN_MS, WRITE_GAP_MAX_MS);
             }
             if let Some(discovery) = written.discovery.take() {
-                feed.discovery = Some(discovery);
+                // The last owner of the objects it replaces, maybe: freed on a thread.
+                if let Some(old) = feed.discovery.replace(discovery) {
+                    let _ = spawn("edge-feed", move || {
+                        crate::stream::without_fastbins(|| drop(old))
+                    });
+                }
             }
             if let Some(stats) = written.stats {
                 // A count that grew is logged once, with an example.

@@ -264,6 +264,11 @@ impl Exchange {
         self.reused
     }
 
+    /// The address it talks to.
+    pub fn peer(&self) -> IpAddr {
+        self.server_ip
+    }
+
     /// Whether it ended well and kept its connection for another request.
     pub fn kept(&self) -> bool {
         self.kept

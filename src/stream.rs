@@ -176,15 +176,38 @@ pub fn thread_cpu() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Waits, up to `limit`, for the module's threads to end their work; returns how many have
-/// not. A worker ends with `exit()`, whose handlers free what such a thread may be using:
+/// The process's threads when the worker started, before any of the module's (nginx's own
+/// thread pools included): see `wait_for_threads`.
+static THREADS_AT_START: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The process's threads now (`/proc/self/task`), if it can be read.
+fn threads() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()
+        .map(Iterator::count)
+}
+
+/// Notes the worker's threads before the module starts any (see `wait_for_threads`).
+pub fn note_threads() {
+    if let Some(n) = threads() {
+        THREADS_AT_START.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits, up to `limit`, for the module's threads to end; returns how many are still at
+/// work. A worker ends with `exit()`, whose handlers free what such a thread may be using:
 /// OpenSSL's, registered with `atexit`, free the digests a thread hashing a source's file
-/// calls (a worker that exited while one did was killed by SIGSEGV).
+/// calls (a worker that exited while one did was killed by SIGSEGV). A thread's work done,
+/// the thread still runs its thread-local destructors (OpenSSL's among them): the wait lasts
+/// until the process has no more threads than when the worker started.
 pub fn wait_for_threads(limit: std::time::Duration) -> usize {
+    use std::sync::atomic::Ordering::SeqCst;
     let until = std::time::Instant::now() + limit;
+    let at_start = THREADS_AT_START.load(SeqCst);
     loop {
-        let running = RUNNING.load(std::sync::atomic::Ordering::SeqCst);
-        if running == 0 || std::time::Instant::now() >= until {
+        let running = RUNNING.load(SeqCst);
+        let gone = running == 0 && (at_start == 0 || threads().is_none_or(|n| n <= at_start));
+        if gone || std::time::Instant::now() >= until {
             return running;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));

@@ -178,6 +178,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         return false;
     }
     let log = (*cycle).log;
+    stream::note_threads();
     let pid = libc::getpid();
     let zone = mcf.zone.and_then(|z| Zone::open(z, log)).map(Arc::new);
     if let Some(zone) = &zone {
@@ -321,6 +322,7 @@ pub unsafe fn start_checks(handler: nginx_sys::ngx_event_handler_pt, ms: ngx_mse
 
 /// How long a worker that exits waits for the module's threads (see `wait_for_threads`).
 const EXIT_WAIT: Duration = Duration::from_secs(5);
+const EXIT_WAIT_FAST: Duration = Duration::from_millis(500);
 
 /// Drops the worker's state at process exit, and waits for the threads still at work.
 pub unsafe fn stop() {
@@ -346,14 +348,20 @@ pub unsafe fn stop() {
     }
     let log = w.log;
     drop(w);
-    let running = crate::stream::wait_for_threads(EXIT_WAIT);
+    // A fast shutdown (TERM): the master kills a worker still there after about 3 s.
+    let limit = if nginx_sys::ngx_terminate != 0 {
+        EXIT_WAIT_FAST
+    } else {
+        EXIT_WAIT
+    };
+    let running = crate::stream::wait_for_threads(limit);
     if running > 0 {
         ngx_log_error!(
             NGX_LOG_WARN,
             log,
-            "edge: {} thread(s) of the module still at work after {} s, exiting anyway",
+            "edge: {} thread(s) of the module still at work after {} ms, exiting anyway",
             running,
-            EXIT_WAIT.as_secs()
+            limit.as_millis()
         );
     }
 }

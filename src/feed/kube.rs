@@ -986,13 +986,28 @@ impl Catalog {
             self.objects.append(&mut after);
         }
         let room = MAX_OBJECTS.saturating_sub(self.objects.len());
-        let refused = objects.len().saturating_sub(room);
-        let mut new: BTreeMap<Key, Arc<Object>> = objects
-            .into_iter()
-            .take(room)
-            .map(|o| (o.key(), o))
-            .collect();
-        self.objects.append(&mut new);
+        // A key listed twice takes room once, its last version kept (as inserting each would).
+        let mut new: BTreeMap<Key, Arc<Object>> = BTreeMap::new();
+        let mut refused = 0;
+        let listed = objects.len();
+        if listed <= room {
+            new = objects.into_iter().map(|o| (o.key(), o)).collect();
+        } else {
+            for o in objects {
+                let key = o.key();
+                if new.len() < room || new.contains_key(&key) {
+                    new.insert(key, o);
+                } else {
+                    refused += 1;
+                }
+            }
+        }
+        // `append` rebuilds the whole map: a few objects are inserted one by one.
+        if new.len() * 16 < self.objects.len() {
+            self.objects.extend(new);
+        } else {
+            self.objects.append(&mut new);
+        }
         self.refused.insert(kind, refused);
         (refused, old)
     }
@@ -2013,6 +2028,29 @@ mod tests {
         objects.push(arc_node("a2", "10.0.0.3"));
         let (more, _) = discovered_again(&objects, "s", made);
         assert_eq!(more.nodes.len(), 2);
+    }
+
+    /// Near the limit, a key listed twice takes room once (its last version kept), as
+    /// inserting each object would.
+    #[test]
+    fn a_key_listed_twice_takes_room_once() {
+        let mut c = Catalog::default();
+        let others: Vec<Arc<Object>> = (0..MAX_OBJECTS - 2)
+            .map(|i| Arc::new(object(Kind::HTTPRoute, &format!("r{i}"), &[], None)))
+            .collect();
+        assert_eq!(c.replace_kind(Kind::HTTPRoute, others), 0);
+        let list = vec![
+            Arc::new(object(Kind::Ingress, "a", &["old.test"], None)),
+            Arc::new(object(Kind::Ingress, "a", &["new.test"], None)),
+            Arc::new(object(Kind::Ingress, "b", &[], None)),
+            Arc::new(object(Kind::Ingress, "c", &[], None)),
+        ];
+        assert_eq!(c.replace_kind(Kind::Ingress, list), 1, "c has no room");
+        let kept: Vec<(&str, &[String])> = c
+            .of_kind(Kind::Ingress)
+            .map(|o| (o.name.as_str(), &o.hosts[..]))
+            .collect();
+        assert_eq!(kept, [("a", &["new.test".to_owned()][..]), ("b", &[][..])]);
     }
 
     /// The table takes the document the feed made when it wrote a candidate rather than
