@@ -113,7 +113,7 @@ sub set_document { $_[0]->_write('edge.json', $_[1]) }
 sub set_token { $_[0]->_write('token', "$_[1]\n") }
 
 # The requests the server has seen: [method, target, had a token, tls or plain,
-# If-None-Match or '-', the connection (the process that served it)].
+# If-None-Match or '-', the connection (the process that served it), when (Unix seconds)].
 sub requests {
     my ($self) = @_;
     return [map { [split /\t/] } grep { length } split /\n/, $self->_read('requests')];
@@ -432,7 +432,7 @@ sub _request {
     my ($inm) = $req =~ m{\r\nIf-None-Match: ([^\r\n]+)\r\n}i;
     if (open my $log, '>>', "$self->{dir}/requests") {
         print $log join("\t", $method, $target, defined $auth ? 1 : 0, $self->{tls} ? 'tls' : 'plain',
-            defined $inm ? $inm : '-', $$), "\n";
+            defined $inm ? $inm : "-", $$, Time::HiRes::time()), "\n";
         close $log;
     }
     my $token = $self->_read('token');
@@ -508,7 +508,12 @@ sub _request {
         }
         $rv = $from_rv;
     }
-    my $objs = $self->_objects($res, $rv);
+    # The objects at a resourceVersion do not change: the pages of a list that come on one
+    # connection are cut from one read of them, as an API server serves a list's pages from
+    # one snapshot (only the last list is kept, in the process serving the connection).
+    my $at = "$res $rv";
+    $self->{listed} = [$at, $self->_objects($res, $rv)] unless $self->{listed} && $self->{listed}[0] eq $at;
+    my $objs = $self->{listed}[1];
     my @items = map { $objs->{$_} } sort grep { !defined $ns || m{^\Q$ns\E/} } keys %$objs;
     my $etag = "\"$res-$rv\"";
     if ($self->{exporter}) {
