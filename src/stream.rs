@@ -194,8 +194,7 @@ pub fn note_threads() {
     }
 }
 
-/// Waits, up to `limit`, for the module's threads to end; returns how many are still at
-/// work. A worker ends with `exit()`, whose handlers free what such a thread may be using:
+/// Waits, up to `limit`, for the module's threads to end; returns how many have not. A worker ends with `exit()`, whose handlers free what such a thread may be using:
 /// OpenSSL's, registered with `atexit`, free the digests a thread hashing a source's file
 /// calls (a worker that exited while one did was killed by SIGSEGV). A thread's work done,
 /// the thread still runs its thread-local destructors (OpenSSL's among them): the wait lasts
@@ -205,10 +204,13 @@ pub fn wait_for_threads(limit: std::time::Duration) -> usize {
     let until = std::time::Instant::now() + limit;
     let at_start = THREADS_AT_START.load(SeqCst);
     loop {
-        let running = RUNNING.load(SeqCst);
-        let gone = running == 0 && (at_start == 0 || threads().is_none_or(|n| n <= at_start));
-        if gone || std::time::Instant::now() >= until {
-            return running;
+        // At work, or done with it and still ending.
+        let ending = threads().map_or(0, |n| n.saturating_sub(at_start.max(1)));
+        let left = RUNNING
+            .load(SeqCst)
+            .max(if at_start == 0 { 0 } else { ending });
+        if left == 0 || std::time::Instant::now() >= until {
+            return left;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

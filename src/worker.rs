@@ -359,7 +359,7 @@ pub unsafe fn stop() {
         ngx_log_error!(
             NGX_LOG_WARN,
             log,
-            "edge: {} thread(s) of the module still at work after {} ms, exiting anyway",
+            "edge: {} thread(s) of the module not ended after {} ms, exiting anyway",
             running,
             limit.as_millis()
         );

@@ -15,8 +15,7 @@ use Edge::FakeKube;
 
 my $t = Edge::Test->new;
 my $dir = $t->dir;
-plan skip_all => 'needs a C compiler for the shim' unless system('cc --version >/dev/null 2>&1') == 0;
-$t->write_file('slow-sha.c', <<'C');
+my $slow_sha = $t->shim('slow-sha', <<'C');
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -53,28 +52,15 @@ unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md) {
     return r;
 }
 C
-system("cc -shared -fPIC -O2 -o $dir/slow-sha.so $dir/slow-sha.c -ldl") == 0 or die "cannot build the shim\n";
 
-my $kube = Edge::FakeKube->new($t, 'doc');
-my $doc = sub {
-    my ($name) = @_;
-    $kube->set_document(qq({"upstreams": {"a": {"servers": ["127.0.0.1:@{[$t->port('a')]}"]}}, "routes": {"$name": "a"}}));
-};
-$doc->('one.test');
-$kube->start;
-my $url = $kube->url('/edge.json');
-$t->config(<<"EOF");
-    edge_routes_url $url name=doc format=edge interval=1s timeout=3s;
-    edge_state %%TESTDIR%%/state;
-    server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
-    server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
-EOF
+my ($kube, $doc, $stream) = Edge::FakeKube::one_route_document($t);
+$t->config($stream);
 # Written by the workers, which may run as another user.
 mkdir "$dir/marks.d" or die "mkdir: $!\n";
 chmod 0777, "$dir/marks.d";
 my $marks = "$dir/marks.d/marks";
 {
-    local $ENV{LD_PRELOAD} = "$dir/slow-sha.so";
+    local $ENV{LD_PRELOAD} = $slow_sha;
     local $ENV{EDGE_SLOW_SHA_MARKS} = $marks;
     $t->run;
 }
@@ -94,7 +80,7 @@ is_deeply(\@killed, [], 'no worker killed by a signal');
 # A fast shutdown (TERM): nginx's master kills a worker that has not exited within a
 # few seconds; the worker waits for its threads only half a second then (a hash takes 6 s here).
 {
-    local $ENV{LD_PRELOAD} = "$dir/slow-sha.so";
+    local $ENV{LD_PRELOAD} = $slow_sha;
     local $ENV{EDGE_SLOW_SHA_MARKS} = $marks;
     local $ENV{EDGE_SLOW_SHA_SECONDS} = 6;
     $t->run;

@@ -14,11 +14,10 @@ use Edge::FakeKube;
 
 my $t = Edge::Test->new;
 my $dir = $t->dir;
-plan skip_all => 'needs a C compiler for the shim' unless system('cc --version >/dev/null 2>&1') == 0;
 $t->write_file('poll.conf', $t->expand("%%MODULES%%pid %%TESTDIR%%/poll.pid;\nevents { use poll; }\nstream { }\n"));
 plan skip_all => "this nginx has no poll event method (the vendored build has it)"
     unless system("$t->{binary} -t -q -p $dir/ -c $dir/poll.conf -e $dir/poll.log >/dev/null 2>&1") == 0;
-$t->write_file('at-once.c', <<'C');
+my $at_once = $t->shim('at-once', <<'C');
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -65,27 +64,14 @@ ssize_t recv(int fd, void *buf, size_t n, int flags) {
     return real(fd, buf, n, flags);
 }
 C
-system("cc -shared -fPIC -O2 -o $dir/at-once.so $dir/at-once.c -ldl") == 0 or die "cannot build the shim\n";
 
-my $kube = Edge::FakeKube->new($t, 'doc');
-my $doc = sub {
-    my ($name) = @_;
-    $kube->set_document(qq({"upstreams": {"a": {"servers": ["127.0.0.1:@{[$t->port('a')]}"]}}, "routes": {"$name": "a"}}));
-};
-$doc->('one.test');
-$kube->start;
-my $url = $kube->url('/edge.json');
-$t->config(<<"EOF");
-    edge_routes_url $url name=doc format=edge interval=1s timeout=3s;
-    edge_state %%TESTDIR%%/state;
-    server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
-    server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
-EOF
+my ($kube, $doc, $stream) = Edge::FakeKube::one_route_document($t);
+$t->config($stream);
 my $conf = $t->read_file('nginx.conf');
 $conf =~ s/events \{/events { use poll;/ or die "no events block\n";
 $t->write_file('nginx.conf', $conf);
 {
-    local $ENV{LD_PRELOAD} = "$dir/at-once.so";
+    local $ENV{LD_PRELOAD} = $at_once;
     local $ENV{EDGE_AT_ONCE_PORT} = $kube->port;
     $t->run;
 }

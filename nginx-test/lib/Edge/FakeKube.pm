@@ -84,6 +84,27 @@ EOF
     $ENV{HOME} = $t->dir;
 }
 
+# A started server of a native route document that routes one name to upstream "a" (the
+# test's port "a"): the server, a sub that routes another name instead, and the stream lines
+# of an edge reading it (its listener is port "edge", with a server "a" answering "a").
+sub one_route_document {
+    my ($t) = @_;
+    my $kube = Edge::FakeKube->new($t, 'doc');
+    my $route = sub {
+        my ($name) = @_;
+        $kube->set_document(qq({"upstreams": {"a": {"servers": ["127.0.0.1:@{[$t->port('a')]}"]}}, "routes": {"$name": "a"}}));
+    };
+    $route->('one.test');
+    $kube->start;
+    my $url = $kube->url('/edge.json');
+    return ($kube, $route, <<"EOF");
+    edge_routes_url $url name=doc format=edge interval=1s timeout=3s;
+    edge_state %%TESTDIR%%/state;
+    server { listen 127.0.0.1:%%PORT_edge%%; edge_route http; proxy_pass \$edge_upstream; }
+    server { listen 127.0.0.1:%%PORT_a%%; return "a"; }
+EOF
+}
+
 sub url {
     my ($self, $path) = @_;
     my $scheme = $self->{tls} ? 'https' : 'http';

@@ -125,6 +125,17 @@ sub signed_certificate {
     return ($crt, $key);
 }
 
+# A preloadable C shim (LD_PRELOAD) built from $source in the test's folder: its path. The
+# script is skipped where there is no C compiler (the containers).
+sub shim {
+    my ($self, $name, $source) = @_;
+    plan(skip_all => 'needs a C compiler for the shim') unless system('cc --version >/dev/null 2>&1') == 0;
+    $self->write_file("$name.c", $source);
+    system("cc -shared -fPIC -O2 -o $self->{dir}/$name.so $self->{dir}/$name.c -ldl") == 0
+        or die "cannot build the shim $name\n";
+    return "$self->{dir}/$name.so";
+}
+
 sub read_file {
     my ($self, $name) = @_;
     open my $fh, '<', "$self->{dir}/$name" or return '';
