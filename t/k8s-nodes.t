@@ -83,6 +83,8 @@ is($a2->{state}, 'draining', 'status shows a2 draining');
 is($a2->{active}, 1, 'with its one open connection');
 my (undef, $metrics) = Edge::Test::status_get($status, '/metrics');
 like($metrics, qr/^nginx_edge_server_draining\{upstream="ingress",server="\Q$ip{a2}\E"\} 1$/m, 'and in /metrics');
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a2}\E is draining: no new connection goes to it, the open ones continue/);
+pass('and the error log says so');
 my $echo = '';
 if ($held) {
     print $held "still there\n";
@@ -103,12 +105,17 @@ pass('once that connection is closed, a2 has none');
 kubectl('uncordon a2');
 $serves->('a1,a2,a3', 'kubectl uncordon a2: a2 takes connections again');
 is((Edge::Test::server_state($status, 'ingress', $ip{a2}) // {})->{state}, 'up', 'and status shows it up');
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a2}\E takes new connections again/);
+my @drained = grep { /server \Q$ip{a2}\E is draining/ } split /\n/, $t->read_file('error.log');
+is(scalar @drained, 1, 'the drain was said once, by the worker that reads the cluster') or diag explain \@drained;
 
 $kube->apply(Edge::FakeKube::node('a4', $ip{a4}, labels => $ingress));
 $serves->('a1,a2,a3,a4', 'a node added takes connections');
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a4}\E is added: it takes new connections/);
 
 $kube->apply(Edge::FakeKube::node('a3', $ip{a3}, labels => $ingress, ready => 'False'));
 $serves->('a1,a2,a4', 'a NotReady node takes none');
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a3}\E is out \(gone from the cluster, or not ready\)/);
 
 kubectl('label node a1 node.kubernetes.io/exclude-from-external-load-balancers=true');
 $serves->('a2,a4', 'a node excluded from external load balancers takes none');

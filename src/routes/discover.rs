@@ -565,6 +565,56 @@ pub fn select(
     s
 }
 
+/// At most this many changes of one upstream are told one by one; the rest are counted.
+pub const CHANGES_TOLD: usize = 20;
+
+/// What changed for new connections between an upstream's `previous` servers and `now`'s:
+/// one phrase per server, in address order ("server 10.0.0.2 is draining: ..."), at most
+/// `CHANGES_TOLD` and then how many more. A server's open connections continue in every case.
+pub fn changes(previous: &[ServerDef], now: &[ServerDef]) -> Vec<String> {
+    let key = |s: &ServerDef| (s.ip, s.port);
+    let before: BTreeMap<_, bool> = previous.iter().map(|s| (key(s), s.draining)).collect();
+    let after: BTreeMap<_, bool> = now.iter().map(|s| (key(s), s.draining)).collect();
+    let shown = |(ip, port): (IpAddr, Option<u16>)| {
+        let host = match ip {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        match port {
+            Some(port) => format!("{host}:{port}"),
+            None => host,
+        }
+    };
+    let mut told = Vec::new();
+    let mut more = 0usize;
+    let mut tell = |phrase: String| {
+        if told.len() < CHANGES_TOLD {
+            told.push(phrase);
+        } else {
+            more += 1;
+        }
+    };
+    let all: std::collections::BTreeSet<_> = before.keys().chain(after.keys()).copied().collect();
+    for k in all {
+        let phrase = match (before.get(&k), after.get(&k)) {
+            (Some(false), Some(true)) | (None, Some(true)) => {
+                "is draining: no new connection goes to it, the open ones continue"
+            }
+            (Some(_), None) => {
+                "is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue"
+            }
+            (Some(true), Some(false)) => "takes new connections again",
+            (None, Some(false)) => "is added: it takes new connections",
+            _ => continue,
+        };
+        tell(format!("server {} {phrase}", shown(k)));
+    }
+    if more > 0 {
+        told.push(format!("and {more} more server(s) changed"));
+    }
+    told
+}
+
 /// The better of two standings: eligible, then draining, then unready, then out.
 fn better(a: Standing, b: Standing) -> Standing {
     let rank = |x: Standing| match x {
@@ -697,6 +747,59 @@ mod tests {
             (4, 2, 1, 1, false)
         );
         assert!(s.servers.iter().all(|s| s.port.is_none() && !s.backup));
+    }
+
+    #[test]
+    fn changes_for_new_connections_are_told_once_each() {
+        let server = |ip: &str, draining: bool| ServerDef {
+            ip: ip.parse().unwrap(),
+            port: None,
+            weight: 1,
+            backup: false,
+            draining,
+        };
+        let before = [
+            server("10.0.0.1", false),
+            server("10.0.0.2", false),
+            server("10.0.0.3", true),
+        ];
+        let after = [
+            server("10.0.0.1", false),
+            server("10.0.0.2", true),
+            server("10.0.0.3", false),
+            server("10.0.0.4", false),
+        ];
+        assert_eq!(
+            changes(&before, &after),
+            [
+                "server 10.0.0.2 is draining: no new connection goes to it, the open ones continue",
+                "server 10.0.0.3 takes new connections again",
+                "server 10.0.0.4 is added: it takes new connections",
+            ]
+        );
+        assert_eq!(
+            changes(&after, &before[..1]),
+            [
+                "server 10.0.0.2 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
+                "server 10.0.0.3 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
+                "server 10.0.0.4 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
+            ]
+        );
+        // The same set again (a relist, a bookmark): nothing to tell.
+        assert!(changes(&after, &after).is_empty());
+        // A port tells servers apart (node ports); a bulk change is counted past the first ones.
+        let mut with_port = server("10.0.0.1", false);
+        with_port.port = Some(30443);
+        assert_eq!(
+            changes(&[], &[with_port]),
+            ["server 10.0.0.1:30443 is added: it takes new connections"]
+        );
+        let many: Vec<ServerDef> = (0..30)
+            .map(|i| server(&format!("10.0.1.{i}"), false))
+            .collect();
+        let told = changes(&many, &[]);
+        assert_eq!(told.len(), CHANGES_TOLD + 1);
+        assert_eq!(told.last().unwrap(), "and 10 more server(s) changed");
     }
 
     #[test]

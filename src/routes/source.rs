@@ -531,7 +531,7 @@ impl Source {
                 for w in warnings {
                     let file = self.units[owners[w.file]].shown();
                     pending.events.push(Event {
-                        level: Level::Warn,
+                        level: if w.notice { Level::Notice } else { Level::Warn },
                         message: format!("{file}: {}", w.message),
                     });
                 }

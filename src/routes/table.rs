@@ -106,11 +106,13 @@ impl Gone {
     }
 }
 
-/// Something worth a warning that does not reject the table.
+/// Something worth a warning that does not reject the table, or (`notice`) a change worth
+/// telling: a discovered server that starts or stops taking new connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergeWarning {
     pub file: usize,
     pub message: String,
+    pub notice: bool,
 }
 
 /// A reference to an upstream that no file defines, found in file `file`.
@@ -199,6 +201,7 @@ impl RouteTable {
                 if let Some(&(_, first)) = ids.get(def.name.as_str()) {
                     warnings.push(MergeWarning {
                         file,
+                        notice: false,
                         message: format!(
                             "upstreams.{}: already defined in an earlier file (#{first}), ignored",
                             def.name
@@ -278,6 +281,7 @@ impl RouteTable {
                 if taken {
                     warnings.push(MergeWarning {
                         file,
+                        notice: false,
                         message: format!(
                             "routes[\"{key}\"]: already routed by an earlier file, ignored"
                         ),
@@ -289,6 +293,7 @@ impl RouteTable {
                 if default.is_some() {
                     warnings.push(MergeWarning {
                         file,
+                        notice: false,
                         message: "default: already set by an earlier file, ignored".into(),
                     });
                 } else {
@@ -373,7 +378,22 @@ impl RouteTable {
                     None
                 };
                 if let Some(message) = message {
-                    warnings.push(MergeWarning { file, message });
+                    warnings.push(MergeWarning {
+                        file,
+                        message,
+                        notice: false,
+                    });
+                }
+                // What changed for new connections, once (the next table compares with this
+                // one). Not at a start, nor while the previous servers are kept.
+                if let (Some(previous), Some(_), false) = (previous, answered, s.kept_previous) {
+                    for change in discover::changes(previous, &s.servers) {
+                        warnings.push(MergeWarning {
+                            file,
+                            message: format!("upstreams.{}: {change}", def.name),
+                            notice: true,
+                        });
+                    }
                 }
                 Some((UpstreamKind::Servers(s.servers), s.port_map))
             })
