@@ -44,11 +44,14 @@ my $RESOURCES = join '|', sort keys %KINDS;
 
 # new($t, $name, tls => [crt, key], client_ca => CA_FILE, token => TEXT, exporter => 1,
 #     gateway => 1, bookmark => SECONDS, gone_as_event => 1, forbid => [RESOURCE, ...])
+# Without a test ($t undef), dir, port and host (the address it listens on and names in its
+# URL), and listen (0.0.0.0: every address) are given: the lab's server (docker/lab), whose
+# folder its scripts reach with attach.
 sub new {
     my ($class, $t, $name, %o) = @_;
-    my $dir = $t->dir . "/kube-$name";
+    my $dir = $o{dir} // $t->dir . "/kube-$name";
     mkdir $dir;
-    my $self = bless { t => $t, name => $name, dir => $dir, port => $t->port("kube_$name"), %o }, $class;
+    my $self = bless { t => $t, name => $name, dir => $dir, port => $o{port} // $t->port("kube_$name"), %o }, $class;
     $self->_write('log', '');
     $self->_write('compacted', "0\n");
     $self->_write('mode', "ok\n");
@@ -58,15 +61,24 @@ sub new {
     return $self;
 }
 
+# The server whose state folder is DIR, started elsewhere (another process or container),
+# to change its objects: nothing of its state is reset.
+sub attach {
+    my ($class, $dir, %o) = @_;
+    -d $dir or die "no fake API server's folder $dir\n";
+    return bless { name => 'attached', dir => $dir, %o }, $class;
+}
+
 sub port { $_[0]{port} }
 sub dir { $_[0]{dir} }
 
-# A kubeconfig for kubectl against this server, in the test folder; KUBECONFIG points at it,
-# and HOME at the test folder (kubectl's discovery cache goes under it).
+# A kubeconfig for kubectl against this server, in DIR (the test folder by default); KUBECONFIG
+# points at it, and HOME at DIR (kubectl's discovery cache goes under it).
 sub kubeconfig {
-    my ($self) = @_;
-    my $t = $self->{t};
-    $t->write_file('kubeconfig', <<"EOF");
+    my ($self, $dir) = @_;
+    $dir //= $self->{t}->dir;
+    open my $fh, '>', "$dir/kubeconfig" or die "$dir/kubeconfig: $!\n";
+    print $fh <<"EOF";
 apiVersion: v1
 kind: Config
 clusters:
@@ -80,8 +92,9 @@ contexts:
   context: {cluster: fake, user: edge}
 current-context: fake
 EOF
-    $ENV{KUBECONFIG} = $t->dir . '/kubeconfig';
-    $ENV{HOME} = $t->dir;
+    close $fh or die "$dir/kubeconfig: $!\n";
+    $ENV{KUBECONFIG} = "$dir/kubeconfig";
+    $ENV{HOME} = $dir;
 }
 
 # A started server of a native route document that routes one name to upstream "a" (the
@@ -108,7 +121,7 @@ EOF
 sub url {
     my ($self, $path) = @_;
     my $scheme = $self->{tls} ? 'https' : 'http';
-    return "$scheme://127.0.0.1:$self->{port}" . ($path // '');
+    return "$scheme://@{[$self->{host} // '127.0.0.1']}:$self->{port}" . ($path // '');
 }
 
 sub _write {
@@ -353,30 +366,45 @@ sub compact {
     $self->_write('compacted', $self->last_rv . "\n");
 }
 
-sub start {
+sub _listen {
     my ($self) = @_;
-    my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
+    my $listen = IO::Socket::INET->new(Listen => 128, LocalAddr => $self->{listen} // $self->{host} // '127.0.0.1',
         LocalPort => $self->{port}, Proto => 'tcp', ReuseAddr => 1)
         or die "fake API server on $self->{port}: $!\n";
+    return $listen;
+}
+
+# Answers connections for ever, each in a process of its own.
+sub _serve {
+    my ($self, $listen) = @_;
+    $SIG{CHLD} = 'IGNORE';
+    $SIG{PIPE} = 'IGNORE';
+    while (1) {
+        my $c = $listen->accept or next;
+        my $child = fork();
+        if (defined $child && $child == 0) {
+            close $listen;
+            eval { $self->_connection($c) };
+            POSIX::_exit(0);
+        }
+        close $c;
+    }
+}
+
+# The server in this process, in the foreground (the lab's container).
+sub serve { $_[0]->_serve($_[0]->_listen) }
+
+sub start {
+    my ($self) = @_;
+    my $listen = $self->_listen;
     my $pid = fork() // die "fork: $!\n";
     if ($pid == 0) {
         setpgrp(0, 0);
-        $SIG{CHLD} = 'IGNORE';
-        $SIG{PIPE} = 'IGNORE';
-        while (1) {
-            my $c = $listen->accept or next;
-            my $child = fork();
-            if (defined $child && $child == 0) {
-                close $listen;
-                eval { $self->_connection($c) };
-                POSIX::_exit(0);
-            }
-            close $c;
-        }
+        $self->_serve($listen);
     }
     close $listen;
     $self->{pid} = $pid;
-    $self->{t}{fake_kube}{$self->{name}} = $self;
+    $self->{t}{fake_kube}{$self->{name}} = $self if $self->{t};
     return $self;
 }
 
@@ -672,7 +700,7 @@ sub _discovery {
         $body = { major => '1', minor => '30', gitVersion => 'v1.30.0', platform => 'linux/amd64' };
     } elsif ($path eq '/api') {
         $body = { kind => 'APIVersions', versions => ['v1'],
-            serverAddressByClientCIDRs => [{ clientCIDR => '0.0.0.0/0', serverAddress => "127.0.0.1:$self->{port}" }] };
+            serverAddressByClientCIDRs => [{ clientCIDR => '0.0.0.0/0', serverAddress => "@{[$self->{host} // '127.0.0.1']}:$self->{port}" }] };
     } elsif ($path eq '/api/v1') {
         $body = { kind => 'APIResourceList', groupVersion => 'v1', resources => [
             { name => 'namespaces', singularName => 'namespace', namespaced => JSON::PP::false(),

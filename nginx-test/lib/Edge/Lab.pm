@@ -11,11 +11,11 @@ use Time::HiRes qw(time sleep);
 use Edge::Docker qw(docker docker_ok in_container wait_for);
 
 our @EXPORT_OK = qw(lab_dir addr vip container holder edge_status server_state issue client_https
-    client_http certificate_of write_routes probe_start probe_stop probe_records probe_wait);
+    client_http certificate_of write_routes probe_start probe_stop probe_records probe_wait kube);
 
 my $net = $ENV{LAB_NET} // '172.29.89';
-my %host = (pebble => 10, dns => 11, vip => 20, edge1 => 21, edge2 => 22, a1 => 31, a2 => 32,
-    a3 => 33, 'a-acme' => 34, b1 => 41, 'b-acme' => 42, client => 50);
+my %host = (pebble => 10, dns => 11, 'kube-a' => 12, vip => 20, edge1 => 21, edge2 => 22, a1 => 31,
+    a2 => 32, a3 => 33, a4 => 35, 'a-acme' => 34, b1 => 41, 'b-acme' => 42, client => 50);
 
 sub lab_dir { $ENV{LAB_DIR} // die "LAB_DIR is not set: run the lab's scripts with docker/lab/run\n" }
 sub addr { "$net.$host{$_[0]}" }
@@ -87,6 +87,15 @@ sub certificate_of {
     my ($serial) = $out =~ /serial=(\w+)/;
     my ($issuer) = $out =~ /issuer=.*?CN\s*=\s*([^\n,]+)/;
     return ($serial // '', $issuer // '');
+}
+
+# Cluster A's API server (the kube-a container), to change its objects from here; its
+# kubeconfig for kubectl is written into the lab's folder, and KUBECONFIG points at it.
+sub kube {
+    require Edge::FakeKube;
+    my $kube = Edge::FakeKube->attach(lab_dir() . '/shared/kube-a', host => addr('kube-a'), port => 6443);
+    $kube->kubeconfig(lab_dir());
+    return $kube;
 }
 
 # Writes cluster $cluster's route file for @names into routes.d, renamed into place.
