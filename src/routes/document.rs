@@ -9,7 +9,7 @@ use super::json::Json;
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
 pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
-/// Bounds of one table; each is documented in the README.
+/// Bounds of one table; each is documented in docs/configuration.md (Limits).
 pub mod limits {
     /// Bytes of one route file. 100,000 routes take about 6 MB.
     pub const MAX_FILE_BYTES: u64 = 64 << 20;
