@@ -83,7 +83,7 @@ is($a2->{state}, 'draining', 'status shows a2 draining');
 is($a2->{active}, 1, 'with its one open connection');
 my (undef, $metrics) = Edge::Test::status_get($status, '/metrics');
 like($metrics, qr/^nginx_edge_server_draining\{upstream="ingress",server="\Q$ip{a2}\E"\} 1$/m, 'and in /metrics');
-$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a2}\E is draining: no new connection goes to it, the open ones continue/);
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a2}\E is draining \(cordoned\): no new connection goes to it, the open ones continue/);
 pass('and the error log says so');
 my $echo = '';
 if ($held) {
@@ -115,10 +115,11 @@ $t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a4}\E is added
 
 $kube->apply(Edge::FakeKube::node('a3', $ip{a3}, labels => $ingress, ready => 'False'));
 $serves->('a1,a2,a4', 'a NotReady node takes none');
-$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a3}\E is out \(gone from the cluster, or not ready\)/);
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a3}\E is out \(NotReady\)/);
 
 kubectl('label node a1 node.kubernetes.io/exclude-from-external-load-balancers=true');
 $serves->('a2,a4', 'a node excluded from external load balancers takes none');
+$t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a1}\E is out \(excluded from external load balancers\)/);
 
 $kube->apply(Edge::FakeKube::node('a4', $ip{a4}, labels => $ingress, taints => ['ToBeDeletedByClusterAutoscaler']));
 $serves->('a2', 'a node the autoscaler is about to delete takes none');

@@ -369,6 +369,9 @@ pub struct Selection {
     /// ...the upstream's previous ones among them, or its previous ones as they were when
     /// the source has not answered.
     pub kept_previous: bool,
+    /// Why each address the source gave takes no new connection (draining, out, past the
+    /// limit), for `changes`.
+    pub why: Vec<((IpAddr, Option<u16>), &'static str)>,
 }
 
 /// The servers `spec` takes of what its source `found`: the eligible ones, and the draining
@@ -508,6 +511,11 @@ pub fn select(
         }
     }
     let mut unready = Vec::new();
+    for &(ip, port, standing) in &taken {
+        if let Standing::Draining(why) | Standing::Unready(why) | Standing::Out(why) = standing {
+            s.why.push(((ip, port), why));
+        }
+    }
     for (ip, port, standing) in taken {
         let server = |draining| ServerDef {
             ip,
@@ -534,6 +542,7 @@ pub fn select(
         };
         if s.servers.len() == MAX_SERVERS {
             s.over += 1;
+            s.why.push(((ip, port), "past the limit of servers"));
             continue;
         }
         s.eligible += usize::from(!draining);
@@ -569,45 +578,54 @@ pub fn select(
 pub const CHANGES_TOLD: usize = 20;
 
 /// What changed for new connections between an upstream's `previous` servers and `now`'s:
-/// one phrase per server, in address order ("server 10.0.0.2 is draining: ..."), at most
-/// `CHANGES_TOLD` and then how many more. A server's open connections continue in every case.
-pub fn changes(previous: &[ServerDef], now: &[ServerDef]) -> Vec<String> {
+/// one phrase per server, in address order ("server 10.0.0.2 is draining (cordoned): ..."),
+/// with the reason `why` gives (see `Selection::why`), at most `CHANGES_TOLD` and then how
+/// many more. A server's open connections continue in every case.
+pub fn changes(
+    previous: &[ServerDef],
+    now: &[ServerDef],
+    why: &[((IpAddr, Option<u16>), &'static str)],
+) -> Vec<String> {
     let key = |s: &ServerDef| (s.ip, s.port);
-    let before: BTreeMap<_, bool> = previous.iter().map(|s| (key(s), s.draining)).collect();
-    let after: BTreeMap<_, bool> = now.iter().map(|s| (key(s), s.draining)).collect();
-    let shown = |(ip, port): (IpAddr, Option<u16>)| {
-        let host = match ip {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("[{ip}]"),
-        };
-        match port {
-            Some(port) => format!("{host}:{port}"),
-            None => host,
-        }
-    };
+    let before: BTreeMap<_, &ServerDef> = previous.iter().map(|s| (key(s), s)).collect();
+    let after: BTreeMap<_, &ServerDef> = now.iter().map(|s| (key(s), s)).collect();
+    let why: BTreeMap<_, &str> = why.iter().copied().collect();
+    let mut keys: Vec<_> = before.keys().chain(after.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
     let mut told = Vec::new();
     let mut more = 0usize;
-    let mut tell = |phrase: String| {
-        if told.len() < CHANGES_TOLD {
-            told.push(phrase);
-        } else {
-            more += 1;
-        }
-    };
-    let all: std::collections::BTreeSet<_> = before.keys().chain(after.keys()).copied().collect();
-    for k in all {
-        let phrase = match (before.get(&k), after.get(&k)) {
-            (Some(false), Some(true)) | (None, Some(true)) => {
-                "is draining: no new connection goes to it, the open ones continue"
-            }
-            (Some(_), None) => {
-                "is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue"
-            }
-            (Some(true), Some(false)) => "takes new connections again",
-            (None, Some(false)) => "is added: it takes new connections",
+    for k in keys {
+        let reason = why.get(&k).copied();
+        let phrase = match (
+            before.get(&k).map(|s| s.draining),
+            after.get(&k).map(|s| s.draining),
+        ) {
+            (Some(false) | None, Some(true)) => format!(
+                "is draining ({}): no new connection goes to it, the open ones continue",
+                reason.unwrap_or("going away")
+            ),
+            (Some(_), None) => format!(
+                "is out ({}): no new connection goes to it, the open ones continue",
+                reason.unwrap_or("gone from the cluster, or no longer selected")
+            ),
+            (Some(true), Some(false)) => "takes new connections again".into(),
+            (None, Some(false)) => "is added: it takes new connections".into(),
             _ => continue,
         };
-        tell(format!("server {} {phrase}", shown(k)));
+        if told.len() == CHANGES_TOLD {
+            more += 1;
+            continue;
+        }
+        let server = after
+            .get(&k)
+            .or(before.get(&k))
+            .expect("a key of one of them");
+        let shown = match server.port {
+            Some(port) => format!("{}:{port}", server.host()),
+            None => server.host(),
+        };
+        told.push(format!("server {shown} {phrase}"));
     }
     if more > 0 {
         told.push(format!("and {more} more server(s) changed"));
@@ -758,6 +776,7 @@ mod tests {
             backup: false,
             draining,
         };
+        let at = |ip: &str| (ip.parse::<IpAddr>().unwrap(), None);
         let before = [
             server("10.0.0.1", false),
             server("10.0.0.2", false),
@@ -770,34 +789,39 @@ mod tests {
             server("10.0.0.4", false),
         ];
         assert_eq!(
-            changes(&before, &after),
+            changes(&before, &after, &[(at("10.0.0.2"), "cordoned")]),
             [
-                "server 10.0.0.2 is draining: no new connection goes to it, the open ones continue",
+                "server 10.0.0.2 is draining (cordoned): no new connection goes to it, the open ones continue",
                 "server 10.0.0.3 takes new connections again",
                 "server 10.0.0.4 is added: it takes new connections",
             ]
         );
         assert_eq!(
-            changes(&after, &before[..1]),
+            changes(&after, &before[..1], &[(at("10.0.0.2"), "NotReady"), (at("10.0.0.3"), "excluded from external load balancers")]),
             [
-                "server 10.0.0.2 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
-                "server 10.0.0.3 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
-                "server 10.0.0.4 is out (gone from the cluster, or not ready): no new connection goes to it, the open ones continue",
+                "server 10.0.0.2 is out (NotReady): no new connection goes to it, the open ones continue",
+                "server 10.0.0.3 is out (excluded from external load balancers): no new connection goes to it, the open ones continue",
+                "server 10.0.0.4 is out (gone from the cluster, or no longer selected): no new connection goes to it, the open ones continue",
             ]
         );
         // The same set again (a relist, a bookmark): nothing to tell.
-        assert!(changes(&after, &after).is_empty());
-        // A port tells servers apart (node ports); a bulk change is counted past the first ones.
+        assert!(changes(&after, &after, &[]).is_empty());
+        // A port tells servers apart (node ports); IPv6 as peers are named; a bulk change is
+        // counted past the first ones.
         let mut with_port = server("10.0.0.1", false);
         with_port.port = Some(30443);
+        let v6 = server("2001:db8::1", true);
         assert_eq!(
-            changes(&[], &[with_port]),
-            ["server 10.0.0.1:30443 is added: it takes new connections"]
+            changes(&[], &[with_port, v6], &[]),
+            [
+                "server 10.0.0.1:30443 is added: it takes new connections",
+                "server [2001:db8::1] is draining (going away): no new connection goes to it, the open ones continue",
+            ]
         );
         let many: Vec<ServerDef> = (0..30)
             .map(|i| server(&format!("10.0.1.{i}"), false))
             .collect();
-        let told = changes(&many, &[]);
+        let told = changes(&many, &[], &[]);
         assert_eq!(told.len(), CHANGES_TOLD + 1);
         assert_eq!(told.last().unwrap(), "and 10 more server(s) changed");
     }

@@ -385,9 +385,15 @@ impl RouteTable {
                     });
                 }
                 // What changed for new connections, once (the next table compares with this
-                // one). Not at a start, nor while the previous servers are kept.
-                if let (Some(previous), Some(_), false) = (previous, answered, s.kept_previous) {
-                    for change in discover::changes(previous, &s.servers) {
+                // one). Not at a start, nor before the source's first answer (no previous
+                // servers: every one would be "added").
+                if let (Some(previous), Some(_)) = (previous, answered) {
+                    let told = if previous.is_empty() {
+                        Vec::new()
+                    } else {
+                        discover::changes(previous, &s.servers, &s.why)
+                    };
+                    for change in told {
                         warnings.push(MergeWarning {
                             file,
                             message: format!("upstreams.{}: {change}", def.name),
@@ -1016,6 +1022,59 @@ mod tests {
         assert!(
             image.is_ok(),
             "an image with an empty discovered upstream reads back"
+        );
+        // What changed for new connections is told once, at notice; the first answer after
+        // a start (no previous servers) tells nothing.
+        let notices = |w: &[MergeWarning]| -> Vec<String> {
+            w.iter()
+                .filter(|w| w.notice)
+                .map(|w| w.message.clone())
+                .collect()
+        };
+        let cordoned = |name: &str, ip: &str, ready: Option<bool>| {
+            let mut n = node(name, ip, ready, "ingress");
+            n.state.unschedulable = true;
+            n
+        };
+        let merged = |nodes: Vec<Node>, previous: &RouteTable| {
+            RouteTable::merge_with(
+                &[&file, &source(nodes)],
+                &|_| false,
+                &discovery(Some(previous)),
+            )
+            .unwrap()
+        };
+        let ready = || node("a1", "10.0.0.1", Some(true), "ingress");
+        let (c1, w) = merged(
+            vec![ready(), node("a4", "10.0.0.4", Some(true), "ingress")],
+            &t3,
+        );
+        assert_eq!(servers(&c1), ["10.0.0.1", "10.0.0.4"]);
+        assert!(notices(&w).is_empty(), "{w:?}");
+        let (c2, w) = merged(vec![ready(), cordoned("a4", "10.0.0.4", Some(true))], &c1);
+        assert_eq!(notices(&w), ["upstreams.ingress: server 10.0.0.4 is draining (cordoned): no new connection goes to it, the open ones continue"]);
+        let (c3, w) = merged(vec![ready(), cordoned("a4", "10.0.0.4", Some(true))], &c2);
+        assert!(notices(&w).is_empty(), "the same nodes again: {w:?}");
+        // a1 NotReady: fail open keeps it, and the draining a4 leaves (said), then comes back.
+        let (c4, w) = merged(
+            vec![
+                node("a1", "10.0.0.1", Some(false), "ingress"),
+                cordoned("a4", "10.0.0.4", Some(true)),
+            ],
+            &c3,
+        );
+        assert_eq!(servers(&c4), ["10.0.0.1"]);
+        assert_eq!(notices(&w), ["upstreams.ingress: server 10.0.0.4 is out (cordoned): no new connection goes to it, the open ones continue"]);
+        let (c5, w) = merged(vec![ready(), cordoned("a4", "10.0.0.4", Some(true))], &c4);
+        assert_eq!(servers(&c5), ["10.0.0.1", "10.0.0.4"]);
+        assert_eq!(notices(&w), ["upstreams.ingress: server 10.0.0.4 is draining (cordoned): no new connection goes to it, the open ones continue"]);
+        let (_, w) = merged(vec![node("a1", "10.0.0.1", Some(true), "worker")], &c5);
+        assert_eq!(
+            notices(&w),
+            [
+                "upstreams.ingress: server 10.0.0.1 is out (gone from the cluster, or no longer selected): no new connection goes to it, the open ones continue",
+                "upstreams.ingress: server 10.0.0.4 is out (gone from the cluster, or no longer selected): no new connection goes to it, the open ones continue",
+            ]
         );
         // A source that does not discover nodes.
         let err = RouteTable::merge_with(&[&file, &nodes], &|_| false, &Discovery::default())
