@@ -20,11 +20,28 @@ plan skip_all => 'kubectl is not installed' unless system('kubectl version --cli
 
 my @edges = qw(edge1 edge2);
 my $kube = kube();
+my $cache = lab_dir() . '/kube-cache';
 sub kubectl {
-    my $out = `kubectl @_ 2>&1`;
+    my $out = `kubectl --cache-dir=$cache @_ 2>&1`;
     is($?, 0, "kubectl @_") or diag $out;
     return $out;
 }
+# When the API server received the last PATCH of node NAME (what kubectl cordon sends).
+sub patched {
+    my ($name) = @_;
+    my ($r) = reverse grep { $_->[0] eq 'PATCH' && $_->[1] =~ m{^/api/v1/nodes/\Q$name\E(\?|$)} } @{ $kube->requests };
+    return $r ? $r->[6] : undef;
+}
+# Whatever happens below, the lab is left as the next script expects it: no probe running,
+# cluster A's nodes a1, a2, a3 Ready and schedulable, a4 not in the API server.
+my $restored;
+sub restore {
+    return if $restored++;
+    if (open(my $stop, '>', lab_dir() . '/shared/nodes.stop')) { close $stop }
+    $kube->apply(Edge::FakeKube::node($_, addr($_))) for qw(a1 a2 a3);
+    eval { $kube->delete(Edge::FakeKube::node('a4', addr('a4'))) };
+}
+END { restore() unless $restored }
 # The servers of cluster-a on an edge: { address => server }.
 sub servers_on {
     my ($edge) = @_;
@@ -57,36 +74,46 @@ probe_wait('nodes', sub { (grep { $_->[2] eq 'ok' } @{$_[0]}) >= 40 }, '40 answe
 # A long answer from a2 (600 KB at 100 KB/s), open through the edge when a2 is cordoned: a
 # client asks until one lands on a2.
 my $slow;
-for my $try (1 .. 12) {
+my $deadline = time + 120;
+for (my $try = 1; !$slow && time < $deadline; $try++) {
     my $tag = "/lab-state/slow$try";
     docker_ok('exec', '-d', container('client'), 'sh', '-c',
         "curl -sS --max-time 60 -H 'Host: a.lab.test' -D $tag.head -o /dev/null"
         . " -w '%{http_code} %{size_download}\\n' http://${\vip()}/slow > $tag.tmp 2>&1; mv $tag.tmp $tag.result");
-    my $head = lab_dir() . "/shared/slow$try.head";
-    my $node = wait_for(sub { -s $head && (`cat $head` =~ /^X-Node: cluster-a (a\d)\r?$/m ? $1 : 0) }, "slow answer $try", 30);
-    if ($node eq 'a2') { $slow = lab_dir() . "/shared/slow$try.result"; last }
+    my $file = lab_dir() . "/shared/slow$try";
+    my $node = wait_for(sub {
+        my $head = -s "$file.head" ? `cat $file.head` : '';
+        return $1 if $head =~ /^X-Node: cluster-a (a\d)\r?$/m;
+        return -e "$file.result" ? 'none' : 0;
+    }, "slow answer $try", 30);
+    $slow = "$file.result" if $node eq 'a2';
 }
-ok($slow, 'a long answer from a2 is under way');
+$slow or BAIL_OUT('no long answer from a2 within 120 s');
+pass('a long answer from a2 is under way');
 
-# --- kubectl cordon a2.
-my $cordon = time;
+# --- kubectl cordon a2. The times are the API server's: when the PATCH came.
+my $since = time - 1;
 kubectl('cordon a2');
+my $cordon = patched('a2') // die "the API server saw no PATCH of a2\n";
 wait_for(sub { edges_show(a2 => 'draining') }, 'a2 draining on both edges', 60);
 my $seen_draining = time - $cordon;
+ok(!-e $slow, 'the answer from a2 is still under way while a2 drains');
 my $active = servers_on('edge1')->{addr('a2')}{active};
 probe_wait('nodes', sub { (grep { $_->[0] > $cordon + 1 && $_->[2] eq 'ok' } @{$_[0]}) >= 100 }, '100 answers after the cordon');
 wait_for(sub { -e $slow }, 'the long answer from a2 finished', 60);
 my $result = `cat $slow`;
 is($result, "200 600000\n", 'the answer a2 was sending when cordoned finished whole');
-wait_for(sub { edges_show(a2 => 'draining') && (servers_on('edge1')->{addr('a2')}{active} // -1) == 0 }, 'a2 with no connection', 60);
-pass('then a2 has no connection left (status)');
+wait_for(sub { edges_show(a2 => 'draining') && !grep { (servers_on($_)->{addr('a2')}{active} // -1) != 0 } @edges },
+    'a2 with no connection on either edge', 60);
+pass('then a2 has no connection left on either edge (status)');
 my $records = probe_records('nodes');
 my @late_a2 = grep { $_->[0] > $cordon + 1 && ($_->[3] // '') eq 'cluster-a-a2' } @$records;
 is(scalar @late_a2, 0, 'no connection started 1 s after the cordon reaches a2') or diag(explain(\@late_a2));
 my ($last_a2) = sort { $b <=> $a } map { $_->[0] } grep { ($_->[3] // '') eq 'cluster-a-a2' } @$records;
 my $cordon_took = defined $last_a2 ? $last_a2 - $cordon : 0;
 for my $edge (@edges) {
-    my @said = grep { /\[notice\] .*upstreams\.cluster-a: server \Q${\addr('a2')}\E is draining/ } split /\n/, docker('logs', container($edge));
+    my @said = grep { /\[notice\] .*upstreams\.cluster-a: server \Q${\addr('a2')}\E is draining \(cordoned\)/ }
+        split /\n/, docker('logs', '--since', int($since), container($edge));
     is(scalar @said, 1, "$edge said once that a2 is draining") or diag explain \@said;
 }
 # What edge2, which does not hold the address, gives a client asking it directly.
@@ -137,8 +164,7 @@ close $fh;
 
 # --- Back as the other scripts expect cluster A: a1, a2, a3 up, a4 gone.
 kubectl('uncordon a2');
-$kube->apply(Edge::FakeKube::node('a3', addr('a3')));
-$kube->delete(Edge::FakeKube::node('a4', addr('a4')));
+restore();
 wait_for(sub { edges_show(a1 => 'up', a2 => 'up', a3 => 'up', a4 => undef) }, 'a1, a2, a3 up again, a4 gone', 60);
 pass('uncordoned, Ready again and removed: cluster A as it was');
 

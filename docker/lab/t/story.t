@@ -26,6 +26,9 @@ wait_for(sub {
         . ' && mv /lab-state/root.pem.tmp /lab-state/root.pem');
     $? == 0;
 }, "pebble's root", 120);
+# Cluster A's servers come from its API server (kube-a): both edges have them before the story.
+wait_for(sub { !grep { my $e = $_; grep { server_state($e, 'cluster-a', addr($_)) ne 'up' } qw(a1 a2 a3) } qw(edge1 edge2) },
+    "cluster A's nodes up on both edges", 120);
 my %started = map { $_ => docker_ok('inspect', '-f', '{{.State.StartedAt}}', container($_)) } qw(edge1 edge2);
 
 # --- Cluster A: HTTP-01 through the edge's Host routing, to any of its three nodes.

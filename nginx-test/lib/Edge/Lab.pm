@@ -90,10 +90,12 @@ sub certificate_of {
 }
 
 # Cluster A's API server (the kube-a container), to change its objects from here; its
-# kubeconfig for kubectl is written into the lab's folder, and KUBECONFIG points at it.
+# kubeconfig for kubectl is written into the lab's folder, and KUBECONFIG points at it (HOME
+# stays: docker reads its own configuration under it; kubectl is given --cache-dir).
 sub kube {
     require Edge::FakeKube;
     my $kube = Edge::FakeKube->attach(lab_dir() . '/shared/kube-a', host => addr('kube-a'), port => 6443);
+    local $ENV{HOME};
     $kube->kubeconfig(lab_dir());
     return $kube;
 }
