@@ -179,11 +179,6 @@ struct Res {
     /// source's last candidate. The catalog is written only once every kind is known, so
     /// that a kind that has not answered yet keeps its routes.
     known: bool,
-    /// Its objects came from the cluster (listed, or absent) or from the source's last good
-    /// copy: not merely known to be none because there was no copy. Servers are made from
-    /// Nodes, EndpointSlices and Services only once they are (before, the upstream has not
-    /// heard from its source, rather than found no node).
-    told: bool,
 }
 
 enum Parsed {
@@ -443,7 +438,6 @@ pub unsafe fn start(
             idle: None,
             absent_logged: false,
             known: false,
-            told: false,
         });
         // Armed once the feed has read what the source brought before (see `seeded`).
         res.timer.handler = Some(on_timer);
@@ -516,13 +510,11 @@ unsafe fn seeded(feed: &mut Feed, catalog: Seeded) {
     match catalog {
         // Every kind is known: from the last good table, or there was none (nothing to keep).
         Ok(catalog) => {
-            let told = catalog.is_some();
             if let Some(catalog) = catalog {
                 feed.catalog = catalog;
             }
             for r in &mut feed.resources {
                 r.known = true;
-                r.told = told;
             }
         }
         Err(e) => {
@@ -835,7 +827,6 @@ unsafe fn news(feed: &mut Feed, index: usize) {
             Body::Absent => {
                 r.ex = None;
                 r.known = true;
-                r.told = true;
                 let retry = r.plan.absent_retry();
                 // The kind is not served (its CRDs were removed, or never installed), or the
                 // edge's role may not read it: the source has none of it. Nodes and Services
@@ -1131,7 +1122,6 @@ unsafe fn took_list(feed: &mut Feed, index: usize, listed: crate::feed::plan::Li
         }
     }
     feed.resources[index].known = true;
-    feed.resources[index].told = true;
     feed.dirty = true;
 }
 
@@ -1205,16 +1195,6 @@ unsafe fn flush(feed: &mut Feed) {
     let status = feed.status();
     let last = feed.written_hash;
     let memo = feed.discovery.clone();
-    let discovery_told = feed
-        .resources
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.plan.kind,
-                Some(Kind::Node | Kind::EndpointSlice | Kind::Service)
-            )
-        })
-        .all(|r| r.told);
     feed.dirty = feed.dirty && !catalog;
     feed.status_dirty = false;
     let job = spawn("edge-feed", move || {
@@ -1251,7 +1231,7 @@ unsafe fn flush(feed: &mut Feed) {
                 written.default_class = made.default_class.take();
                 written.first_invalid = made.invalid.drain(..).next();
                 written.first_problem = made.first_problem.take();
-                let discovered = (options.discover.any() && discovery_told).then(|| {
+                let discovered = options.discover.any().then(|| {
                     let (discovered, made) = kube::discovered_again(objects, &options.name, memo);
                     written.discovery = made;
                     discovered
