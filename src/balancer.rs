@@ -126,9 +126,12 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             (*data.upstream).name,
             data.local_port
         );
-        return NGX_BUSY as ngx_int_t;
+        return no_server(data);
     }
     let Some(pick) = servers.pick(&data.tried, data.client, loop_now_ms()) else {
+        if data.tried.is_empty() {
+            return no_server(data);
+        }
         return NGX_BUSY as ngx_int_t;
     };
     let i = pick.index;
@@ -173,6 +176,14 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
     }
     NGX_OK as ngx_int_t
+}
+
+/// The session's upstream has no server to try: counted apart from failed connects.
+unsafe fn no_server(data: &PeerData) -> ngx_int_t {
+    if let Some(ctx) = session::get(data.session) {
+        ctx.no_server = true;
+    }
+    NGX_BUSY as ngx_int_t
 }
 
 /// The event loop's clock: nginx reads CLOCK_MONOTONIC once per loop iteration, the clock of

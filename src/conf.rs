@@ -111,6 +111,10 @@ pub struct MainConf {
     /// `edge_drain_timeout`: how long a connection may stay open once its server or route
     /// went away (never, without it).
     pub drain_timeout_ms: Option<u64>,
+    /// `edge_counters`: `Some(None)` for `off`; unset, the defaults.
+    pub counters_sizes: Option<Option<crate::counters::Sizes>>,
+    /// The counters' zone, once a source is declared and counters are not off.
+    pub counters: Option<NonNull<ngx_shm_zone_t>>,
 }
 
 pub struct SrvConf {
@@ -320,6 +324,64 @@ pub unsafe extern "C" fn set_edge_zone(
         }
         None => NGX_CONF_ERROR,
     }
+}
+
+/// `edge_counters [routes=N] [unrouted=K];` or `edge_counters off;`
+pub unsafe extern "C" fn set_edge_counters(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    use crate::counters::{Sizes, DEFAULT_ROUTES, DEFAULT_UNROUTED, MAX_ROUTES, MAX_UNROUTED};
+    let mcf = stream::cf_main_conf::<MainConf>(cf);
+    if mcf.counters_sizes.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let args: Vec<String> = stream::conf_args(cf)[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned())
+        .collect();
+    if args.len() == 1 && args[0] == "off" {
+        mcf.counters_sizes = Some(None);
+        return NGX_CONF_OK;
+    }
+    let mut sizes = Sizes {
+        routes: DEFAULT_ROUTES,
+        unrouted: DEFAULT_UNROUTED,
+    };
+    for arg in &args {
+        let (key, value) = arg.split_once('=').unwrap_or((arg, ""));
+        let (field, min, max) = match key {
+            "routes" => (&mut sizes.routes, 1, MAX_ROUTES),
+            "unrouted" => (&mut sizes.unrouted, 0, MAX_UNROUTED),
+            _ => {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "edge_counters: unknown parameter \"{}\" (routes=N, unrouted=K, or off alone)",
+                    arg
+                );
+                return NGX_CONF_ERROR;
+            }
+        };
+        match value.parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => *field = n,
+            _ => {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "edge_counters: invalid {} \"{}\": a number from {} to {}",
+                    key,
+                    value,
+                    min,
+                    max
+                );
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+    mcf.counters_sizes = Some(Some(sizes));
+    NGX_CONF_OK
 }
 
 /// `edge_drain_timeout TIME;`
@@ -597,6 +659,18 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
             .concat(),
         )
         .max(1);
+    }
+    if !mcf.sources.is_empty() {
+        let sizes = mcf.counters_sizes.unwrap_or(Some(crate::counters::Sizes {
+            routes: crate::counters::DEFAULT_ROUTES,
+            unrouted: crate::counters::DEFAULT_UNROUTED,
+        }));
+        if let Some(sizes) = sizes {
+            mcf.counters = crate::counters::add(cf, sizes);
+            if mcf.counters.is_none() {
+                return false;
+            }
+        }
     }
     if mcf.zone.is_none() && !mcf.sources.is_empty() {
         let mut name = ngx_str_t {

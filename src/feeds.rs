@@ -696,7 +696,7 @@ unsafe extern "C" fn on_resolved(ctx: *mut nginx_sys::ngx_resolver_ctx_t) {
     let mut addresses = Vec::new();
     if state == 0 {
         for i in 0..(*ctx).naddrs.min(MAX_RESOLVED) {
-            if let Some(ip) = sockaddr_ip((*(*ctx).addrs.add(i)).sockaddr.cast()) {
+            if let Some(ip) = crate::stream::sockaddr_ip((*(*ctx).addrs.add(i)).sockaddr.cast()) {
                 addresses.push(ip);
             }
         }
@@ -757,20 +757,6 @@ unsafe fn next_address(feed: &mut Feed, index: usize, why: &str) -> bool {
     );
     request(feed, index);
     true
-}
-
-unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
-    match i32::from((*sa).sa_family) {
-        libc::AF_INET => {
-            let sin = &*sa.cast::<libc::sockaddr_in>();
-            Some(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
-        }
-        libc::AF_INET6 => {
-            let sin6 = &*sa.cast::<libc::sockaddr_in6>();
-            Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
-        }
-        _ => None,
-    }
 }
 
 /// The exchange under way failed, or its answer was refused: back off.

@@ -10,6 +10,7 @@ pub mod health;
 pub mod report;
 pub mod routes;
 pub mod sniff;
+pub mod traffic;
 pub mod upstream;
 
 #[cfg(all(feature = "module", not(test)))]
@@ -20,6 +21,8 @@ mod caches;
 mod check;
 #[cfg(all(feature = "module", not(test)))]
 mod conf;
+#[cfg(all(feature = "module", not(test)))]
+mod counters;
 #[cfg(all(feature = "module", not(test)))]
 mod feeds;
 #[cfg(all(feature = "module", not(test)))]
@@ -83,7 +86,7 @@ mod wiring {
         ..ngx_module_t::default()
     };
 
-    static mut COMMANDS: [ngx_command_t; 8] = [
+    static mut COMMANDS: [ngx_command_t; 9] = [
         command(
             ngx_string!("edge_routes"),
             NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE12,
@@ -118,6 +121,12 @@ mod wiring {
             ngx_string!("edge_drain_timeout"),
             NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1,
             conf::set_edge_drain_timeout,
+            0,
+        ),
+        command(
+            ngx_string!("edge_counters"),
+            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE12,
+            conf::set_edge_counters,
             0,
         ),
         command(

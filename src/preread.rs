@@ -5,16 +5,18 @@
 use std::rc::Rc;
 
 use nginx_sys::{
-    ngx_int_t, ngx_str_t, ngx_stream_session_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO,
-    NGX_OK, NGX_STREAM_FORBIDDEN,
+    ngx_connection_t, ngx_int_t, ngx_str_t, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN,
+    NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO, NGX_OK, NGX_STREAM_BAD_GATEWAY, NGX_STREAM_FORBIDDEN,
 };
 use ngx::ngx_log_error;
 
 use crate::conf::{Mode, SrvConf};
+use crate::counters::{self, Counters};
 use crate::routes::table::MatchedBy;
 use crate::session::{self, RouteKind, SessionCtx};
 use crate::sniff::{http, tls, Peek, Protocol, ServerName};
-use crate::stream;
+use crate::traffic::{Closed, Nameless, RouteKind as CountedKind, UnroutedOutcome};
+use crate::{stream, worker};
 
 pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     let conf = stream::srv_conf::<SrvConf>(s);
@@ -49,10 +51,13 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     };
     let buffer_full = b.last == b.end;
 
-    let rejected: Option<&'static str> = match protocol {
+    let rejected: Option<(&'static str, Nameless)> = match protocol {
         Protocol::Tls => match tls::read_client_hello(data, &mut ctx.scratch) {
             Peek::NeedMore if !buffer_full => return NGX_AGAIN as ngx_int_t,
-            Peek::NeedMore => Some("ClientHello larger than preread_buffer_size"),
+            Peek::NeedMore => Some((
+                "ClientHello larger than preread_buffer_size",
+                Nameless::TooLarge,
+            )),
             Peek::Done(hello) => {
                 ctx.name = hello.server_name;
                 if let Some(list) = hello.alpn {
@@ -60,28 +65,42 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                 }
                 None
             }
-            Peek::Invalid(reason) => Some(reason.as_str()),
+            Peek::Invalid(reason) => Some((reason.as_str(), Nameless::Unreadable)),
         },
         Protocol::Http => match http::read_host(data) {
             Peek::NeedMore if !buffer_full => return NGX_AGAIN as ngx_int_t,
-            Peek::NeedMore => Some("HTTP request head larger than preread_buffer_size"),
+            Peek::NeedMore => Some((
+                "HTTP request head larger than preread_buffer_size",
+                Nameless::TooLarge,
+            )),
             Peek::Done(name) => {
                 ctx.name = name;
                 None
             }
-            Peek::Invalid(reason) => Some(reason.as_str()),
+            Peek::Invalid(reason) => Some((reason.as_str(), Nameless::Unreadable)),
         },
     };
     ctx.scratch = Vec::new();
     ctx.protocol = Some(protocol);
     ctx.done = true;
-    if let Some(reason) = rejected {
+    if let Some((reason, _)) = rejected {
         ngx_log_error!(
             NGX_LOG_INFO,
             c.log,
             "edge: {}, routing as a connection without a name",
             reason
         );
+    }
+    let counters = worker::get().and_then(|w| w.counters.as_ref());
+    let p = counters::protocol_index(protocol);
+    if let Some(counters) = counters {
+        match (rejected, protocol) {
+            (Some((_, why)), _) => counters.nameless(why),
+            (None, _) if ctx.name.is_some() => {}
+            (None, Protocol::Tls) => counters.nameless(Nameless::NoSni),
+            (None, Protocol::Http) => counters.nameless(Nameless::NoHost),
+        }
+        counters.decided(p, decision_ms(s));
     }
 
     let slot = &*conf.source;
@@ -91,6 +110,9 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     let table = Rc::clone(source.table());
     let name = ctx.name.as_ref().map(ServerName::as_str);
     let Some(found) = table.lookup(name, protocol) else {
+        if let (Some(counters), Some(name)) = (counters, name) {
+            count_unrouted(counters, c, p, name, UnroutedOutcome::Closed);
+        }
         ngx_log_error!(
             NGX_LOG_INFO,
             c.log,
@@ -105,9 +127,45 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         MatchedBy::Wildcard(suffix) => RouteKind::Wildcard(suffix),
         MatchedBy::Default => RouteKind::Default,
     });
+    if let Some(counters) = counters {
+        let (kind, key) = match found.by {
+            MatchedBy::Exact(key) => (CountedKind::Exact, key.as_bytes()),
+            MatchedBy::Wildcard(suffix) => (CountedKind::Wildcard, suffix.as_bytes()),
+            MatchedBy::Default => (CountedKind::Default, &b""[..]),
+        };
+        let now = nginx_sys::ngx_current_msec as u64;
+        ctx.counted = counters
+            .route_opened(kind, key, p, decision_ms(s), now)
+            .map(|pin| (pin, p));
+        if let (MatchedBy::Default, Some(name)) = (found.by, name) {
+            count_unrouted(counters, c, p, name, UnroutedOutcome::Defaulted);
+        }
+    }
     ctx.upstream = found.upstream;
     ctx.table = Some(table);
     NGX_DECLINED as ngx_int_t
+}
+
+/// Milliseconds from the session's accept to now, on nginx's cached clock.
+unsafe fn decision_ms(s: *mut ngx_stream_session_t) -> u64 {
+    let tp = &*nginx_sys::ngx_cached_time;
+    #[allow(clippy::unnecessary_cast)] // time_t is not i64 everywhere
+    let secs = (tp.sec - (*s).start_sec) as i64;
+    let ms = secs * 1000 + tp.msec as i64 - (*s).start_msec as i64;
+    ms.max(0) as u64
+}
+
+unsafe fn count_unrouted(
+    counters: &Counters,
+    c: &ngx_connection_t,
+    protocol: usize,
+    name: &str,
+    outcome: UnroutedOutcome,
+) {
+    let client = stream::sockaddr_ip(c.sockaddr.cast())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let now_s = (*nginx_sys::ngx_cached_time).sec as u64;
+    counters.unrouted(protocol, name.as_bytes(), outcome, now_s, client);
 }
 
 /// Log phase: a session of an `edge_route` server that ends in the preread phase before the
@@ -119,9 +177,25 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
     if conf.mode == Mode::Off || conf.status.is_some() {
         return NGX_OK as ngx_int_t;
     }
-    match session::get(s) {
-        Some(ctx) if !ctx.done => {}
-        _ => return NGX_OK as ngx_int_t,
+    let Some(ctx) = session::get(s) else {
+        return NGX_OK as ngx_int_t;
+    };
+    let counters = worker::get().and_then(|w| w.counters.as_ref());
+    if ctx.done {
+        if let (Some(counters), Some((pin, p))) = (counters, ctx.counted.take()) {
+            let failed = (*s).status == NGX_STREAM_BAD_GATEWAY as ngx_uint_t;
+            counters.route_closed(
+                pin,
+                p,
+                Closed {
+                    received: (*s).received.max(0) as u64,
+                    sent: (*(*s).connection).sent.max(0) as u64,
+                    no_server: ctx.no_server,
+                    failed: failed && !ctx.no_server,
+                },
+            );
+        }
+        return NGX_OK as ngx_int_t;
     }
     let c = &*(*s).connection;
     let what = match conf.mode {
@@ -129,6 +203,13 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         Mode::Http => "HTTP request head",
         _ => "ClientHello or HTTP request head",
     };
+    if let Some(counters) = counters {
+        counters.nameless(if (*c.read).timedout() != 0 {
+            Nameless::TimedOut
+        } else {
+            Nameless::ClientClosed
+        });
+    }
     if (*c.read).timedout() != 0 {
         ngx_log_error!(
             NGX_LOG_INFO,

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::balance::Pool;
 use crate::health::{Outcome, View};
 use crate::routes::table::{Backend, RouteTable};
+use crate::traffic::{CountersView, Snapshot, DECISION_BUCKETS_MS, PROTOCOLS};
 pub use crate::upstream::peer_name;
 use crate::upstream::{Balance, CheckKind, ServerDef};
 
@@ -100,6 +101,7 @@ pub fn json(
     sources: &[SourceInfo],
     urls: &[Value],
     zone: Option<ZoneInfo>,
+    traffic: Option<&Snapshot>,
     clock: Clock,
 ) -> String {
     let sources_json: Vec<Value> = sources
@@ -164,17 +166,111 @@ pub fn json(
         );
     }
     let zone = zone.map(|z| json!({"name": z.name, "capacity": z.capacity, "used": z.used}));
-    let mut text = serde_json::to_string_pretty(&json!({
+    pretty(&json!({
         "module": "nginx-edge",
         "version": env!("CARGO_PKG_VERSION"),
         "zone": zone,
         "sources": sources_json,
         "urls": urls,
         "upstreams": upstreams,
+        "routes": traffic.map(|t| routes_json(t, STATUS_ROUTES, clock)),
+        "unrouted": traffic.map(|t| unrouted_json(t, clock)),
     }))
-    .unwrap_or_default();
+}
+
+fn pretty(v: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// Routes `/status` lists, busiest first; `/routes` lists `ROUTES_DEFAULT` unless asked
+/// `?top=N`.
+pub const STATUS_ROUTES: usize = 100;
+pub const ROUTES_DEFAULT: usize = 1000;
+/// Routes with series of their own in `/metrics`, busiest first.
+pub const METRICS_ROUTES: usize = 100;
+/// Unrouted names per protocol with a series of their own in `/metrics`.
+pub const METRICS_UNROUTED: usize = 20;
+
+const PROTOCOL_NAMES: [&str; PROTOCOLS] = ["tls", "http"];
+
+/// The per-route counters: the `top` busiest routes.
+pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
+    let routes: Vec<Value> = t
+        .routes
+        .iter()
+        .take(top)
+        .map(|r| {
+            let mut v = json!({
+                "route": r.route,
+                "match": r.kind.as_str(),
+                "first_seen": clock.unix(r.first_ms),
+                "last_seen": clock.unix(r.last_ms),
+            });
+            for (p, name) in PROTOCOL_NAMES.iter().enumerate() {
+                let c = &r.by_protocol[p];
+                if c.connections == 0 && c.refused == 0 {
+                    continue;
+                }
+                v[*name] = json!({
+                    "connections": c.connections,
+                    "active": c.active,
+                    "bytes_received": c.received,
+                    "bytes_sent": c.sent,
+                    "no_server": c.no_server,
+                    "failed": c.failed,
+                    "refused": c.refused,
+                    "decision_ms_avg": c.decision_ms as f64 / c.connections.max(1) as f64,
+                });
+            }
+            v
+        })
+        .collect();
+    json!({
+        "capacity": t.capacity,
+        "tracked": t.routes.len(),
+        "evicted": t.evicted,
+        "untracked_connections": t.untracked,
+        "routes": routes,
+    })
+}
+
+/// The names nobody routes, per protocol, and the connections without a name.
+pub fn unrouted_json(t: &Snapshot, clock: Clock) -> Value {
+    let mut out = Map::new();
+    for (p, name) in PROTOCOL_NAMES.iter().enumerate() {
+        let names: Vec<Value> = t.unrouted[p]
+            .iter()
+            .map(|h| {
+                json!({
+                    "name": h.name,
+                    "connections": h.count,
+                    "error": h.error,
+                    "closed": h.closed,
+                    "first_seen": h.first_s,
+                    "last_seen": h.last_s,
+                    "client": h.client.to_string(),
+                })
+            })
+            .collect();
+        out.insert(
+            (*name).into(),
+            json!({
+                "defaulted": t.defaulted[p],
+                "closed": t.closed[p],
+                "names": names,
+            }),
+        );
+    }
+    let nameless: Map<String, Value> = t
+        .nameless
+        .iter()
+        .map(|(k, n)| (k.as_str().to_owned(), json!(n)))
+        .collect();
+    out.insert("without_name".into(), Value::Object(nameless));
+    let _ = clock;
+    Value::Object(out)
 }
 
 /// A Prometheus label value: backslash, double quote and newline escaped.
@@ -202,6 +298,7 @@ pub fn prometheus(
     sources: &[SourceInfo],
     urls: &[Value],
     zone: Option<ZoneInfo>,
+    traffic: Option<&Snapshot>,
     clock: Clock,
 ) -> String {
     let mut families: Vec<Family> = Vec::new();
@@ -370,15 +467,165 @@ pub fn prometheus(
         );
     }
 
+    if let Some(t) = traffic {
+        let top = &t.routes[..t.routes.len().min(METRICS_ROUTES)];
+        let per_route = |f: &dyn Fn(&CountersView) -> u64| {
+            let mut out = Vec::new();
+            for r in top {
+                for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+                    let c = &r.by_protocol[p];
+                    if c.connections > 0 || c.refused > 0 {
+                        let labels = format!(
+                            "route=\"{}\",match=\"{}\",protocol=\"{proto}\"",
+                            label(&r.route),
+                            r.kind.as_str()
+                        );
+                        out.push((labels, f(c).to_string()));
+                    }
+                }
+            }
+            out
+        };
+        family(
+            "nginx_edge_route_connections_total",
+            "counter",
+            "Connections the route took, for the busiest routes only (see nginx_edge_routes_tracked).",
+            per_route(&|c| c.connections),
+        );
+        family(
+            "nginx_edge_route_active_connections",
+            "gauge",
+            "Connections of the route open now, all workers together.",
+            per_route(&|c| c.active),
+        );
+        family(
+            "nginx_edge_route_received_bytes_total",
+            "counter",
+            "Bytes received from the clients of the route's closed connections.",
+            per_route(&|c| c.received),
+        );
+        family(
+            "nginx_edge_route_sent_bytes_total",
+            "counter",
+            "Bytes sent to the clients of the route's closed connections.",
+            per_route(&|c| c.sent),
+        );
+        family(
+            "nginx_edge_route_no_server_total",
+            "counter",
+            "Connections of the route whose upstream had no server to give.",
+            per_route(&|c| c.no_server),
+        );
+        family(
+            "nginx_edge_route_connect_failed_total",
+            "counter",
+            "Connections of the route that no server of its upstream accepted.",
+            per_route(&|c| c.failed),
+        );
+        family(
+            "nginx_edge_routes_tracked",
+            "gauge",
+            "Routes with counters of their own (the busiest of them have series above).",
+            vec![(String::new(), t.routes.len().to_string())],
+        );
+        family(
+            "nginx_edge_routes_tracked_capacity",
+            "gauge",
+            "Routes edge_counters can track at once.",
+            vec![(String::new(), t.capacity.to_string())],
+        );
+        family(
+            "nginx_edge_route_evictions_total",
+            "counter",
+            "Route counters dropped to make room for another route (least recently used first).",
+            vec![(String::new(), t.evicted.to_string())],
+        );
+        let mut unrouted = Vec::new();
+        for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+            for (outcome, n) in [("default", t.defaulted[p]), ("closed", t.closed[p])] {
+                unrouted.push((
+                    format!("protocol=\"{proto}\",outcome=\"{outcome}\""),
+                    n.to_string(),
+                ));
+            }
+        }
+        family(
+            "nginx_edge_unrouted_connections_total",
+            "counter",
+            "Connections whose name no route matched: sent to the default route, or closed.",
+            unrouted,
+        );
+        family(
+            "nginx_edge_nameless_connections_total",
+            "counter",
+            "Connections without a name, by why.",
+            t.nameless
+                .iter()
+                .map(|(k, n)| (format!("kind=\"{}\"", k.as_str()), n.to_string()))
+                .collect(),
+        );
+        let mut names = Vec::new();
+        for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+            for h in t.unrouted[p].iter().take(METRICS_UNROUTED) {
+                names.push((
+                    format!("protocol=\"{proto}\",name=\"{}\"", label(&h.name)),
+                    h.count.to_string(),
+                ));
+            }
+        }
+        family(
+            "nginx_edge_unrouted_name_connections",
+            "gauge",
+            "Connections for the most frequent names no route matched (an estimate: over by at most the error in /unrouted).",
+            names,
+        );
+    }
+
     let mut out = String::new();
     for f in families {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
         for (labels, value) in f.samples {
-            let _ = writeln!(out, "{}{{{}}} {}", f.name, labels, value);
+            if labels.is_empty() {
+                let _ = writeln!(out, "{} {}", f.name, value);
+            } else {
+                let _ = writeln!(out, "{}{{{}}} {}", f.name, labels, value);
+            }
         }
     }
+    if let Some(t) = traffic {
+        histogram(&mut out, t);
+    }
     out
+}
+
+/// `nginx_edge_routing_decision_seconds`: from accept to the routing decision, per protocol.
+fn histogram(out: &mut String, t: &Snapshot) {
+    let name = "nginx_edge_routing_decision_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a connection's accept to its routing decision (nginx's cached clock: millisecond steps)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+        let mut cumulative = 0;
+        for (b, n) in t.decisions[p].iter().enumerate() {
+            cumulative += n;
+            let le = DECISION_BUCKETS_MS
+                .get(b)
+                .map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{protocol=\"{proto}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{protocol=\"{proto}\"}} {}",
+            t.decision_ms[p] as f64 / 1000.0
+        );
+        let _ = writeln!(out, "{name}_count{{protocol=\"{proto}\"}} {cumulative}");
+    }
 }
 
 /// The request line of a status request: `Some(path)` once the head is complete.
@@ -408,27 +655,47 @@ pub fn respond(
     sources: &[SourceInfo],
     urls: &[Value],
     zone: Option<ZoneInfo>,
+    traffic: Option<&Snapshot>,
     clock: Clock,
 ) -> Vec<u8> {
-    let path = path.split('?').next().unwrap_or(path);
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    const JSON: &str = "application/json";
+    let off = || pretty(&json!({"error": "edge_counters is off"}));
     let (status, kind, body) = match path {
-        "/" | "/status" => (
-            "200 OK",
-            "application/json",
-            json(sources, urls, zone, clock),
-        ),
+        "/" | "/status" => ("200 OK", JSON, json(sources, urls, zone, traffic, clock)),
+        "/routes" => match (traffic, top(query)) {
+            (_, None) => (
+                "400 Bad Request",
+                "text/plain",
+                "top must be a number: /routes?top=N\n".into(),
+            ),
+            (Some(t), Some(n)) => ("200 OK", JSON, pretty(&routes_json(t, n, clock))),
+            (None, Some(_)) => ("404 Not Found", JSON, off()),
+        },
+        "/unrouted" => match traffic {
+            Some(t) => ("200 OK", JSON, pretty(&unrouted_json(t, clock))),
+            None => ("404 Not Found", JSON, off()),
+        },
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            prometheus(sources, urls, zone, clock),
+            prometheus(sources, urls, zone, traffic, clock),
         ),
         _ => (
             "404 Not Found",
             "text/plain",
-            "not found: try /status or /metrics\n".into(),
+            "not found: try /status, /routes, /unrouted or /metrics\n".into(),
         ),
     };
     http_response(status, kind, &body)
+}
+
+/// `top=N` of a query string; `ROUTES_DEFAULT` without it.
+fn top(query: &str) -> Option<usize> {
+    match query.split('&').find_map(|kv| kv.strip_prefix("top=")) {
+        None => Some(ROUTES_DEFAULT),
+        Some(n) => n.parse().ok(),
+    }
 }
 
 pub fn http_response(status: &str, kind: &str, body: &str) -> Vec<u8> {
@@ -478,9 +745,9 @@ mod tests {
             json!({"name": "b\"x", "state": "backoff", "objects": 1, "routes": 2,
                    "last_success": null, "resources": [{"error": "HTTP status 500"}]}),
         ];
-        let v: Value = serde_json::from_str(&json(&[], &urls, None, clock())).unwrap();
+        let v: Value = serde_json::from_str(&json(&[], &urls, None, None, clock())).unwrap();
         assert_eq!(v["urls"][0]["objects"], 12);
-        let text = prometheus(&[], &urls, None, clock());
+        let text = prometheus(&[], &urls, None, None, clock());
         assert!(
             text.contains("nginx_edge_url_up{source=\"cluster-a\"} 1\n"),
             "{text}"
@@ -514,7 +781,8 @@ mod tests {
             capacity: 100,
             used: 3,
         };
-        let v: Value = serde_json::from_str(&json(&sources, &[], Some(zone), clock())).unwrap();
+        let v: Value =
+            serde_json::from_str(&json(&sources, &[], Some(zone), None, clock())).unwrap();
         assert_eq!(v["sources"][0]["generation"], 3);
         assert_eq!(v["sources"][0]["loaded_at"], 999_990.0);
         assert_eq!(v["sources"][0]["routes"], 3);
@@ -556,7 +824,7 @@ mod tests {
             last_error: None,
             table: &t,
         }];
-        let text = prometheus(&sources, &[], None, clock());
+        let text = prometheus(&sources, &[], None, None, clock());
         let mut typed = HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -644,12 +912,119 @@ mod tests {
             last_error: None,
             table: &t,
         }];
-        let r = respond("/nope", &sources, &[], None, clock());
+        let r = respond("/nope", &sources, &[], None, None, clock());
         assert!(r.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
-        let r = respond("/status?pretty", &sources, &[], None, clock());
+        let r = respond("/status?pretty", &sources, &[], None, None, clock());
         let text = String::from_utf8(r).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(head.contains("application/json"));
+    }
+
+    fn snapshot() -> Snapshot {
+        use crate::traffic::{HeavyView, Nameless, RouteKind, RouteView};
+        let route = |kind, name: &str, tls: u64, http: u64| RouteView {
+            kind,
+            route: name.into(),
+            first_ms: 1_000,
+            last_ms: 2_000,
+            by_protocol: [
+                CountersView {
+                    connections: tls,
+                    active: 1,
+                    received: 10 * tls,
+                    sent: 100 * tls,
+                    decision_ms: 3 * tls,
+                    ..CountersView::default()
+                },
+                CountersView {
+                    connections: http,
+                    failed: http,
+                    ..CountersView::default()
+                },
+            ],
+        };
+        let mut t = Snapshot {
+            capacity: 10,
+            evicted: 4,
+            routes: vec![
+                route(RouteKind::Exact, "shop.test", 5, 0),
+                route(RouteKind::Wildcard, "*.apps.test", 2, 1),
+            ],
+            nameless: vec![(Nameless::NoSni, 3), (Nameless::TimedOut, 1)],
+            ..Snapshot::default()
+        };
+        t.unrouted[0].push(HeavyView {
+            name: "typo\"test".into(),
+            count: 7,
+            error: 1,
+            closed: 7,
+            first_s: 100,
+            last_s: 200,
+            client: "192.0.2.1".parse().unwrap(),
+        });
+        t.closed[0] = 7;
+        t.decisions[0][0] = 6;
+        t.decisions[0][2] = 1;
+        t.decision_ms[0] = 9;
+        t
+    }
+
+    #[test]
+    fn route_counters_in_json_and_metrics() {
+        let t = snapshot();
+        let v = routes_json(&t, 1, clock());
+        assert_eq!(v["tracked"], 2);
+        assert_eq!(v["evicted"], 4);
+        assert_eq!(v["routes"].as_array().unwrap().len(), 1);
+        let shop = &v["routes"][0];
+        assert_eq!(shop["route"], "shop.test");
+        assert_eq!(shop["match"], "exact");
+        assert_eq!(shop["tls"]["bytes_sent"], 500);
+        assert_eq!(shop["tls"]["decision_ms_avg"], 3.0);
+        assert!(
+            shop["http"].is_null(),
+            "a protocol without traffic is left out"
+        );
+        let u = unrouted_json(&t, clock());
+        assert_eq!(u["tls"]["closed"], 7);
+        assert_eq!(u["tls"]["names"][0]["name"], "typo\"test");
+        assert_eq!(u["tls"]["names"][0]["client"], "192.0.2.1");
+        assert_eq!(u["without_name"]["no_sni"], 3);
+
+        let text = prometheus(&[], &[], None, Some(&t), clock());
+        for line in [
+            "nginx_edge_route_connections_total{route=\"shop.test\",match=\"exact\",protocol=\"tls\"} 5",
+            "nginx_edge_route_connect_failed_total{route=\"*.apps.test\",match=\"wildcard\",protocol=\"http\"} 1",
+            "nginx_edge_routes_tracked 2",
+            "nginx_edge_route_evictions_total 4",
+            "nginx_edge_unrouted_connections_total{protocol=\"tls\",outcome=\"closed\"} 7",
+            "nginx_edge_nameless_connections_total{kind=\"no_sni\"} 3",
+            "nginx_edge_unrouted_name_connections{protocol=\"tls\",name=\"typo\\\"test\"} 7",
+            "nginx_edge_routing_decision_seconds_bucket{protocol=\"tls\",le=\"0.001\"} 6",
+            "nginx_edge_routing_decision_seconds_bucket{protocol=\"tls\",le=\"0.005\"} 6",
+            "nginx_edge_routing_decision_seconds_bucket{protocol=\"tls\",le=\"0.01\"} 7",
+            "nginx_edge_routing_decision_seconds_bucket{protocol=\"tls\",le=\"+Inf\"} 7",
+            "nginx_edge_routing_decision_seconds_sum{protocol=\"tls\"} 0.009",
+            "nginx_edge_routing_decision_seconds_count{protocol=\"http\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn routes_and_unrouted_paths() {
+        let t = snapshot();
+        let body = |r: Vec<u8>| String::from_utf8(r).unwrap();
+        let r = body(respond("/routes?top=1", &[], &[], None, Some(&t), clock()));
+        assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("shop.test") && !r.contains("apps"));
+        let r = body(respond("/routes?top=x", &[], &[], None, Some(&t), clock()));
+        assert!(r.starts_with("HTTP/1.1 400"));
+        let r = body(respond("/unrouted", &[], &[], None, Some(&t), clock()));
+        assert!(r.contains("typo"));
+        let r = body(respond("/unrouted", &[], &[], None, None, clock()));
+        assert!(r.starts_with("HTTP/1.1 404") && r.contains("edge_counters is off"));
+        let r = body(respond("/status", &[], &[], None, Some(&t), clock()));
+        assert!(r.contains("\"unrouted\"") && r.contains("shop.test"));
     }
 }

@@ -36,6 +36,10 @@ pub struct SessionCtx {
     pub drain_index: usize,
     pub drain_source: *const core::ffi::c_void,
     pub drain: Option<Box<nginx_sys::ngx_event_t>>,
+    /// The route's counters this session holds (see `counters`), under its protocol.
+    pub counted: Option<(crate::traffic::Pin, usize)>,
+    /// The balancer had no server to give: none listed, or none with the listener's port.
+    pub no_server: bool,
 }
 
 /// Which route matched; keys point into the session's table.
@@ -64,6 +68,8 @@ impl SessionCtx {
             drain_index: 0,
             drain_source: core::ptr::null(),
             drain: None,
+            counted: None,
+            no_server: false,
         });
         if ctx.is_null() {
             return None;

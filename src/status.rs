@@ -188,7 +188,8 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
                 .collect()
         })
         .unwrap_or_default();
-    ex.answer = report::respond(path, &sources, &urls, zone, clock);
+    let traffic = w.and_then(|w| w.counters.as_ref()).map(|c| c.snapshot());
+    ex.answer = report::respond(path, &sources, &urls, zone, traffic.as_ref(), clock);
     ex.status = NGX_STREAM_OK as _;
     on_write((*c).write);
 }

@@ -215,3 +215,18 @@ pub fn wait_for_threads(limit: std::time::Duration) -> usize {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// The address of a socket address of the IP families; `None` for the others (unix).
+pub unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    match i32::from((*sa).sa_family) {
+        libc::AF_INET => {
+            let sin = &*sa.cast::<libc::sockaddr_in>();
+            Some(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+            Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}

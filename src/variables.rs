@@ -1,4 +1,5 @@
-//! `$edge_upstream`, `$edge_server_name`, `$edge_route`, `$edge_protocol`, `$edge_alpn`.
+//! `$edge_upstream`, `$edge_server_name`, `$edge_route`, `$edge_protocol`, `$edge_alpn`,
+//! `$edge_match`.
 
 use nginx_sys::{
     ngx_conf_t, ngx_int_t, ngx_pnalloc, ngx_str_t, ngx_stream_add_variable, ngx_stream_session_t,
@@ -17,12 +18,13 @@ type Getter = unsafe extern "C" fn(
     usize,
 ) -> ngx_int_t;
 
-const VARIABLES: [(ngx_str_t, Getter); 5] = [
+const VARIABLES: [(ngx_str_t, Getter); 6] = [
     (ngx_string!("edge_upstream"), edge_upstream),
     (ngx_string!("edge_server_name"), edge_server_name),
     (ngx_string!("edge_route"), edge_route),
     (ngx_string!("edge_protocol"), edge_protocol),
     (ngx_string!("edge_alpn"), edge_alpn),
+    (ngx_string!("edge_match"), edge_match),
 ];
 
 /// Whether the flags word of a variable value is laid out as `packed_flags` assumes, checked
@@ -162,4 +164,23 @@ unsafe extern "C" fn edge_alpn(
     _: usize,
 ) -> ngx_int_t {
     with_ctx(s, v, |ctx| Some(set(v, ctx.alpn.data, ctx.alpn.len)))
+}
+
+/// How the route was found: `exact`, `wildcard`, `default`, or `none` once the name was read
+/// and nothing matched.
+unsafe extern "C" fn edge_match(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        let how: &'static [u8] = match ctx.route {
+            Some(RouteKind::Exact(_)) => b"exact",
+            Some(RouteKind::Wildcard(_)) => b"wildcard",
+            Some(RouteKind::Default) => b"default",
+            None if ctx.done => b"none",
+            None => return None,
+        };
+        Some(set_bytes(v, how))
+    })
 }

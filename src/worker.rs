@@ -45,6 +45,8 @@ pub struct Worker {
     pub log: *mut ngx_log_t,
     mcf: *mut MainConf,
     pub zone: Option<Arc<Zone>>,
+    /// Per-route traffic, unrouted names (`edge_counters`).
+    pub counters: Option<crate::counters::Counters>,
     /// This worker's connection-count slot in the zone.
     pub slot: Option<usize>,
     pid: i32,
@@ -204,6 +206,9 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         log,
         mcf: mcf_ptr,
         zone,
+        counters: mcf
+            .counters
+            .and_then(|z| crate::counters::Counters::open(z, log)),
         slot,
         pid,
         refreshes: Vec::new(),

@@ -1,0 +1,299 @@
+//! `edge_counters`: the shared memory that counts traffic per route, the names nobody routes
+//! and the connections without a name, for every worker (the logic is in `traffic`). Its
+//! counts outlive route-table swaps and `nginx -s reload` (nginx hands a zone of the same
+//! name and size to the new cycle); changing `routes=` or `unrouted=` starts them afresh.
+//!
+//! Layout of the zone's one allocation: `Header`, the route index, the route records, then
+//! the unrouted entries (TLS's, then HTTP's).
+
+use core::ffi::c_void;
+use core::mem::{align_of, size_of};
+use core::ptr::NonNull;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use nginx_sys::{
+    ngx_conf_t, ngx_int_t, ngx_log_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+};
+use ngx::core::SlabPool;
+use ngx::ngx_log_error;
+
+use crate::traffic::routes::index_len;
+use crate::traffic::{
+    decision_bucket, unrouted, Closed, Fingerprint, Heavy, Nameless, NamelessCounts, Pin,
+    RouteKind, RouteRecord, RouteStore, Snapshot, StoreHeader, UnroutedOutcome,
+    DECISION_BUCKETS_MS, PROTOCOLS,
+};
+
+pub const ZONE_NAME: &str = "nginx_edge_counters";
+pub const DEFAULT_ROUTES: usize = 10_000;
+pub const DEFAULT_UNROUTED: usize = 100;
+pub const MAX_ROUTES: usize = 1_000_000;
+pub const MAX_UNROUTED: usize = 10_000;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"edgecnt1");
+
+/// What `edge_counters` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub routes: usize,
+    pub unrouted: usize,
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    routes: u64,
+    unrouted: u64,
+    record_size: u64,
+    store: StoreHeader,
+    nameless: NamelessCounts,
+    /// Per protocol: connections whose name no route matched, sent to `default`, and closed.
+    defaulted: [AtomicU64; PROTOCOLS],
+    closed: [AtomicU64; PROTOCOLS],
+    /// Per protocol: the routing decision time histogram (not cumulative), and its sum (ms).
+    decisions: [[AtomicU64; DECISION_BUCKETS_MS.len() + 1]; PROTOCOLS],
+    decision_ms: [AtomicU64; PROTOCOLS],
+}
+
+fn index_offset() -> usize {
+    size_of::<Header>().next_multiple_of(align_of::<AtomicU32>())
+}
+
+fn records_offset(sizes: Sizes) -> usize {
+    (index_offset() + index_len(sizes.routes) * size_of::<AtomicU32>())
+        .next_multiple_of(align_of::<RouteRecord>())
+}
+
+fn heavy_offset(sizes: Sizes) -> usize {
+    (records_offset(sizes) + sizes.routes * size_of::<RouteRecord>())
+        .next_multiple_of(align_of::<Heavy>())
+}
+
+fn area_size(sizes: Sizes) -> usize {
+    heavy_offset(sizes) + PROTOCOLS * sizes.unrouted * size_of::<Heavy>()
+}
+
+/// Declares the zone, sized for `sizes`; nginx maps it once the configuration is read.
+pub unsafe fn add(cf: *mut ngx_conf_t, sizes: Sizes) -> Option<NonNull<ngx_shm_zone_t>> {
+    let area = area_size(sizes);
+    // The slab allocator's own pages and page descriptors, with room to spare.
+    let size = (area + area / 64 + 16 * ngx_pagesize).next_multiple_of(ngx_pagesize);
+    let mut name = ngx_str_t {
+        len: ZONE_NAME.len(),
+        data: ZONE_NAME.as_ptr().cast_mut(),
+    };
+    let tag = core::ptr::addr_of_mut!(crate::ngx_stream_edge_module).cast();
+    let zone = NonNull::new(ngx_shared_memory_add(cf, &mut name, size, tag))?;
+    let z = &mut *zone.as_ptr();
+    // Its sizes, for `init_zone`: a small allocation in the configuration's pool.
+    let kept = nginx_sys::ngx_palloc((*cf).pool, size_of::<Sizes>()).cast::<Sizes>();
+    if kept.is_null() {
+        return None;
+    }
+    kept.write(sizes);
+    z.data = kept.cast();
+    z.init = Some(init_zone);
+    Some(zone)
+}
+
+unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    let zone = &mut *zone;
+    let sizes = *zone.data.cast::<Sizes>();
+    let shpool = zone.shm.addr.cast::<ngx_slab_pool_t>();
+    let fits = |header: *mut Header| {
+        !header.is_null()
+            && (*header).magic == MAGIC
+            && (*header).routes == sizes.routes as u64
+            && (*header).unrouted == sizes.unrouted as u64
+            && (*header).record_size == size_of::<RouteRecord>() as u64
+    };
+    if !data.is_null() && fits(data.cast()) {
+        // nginx -s reload with the same sizes: keep every count.
+        zone.data = data;
+        return NGX_OK as ngx_int_t;
+    }
+    if zone.shm.exists != 0 && fits((*shpool).data.cast()) {
+        zone.data = (*shpool).data;
+        return NGX_OK as ngx_int_t;
+    }
+    let block = ngx_slab_alloc(shpool, area_size(sizes));
+    if block.is_null() {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            zone.shm.log,
+            "edge_counters: no room for {} routes and {} unrouted names in \"{}\"",
+            sizes.routes,
+            sizes.unrouted,
+            zone.shm.name
+        );
+        return NGX_ERROR as ngx_int_t;
+    }
+    // All zeroes: every index entry empty, every record and entry free.
+    core::ptr::write_bytes(block.cast::<u8>(), 0, area_size(sizes));
+    let header = &mut *block.cast::<Header>();
+    header.magic = MAGIC;
+    header.routes = sizes.routes as u64;
+    header.unrouted = sizes.unrouted as u64;
+    header.record_size = size_of::<RouteRecord>() as u64;
+    (*shpool).data = block;
+    zone.data = block;
+    NGX_OK as ngx_int_t
+}
+
+/// The counters as a worker uses them.
+pub struct Counters {
+    header: &'static Header,
+    index: &'static [AtomicU32],
+    records: &'static [RouteRecord],
+    heavy: *mut Heavy,
+    unrouted: usize,
+    pool: SlabPool,
+}
+
+/// Which protocol a connection is counted under.
+pub fn protocol_index(p: crate::sniff::Protocol) -> usize {
+    match p {
+        crate::sniff::Protocol::Tls => 0,
+        crate::sniff::Protocol::Http => 1,
+    }
+}
+
+impl Counters {
+    /// The zone nginx mapped for this worker; `None`, logged, if it cannot be used.
+    pub unsafe fn open(zone: NonNull<ngx_shm_zone_t>, log: *mut ngx_log_t) -> Option<Counters> {
+        let zone = &*zone.as_ptr();
+        let header = zone.data.cast::<Header>();
+        if header.is_null()
+            || (*header).magic != MAGIC
+            || (*header).record_size != size_of::<RouteRecord>() as u64
+        {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "edge_counters: the zone was made by another version of the module: no route is counted until nginx restarts"
+            );
+            return None;
+        }
+        let header = &*header;
+        let sizes = Sizes {
+            routes: header.routes as usize,
+            unrouted: header.unrouted as usize,
+        };
+        let base = core::ptr::from_ref(header).cast::<u8>();
+        Some(Counters {
+            header,
+            index: core::slice::from_raw_parts(
+                base.add(index_offset()).cast::<AtomicU32>(),
+                index_len(sizes.routes),
+            ),
+            records: core::slice::from_raw_parts(
+                base.add(records_offset(sizes)).cast::<RouteRecord>(),
+                sizes.routes,
+            ),
+            heavy: base.add(heavy_offset(sizes)).cast::<Heavy>().cast_mut(),
+            unrouted: sizes.unrouted,
+            pool: SlabPool::from_shm_zone(zone)?,
+        })
+    }
+
+    fn store(&self) -> RouteStore<'static> {
+        RouteStore::new(self.records, self.index, &self.header.store)
+    }
+
+    /// Pins the record of a route a connection of `protocol` was routed by, and counts it.
+    /// `None` when the route has no record and none could be made.
+    pub fn route_opened(
+        &self,
+        kind: RouteKind,
+        key: &[u8],
+        protocol: usize,
+        decision_ms: u64,
+        now_ms: u64,
+    ) -> Option<Pin> {
+        let store = self.store();
+        let fp = Fingerprint::of(kind, key);
+        let pin = match store.find(fp) {
+            Some(pin) => pin,
+            None => {
+                let _lock = self.pool.lock();
+                store.find_or_insert(fp, kind, key, now_ms)?
+            }
+        };
+        store.opened(pin, protocol, decision_ms, now_ms);
+        Some(pin)
+    }
+
+    pub fn route_closed(&self, pin: Pin, protocol: usize, end: Closed) {
+        self.store().close(pin, protocol, end);
+    }
+
+    /// The time from accept to the routing decision, for the histogram.
+    pub fn decided(&self, protocol: usize, ms: u64) {
+        self.header.decisions[protocol][decision_bucket(ms)].fetch_add(1, Relaxed);
+        if ms > 0 {
+            self.header.decision_ms[protocol].fetch_add(ms, Relaxed);
+        }
+    }
+
+    /// A connection of `protocol` whose `name` no route matched.
+    pub fn unrouted(
+        &self,
+        protocol: usize,
+        name: &[u8],
+        outcome: UnroutedOutcome,
+        now_s: u64,
+        client: IpAddr,
+    ) {
+        let total = match outcome {
+            UnroutedOutcome::Defaulted => &self.header.defaulted,
+            UnroutedOutcome::Closed => &self.header.closed,
+        };
+        total[protocol].fetch_add(1, Relaxed);
+        if self.unrouted == 0 {
+            return;
+        }
+        let _lock = self.pool.lock();
+        // SAFETY: the entries are only ever touched under the zone's lock, held here.
+        let entries = unsafe {
+            core::slice::from_raw_parts_mut(self.heavy.add(protocol * self.unrouted), self.unrouted)
+        };
+        unrouted::count(entries, name, outcome, now_s, client);
+    }
+
+    /// A connection without a name.
+    pub fn nameless(&self, why: Nameless) {
+        self.header.nameless.add(why);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let store = self.store();
+        let _lock = self.pool.lock();
+        let unrouted = core::array::from_fn(|p| {
+            // SAFETY: read under the zone's lock, held here.
+            let entries = unsafe {
+                core::slice::from_raw_parts(self.heavy.add(p * self.unrouted), self.unrouted)
+            };
+            unrouted::views(entries)
+        });
+        let h = self.header;
+        Snapshot {
+            capacity: store.capacity(),
+            evicted: store.evicted(),
+            untracked: store.untracked(),
+            routes: store.views(),
+            unrouted,
+            defaulted: core::array::from_fn(|p| h.defaulted[p].load(Relaxed)),
+            closed: core::array::from_fn(|p| h.closed[p].load(Relaxed)),
+            nameless: Nameless::ALL
+                .iter()
+                .map(|&k| (k, h.nameless.get(k)))
+                .collect(),
+            decisions: core::array::from_fn(|p| {
+                core::array::from_fn(|b| h.decisions[p][b].load(Relaxed))
+            }),
+            decision_ms: core::array::from_fn(|p| h.decision_ms[p].load(Relaxed)),
+        }
+    }
+}
