@@ -1,5 +1,5 @@
 //! `$edge_upstream`, `$edge_server_name`, `$edge_route`, `$edge_protocol`, `$edge_alpn`,
-//! `$edge_match`.
+//! `$edge_match`, `$edge_source`.
 
 use nginx_sys::{
     ngx_conf_t, ngx_int_t, ngx_pnalloc, ngx_str_t, ngx_stream_add_variable, ngx_stream_session_t,
@@ -9,7 +9,7 @@ use ngx::ngx_string;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::conf::GROUP_NAME;
-use crate::routes::table::Backend;
+use crate::routes::table::{Backend, MatchedBy};
 use crate::session::{self, RouteKind, SessionCtx};
 
 type Getter = unsafe extern "C" fn(
@@ -18,13 +18,14 @@ type Getter = unsafe extern "C" fn(
     usize,
 ) -> ngx_int_t;
 
-const VARIABLES: [(ngx_str_t, Getter); 6] = [
+const VARIABLES: [(ngx_str_t, Getter); 7] = [
     (ngx_string!("edge_upstream"), edge_upstream),
     (ngx_string!("edge_server_name"), edge_server_name),
     (ngx_string!("edge_route"), edge_route),
     (ngx_string!("edge_protocol"), edge_protocol),
     (ngx_string!("edge_alpn"), edge_alpn),
     (ngx_string!("edge_match"), edge_match),
+    (ngx_string!("edge_source"), edge_source),
 ];
 
 /// Whether the flags word of a variable value is laid out as `packed_flags` assumes, checked
@@ -182,5 +183,25 @@ unsafe extern "C" fn edge_match(
             None => return None,
         };
         Some(set_bytes(v, how))
+    })
+}
+
+/// The file or URL source that gave the route (`$edge_source`): a file's path, or the name of
+/// an `edge_routes_url`.
+unsafe extern "C" fn edge_source(
+    s: *mut ngx_stream_session_t,
+    v: *mut ngx_stream_variable_value_t,
+    _: usize,
+) -> ngx_int_t {
+    with_ctx(s, v, |ctx| {
+        let by = match ctx.route? {
+            // SAFETY: route keys point into the table the context holds.
+            RouteKind::Exact(key) => MatchedBy::Exact(&*key),
+            RouteKind::Wildcard(suffix) => MatchedBy::Wildcard(&*suffix),
+            RouteKind::Default => MatchedBy::Default,
+        };
+        // The text lives in the table's image, which the context holds.
+        let source = ctx.table.as_ref()?.source_of(&by)?;
+        Some(set_bytes(v, source.as_bytes()))
     })
 }

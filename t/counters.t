@@ -38,7 +38,7 @@ $t->write_routes('routes.json', table());
 $t->config(<<'EOF', workers => 4, connections => 4096);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
     edge_counters routes=1000 unrouted=100;
-    log_format match '$edge_match $edge_route $edge_server_name';
+    log_format match '$edge_match $edge_route $edge_source $edge_server_name';
     server { listen 127.0.0.1:%%PORT_http%% reuseport; edge_route http; proxy_pass $edge_upstream;
              proxy_next_upstream off; access_log %%TESTDIR%%/match.log match; }
     server { listen 127.0.0.1:%%PORT_tls%% reuseport; edge_route tls; proxy_pass $edge_upstream;
@@ -131,9 +131,10 @@ is($u->{without_name}{no_host}, 3, 'HTTP/1.0 without Host counted');
 is($u->{without_name}{unreadable}, 2, 'bytes that are not HTTP counted');
 
 my %match;
-for (split /\n/, $t->read_file('match.log')) { my ($m, $r) = split / /; $match{"$m $r"}++ }
-is_deeply([@match{'exact a.test', 'wildcard *.w.test', 'default default'}], [40, 8, 14],
-    '$edge_match in the access log');
+my $file = $t->dir . '/routes.json';
+for (split /\n/, $t->read_file('match.log')) { my ($m, $r, $src) = split / /; $match{"$m $r $src"}++ }
+is_deeply([@match{"exact a.test $file", "wildcard *.w.test $file", "default default $file"}],
+    [40, 8, 14], '$edge_match and $edge_source in the access log');
 
 my ($code, $metrics) = Edge::Test::status_get($status, '/metrics');
 like($metrics, qr/^nginx_edge_route_connections_total\{route="a\.test",match="exact",protocol="http"\} 40$/m,

@@ -45,6 +45,14 @@ $routes->('x.apps.test', 'a', 'an Ingress wildcard covers one label');
 is(http_get($edge, 'y.x.apps.test'), '', 'but not two');
 $routes->('y.x.gw.test', 'a', 'a Gateway API wildcard covers any depth');
 is(http_get($edge, 'static.test'), 'a', 'the file source still routes');
+# $edge_source names the source of each route: the URL source's name, the file's path.
+my $dir = $t->dir;
+wait_for(sub { $t->read_file('access.log') =~ /name=static\.test .* match=exact source=\Q$dir\E\/routes\.json$/m },
+    'the file route logged with its source');
+like($t->read_file('access.log'), qr/name=shop\.test route=shop\.test .* match=exact source=cluster-a$/m,
+    '$edge_source: a route from a Kubernetes source');
+like($t->read_file('access.log'), qr/name=x\.apps\.test route=\*\.apps\.test .* match=wildcard source=cluster-a$/m,
+    '$edge_match: a wildcard');
 wait_for(sub { ($status->()->{state} // '') eq 'watching' }, 'the source is watched');
 my $st = $status->();
 is($st->{objects}, 4, 'four objects read');

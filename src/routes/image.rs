@@ -8,8 +8,8 @@
 //! everything it serves from an image alone.
 //!
 //! Layout, little-endian, every section 8-byte aligned: `Header` | exact slots | wildcard
-//! slots | upstream records | server records | names (`len: u8`, then the bytes) | strings
-//! (`len: u16`, then the bytes).
+//! slots | upstream records | server records | names (`len: u8`, the bytes, then the route's
+//! origin: `u32`, a string or `NONE`) | strings (`len: u16`, then the bytes).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
@@ -23,7 +23,7 @@ use crate::upstream::{
 pub const NONE: u32 = u32::MAX;
 
 const MAGIC: [u8; 8] = *b"EDGEIMG\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// In a wildcard slot's name offset: the wildcard matches one label only (Kubernetes Ingress
 /// `*.foo.com`), not any depth.
@@ -50,7 +50,8 @@ struct Header {
     servers_count: u32,
     strings_off: u32,
     strings_len: u32,
-    _pad: u32,
+    /// Where the default route came from: a string, or `NONE`.
+    default_origin: u32,
 }
 
 #[repr(C)]
@@ -113,10 +114,23 @@ fn slot_hash(h: u64) -> u32 {
 /// Builds an image. Names must be unique within each table, at most 255 bytes of ASCII.
 #[derive(Default)]
 pub struct Builder<'a> {
-    exact: Vec<(Box<[u8]>, Targets, bool)>,
-    wildcard: Vec<(Box<[u8]>, Targets, bool)>,
-    default: Option<Targets>,
+    exact: Vec<Named>,
+    wildcard: Vec<Named>,
+    default: Option<(Targets, Origin)>,
     upstreams: Vec<UpstreamSpec<'a>>,
+    origins: Vec<&'a str>,
+}
+
+/// Where a route came from: an index into the builder's origins, or `NO_ORIGIN`.
+pub type Origin = u32;
+pub const NO_ORIGIN: Origin = u32::MAX;
+
+/// A name to place: its bytes, targets, one-label flag and origin.
+type Named = (Box<[u8]>, Targets, bool, Origin);
+
+/// Bytes a name takes in the names section: its length, itself, its origin.
+fn name_size(name: &[u8]) -> usize {
+    1 + name.len() + 4
 }
 
 /// An upstream for the image: what the route file says, and the name its check sends.
@@ -137,19 +151,25 @@ impl<'a> Builder<'a> {
         self.upstreams.push(spec);
     }
 
-    pub fn exact(&mut self, name: &str, to: Targets) {
-        self.exact.push((name.as_bytes().into(), to, false));
+    /// A source routes come from (a file, a URL source), named as `$edge_source` shows it.
+    pub fn origin(&mut self, name: &'a str) -> Origin {
+        self.origins.push(name);
+        self.origins.len() as Origin - 1
+    }
+
+    pub fn exact(&mut self, name: &str, to: Targets, origin: Origin) {
+        self.exact.push((name.as_bytes().into(), to, false, origin));
     }
 
     /// `suffix` is the part after `*.`; `one_label`: the wildcard stands for exactly one label
     /// (Kubernetes Ingress), else for any number of them.
-    pub fn wildcard(&mut self, suffix: &str, to: Targets, one_label: bool) {
+    pub fn wildcard(&mut self, suffix: &str, to: Targets, one_label: bool, origin: Origin) {
         self.wildcard
-            .push((suffix.as_bytes().into(), to, one_label));
+            .push((suffix.as_bytes().into(), to, one_label, origin));
     }
 
-    pub fn set_default(&mut self, to: Targets) {
-        self.default = Some(to);
+    pub fn set_default(&mut self, to: Targets, origin: Origin) {
+        self.default = Some((to, origin));
     }
 
     /// Routes may only use the ids of upstreams added.
@@ -162,7 +182,7 @@ impl<'a> Builder<'a> {
             .exact
             .iter()
             .chain(&self.wildcard)
-            .map(|(n, _, _)| 1 + n.len())
+            .map(|(n, ..)| name_size(n))
             .sum();
         let servers_count: usize = self
             .upstreams
@@ -173,6 +193,8 @@ impl<'a> Builder<'a> {
             })
             .sum();
         let mut strings = Strings::default();
+        let origins: Vec<u32> = self.origins.iter().map(|o| strings.add(o)).collect();
+        let origin_at = |o: Origin| origins.get(o as usize).copied().unwrap_or(NONE);
         let exact_off = HEADER;
         let wild_off = exact_off + exact_slots * SLOT;
         let upstreams_off = wild_off + wild_slots * SLOT;
@@ -195,38 +217,41 @@ impl<'a> Builder<'a> {
         bytes[servers_off..names_off].copy_from_slice(&servers);
         bytes[strings_off..strings_off + strings.bytes.len()].copy_from_slice(&strings.bytes);
         let mut names = names_off;
-        let mut place =
-            |bytes: &mut [u8], off: usize, slots: usize, list: &[(Box<[u8]>, Targets, bool)]| {
-                let mask = slots - 1;
-                for (name, to, one_label) in list {
-                    let h = hash(name);
-                    let mut i = h as usize & mask;
-                    while read_slot(bytes, off, i).hash != 0 {
-                        i = (i + 1) & mask;
-                    }
-                    write_slot(
-                        bytes,
-                        off,
-                        i,
-                        Slot {
-                            hash: slot_hash(h),
-                            name: (names - names_off) as u32
-                                | if *one_label { ONE_LABEL } else { 0 },
-                            tls: to.tls,
-                            http: to.http,
-                        },
-                    );
-                    bytes[names] = name.len() as u8;
-                    bytes[names + 1..names + 1 + name.len()].copy_from_slice(name);
-                    names += 1 + name.len();
+        let mut place = |bytes: &mut [u8], off: usize, slots: usize, list: &[Named]| {
+            let mask = slots - 1;
+            for (name, to, one_label, origin) in list {
+                let h = hash(name);
+                let mut i = h as usize & mask;
+                while read_slot(bytes, off, i).hash != 0 {
+                    i = (i + 1) & mask;
                 }
-            };
+                write_slot(
+                    bytes,
+                    off,
+                    i,
+                    Slot {
+                        hash: slot_hash(h),
+                        name: (names - names_off) as u32 | if *one_label { ONE_LABEL } else { 0 },
+                        tls: to.tls,
+                        http: to.http,
+                    },
+                );
+                bytes[names] = name.len() as u8;
+                bytes[names + 1..names + 1 + name.len()].copy_from_slice(name);
+                let at = names + 1 + name.len();
+                bytes[at..at + 4].copy_from_slice(&origin_at(*origin).to_le_bytes());
+                names += name_size(name);
+            }
+        };
         place(&mut bytes, exact_off, exact_slots, &self.exact);
         place(&mut bytes, wild_off, wild_slots, &self.wildcard);
-        let default = self.default.unwrap_or(Targets {
-            tls: NONE,
-            http: NONE,
-        });
+        let (default, default_origin) = self.default.unwrap_or((
+            Targets {
+                tls: NONE,
+                http: NONE,
+            },
+            NO_ORIGIN,
+        ));
         let mut header = Header {
             magic: MAGIC,
             version: VERSION,
@@ -254,7 +279,7 @@ impl<'a> Builder<'a> {
             servers_count: servers_count as u32,
             strings_off: strings_off as u32,
             strings_len: strings.bytes.len() as u32,
-            _pad: 0,
+            default_origin: origin_at(default_origin),
         };
         header.checksum = checksum(&bytes[HEADER..]);
         write_header(&mut bytes, &header);
@@ -469,6 +494,9 @@ impl<'a> View<'a> {
         if !upstream_ok(h.default_tls) || !upstream_ok(h.default_http) {
             return Err(ImageError::Corrupt("default names no upstream"));
         }
+        if h.default_origin != NONE && self.string(h.default_origin).is_none() {
+            return Err(ImageError::Corrupt("the default's origin out of bounds"));
+        }
         for s in [&h.exact, &h.wildcard] {
             if !s.slots.is_power_of_two() || s.count >= s.slots {
                 return Err(ImageError::Corrupt("hash table size"));
@@ -492,6 +520,12 @@ impl<'a> View<'a> {
                 }
                 if !upstream_ok(slot.tls) || !upstream_ok(slot.http) {
                     return Err(ImageError::Corrupt("a route names no upstream"));
+                }
+                let origin = self
+                    .origin_at(slot.name)
+                    .ok_or(ImageError::Corrupt("a name's origin out of bounds"))?;
+                if origin != NONE && self.string(origin).is_none() {
+                    return Err(ImageError::Corrupt("a route's origin out of bounds"));
                 }
                 if core::ptr::eq(s, &h.exact) && slot.name & ONE_LABEL != 0 {
                     return Err(ImageError::Corrupt("an exact name marked as a wildcard"));
@@ -567,6 +601,49 @@ impl<'a> View<'a> {
         names.get(off + 1..off + 1 + len)
     }
 
+    /// The origin (a strings offset, or `NONE`) of the name at `off`.
+    fn origin_at(&self, off: u32) -> Option<u32> {
+        let names = self
+            .bytes
+            .get(self.header.names_off as usize..)?
+            .get(..self.header.names_len as usize)?;
+        let off = (off & !ONE_LABEL) as usize;
+        let at = off + 1 + *names.get(off)? as usize;
+        Some(u32_at(names.get(at..at + 4)?, 0))
+    }
+
+    /// A string of the strings section; `None` out of bounds (or `NONE`).
+    fn string(&self, off: u32) -> Option<&'a str> {
+        let h = self.header;
+        let strings = self
+            .bytes
+            .get(h.strings_off as usize..)?
+            .get(..h.strings_len as usize)?;
+        let off = off as usize;
+        let len = u16::from_le_bytes([*strings.get(off)?, *strings.get(off + 1)?]) as usize;
+        core::str::from_utf8(strings.get(off + 2..off + 2 + len)?).ok()
+    }
+
+    /// Where the exact route for `name` came from (`$edge_source`).
+    pub fn exact_origin(&self, name: &[u8]) -> Option<&'a str> {
+        self.origin_of(&self.header.exact, name)
+    }
+
+    /// Where the wildcard route of `suffix` came from.
+    pub fn wildcard_origin(&self, suffix: &[u8]) -> Option<&'a str> {
+        self.origin_of(&self.header.wildcard, suffix)
+    }
+
+    /// Where the default route came from.
+    pub fn default_origin(&self) -> Option<&'a str> {
+        self.string(self.header.default_origin)
+    }
+
+    fn origin_of(&self, s: &Section, name: &[u8]) -> Option<&'a str> {
+        let slot = self.slot_of(s, name)?;
+        self.string(self.origin_at(slot.name)?)
+    }
+
     pub fn exact_count(&self) -> usize {
         self.header.exact.count as usize
     }
@@ -592,6 +669,27 @@ impl<'a> View<'a> {
             return None;
         }
         self.find(&self.header.wildcard, suffix)
+    }
+
+    fn slot_of(&self, s: &Section, name: &[u8]) -> Option<Slot> {
+        if s.count == 0 {
+            return None;
+        }
+        let h = hash(name);
+        let want = slot_hash(h);
+        let mask = s.slots as usize - 1;
+        let mut i = h as usize & mask;
+        for _ in 0..s.slots {
+            let slot = read_slot(self.bytes, s.off as usize, i);
+            if slot.hash == 0 {
+                return None;
+            }
+            if slot.hash == want && self.name_at(slot.name)? == name {
+                return Some(slot);
+            }
+            i = (i + 1) & mask;
+        }
+        None
     }
 
     fn find(&self, s: &Section, name: &[u8]) -> Option<(&'a str, Targets, bool)> {
@@ -686,15 +784,7 @@ impl<'a> UpstreamEntry<'a> {
 
     /// A string of the strings section; `None` out of bounds (or `NONE`).
     fn string(&self, off: u32) -> Option<&'a str> {
-        let h = self.view.header;
-        let strings = self
-            .view
-            .bytes
-            .get(h.strings_off as usize..)?
-            .get(..h.strings_len as usize)?;
-        let off = off as usize;
-        let len = u16::from_le_bytes([*strings.get(off)?, *strings.get(off + 1)?]) as usize;
-        core::str::from_utf8(strings.get(off + 2..off + 2 + len)?).ok()
+        self.view.string(off)
     }
 
     pub fn name(&self) -> &'a str {
@@ -939,13 +1029,13 @@ fn read_header(b: &[u8]) -> Header {
         servers_count: u32_at(b, 88),
         strings_off: u32_at(b, 92),
         strings_len: u32_at(b, 96),
-        _pad: 0,
+        default_origin: u32_at(b, 100),
     }
 }
 
 fn write_header(b: &mut [u8], h: &Header) {
     b[..8].copy_from_slice(&h.magic);
-    let words: [(usize, u32); 17] = [
+    let words: [(usize, u32); 18] = [
         (8, h.version),
         (12, h.upstreams),
         (32, h.exact.off),
@@ -963,6 +1053,7 @@ fn write_header(b: &mut [u8], h: &Header) {
         (88, h.servers_count),
         (92, h.strings_off),
         (96, h.strings_len),
+        (100, h.default_origin),
     ];
     for (at, v) in words {
         b[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -1025,12 +1116,35 @@ mod tests {
 
     fn sample() -> Image {
         let mut b = with_upstreams(3);
-        b.exact("rancher.example.com", t(0, 0));
-        b.exact("split.example.com", t(1, NONE));
-        b.wildcard("apps.example.com", t(2, 2), false);
-        b.wildcard("svc.example.com", t(1, 1), true);
-        b.set_default(t(NONE, 1));
+        let file = b.origin("/etc/nginx/edge/routes.json");
+        let cluster = b.origin("cluster-a");
+        b.exact("rancher.example.com", t(0, 0), file);
+        b.exact("split.example.com", t(1, NONE), cluster);
+        b.wildcard("apps.example.com", t(2, 2), false, cluster);
+        b.wildcard("svc.example.com", t(1, 1), true, NO_ORIGIN);
+        b.set_default(t(NONE, 1), file);
         b.build()
+    }
+
+    #[test]
+    fn routes_keep_their_origin() {
+        let image = sample();
+        let v = open(image.bytes()).unwrap();
+        let v = v.view();
+        assert_eq!(
+            v.exact_origin(b"rancher.example.com"),
+            Some("/etc/nginx/edge/routes.json")
+        );
+        assert_eq!(v.exact_origin(b"split.example.com"), Some("cluster-a"));
+        assert_eq!(v.wildcard_origin(b"apps.example.com"), Some("cluster-a"));
+        assert_eq!(v.wildcard_origin(b"svc.example.com"), None);
+        assert_eq!(v.exact_origin(b"nope.example.com"), None);
+        assert_eq!(v.default_origin(), Some("/etc/nginx/edge/routes.json"));
+        // A name still reads whole after its origin was added behind it.
+        assert_eq!(
+            v.exact(b"split.example.com").unwrap().0,
+            "split.example.com"
+        );
     }
 
     #[test]
@@ -1081,7 +1195,7 @@ mod tests {
     fn many_names_all_found() {
         let mut b = with_upstreams(7);
         for i in 0..50_000u32 {
-            b.exact(&format!("n{i}.example.com"), t(i % 7, i % 5));
+            b.exact(&format!("n{i}.example.com"), t(i % 7, i % 5), NO_ORIGIN);
         }
         let image = b.build();
         let v = open(image.bytes()).unwrap();
@@ -1123,7 +1237,7 @@ mod tests {
         }
         assert_eq!(
             ImageError::Version(1).to_string(),
-            "image format version 1, this module reads version 2"
+            "image format version 1, this module reads version 3"
         );
     }
 

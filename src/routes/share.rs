@@ -161,7 +161,11 @@ mod tests {
             discovered: false,
             port_map: &[],
         });
-        b.exact("a.test", Targets { tls: 0, http: 0 });
+        b.exact(
+            "a.test",
+            Targets { tls: 0, http: 0 },
+            crate::routes::image::NO_ORIGIN,
+        );
         b.build()
     }
 

@@ -505,6 +505,7 @@ impl Source {
             .enumerate()
             .filter_map(|(i, u)| u.good.clone().map(|d| (d, i)))
             .unzip();
+        let origins = owners.iter().map(|&i| self.units[i].origin()).collect();
         let Some(pending) = self.pending.as_mut() else {
             return not_under_way();
         };
@@ -515,6 +516,7 @@ impl Source {
                 .filter_map(|c| c.discovers.clone())
                 .collect(),
             previous: self.table.discovered_servers(),
+            origins,
         };
         Step::NeedWork(Work::Merge(docs, discovery))
     }
@@ -736,6 +738,17 @@ impl Source {
 }
 
 impl Unit {
+    /// The file's path, or the URL source's name: what `$edge_source` shows.
+    fn origin(&self) -> String {
+        match &self.label {
+            Some(label) => label
+                .strip_prefix("edge_routes_url ")
+                .unwrap_or(label)
+                .to_owned(),
+            None => self.path.display().to_string(),
+        }
+    }
+
     /// The file, or the URL source, as messages name it.
     fn shown(&self) -> String {
         match &self.label {

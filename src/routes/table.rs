@@ -32,6 +32,8 @@ pub enum Backend {
 struct Route {
     tls: Option<UpstreamId>,
     http: Option<UpstreamId>,
+    /// The document that gave it.
+    file: usize,
 }
 
 impl Route {
@@ -146,6 +148,8 @@ impl<'a, V> InsertNew<'a, V> for HashMap<&'a str, V> {
 pub struct Discovery {
     pub sources: Vec<(String, Kinds)>,
     pub previous: HashMap<String, Vec<ServerDef>>,
+    /// What `$edge_source` calls each document: a file's path, a URL source's name.
+    pub origins: Vec<String>,
 }
 
 impl RouteTable {
@@ -260,6 +264,7 @@ impl RouteTable {
                 Ok(Route {
                     tls: id(&t.tls, proto_suffix(".tls"))?,
                     http: id(&t.http, proto_suffix(".http"))?,
+                    file,
                 })
             };
 
@@ -416,14 +421,20 @@ impl RouteTable {
                 port_map: resolved.as_ref().map_or(&[][..], |(_, map)| map),
             });
         }
+        let origins: Vec<image::Origin> = (0..documents.len())
+            .map(|f| match discovery.origins.get(f) {
+                Some(name) => image.origin(name),
+                None => image::NO_ORIGIN,
+            })
+            .collect();
         for (name, route) in exact {
-            image.exact(name, route.targets());
+            image.exact(name, route.targets(), origins[route.file]);
         }
         for (suffix, (route, one_label)) in wildcard {
-            image.wildcard(suffix, route.targets(), one_label);
+            image.wildcard(suffix, route.targets(), one_label, origins[route.file]);
         }
         if let Some(route) = default {
-            image.set_default(route.targets());
+            image.set_default(route.targets(), origins[route.file]);
         }
         Ok((RouteTable::from_image(image.build()), warnings))
     }
@@ -523,6 +534,16 @@ impl RouteTable {
             first = false;
         }
         None
+    }
+
+    /// The file or URL source that gave the route `by` (`$edge_source`).
+    pub fn source_of(&self, by: &MatchedBy) -> Option<&str> {
+        let view = self.image.view();
+        match by {
+            MatchedBy::Exact(key) => view.exact_origin(key.as_bytes()),
+            MatchedBy::Wildcard(suffix) => view.wildcard_origin(suffix.as_bytes()),
+            MatchedBy::Default => view.default_origin(),
+        }
     }
 
     /// Whether a connection that went to `server` of upstream `upstream` for `name` would
@@ -981,6 +1002,7 @@ mod tests {
             previous: previous
                 .map(RouteTable::discovered_servers)
                 .unwrap_or_default(),
+            origins: Vec::new(),
         };
         let servers = |t: &RouteTable| -> Vec<String> {
             t.discovered_servers()["ingress"]

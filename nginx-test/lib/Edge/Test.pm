@@ -159,7 +159,7 @@ pid %%TESTDIR%%/nginx.pid;
 error_log %%TESTDIR%%/error.log info;
 events { worker_connections $connections; }
 stream {
-    log_format edge '\$remote_addr proto=\$edge_protocol name=\$edge_server_name route=\$edge_route upstream=\$edge_upstream alpn=\$edge_alpn addr=\$upstream_addr status=\$status';
+    log_format edge '\$remote_addr proto=\$edge_protocol name=\$edge_server_name route=\$edge_route upstream=\$edge_upstream alpn=\$edge_alpn addr=\$upstream_addr status=\$status match=\$edge_match source=\$edge_source';
     access_log %%TESTDIR%%/access.log edge;
 $stream
 }
