@@ -104,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let discovery = Discovery {
         sources: vec![("fuzz".into(), all)],
-        previous: Default::default(),
+        ..Discovery::default()
     };
     let (table, _) =
         RouteTable::merge_with(&[&doc], &|_| true, &discovery).expect("discovered servers merge");

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ngx_stream_edge_module::routes::document::UpstreamKind;
-use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, UpstreamSpec, NONE};
+use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, UpstreamSpec, NONE, NO_ORIGIN};
 use ngx_stream_edge_module::routes::table::RouteTable;
 use ngx_stream_edge_module::sniff::Protocol;
 use ngx_stream_edge_module::upstream::{CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
@@ -50,13 +50,14 @@ fuzz_target!(|data: &[u8]| {
     b.upstream(UpstreamSpec { name: "a", kind: &servers, policy: &checked, check_name: Some("a.test"), discovered: false, port_map: &[] });
     b.upstream(UpstreamSpec { name: "b", kind: &servers, policy: &plain, check_name: None, discovered: true, port_map: &[(443, 30443)] });
     b.upstream(UpstreamSpec { name: "c", kind: &nginx, policy: &plain, check_name: None, discovered: false, port_map: &[] });
+    let origins = [b.origin("/etc/nginx/edge/a.json"), b.origin("cluster-a"), NO_ORIGIN];
     for (i, n) in names.iter().enumerate() {
         let n = std::str::from_utf8(n).unwrap();
         let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };
         if i % 4 == 3 {
-            b.wildcard(n, to, i % 8 == 7);
+            b.wildcard(n, to, i % 8 == 7, origins[i % 3]);
         } else {
-            b.exact(n, to);
+            b.exact(n, to, origins[i % 3]);
         }
     }
     let image = b.build();
@@ -78,6 +79,10 @@ fuzz_target!(|data: &[u8]| {
             let v = opened.view();
             for (i, n) in names.iter().enumerate() {
                 let found = if i % 4 == 3 { v.wildcard(n).map(|(k, t, _)| (k, t)) } else { v.exact(n) };
+                let origin = if i % 4 == 3 { v.wildcard_origin(n) } else { v.exact_origin(n) };
+                if intact {
+                    assert_eq!(origin.is_some(), i % 3 != 2);
+                }
                 if intact {
                     assert!(found.is_some(), "{:?}", String::from_utf8_lossy(n));
                 }
@@ -91,7 +96,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(v.upstream_count(), 3);
                 assert_eq!(v.upstream(0).policy(), checked);
             }
-            let _ = v.default();
+            let _ = (v.default(), v.default_origin());
             let _ = v.routes().count();
             let table = RouteTable::from_image(opened);
             for (i, n) in names.iter().enumerate() {
