@@ -7,6 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+pub mod page;
+
 use crate::balance::Pool;
 use crate::health::{Outcome, View};
 use crate::routes::table::{Backend, RouteTable};
@@ -104,6 +106,17 @@ pub fn json(
     traffic: Option<&Snapshot>,
     clock: Clock,
 ) -> String {
+    pretty(&status(sources, urls, zone, traffic, clock))
+}
+
+/// What `/status` answers, as a value (the HTML page is made from it too).
+pub fn status(
+    sources: &[SourceInfo],
+    urls: &[Value],
+    zone: Option<ZoneInfo>,
+    traffic: Option<&Snapshot>,
+    clock: Clock,
+) -> Value {
     let sources_json: Vec<Value> = sources
         .iter()
         .map(|s| {
@@ -166,7 +179,7 @@ pub fn json(
         );
     }
     let zone = zone.map(|z| json!({"name": z.name, "capacity": z.capacity, "used": z.used}));
-    pretty(&json!({
+    json!({
         "module": "nginx-edge",
         "version": env!("CARGO_PKG_VERSION"),
         "zone": zone,
@@ -175,7 +188,7 @@ pub fn json(
         "upstreams": upstreams,
         "routes": traffic.map(|t| routes_json(t, STATUS_ROUTES, clock)),
         "unrouted": traffic.map(|t| unrouted_json(t, clock)),
-    }))
+    })
 }
 
 fn pretty(v: &Value) -> String {
@@ -631,7 +644,8 @@ fn histogram(out: &mut String, t: &Snapshot) {
 /// The request line of a status request: `Some(path)` once the head is complete.
 pub enum Request<'a> {
     Incomplete,
-    Get(&'a str),
+    /// The path, and whether the client prefers HTML (a browser) to JSON.
+    Get(&'a str, bool),
     /// Not a GET, or not HTTP: answered 400 or 405.
     Bad(u16),
 }
@@ -642,16 +656,51 @@ pub fn parse_request(buf: &[u8]) -> Request<'_> {
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => Request::Incomplete,
         Ok(httparse::Status::Complete(_)) => match (req.method, req.path) {
-            (Some("GET"), Some(path)) => Request::Get(path),
+            (Some("GET"), Some(path)) => {
+                let accept = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("accept"))
+                    .map_or(&b""[..], |h| h.value);
+                Request::Get(path, prefers_html(accept))
+            }
             _ => Request::Bad(405),
         },
         Err(_) => Request::Bad(400),
     }
 }
 
+/// Whether an `Accept` header prefers `text/html` to `application/json`: a browser's does
+/// (`text/html,...,*/*;q=0.8`); curl's `*/*` and a script's `application/json` do not.
+pub fn prefers_html(accept: &[u8]) -> bool {
+    let accept = String::from_utf8_lossy(accept);
+    let mut html: Option<f32> = None;
+    let mut json: Option<f32> = None;
+    for item in accept.split(',') {
+        let mut parts = item.split(';');
+        let kind = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match kind.as_str() {
+            "text/html" | "application/xhtml+xml" => html = Some(html.map_or(q, |h| h.max(q))),
+            "application/json" => json = Some(json.map_or(q, |j| j.max(q))),
+            _ => {}
+        }
+    }
+    match (html, json) {
+        (Some(h), Some(j)) => h > 0.0 && h > j,
+        (Some(h), None) => h > 0.0,
+        _ => false,
+    }
+}
+
 /// The full response to a status request.
+#[allow(clippy::too_many_arguments)]
 pub fn respond(
     path: &str,
+    html: bool,
     sources: &[SourceInfo],
     urls: &[Value],
     zone: Option<ZoneInfo>,
@@ -662,6 +711,11 @@ pub fn respond(
     const JSON: &str = "application/json";
     let off = || pretty(&json!({"error": "edge_counters is off"}));
     let (status, kind, body) = match path {
+        "/" if html => {
+            let v = status(sources, urls, zone, traffic, clock);
+            let now = clock.unix(clock.monotonic_ms);
+            ("200 OK", "text/html; charset=utf-8", page::render(&v, now))
+        }
         "/" | "/status" => ("200 OK", JSON, json(sources, urls, zone, traffic, clock)),
         "/routes" => match (traffic, top(query)) {
             (_, None) => (
@@ -894,7 +948,7 @@ mod tests {
         ));
         assert!(matches!(
             parse_request(b"GET /metrics HTTP/1.1\r\n\r\n"),
-            Request::Get("/metrics")
+            Request::Get("/metrics", false)
         ));
         assert!(matches!(
             parse_request(b"POST / HTTP/1.1\r\n\r\n"),
@@ -912,13 +966,66 @@ mod tests {
             last_error: None,
             table: &t,
         }];
-        let r = respond("/nope", &sources, &[], None, None, clock());
+        let r = respond_json("/nope", &sources, &[], None, None, clock());
         assert!(r.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
-        let r = respond("/status?pretty", &sources, &[], None, None, clock());
+        let r = respond_json("/status?pretty", &sources, &[], None, None, clock());
         let text = String::from_utf8(r).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(head.contains("application/json"));
+    }
+
+    fn respond_json(
+        path: &str,
+        sources: &[SourceInfo],
+        urls: &[Value],
+        zone: Option<ZoneInfo>,
+        traffic: Option<&Snapshot>,
+        clock: Clock,
+    ) -> Vec<u8> {
+        respond(path, false, sources, urls, zone, traffic, clock)
+    }
+
+    #[test]
+    fn browsers_get_html_and_scripts_json() {
+        let chromium = b"text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7";
+        let firefox = b"text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+        assert!(prefers_html(chromium));
+        assert!(prefers_html(firefox));
+        assert!(!prefers_html(b"*/*"));
+        assert!(!prefers_html(b""));
+        assert!(!prefers_html(b"application/json"));
+        assert!(!prefers_html(b"application/json, text/html;q=0.5"));
+        assert!(!prefers_html(b"text/html;q=0"));
+        assert!(prefers_html(b"application/json;q=0.5, text/html"));
+        assert!(matches!(
+            parse_request(
+                format!(
+                    "GET / HTTP/1.1\r\nAccept: {}\r\n\r\n",
+                    String::from_utf8_lossy(firefox)
+                )
+                .as_bytes()
+            ),
+            Request::Get("/", true)
+        ));
+        let t = table(TABLE);
+        let sources = [SourceInfo {
+            path: "p",
+            generation: 1,
+            loaded_at: None,
+            last_error: None,
+            table: &t,
+        }];
+        let page =
+            String::from_utf8(respond("/", true, &sources, &[], None, None, clock())).unwrap();
+        assert!(page.contains("Content-Type: text/html") && page.contains("<!DOCTYPE html>"));
+        let status =
+            String::from_utf8(respond("/status", true, &sources, &[], None, None, clock()))
+                .unwrap();
+        assert!(
+            status.contains("Content-Type: application/json"),
+            "/status stays JSON"
+        );
     }
 
     fn snapshot() -> Snapshot {
@@ -1016,15 +1123,29 @@ mod tests {
     fn routes_and_unrouted_paths() {
         let t = snapshot();
         let body = |r: Vec<u8>| String::from_utf8(r).unwrap();
-        let r = body(respond("/routes?top=1", &[], &[], None, Some(&t), clock()));
+        let r = body(respond_json(
+            "/routes?top=1",
+            &[],
+            &[],
+            None,
+            Some(&t),
+            clock(),
+        ));
         assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("shop.test") && !r.contains("apps"));
-        let r = body(respond("/routes?top=x", &[], &[], None, Some(&t), clock()));
+        let r = body(respond_json(
+            "/routes?top=x",
+            &[],
+            &[],
+            None,
+            Some(&t),
+            clock(),
+        ));
         assert!(r.starts_with("HTTP/1.1 400"));
-        let r = body(respond("/unrouted", &[], &[], None, Some(&t), clock()));
+        let r = body(respond_json("/unrouted", &[], &[], None, Some(&t), clock()));
         assert!(r.contains("typo"));
-        let r = body(respond("/unrouted", &[], &[], None, None, clock()));
+        let r = body(respond_json("/unrouted", &[], &[], None, None, clock()));
         assert!(r.starts_with("HTTP/1.1 404") && r.contains("edge_counters is off"));
-        let r = body(respond("/status", &[], &[], None, Some(&t), clock()));
+        let r = body(respond_json("/status", &[], &[], None, Some(&t), clock()));
         assert!(r.contains("\"unrouted\"") && r.contains("shop.test"));
     }
 }

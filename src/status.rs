@@ -108,9 +108,9 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
     }
     loop {
         match report::parse_request(&ex.request) {
-            Request::Get(path) => {
+            Request::Get(path, html) => {
                 let path = path.to_owned();
-                return answer(c, &path);
+                return answer(c, &path, html);
             }
             Request::Bad(code) => {
                 let (status, text) = if code == 405 {
@@ -149,7 +149,7 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
     }
 }
 
-unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
+unsafe fn answer(c: *mut ngx_connection_t, path: &str, html: bool) {
     let Some((_, ex)) = exchange(c) else { return };
     let w = worker::get();
     let sources: Vec<SourceInfo> = w
@@ -189,7 +189,7 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str) {
         })
         .unwrap_or_default();
     let traffic = w.and_then(|w| w.counters.as_ref()).map(|c| c.snapshot());
-    ex.answer = report::respond(path, &sources, &urls, zone, traffic.as_ref(), clock);
+    ex.answer = report::respond(path, html, &sources, &urls, zone, traffic.as_ref(), clock);
     ex.status = NGX_STREAM_OK as _;
     on_write((*c).write);
 }
