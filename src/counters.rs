@@ -198,12 +198,14 @@ impl Counters {
         })
     }
 
+    #[inline]
     fn store(&self) -> RouteStore<'static> {
         RouteStore::new(self.records, self.index, &self.header.store)
     }
 
     /// Pins the record of a route a connection of `protocol` was routed by, and counts it.
     /// `None` when the route has no record and none could be made.
+    #[inline]
     pub fn route_opened(
         &self,
         kind: RouteKind,
@@ -225,11 +227,13 @@ impl Counters {
         Some(pin)
     }
 
+    #[inline]
     pub fn route_closed(&self, pin: Pin, protocol: usize, end: Closed) {
         self.store().close(pin, protocol, end);
     }
 
     /// The time from accept to the routing decision, for the histogram.
+    #[inline]
     pub fn decided(&self, protocol: usize, ms: u64) {
         self.header.decisions[protocol][decision_bucket(ms)].fetch_add(1, Relaxed);
         if ms > 0 {
@@ -263,6 +267,7 @@ impl Counters {
     }
 
     /// A connection without a name.
+    #[inline]
     pub fn nameless(&self, why: Nameless) {
         self.header.nameless.add(why);
     }

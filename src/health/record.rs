@@ -127,6 +127,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// A 64-bit finaliser (splitmix64's).
+#[inline]
 pub fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -35,6 +35,7 @@ pub struct Snapshot {
 }
 
 /// A 128-bit hash of `bytes`, two 64-bit lanes a word at a time; the same in every process.
+#[inline]
 pub fn hash128(seed: u64, bytes: &[u8]) -> [u64; 2] {
     const K1: u64 = 0x9e37_79b9_7f4a_7c15;
     const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
@@ -61,6 +62,7 @@ pub fn hash128(seed: u64, bytes: &[u8]) -> [u64; 2] {
 
 /// The histogram bucket of a decision that took `ms`: an index into `DECISION_BUCKETS_MS`,
 /// or its length for `+Inf`.
+#[inline]
 pub fn decision_bucket(ms: u64) -> usize {
     DECISION_BUCKETS_MS
         .iter()

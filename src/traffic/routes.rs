@@ -59,6 +59,7 @@ pub struct Fingerprint([u64; 2]);
 
 impl Fingerprint {
     /// `key` is the exact name, the wildcard's suffix (after `*.`), or empty for `default`.
+    #[inline]
     pub fn of(kind: RouteKind, key: &[u8]) -> Fingerprint {
         let mut h = hash128(kind as u64, key);
         if h == [0, 0] {
@@ -67,6 +68,7 @@ impl Fingerprint {
         Fingerprint(h)
     }
 
+    #[inline]
     fn home(&self, mask: usize) -> usize {
         self.0[0] as usize & mask
     }
@@ -174,6 +176,7 @@ pub struct RouteStore<'a> {
 }
 
 impl<'a> RouteStore<'a> {
+    #[inline]
     pub fn new(
         records: &'a [RouteRecord],
         index: &'a [AtomicU32],
@@ -203,16 +206,19 @@ impl<'a> RouteStore<'a> {
         self.header.untracked.load(Relaxed)
     }
 
+    #[inline]
     fn mask(&self) -> usize {
         self.index.len() - 1
     }
 
+    #[inline]
     fn fp_of(&self, r: usize) -> Fingerprint {
         let fp = &self.records[r].fp;
         Fingerprint([fp[0].load(Acquire), fp[1].load(Acquire)])
     }
 
     /// The index position holding `fp`, or the empty one where it would go.
+    #[inline]
     fn position(&self, fp: Fingerprint) -> (usize, Option<usize>) {
         let mask = self.mask();
         let mut i = fp.home(mask);
@@ -228,6 +234,7 @@ impl<'a> RouteStore<'a> {
 
     /// Pins the record of `fp`, without a lock. `None` when it has none, or when an insert
     /// or an eviction under way hid it: `find_or_insert` then decides, under the lock.
+    #[inline]
     pub fn find(&self, fp: Fingerprint) -> Option<Pin> {
         let (_, r) = self.position(fp);
         let r = r?;
@@ -392,6 +399,7 @@ impl<'a> RouteStore<'a> {
     }
 
     /// A connection of `protocol` that the route took, `decision_ms` after its accept.
+    #[inline]
     pub fn opened(&self, pin: Pin, protocol: usize, decision_ms: u64, now_ms: u64) {
         let record = &self.records[pin.0 as usize];
         let c = &record.by_protocol[protocol];
@@ -405,6 +413,7 @@ impl<'a> RouteStore<'a> {
     }
 
     /// The end of a connection `opened` on `pin`: the record is unpinned.
+    #[inline]
     pub fn close(&self, pin: Pin, protocol: usize, end: Closed) {
         let record = &self.records[pin.0 as usize];
         let c = &record.by_protocol[protocol];
