@@ -55,7 +55,7 @@ sub chromium {
     my $pid = open(my $out, '-|') // die "fork: $!\n";
     if (!$pid) {
         open STDERR, '>', $t->dir . '/chromium.log';
-        exec @cmd;
+        { exec @cmd }
         POSIX::_exit(127);
     }
     require POSIX;

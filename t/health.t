@@ -203,10 +203,12 @@ my ($code, $metrics) = Edge::Test::status_get($status, '/metrics');
 is($code, 200, '/metrics answers');
 my (%type, $bad);
 for my $line (split /\n/, $metrics) {
-    if ($line =~ /^# TYPE (\w+) (gauge|counter)$/) { $type{$1} = $2; next }
+    if ($line =~ /^# TYPE (\w+) (gauge|counter|histogram)$/) { $type{$1} = $2; next }
     next if $line =~ /^# HELP \w+ .+$/;
-    if ($line =~ /^(nginx_edge_\w+)\{((?:\w+="(?:[^"\\]|\\.)*",?)*)\} (-?[0-9.e+]+)$/) {
-        $bad = "sample before its TYPE: $line" unless $type{$1};
+    if ($line =~ /^(nginx_edge_\w+?)(_bucket|_sum|_count)?(?:\{((?:\w+="(?:[^"\\]|\\.)*",?)*)\})? (-?[0-9.e+]+)$/) {
+        my $family = $type{$1 . ($2 // '')} ? $1 . ($2 // '') : $1;
+        $bad = "sample before its TYPE: $line" unless $type{$family};
+        $bad = "$2 of a $type{$family}: $line" if $2 && !$type{$1 . $2} && $type{$family} ne 'histogram';
         next;
     }
     $bad = "not exposition format: $line";

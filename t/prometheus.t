@@ -67,8 +67,8 @@ my $pid = fork // die "fork: $!\n";
 if (!$pid) {
     open STDOUT, '>', "$dir/prometheus.log";
     open STDERR, '>&', \*STDOUT;
-    exec $prometheus, "--config.file=$dir/prometheus.yml", "--storage.tsdb.path=$dir/tsdb",
-        "--web.listen-address=127.0.0.1:$prom", '--log.level=warn';
+    { exec $prometheus, "--config.file=$dir/prometheus.yml", "--storage.tsdb.path=$dir/tsdb",
+        "--web.listen-address=127.0.0.1:$prom", '--log.level=warn' }
     POSIX::_exit(127);
 }
 require POSIX;
