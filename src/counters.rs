@@ -1,7 +1,8 @@
 //! `edge_counters`: the shared memory that counts traffic per route, the names nobody routes
 //! and the connections without a name, for every worker (the logic is in `traffic`). Its
 //! counts outlive route-table swaps and `nginx -s reload` (nginx hands a zone of the same
-//! name and size to the new cycle); changing `routes=` or `unrouted=` starts them afresh.
+//! name and size to the new cycle); the zone's name carries `routes=`, `unrouted=` and the
+//! layout's version, so that changing them makes a new zone, whose counts start afresh.
 //!
 //! Layout of the zone's one allocation: `Header`, the route index, the route records, then
 //! the unrouted entries (TLS's, then HTTP's).
@@ -27,10 +28,12 @@ use crate::traffic::{
 };
 
 pub const ZONE_NAME: &str = "nginx_edge_counters";
+/// Bumped with any change to the layout below.
+const LAYOUT: u32 = 1;
 pub const DEFAULT_ROUTES: usize = 10_000;
 pub const DEFAULT_UNROUTED: usize = 100;
 pub const MAX_ROUTES: usize = 1_000_000;
-pub const MAX_UNROUTED: usize = 10_000;
+pub const MAX_UNROUTED: usize = 1_000;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"edgecnt1");
 
@@ -47,7 +50,11 @@ struct Header {
     routes: u64,
     unrouted: u64,
     record_size: u64,
+    /// The secret of route fingerprints, drawn when the zone is made.
+    seed: u64,
     store: StoreHeader,
+    /// Unrouted connections whose name was not counted: another worker held the lock.
+    sampled_out: AtomicU64,
     nameless: NamelessCounts,
     /// Per protocol: connections whose name no route matched, sent to `default`, and closed.
     defaulted: [AtomicU64; PROTOCOLS],
@@ -80,9 +87,16 @@ pub unsafe fn add(cf: *mut ngx_conf_t, sizes: Sizes) -> Option<NonNull<ngx_shm_z
     let area = area_size(sizes);
     // The slab allocator's own pages and page descriptors, with room to spare.
     let size = (area + area / 64 + 16 * ngx_pagesize).next_multiple_of(ngx_pagesize);
+    let text = format!("{ZONE_NAME}:{}:{}:v{LAYOUT}", sizes.routes, sizes.unrouted);
+    // The name must live as long as the cycle: in the configuration's pool.
+    let data = nginx_sys::ngx_pnalloc((*cf).pool, text.len()).cast::<u8>();
+    if data.is_null() {
+        return None;
+    }
+    core::ptr::copy_nonoverlapping(text.as_ptr(), data, text.len());
     let mut name = ngx_str_t {
-        len: ZONE_NAME.len(),
-        data: ZONE_NAME.as_ptr().cast_mut(),
+        len: text.len(),
+        data,
     };
     let tag = core::ptr::addr_of_mut!(crate::ngx_stream_edge_module).cast();
     let zone = NonNull::new(ngx_shared_memory_add(cf, &mut name, size, tag))?;
@@ -137,9 +151,22 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
     header.routes = sizes.routes as u64;
     header.unrouted = sizes.unrouted as u64;
     header.record_size = size_of::<RouteRecord>() as u64;
+    header.seed = seed();
     (*shpool).data = block;
     zone.data = block;
     NGX_OK as ngx_int_t
+}
+
+/// A secret from the kernel's generator (the clock's, should it fail).
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: a valid buffer of its length.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        u64::from_le_bytes(bytes)
+    } else {
+        crate::health::mix(crate::health::now_ms() ^ std::process::id() as u64)
+    }
 }
 
 /// The counters as a worker uses them.
@@ -150,6 +177,17 @@ pub struct Counters {
     heavy: *mut Heavy,
     unrouted: usize,
     pool: SlabPool,
+    shpool: *mut ngx_slab_pool_t,
+}
+
+/// Unlocks a mutex taken with `ngx_shmtx_trylock` when dropped.
+struct Unlock(*mut nginx_sys::ngx_shmtx_t);
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        // SAFETY: taken by this process just before.
+        unsafe { nginx_sys::ngx_shmtx_unlock(self.0) };
+    }
 }
 
 /// Which protocol a connection is counted under.
@@ -195,6 +233,7 @@ impl Counters {
             heavy: base.add(heavy_offset(sizes)).cast::<Heavy>().cast_mut(),
             unrouted: sizes.unrouted,
             pool: SlabPool::from_shm_zone(zone)?,
+            shpool: zone.shm.addr.cast(),
         })
     }
 
@@ -215,7 +254,7 @@ impl Counters {
         now_ms: u64,
     ) -> Option<Pin> {
         let store = self.store();
-        let fp = Fingerprint::of(kind, key);
+        let fp = Fingerprint::of(self.header.seed, kind, key);
         let pin = match store.find(fp) {
             Some(pin) => pin,
             None => {
@@ -258,7 +297,16 @@ impl Counters {
         if self.unrouted == 0 {
             return;
         }
-        let _lock = self.pool.lock();
+        // A scanner's spray must not make every worker wait on this lock: a name that finds
+        // it held is counted in the totals only.
+        // SAFETY: the zone's slab pool, mapped for the worker's lifetime.
+        let mutex = unsafe { core::ptr::addr_of_mut!((*self.shpool).mutex) };
+        // SAFETY: as above.
+        if unsafe { nginx_sys::ngx_shmtx_trylock(mutex) } == 0 {
+            self.header.sampled_out.fetch_add(1, Relaxed);
+            return;
+        }
+        let _unlock = Unlock(mutex);
         // SAFETY: the entries are only ever touched under the zone's lock, held here.
         let entries = unsafe {
             core::slice::from_raw_parts_mut(self.heavy.add(protocol * self.unrouted), self.unrouted)
@@ -272,8 +320,10 @@ impl Counters {
         self.header.nameless.add(why);
     }
 
-    pub fn snapshot(&self) -> Snapshot {
-        let store = self.store();
+    /// What a report shows, with the `top` busiest routes. Routes are read without the lock.
+    pub fn snapshot(&self, top: usize) -> Snapshot {
+        let (routes, tracked) = self.store().top(top);
+        let failing = self.store().failing(crate::report::METRICS_ROUTES);
         let _lock = self.pool.lock();
         let unrouted = core::array::from_fn(|p| {
             // SAFETY: read under the zone's lock, held here.
@@ -283,11 +333,15 @@ impl Counters {
             unrouted::views(entries)
         });
         let h = self.header;
+        let store = self.store();
         Snapshot {
             capacity: store.capacity(),
+            tracked,
             evicted: store.evicted(),
             untracked: store.untracked(),
-            routes: store.views(),
+            sampled_out: h.sampled_out.load(Relaxed),
+            routes,
+            failing,
             unrouted,
             defaulted: core::array::from_fn(|p| h.defaulted[p].load(Relaxed)),
             closed: core::array::from_fn(|p| h.closed[p].load(Relaxed)),

@@ -146,13 +146,22 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     NGX_DECLINED as ngx_int_t
 }
 
+/// The longest decision time counted; longer is a step of the clock.
+const DECISION_MAX_MS: i64 = 3_600_000;
+
 /// Milliseconds from the session's accept to now, on nginx's cached clock.
 unsafe fn decision_ms(s: *mut ngx_stream_session_t) -> u64 {
     let tp = &*nginx_sys::ngx_cached_time;
     #[allow(clippy::unnecessary_cast)] // time_t is not i64 everywhere
     let secs = (tp.sec - (*s).start_sec) as i64;
     let ms = secs * 1000 + tp.msec as i64 - (*s).start_msec as i64;
-    ms.max(0) as u64
+    // The cached clock is the wall clock: a step of the system's time must not count as a
+    // decision of hours (a client gets `preread_timeout`, 30 s by default, at most).
+    if (0..=DECISION_MAX_MS).contains(&ms) {
+        ms as u64
+    } else {
+        0
+    }
 }
 
 unsafe fn count_unrouted(
@@ -162,7 +171,15 @@ unsafe fn count_unrouted(
     name: &str,
     outcome: UnroutedOutcome,
 ) {
-    let client = stream::sockaddr_ip(c.sockaddr.cast())
+    // Behind a load balancer that sends the PROXY protocol, the client is in its header.
+    let proxied = c.proxy_protocol.as_ref().and_then(|pp| {
+        core::str::from_utf8(pp.src_addr.as_bytes())
+            .ok()?
+            .parse()
+            .ok()
+    });
+    let client = proxied
+        .or_else(|| stream::sockaddr_ip(c.sockaddr.cast()))
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let now_s = (*nginx_sys::ngx_cached_time).sec as u64;
     counters.unrouted(protocol, name.as_bytes(), outcome, now_s, client);
@@ -174,27 +191,28 @@ unsafe fn count_unrouted(
 /// (`deny`, `limit_conn`) has no context, and nginx has logged why.
 pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     let conf = stream::srv_conf::<SrvConf>(s);
-    if conf.mode == Mode::Off || conf.status.is_some() {
+    if conf.mode == Mode::Off {
         return NGX_OK as ngx_int_t;
     }
     let Some(ctx) = session::get(s) else {
         return NGX_OK as ngx_int_t;
     };
     let counters = worker::get().and_then(|w| w.counters.as_ref());
-    if ctx.done {
-        if let (Some(counters), Some((pin, p))) = (counters, ctx.counted.take()) {
-            let failed = (*s).status == NGX_STREAM_BAD_GATEWAY as ngx_uint_t;
-            counters.route_closed(
-                pin,
-                p,
-                Closed {
-                    received: (*s).received.max(0) as u64,
-                    sent: (*(*s).connection).sent.max(0) as u64,
-                    no_server: ctx.no_server,
-                    failed: failed && !ctx.no_server,
-                },
-            );
-        }
+    // First, whatever the server does next: a route's record stays held until this.
+    if let (Some(counters), Some((pin, p))) = (counters, ctx.counted.take()) {
+        let failed = (*s).status == NGX_STREAM_BAD_GATEWAY as ngx_uint_t;
+        counters.route_closed(
+            pin,
+            p,
+            Closed {
+                received: (*s).received.max(0) as u64,
+                sent: (*(*s).connection).sent.max(0) as u64,
+                no_server: ctx.no_server,
+                failed: failed && !ctx.no_server,
+            },
+        );
+    }
+    if ctx.done || conf.status.is_some() {
         return NGX_OK as ngx_int_t;
     }
     let c = &*(*s).connection;

@@ -12,7 +12,7 @@ pub mod page;
 use crate::balance::Pool;
 use crate::health::{Outcome, View};
 use crate::routes::table::{Backend, RouteTable};
-use crate::traffic::{CountersView, Snapshot, DECISION_BUCKETS_MS, PROTOCOLS};
+use crate::traffic::{CountersView, RouteView, Snapshot, DECISION_BUCKETS_MS, PROTOCOLS};
 pub use crate::upstream::peer_name;
 use crate::upstream::{Balance, CheckKind, ServerDef};
 
@@ -201,6 +201,11 @@ fn pretty(v: &Value) -> String {
 /// `?top=N`.
 pub const STATUS_ROUTES: usize = 100;
 pub const ROUTES_DEFAULT: usize = 1000;
+/// The most `/routes?top=N` lists: an answer of about 5 MB.
+pub const ROUTES_MAX: usize = 10_000;
+/// An unrouted name gets a series of its own once it surely had this many connections
+/// (its count less its error): a scanner's random names never do.
+pub const METRICS_UNROUTED_MIN: u64 = 5;
 /// Routes with series of their own in `/metrics`, busiest first.
 pub const METRICS_ROUTES: usize = 100;
 /// Unrouted names per protocol with a series of their own in `/metrics`.
@@ -223,7 +228,7 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
             });
             for (p, name) in PROTOCOL_NAMES.iter().enumerate() {
                 let c = &r.by_protocol[p];
-                if c.connections == 0 && c.refused == 0 {
+                if c.connections == 0 {
                     continue;
                 }
                 v[*name] = json!({
@@ -233,7 +238,6 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
                     "bytes_sent": c.sent,
                     "no_server": c.no_server,
                     "failed": c.failed,
-                    "refused": c.refused,
                     "decision_ms_avg": c.decision_ms as f64 / c.connections.max(1) as f64,
                 });
             }
@@ -242,7 +246,7 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
         .collect();
     json!({
         "capacity": t.capacity,
-        "tracked": t.routes.len(),
+        "tracked": t.tracked,
         "evicted": t.evicted,
         "untracked_connections": t.untracked,
         "routes": routes,
@@ -282,6 +286,7 @@ pub fn unrouted_json(t: &Snapshot, clock: Clock) -> Value {
         .map(|(k, n)| (k.as_str().to_owned(), json!(n)))
         .collect();
     out.insert("without_name".into(), Value::Object(nameless));
+    out.insert("names_not_counted".into(), json!(t.sampled_out));
     let _ = clock;
     Value::Object(out)
 }
@@ -481,13 +486,20 @@ pub fn prometheus(
     }
 
     if let Some(t) = traffic {
-        let top = &t.routes[..t.routes.len().min(METRICS_ROUTES)];
+        // The busiest routes, and those whose connections fail (a small route that fails must
+        // still reach an alert).
+        let mut top: Vec<&RouteView> = t.routes.iter().take(METRICS_ROUTES).collect();
+        for r in &t.failing {
+            if !top.iter().any(|s| s.kind == r.kind && s.route == r.route) {
+                top.push(r);
+            }
+        }
         let per_route = |f: &dyn Fn(&CountersView) -> u64| {
             let mut out = Vec::new();
-            for r in top {
+            for r in &top {
                 for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
                     let c = &r.by_protocol[p];
-                    if c.connections > 0 || c.refused > 0 {
+                    if c.connections > 0 {
                         let labels = format!(
                             "route=\"{}\",match=\"{}\",protocol=\"{proto}\"",
                             label(&r.route),
@@ -539,7 +551,7 @@ pub fn prometheus(
             "nginx_edge_routes_tracked",
             "gauge",
             "Routes with counters of their own (the busiest of them have series above).",
-            vec![(String::new(), t.routes.len().to_string())],
+            vec![(String::new(), t.tracked.to_string())],
         );
         family(
             "nginx_edge_routes_tracked_capacity",
@@ -579,7 +591,10 @@ pub fn prometheus(
         );
         let mut names = Vec::new();
         for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
-            for h in t.unrouted[p].iter().take(METRICS_UNROUTED) {
+            let sure = t.unrouted[p]
+                .iter()
+                .filter(|h| h.count - h.error >= METRICS_UNROUTED_MIN);
+            for h in sure.take(METRICS_UNROUTED) {
                 names.push((
                     format!("protocol=\"{proto}\",name=\"{}\"", label(&h.name)),
                     h.count.to_string(),
@@ -589,8 +604,14 @@ pub fn prometheus(
         family(
             "nginx_edge_unrouted_name_connections",
             "gauge",
-            "Connections for the most frequent names no route matched (an estimate: over by at most the error in /unrouted).",
+            "Connections for the most frequent names no route matched, those surely seen 5 times or more (an estimate: over by at most the error in /unrouted).",
             names,
+        );
+        family(
+            "nginx_edge_unrouted_names_not_counted_total",
+            "counter",
+            "Unrouted connections counted in the totals only: another worker was updating the names.",
+            vec![(String::new(), t.sampled_out.to_string())],
         );
     }
 
@@ -744,11 +765,20 @@ pub fn respond(
     http_response(status, kind, &body)
 }
 
-/// `top=N` of a query string; `ROUTES_DEFAULT` without it.
+/// `top=N` of a query string (at most `ROUTES_MAX`); `ROUTES_DEFAULT` without it.
 fn top(query: &str) -> Option<usize> {
     match query.split('&').find_map(|kv| kv.strip_prefix("top=")) {
         None => Some(ROUTES_DEFAULT),
-        Some(n) => n.parse().ok(),
+        Some(n) => n.parse::<usize>().ok().map(|n| n.min(ROUTES_MAX)),
+    }
+}
+
+/// How many of the busiest routes a request's answer shows.
+pub fn routes_wanted(path: &str) -> usize {
+    match path.split_once('?') {
+        Some(("/routes", query)) => top(query).unwrap_or(0),
+        None if path == "/routes" => ROUTES_DEFAULT,
+        _ => STATUS_ROUTES.max(METRICS_ROUTES),
     }
 }
 
@@ -1053,6 +1083,7 @@ mod tests {
         };
         let mut t = Snapshot {
             capacity: 10,
+            tracked: 2,
             evicted: 4,
             routes: vec![
                 route(RouteKind::Exact, "shop.test", 5, 0),
@@ -1117,6 +1148,15 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn how_many_routes_an_answer_shows() {
+        assert_eq!(routes_wanted("/routes"), ROUTES_DEFAULT);
+        assert_eq!(routes_wanted("/routes?top=5"), 5);
+        assert_eq!(routes_wanted("/routes?top=100000000"), ROUTES_MAX);
+        assert_eq!(routes_wanted("/routes?top=x"), 0);
+        assert_eq!(routes_wanted("/metrics"), METRICS_ROUTES.max(STATUS_ROUTES));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::session::{self, SessionCtx, StatusExchange};
 use crate::{stream, worker};
 
 /// Longest request head read.
-const REQUEST_MAX: usize = 4096;
+const REQUEST_MAX: usize = 16 * 1024;
 /// Time a client has to send its request, and then to take the answer.
 const TIMEOUT_MS: usize = 10_000;
 
@@ -188,7 +188,9 @@ unsafe fn answer(c: *mut ngx_connection_t, path: &str, html: bool) {
                 .collect()
         })
         .unwrap_or_default();
-    let traffic = w.and_then(|w| w.counters.as_ref()).map(|c| c.snapshot());
+    let traffic = w
+        .and_then(|w| w.counters.as_ref())
+        .map(|c| c.snapshot(report::routes_wanted(path)));
     ex.answer = report::respond(path, html, &sources, &urls, zone, traffic.as_ref(), clock);
     ex.status = NGX_STREAM_OK as _;
     on_write((*c).write);

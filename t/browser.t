@@ -49,7 +49,8 @@ mkdir "$ENV{PWD}/target";
 my $home = $t->dir . '/chromium';
 sub chromium {
     my (@args) = @_;
-    my @cmd = ($chromium, '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+    # A headless browser that hangs must not hang the suite.
+    my @cmd = ('timeout', '60', $chromium, '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
         '--disable-dev-shm-usage', "--user-data-dir=$home",
         @args, "http://127.0.0.1:$status/");
     my $pid = open(my $out, '-|') // die "fork: $!\n";

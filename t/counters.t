@@ -35,17 +35,23 @@ sub table {
     });
 }
 $t->write_routes('routes.json', table());
-$t->config(<<'EOF', workers => 4, connections => 4096);
+sub config {
+    my ($routes) = @_;
+    $t->config(<<"EOF", workers => 4, connections => 4096);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
-    edge_counters routes=1000 unrouted=100;
-    log_format match '$edge_match $edge_route $edge_source $edge_server_name';
-    server { listen 127.0.0.1:%%PORT_http%% reuseport; edge_route http; proxy_pass $edge_upstream;
+    edge_counters routes=$routes unrouted=100;
+    log_format match '\$edge_match \$edge_route \$edge_source \$edge_server_name';
+    server { listen 127.0.0.1:%%PORT_http%% reuseport; edge_route http; proxy_pass \$edge_upstream;
              proxy_next_upstream off; access_log %%TESTDIR%%/match.log match; }
-    server { listen 127.0.0.1:%%PORT_tls%% reuseport; edge_route tls; proxy_pass $edge_upstream;
+    server { listen 127.0.0.1:%%PORT_tls%% reuseport; edge_route tls; proxy_pass \$edge_upstream;
              proxy_next_upstream off; }
     server { listen 127.0.0.1:%%PORT_status%%; edge_status; }
+    # A status server that also reads the Host: its requests are counted, and let go.
+    server { listen 127.0.0.1:%%PORT_both%%; edge_route http; edge_status; }
     server { listen 127.0.0.1:%%PORT_back%%; return "x"; }
 EOF
+}
+config(1000);
 $t->backend('web', mode => 'http');
 $t->run;
 my ($http, $tls, $status) = map { $t->port($_) } qw(http tls status);
@@ -99,8 +105,10 @@ in_parallel(40, sub { http_get($http, 'a.test') eq $answer or die "a.test: no an
 in_parallel(20, sub { raw_exchange($tls, [$hello]) eq 'x' or die "b.test: no answer\n" });
 in_parallel(8, sub { http_get($http, "h$_[0].w.test") });
 in_parallel(3, sub { http_get($http, 'dead.test') });
-in_parallel(7, sub { http_get($http, 'typo.test') });
-in_parallel(2, sub { http_get($http, 'other.test') });
+# One at a time: a name that finds another worker updating the names is counted in the
+# totals only (see below), and these counts are to be exact.
+http_get($http, 'typo.test') for 1 .. 7;
+http_get($http, 'other.test') for 1 .. 2;
 in_parallel(3, sub { http_get($http, undef, version => '1.0') });
 in_parallel(2, sub { raw_exchange($http, ["\x00\x01 not http\r\n\r\n"]) });
 
@@ -178,15 +186,43 @@ in_parallel(20_000, sub {
     http_get($http, $name);
 });
 $truth{"heavy$_.test"} = 1000 for 0 .. 4;
-my $names = get('/unrouted')->{http}{names};
+my $unrouted = get('/unrouted');
+my $names = $unrouted->{http}{names};
+# Names that found the lock busy are in the totals only: a count may be short by that many.
+my $short = $unrouted->{names_not_counted};
+note("unrouted connections counted in the totals only: $short");
 is(scalar @$names, 100, 'unrouted names bounded by unrouted=');
 my %top = map { $_->{name} => $_ } @$names[0 .. 4];
 for my $n (sort keys %truth) {
     my $h = $top{$n};
-    ok($h && $h->{connections} >= $truth{$n} && $h->{connections} - $h->{error} <= $truth{$n},
+    ok($h && $h->{connections} >= $truth{$n} - $short && $h->{connections} - $h->{error} <= $truth{$n},
         "$n among the 5 heaviest, its count within its error")
         or diag(encode_json($h // {}));
 }
+
+# Status requests on a server that also routes: each holds its route's record while it runs,
+# and lets it go.
+my $both = $t->port('both');
+my $held = ((route('b.test') // {})->{http} // {})->{connections} // 0;
+for (1 .. 5) {
+    my $r = raw_exchange($both, ["GET /routes HTTP/1.1\r\nHost: b.test\r\n\r\n"]);
+    $r =~ m{^HTTP/1\.1 200 } or die "status on the routing server: $r\n";
+}
+my $bh = route('b.test')->{http};
+is_deeply([$bh->{connections} - $held, $bh->{active}], [5, 0],
+    'a status server that routes lets its route go (no connection left active)');
+
+is(scalar @{get('/routes?top=100000000')->{routes}}, 1000, '/routes?top= a huge number answers what there is');
+
+# Other sizes make another zone: nginx -s reload works and the counts start afresh.
+config(1001);
+$t->reload;
+# (Until the old workers have gone, one of them may still answer.)
+my $fresh = wait_for(sub { my $r = get('/routes'); $r->{capacity} == 1001 && $r }, 'the new zone');
+is($fresh->{evicted}, 0, 'routes=1001: a new zone after nginx -s reload');
+ok(!route('r1.test'), 'whose counts start afresh');
+http_get($http, 'r1.test') eq 'x' or die "r1.test: no answer\n";
+is(route('r1.test')->{http}{connections}, 1, 'and count again');
 
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'nothing worse than an error');
 done_testing;

@@ -23,9 +23,15 @@ pub const DECISION_BUCKETS_MS: [u64; 10] = [1, 5, 10, 25, 50, 100, 250, 500, 100
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub capacity: usize,
+    /// Routes with a record; `routes` has the busiest of them.
+    pub tracked: usize,
     pub evicted: u64,
     pub untracked: u64,
+    /// Unrouted connections counted in the totals only (the names' lock was busy).
+    pub sampled_out: u64,
     pub routes: Vec<RouteView>,
+    /// The routes with the most connections that found no server or failed to connect.
+    pub failing: Vec<RouteView>,
     pub unrouted: [Vec<HeavyView>; PROTOCOLS],
     pub defaulted: [u64; PROTOCOLS],
     pub closed: [u64; PROTOCOLS],

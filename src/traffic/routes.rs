@@ -59,9 +59,11 @@ pub struct Fingerprint([u64; 2]);
 
 impl Fingerprint {
     /// `key` is the exact name, the wildcard's suffix (after `*.`), or empty for `default`.
+    /// `seed` is the zone's secret: tenants who choose route names cannot choose collisions
+    /// or long probe chains.
     #[inline]
-    pub fn of(kind: RouteKind, key: &[u8]) -> Fingerprint {
-        let mut h = hash128(kind as u64, key);
+    pub fn of(seed: u64, kind: RouteKind, key: &[u8]) -> Fingerprint {
+        let mut h = hash128(seed ^ kind as u64, key);
         if h == [0, 0] {
             h[0] = 1;
         }
@@ -436,26 +438,113 @@ impl<'a> RouteStore<'a> {
         record.state.fetch_sub(1, Release);
     }
 
-    /// Every route counted, busiest first. The caller holds the lock (names are read whole).
-    pub fn views(&self) -> Vec<RouteView> {
-        let mut out: Vec<RouteView> = self.records[..self.live()]
+    /// The `top` busiest routes, busiest first, and how many routes have a record. Needs no
+    /// lock: a record that changes hands while it is read is left out.
+    pub fn top(&self, top: usize) -> (Vec<RouteView>, usize) {
+        self.select(top, By::Connections)
+    }
+
+    /// The `top` routes with the most connections that found no server or failed to connect.
+    pub fn failing(&self, top: usize) -> Vec<RouteView> {
+        self.select(top, By::Failures).0
+    }
+
+    /// The `top` routes by `key` (those with a key above 0), and how many routes have a record.
+    fn select(&self, top: usize, by: By) -> (Vec<RouteView>, usize) {
+        let live = &self.records[..self.live()];
+        let mut tracked = 0;
+        let mut chosen: Vec<(u64, u32)> = live
             .iter()
-            .filter(|r| r.state.load(Acquire) & BUSY == 0)
-            .filter_map(view)
+            .enumerate()
+            .filter(|(_, r)| r.state.load(Acquire) & BUSY == 0)
+            .inspect(|_| tracked += 1)
+            .map(|(i, r)| (by.record(r), i as u32))
+            .filter(|&(k, _)| k > 0)
+            .collect();
+        let by_key = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+        if chosen.len() > top {
+            if top == 0 {
+                chosen.clear();
+            } else {
+                chosen.select_nth_unstable_by(top - 1, by_key);
+                chosen.truncate(top);
+            }
+        }
+        chosen.sort_unstable_by(by_key);
+        let mut out: Vec<RouteView> = chosen
+            .iter()
+            .filter_map(|&(_, i)| view(&live[i as usize]))
             .collect();
         out.sort_by(|a, b| {
-            b.connections()
-                .cmp(&a.connections())
+            by.view(b)
+                .cmp(&by.view(a))
                 .then_with(|| a.route.cmp(&b.route))
         });
-        out
+        (out, tracked)
+    }
+
+    /// Every route counted, busiest first.
+    pub fn views(&self) -> Vec<RouteView> {
+        self.top(usize::MAX).0
     }
 }
 
+impl RouteRecord {
+    fn connections(&self) -> u64 {
+        self.by_protocol
+            .iter()
+            .map(|c| c.connections.load(Relaxed))
+            .sum()
+    }
+
+    fn failures(&self) -> u64 {
+        self.by_protocol
+            .iter()
+            .map(|c| c.failed.load(Relaxed) + c.no_server.load(Relaxed))
+            .sum()
+    }
+}
+
+/// What a selection of routes ranks them by.
+#[derive(Clone, Copy)]
+enum By {
+    Connections,
+    /// Connections that found no server or failed to connect.
+    Failures,
+}
+
+impl By {
+    fn record(self, r: &RouteRecord) -> u64 {
+        match self {
+            By::Connections => r.connections(),
+            By::Failures => r.failures(),
+        }
+    }
+
+    fn view(self, v: &RouteView) -> u64 {
+        match self {
+            By::Connections => v.connections(),
+            By::Failures => v.by_protocol.iter().map(|c| c.failed + c.no_server).sum(),
+        }
+    }
+}
+
+/// A record as it is now; `None` if it changed hands (or was being made) while it was read.
 fn view(r: &RouteRecord) -> Option<RouteView> {
+    let before = r.state.load(Acquire);
+    if before & BUSY != 0 {
+        return None;
+    }
+    let v = read(r)?;
+    // Same generation after the reads: the name and counters belong to this route.
+    let after = r.state.load(Acquire);
+    (after & !OPEN_MASK == before & !OPEN_MASK).then_some(v)
+}
+
+fn read(r: &RouteRecord) -> Option<RouteView> {
     let kind_len = r.kind_len.load(Relaxed);
     let kind = RouteKind::from_u32(kind_len >> 16)?;
-    let len = (kind_len & 0xffff) as usize;
+    let len = ((kind_len & 0xffff) as usize).min(NAME_MAX);
     let mut bytes = Vec::with_capacity(len + 2);
     for (i, w) in r.name.iter().enumerate().take(len.div_ceil(8)) {
         let word = w.load(Relaxed).to_le_bytes();
@@ -494,6 +583,8 @@ fn view(r: &RouteRecord) -> Option<RouteView> {
 mod tests {
     use super::*;
 
+    const SEED: u64 = 0x5eed;
+
     struct Area {
         records: Vec<RouteRecord>,
         index: Vec<AtomicU32>,
@@ -516,7 +607,7 @@ mod tests {
 
     fn exact(name: &str) -> (Fingerprint, RouteKind, &[u8]) {
         (
-            Fingerprint::of(RouteKind::Exact, name.as_bytes()),
+            Fingerprint::of(SEED, RouteKind::Exact, name.as_bytes()),
             RouteKind::Exact,
             name.as_bytes(),
         )
@@ -549,7 +640,7 @@ mod tests {
         let (fp, kind, key) = exact("a.test");
         let pin = s.find_or_insert(fp, kind, key, 2).unwrap();
         s.opened(pin, 1, 0, 2);
-        let wild = Fingerprint::of(RouteKind::Wildcard, b"test");
+        let wild = Fingerprint::of(SEED, RouteKind::Wildcard, b"test");
         let w = s
             .find_or_insert(wild, RouteKind::Wildcard, b"test", 3)
             .unwrap();
@@ -580,7 +671,9 @@ mod tests {
         assert_eq!(views[1].route, "*.test");
         assert_eq!(views[1].by_protocol[0].failed, 1);
         // Exact `test` is another route than `*.test`.
-        assert!(s.find(Fingerprint::of(RouteKind::Exact, b"test")).is_none());
+        assert!(s
+            .find(Fingerprint::of(SEED, RouteKind::Exact, b"test"))
+            .is_none());
     }
 
     #[test]
@@ -659,6 +752,37 @@ mod tests {
         assert_ne!(a.records[0].state.load(Relaxed) >> 33, old >> 33);
         assert!(s.find(exact("a.test").0).is_none());
         s.close(pin, 0, Closed::default());
+    }
+
+    #[test]
+    fn top_selects_the_busiest_without_reading_the_rest() {
+        let a = area(64);
+        let s = a.store();
+        for i in 0..50u64 {
+            for _ in 0..i {
+                let pin = connect(&s, &format!("r{i}.test"), i).unwrap();
+                s.close(pin, 0, Closed::default());
+            }
+        }
+        let (top, tracked) = s.top(3);
+        assert_eq!(tracked, 49);
+        let names: Vec<&str> = top.iter().map(|v| v.route.as_str()).collect();
+        assert_eq!(names, ["r49.test", "r48.test", "r47.test"]);
+        assert_eq!(s.top(0), (vec![], 49));
+        assert_eq!(s.top(1000).0.len(), 49);
+        assert!(s.failing(10).is_empty(), "no route failed");
+        let pin = connect(&s, "r1.test", 60).unwrap();
+        s.close(
+            pin,
+            0,
+            Closed {
+                failed: true,
+                ..Closed::default()
+            },
+        );
+        let failing = s.failing(10);
+        assert_eq!(failing.len(), 1);
+        assert_eq!(failing[0].route, "r1.test");
     }
 
     #[test]
