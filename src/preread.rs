@@ -201,11 +201,19 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
     // First, whatever the server does next: a route's record stays held until this.
     if let (Some(counters), Some((pin, p))) = (counters, ctx.counted.take()) {
         let failed = (*s).status == NGX_STREAM_BAD_GATEWAY as ngx_uint_t;
+        // Where nginx read the first bytes into the preread buffer (rather than peeking at
+        // them: nginx before 1.25.5, or without epoll), the proxy forwards that buffer without
+        // adding it to what it received.
+        let c = &*(*s).connection;
+        let buffered = c
+            .buffer
+            .as_ref()
+            .map_or(0, |b| b.last.offset_from(b.pos).max(0) as u64);
         counters.route_closed(
             pin,
             p,
             Closed {
-                received: (*s).received.max(0) as u64,
+                received: (*s).received.max(0) as u64 + buffered,
                 sent: (*(*s).connection).sent.max(0) as u64,
                 no_server: ctx.no_server,
                 failed: failed && !ctx.no_server,
