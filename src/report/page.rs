@@ -371,19 +371,29 @@ fn routes(out: &mut String, v: &Value, now: f64) {
 fn unrouted(out: &mut String, v: &Value, now: f64) {
     let u = &v["unrouted"];
     out.push_str("<h2>Names nobody routes</h2>\n");
+    let mut names: Vec<(&str, &Value)> = ["tls", "http"]
+        .into_iter()
+        .flat_map(|p| {
+            u[p]["names"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |n| (p, n))
+        })
+        .collect();
+    // Most frequent first, whatever the protocol.
+    names.sort_by_key(|(_, n)| std::cmp::Reverse(n["connections"].as_u64().unwrap_or(0)));
     let mut rows = Vec::new();
-    for p in ["tls", "http"] {
-        for n in u[p]["names"].as_array().into_iter().flatten().take(ROWS) {
-            rows.push(vec![
-                format!("<code>{}</code>", text(&n["name"])),
-                p.into(),
-                text(&n["connections"]),
-                text(&n["closed"]),
-                time(&n["first_seen"], now),
-                time(&n["last_seen"], now),
-                text(&n["client"]),
-            ]);
-        }
+    for (p, n) in names.into_iter().take(2 * ROWS) {
+        rows.push(vec![
+            format!("<code>{}</code>", text(&n["name"])),
+            p.into(),
+            text(&n["connections"]),
+            text(&n["closed"]),
+            time(&n["first_seen"], now),
+            time(&n["last_seen"], now),
+            text(&n["client"]),
+        ]);
     }
     table(
         out,
