@@ -326,13 +326,13 @@ pub unsafe extern "C" fn set_edge_zone(
     }
 }
 
-/// `edge_counters [routes=N] [unrouted=K];` or `edge_counters off;`
+/// `edge_counters [routes=N] [unrouted=K] [clients=C];` or `edge_counters off;`
 pub unsafe extern "C" fn set_edge_counters(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
 ) -> *mut c_char {
-    use crate::counters::{Sizes, DEFAULT_ROUTES, DEFAULT_UNROUTED, MAX_ROUTES, MAX_UNROUTED};
+    use crate::counters::{Sizes, MAX_CLIENTS, MAX_ROUTES, MAX_UNROUTED};
     let mcf = stream::cf_main_conf::<MainConf>(cf);
     if mcf.counters_sizes.is_some() {
         return c"is duplicate".as_ptr().cast_mut();
@@ -345,20 +345,18 @@ pub unsafe extern "C" fn set_edge_counters(
         mcf.counters_sizes = Some(None);
         return NGX_CONF_OK;
     }
-    let mut sizes = Sizes {
-        routes: DEFAULT_ROUTES,
-        unrouted: DEFAULT_UNROUTED,
-    };
+    let mut sizes = Sizes::default();
     for arg in &args {
         let (key, value) = arg.split_once('=').unwrap_or((arg, ""));
         let (field, min, max) = match key {
             "routes" => (&mut sizes.routes, 1, MAX_ROUTES),
             "unrouted" => (&mut sizes.unrouted, 0, MAX_UNROUTED),
+            "clients" => (&mut sizes.clients, 0, MAX_CLIENTS),
             _ => {
                 ngx_conf_log_error!(
                     NGX_LOG_EMERG,
                     cf,
-                    "edge_counters: unknown parameter \"{}\" (routes=N, unrouted=K, or off alone)",
+                    "edge_counters: unknown parameter \"{}\" (routes=N, unrouted=K, clients=C, or off alone)",
                     arg
                 );
                 return NGX_CONF_ERROR;
@@ -661,10 +659,9 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
         .max(1);
     }
     if !mcf.sources.is_empty() {
-        let sizes = mcf.counters_sizes.unwrap_or(Some(crate::counters::Sizes {
-            routes: crate::counters::DEFAULT_ROUTES,
-            unrouted: crate::counters::DEFAULT_UNROUTED,
-        }));
+        let sizes = mcf
+            .counters_sizes
+            .unwrap_or(Some(crate::counters::Sizes::default()));
         if let Some(sizes) = sizes {
             mcf.counters = crate::counters::add(cf, sizes);
             if mcf.counters.is_none() {

@@ -4,8 +4,9 @@
 //! name and size to the new cycle); the zone's name carries `routes=`, `unrouted=` and the
 //! layout's version, so that changing them makes a new zone, whose counts start afresh.
 //!
-//! Layout of the zone's one allocation: `Header`, the route index, the route records, then
-//! the unrouted entries (TLS's, then HTTP's).
+//! Layout of the zone's one allocation: `Header`, the route index, the route records, the
+//! unrouted entries (TLS's, then HTTP's), then the (route, client) pairs of the routes'
+//! `max_conns_per_client`.
 
 use core::ffi::c_void;
 use core::mem::{align_of, size_of};
@@ -20,6 +21,8 @@ use nginx_sys::{
 use ngx::core::SlabPool;
 use ngx::ngx_log_error;
 
+use crate::routes::image::LimitSet;
+use crate::traffic::limits::{Acquired, ClientSlot, Clients, Refusal, REASONS};
 use crate::traffic::routes::index_len;
 use crate::traffic::{
     decision_bucket, unrouted, Closed, Fingerprint, Heavy, Nameless, NamelessCounts, Pin,
@@ -29,19 +32,33 @@ use crate::traffic::{
 
 pub const ZONE_NAME: &str = "nginx_edge_counters";
 /// Bumped with any change to the layout below.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 pub const DEFAULT_ROUTES: usize = 10_000;
 pub const DEFAULT_UNROUTED: usize = 100;
 pub const MAX_ROUTES: usize = 1_000_000;
 pub const MAX_UNROUTED: usize = 1_000;
+pub const DEFAULT_CLIENTS: usize = 16_384;
+pub const MAX_CLIENTS: usize = 1_000_000;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"edgecnt1");
+const MAGIC: u64 = u64::from_le_bytes(*b"edgecnt2");
 
 /// What `edge_counters` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
     pub routes: usize,
     pub unrouted: usize,
+    /// (route, client) pairs with connections open kept for `max_conns_per_client`.
+    pub clients: usize,
+}
+
+impl Default for Sizes {
+    fn default() -> Sizes {
+        Sizes {
+            routes: DEFAULT_ROUTES,
+            unrouted: DEFAULT_UNROUTED,
+            clients: DEFAULT_CLIENTS,
+        }
+    }
 }
 
 #[repr(C)]
@@ -62,6 +79,16 @@ struct Header {
     /// Per protocol: the routing decision time histogram (not cumulative), and its sum (ms).
     decisions: [[AtomicU64; DECISION_BUCKETS_MS.len() + 1]; PROTOCOLS],
     decision_ms: [AtomicU64; PROTOCOLS],
+    clients: u64,
+    /// Pairs in the clients' table now (under the lock).
+    clients_used: AtomicU32,
+    _pad: AtomicU32,
+    /// Connections whose (route, client) pair found the table full: not limited per client.
+    clients_full: AtomicU64,
+    /// Per protocol, connections refused by a route's limits, by `Refusal`.
+    refused: [[AtomicU64; REASONS]; PROTOCOLS],
+    /// Connections whose route had limits but no record (every record held): let through.
+    unlimited: AtomicU64,
 }
 
 fn index_offset() -> usize {
@@ -78,8 +105,13 @@ fn heavy_offset(sizes: Sizes) -> usize {
         .next_multiple_of(align_of::<Heavy>())
 }
 
+fn clients_offset(sizes: Sizes) -> usize {
+    (heavy_offset(sizes) + PROTOCOLS * sizes.unrouted * size_of::<Heavy>())
+        .next_multiple_of(align_of::<ClientSlot>())
+}
+
 fn area_size(sizes: Sizes) -> usize {
-    heavy_offset(sizes) + PROTOCOLS * sizes.unrouted * size_of::<Heavy>()
+    clients_offset(sizes) + Clients::slots_for(sizes.clients) * size_of::<ClientSlot>()
 }
 
 /// Declares the zone, sized for `sizes`; nginx maps it once the configuration is read.
@@ -87,7 +119,10 @@ pub unsafe fn add(cf: *mut ngx_conf_t, sizes: Sizes) -> Option<NonNull<ngx_shm_z
     let area = area_size(sizes);
     // The slab allocator's own pages and page descriptors, with room to spare.
     let size = (area + area / 64 + 16 * ngx_pagesize).next_multiple_of(ngx_pagesize);
-    let text = format!("{ZONE_NAME}:{}:{}:v{LAYOUT}", sizes.routes, sizes.unrouted);
+    let text = format!(
+        "{ZONE_NAME}:{}:{}:{}:v{LAYOUT}",
+        sizes.routes, sizes.unrouted, sizes.clients
+    );
     // The name must live as long as the cycle: in the configuration's pool.
     let data = nginx_sys::ngx_pnalloc((*cf).pool, text.len()).cast::<u8>();
     if data.is_null() {
@@ -121,6 +156,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
             && (*header).magic == MAGIC
             && (*header).routes == sizes.routes as u64
             && (*header).unrouted == sizes.unrouted as u64
+            && (*header).clients == sizes.clients as u64
             && (*header).record_size == size_of::<RouteRecord>() as u64
     };
     if !data.is_null() && fits(data.cast()) {
@@ -137,9 +173,10 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
         ngx_log_error!(
             NGX_LOG_EMERG,
             zone.shm.log,
-            "edge_counters: no room for {} routes and {} unrouted names in \"{}\"",
+            "edge_counters: no room for {} routes, {} unrouted names and {} clients in \"{}\"",
             sizes.routes,
             sizes.unrouted,
+            sizes.clients,
             zone.shm.name
         );
         return NGX_ERROR as ngx_int_t;
@@ -150,6 +187,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
     header.magic = MAGIC;
     header.routes = sizes.routes as u64;
     header.unrouted = sizes.unrouted as u64;
+    header.clients = sizes.clients as u64;
     header.record_size = size_of::<RouteRecord>() as u64;
     header.seed = seed();
     (*shpool).data = block;
@@ -176,6 +214,7 @@ pub struct Counters {
     records: &'static [RouteRecord],
     heavy: *mut Heavy,
     unrouted: usize,
+    clients: &'static [ClientSlot],
     pool: SlabPool,
     shpool: *mut ngx_slab_pool_t,
 }
@@ -218,6 +257,7 @@ impl Counters {
         let sizes = Sizes {
             routes: header.routes as usize,
             unrouted: header.unrouted as usize,
+            clients: header.clients as usize,
         };
         let base = core::ptr::from_ref(header).cast::<u8>();
         Some(Counters {
@@ -232,6 +272,10 @@ impl Counters {
             ),
             heavy: base.add(heavy_offset(sizes)).cast::<Heavy>().cast_mut(),
             unrouted: sizes.unrouted,
+            clients: core::slice::from_raw_parts(
+                base.add(clients_offset(sizes)).cast::<ClientSlot>(),
+                Clients::slots_for(sizes.clients),
+            ),
             pool: SlabPool::from_shm_zone(zone)?,
             shpool: zone.shm.addr.cast(),
         })
@@ -242,28 +286,112 @@ impl Counters {
         RouteStore::new(self.records, self.index, &self.header.store)
     }
 
-    /// Pins the record of a route a connection of `protocol` was routed by, and counts it.
-    /// `None` when the route has no record and none could be made.
+    /// Pins the record of the route a connection was routed by (`route_opened` or
+    /// `route_refused` follows). `None` when the route has no record and none could be made.
+    #[inline]
+    pub fn route_pin(&self, kind: RouteKind, key: &[u8], now_ms: u64) -> Option<Pin> {
+        let store = self.store();
+        let fp = Fingerprint::of(self.header.seed, kind, key);
+        match store.find(fp) {
+            Some(pin) => Some(pin),
+            None => {
+                let _lock = self.pool.lock();
+                store.find_or_insert(fp, kind, key, now_ms)
+            }
+        }
+    }
+
+    /// Counts a connection of `protocol` on its route's record; `admitted` if `route_admit`
+    /// let it through.
     #[inline]
     pub fn route_opened(
         &self,
-        kind: RouteKind,
-        key: &[u8],
+        pin: Pin,
         protocol: usize,
         decision_ms: u64,
         now_ms: u64,
-    ) -> Option<Pin> {
+        admitted: bool,
+    ) {
+        self.store()
+            .opened(pin, protocol, decision_ms, now_ms, admitted);
+    }
+
+    /// Applies the route's `max_conns`, `max_conns_per_client` (for a client at `client`) and
+    /// `rate`, in that order, at `now_ms` (nginx's monotonic clock); what one took is given
+    /// back when a later one refuses. `Ok(pair)`: the (route, client) pair to release when
+    /// the connection ends (0: none).
+    pub fn route_admit(
+        &self,
+        pin: Pin,
+        limits: &LimitSet,
+        client: IpAddr,
+        now_ms: u64,
+    ) -> Result<u64, Refusal> {
         let store = self.store();
-        let fp = Fingerprint::of(self.header.seed, kind, key);
-        let pin = match store.find(fp) {
-            Some(pin) => pin,
-            None => {
-                let _lock = self.pool.lock();
-                store.find_or_insert(fp, kind, key, now_ms)?
+        if !store.admit(pin, limits.max_conns) {
+            return Err(Refusal::MaxConns);
+        }
+        let mut pair = 0;
+        if limits.max_conns_per_client > 0 {
+            pair = self.pair_key(store.fingerprint(pin), client);
+            let _lock = self.pool.lock();
+            let clients = Clients::new(self.clients, &self.header.clients_used);
+            match clients.acquire(pair, limits.max_conns_per_client) {
+                Acquired::Admitted => {}
+                Acquired::Refused => {
+                    store.unadmit(pin);
+                    return Err(Refusal::MaxConnsPerClient);
+                }
+                Acquired::Full => {
+                    self.header.clients_full.fetch_add(1, Relaxed);
+                    pair = 0;
+                }
             }
+        }
+        let interval = limits.interval_us();
+        if interval > 0 && !store.take_token(pin, now_ms * 1000, interval, limits.burst) {
+            self.pair_closed(pair);
+            store.unadmit(pin);
+            return Err(Refusal::Rate);
+        }
+        Ok(pair)
+    }
+
+    /// A (route, client) pair's key: never 0, not chosen by a client (the zone's secret).
+    fn pair_key(&self, route: Fingerprint, client: IpAddr) -> u64 {
+        let ip = match client {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
         };
-        store.opened(pin, protocol, decision_ms, now_ms);
-        Some(pin)
+        let [a, b] = route.words();
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&a.to_le_bytes());
+        bytes[8..16].copy_from_slice(&b.to_le_bytes());
+        bytes[16..].copy_from_slice(&ip);
+        crate::traffic::hash128(self.header.seed ^ 0x636c_6965_6e74, &bytes)[0] | 1
+    }
+
+    /// The end of a connection `route_admit` counted for its client (`pair` 0: nothing).
+    pub fn pair_closed(&self, pair: u64) {
+        if pair == 0 {
+            return;
+        }
+        let _lock = self.pool.lock();
+        Clients::new(self.clients, &self.header.clients_used).release(pair);
+    }
+
+    /// A connection of `protocol` a limit of its route refused: counted for the route and in
+    /// all, and the record unpinned.
+    pub fn route_refused(&self, pin: Option<Pin>, protocol: usize, why: Refusal) {
+        self.header.refused[protocol][why as usize].fetch_add(1, Relaxed);
+        if let Some(pin) = pin {
+            self.store().refused(pin, protocol, why);
+        }
+    }
+
+    /// A connection whose route has limits but no record to keep them in: let through.
+    pub fn unlimited(&self) {
+        self.header.unlimited.fetch_add(1, Relaxed);
     }
 
     #[inline]
@@ -353,6 +481,13 @@ impl Counters {
                 core::array::from_fn(|b| h.decisions[p][b].load(Relaxed))
             }),
             decision_ms: core::array::from_fn(|p| h.decision_ms[p].load(Relaxed)),
+            refused: core::array::from_fn(|p| {
+                core::array::from_fn(|k| h.refused[p][k].load(Relaxed))
+            }),
+            clients_capacity: Clients::new(self.clients, &h.clients_used).capacity(),
+            clients_used: h.clients_used.load(Relaxed) as usize,
+            clients_full: h.clients_full.load(Relaxed),
+            unlimited: h.unlimited.load(Relaxed),
         }
     }
 }

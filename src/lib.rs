@@ -56,9 +56,9 @@ mod wiring {
         ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
         ngx_stream_module_t, ngx_stream_phases_NGX_STREAM_LOG_PHASE,
         ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
-        NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2,
-        NGX_ERROR, NGX_OK, NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF,
-        NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
+        NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE123,
+        NGX_CONF_TAKE2, NGX_ERROR, NGX_OK, NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE,
+        NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
     };
     use ngx::ngx_string;
 
@@ -125,7 +125,7 @@ mod wiring {
         ),
         command(
             ngx_string!("edge_counters"),
-            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE12,
+            NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE123,
             conf::set_edge_counters,
             0,
         ),

@@ -2,19 +2,24 @@
 //! session context that the variables and the balancer read. nginx side only; the parsing is
 //! in `sniff`, the lookup in `routes`.
 
+use std::cell::Cell;
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use nginx_sys::{
     ngx_connection_t, ngx_int_t, ngx_str_t, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN,
-    NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO, NGX_OK, NGX_STREAM_BAD_GATEWAY, NGX_STREAM_FORBIDDEN,
+    NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY,
+    NGX_STREAM_FORBIDDEN, NGX_STREAM_SERVICE_UNAVAILABLE,
 };
 use ngx::ngx_log_error;
 
 use crate::conf::{Mode, SrvConf};
 use crate::counters::{self, Counters};
+use crate::routes::image::LimitSet;
 use crate::routes::table::MatchedBy;
 use crate::session::{self, RouteKind, SessionCtx};
 use crate::sniff::{http, tls, Peek, Protocol, ServerName};
+use crate::traffic::limits::{Refusal, Throttle, REASONS};
 use crate::traffic::{Closed, Nameless, RouteKind as CountedKind, UnroutedOutcome};
 use crate::{stream, worker};
 
@@ -127,6 +132,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         MatchedBy::Wildcard(suffix) => RouteKind::Wildcard(suffix),
         MatchedBy::Default => RouteKind::Default,
     });
+    let mut refused = None;
     if let Some(counters) = counters {
         let (kind, key) = match found.by {
             MatchedBy::Exact(key) => (CountedKind::Exact, key.as_bytes()),
@@ -134,16 +140,162 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
             MatchedBy::Default => (CountedKind::Default, &b""[..]),
         };
         let now = nginx_sys::ngx_current_msec as u64;
-        ctx.counted = counters
-            .route_opened(kind, key, p, decision_ms(s), now)
-            .map(|pin| (pin, p));
+        let pin = counters.route_pin(kind, key, now);
+        let verdict = match &found.limits {
+            None => Ok(false),
+            Some(l) => {
+                let client = client_ip(c);
+                if l.has_networks() && !table.image().view().allows(l, client) {
+                    Err(Refusal::Denied)
+                } else if let Some(pin) = pin {
+                    counters.route_admit(pin, l, client, now).map(|pair| {
+                        ctx.pair = pair;
+                        true
+                    })
+                } else {
+                    // No record to keep its counts in (every one has a connection open).
+                    counters.unlimited();
+                    Ok(false)
+                }
+            }
+        };
+        match verdict {
+            Ok(admitted) => {
+                if let Some(pin) = pin {
+                    counters.route_opened(pin, p, decision_ms(s), now, admitted);
+                    ctx.counted = Some((pin, p));
+                }
+            }
+            Err(why) => {
+                counters.route_refused(pin, p, why);
+                refused = Some(why);
+            }
+        }
         if let (MatchedBy::Default, Some(name)) = (found.by, name) {
             count_unrouted(counters, c, p, name, UnroutedOutcome::Defaulted);
         }
+    } else if let Some(l) = &found.limits {
+        // Without counters, only a route's networks can be enforced.
+        if !WARNED_UNCOUNTED.replace(true) {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                c.log,
+                "edge: route \"{}\" has limits but edge_counters is off: only its allow and deny lists apply",
+                found.by
+            );
+        }
+        if l.has_networks() && !table.image().view().allows(l, client_ip(c)) {
+            refused = Some(Refusal::Denied);
+        }
+    }
+    if let Some(why) = refused {
+        let limits = found.limits.unwrap_or(NO_LIMITS);
+        log_refusal(c, &found.by, protocol, why, &limits);
+        return refuse(c, protocol, why);
     }
     ctx.upstream = found.upstream;
     ctx.table = Some(table);
     NGX_DECLINED as ngx_int_t
+}
+
+thread_local! {
+    /// The worker warned that limits need `edge_counters`.
+    static WARNED_UNCOUNTED: Cell<bool> = const { Cell::new(false) };
+    /// The worker's log of refusals, per reason.
+    static REFUSALS: Cell<[Throttle; REASONS]> = const { Cell::new([Throttle::new(); REASONS]) };
+}
+
+/// A refusal of each reason is logged at most this often by each worker.
+pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
+
+const NO_LIMITS: LimitSet = LimitSet::NONE;
+
+/// Logs a refusal, unless one of the same reason was logged less than
+/// `REFUSAL_LOG_INTERVAL_MS` ago: then it is only counted, and the next line says how many.
+unsafe fn log_refusal(
+    c: &ngx_connection_t,
+    by: &MatchedBy,
+    protocol: Protocol,
+    why: Refusal,
+    l: &LimitSet,
+) {
+    let now = nginx_sys::ngx_current_msec as u64;
+    let mut all = REFUSALS.get();
+    let hit = all[why as usize].hit(now, REFUSAL_LOG_INTERVAL_MS);
+    REFUSALS.set(all);
+    let Some(unlogged) = hit else {
+        return;
+    };
+    let limit = match why {
+        Refusal::Denied => "the client's address is not allowed".to_owned(),
+        Refusal::MaxConns => format!("max_conns {} reached", l.max_conns),
+        Refusal::MaxConnsPerClient => {
+            format!("max_conns_per_client {} reached", l.max_conns_per_client)
+        }
+        Refusal::Rate => format!(
+            "rate {}r/{} burst {} exceeded",
+            l.rate,
+            if l.per_minute { "m" } else { "s" },
+            l.burst
+        ),
+    };
+    ngx_log_error!(
+        NGX_LOG_WARN,
+        c.log,
+        "edge: {} refused by route \"{}\" ({}): {}; {} more refusal(s) for {} since the last line (logged at most every {} s per worker)",
+        client_ip(c),
+        by,
+        protocol.as_str(),
+        limit,
+        unlogged,
+        why.as_str(),
+        REFUSAL_LOG_INTERVAL_MS / 1000
+    );
+}
+
+/// Closes a refused connection: an HTTP client is answered `429` (a limit) or `403` (its
+/// address), a TLS client's connection is closed. What the client sent is read first, so
+/// that closing does not reset the connection before the answer is read.
+unsafe fn refuse(c: &mut ngx_connection_t, protocol: Protocol, why: Refusal) -> ngx_int_t {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        let n = libc::recv(
+            c.fd,
+            sink.as_mut_ptr().cast(),
+            sink.len(),
+            libc::MSG_DONTWAIT,
+        );
+        if n <= 0 {
+            break;
+        }
+    }
+    if protocol == Protocol::Http {
+        let answer = why.http_answer();
+        // Small enough for any socket buffer; a client that does not read loses it.
+        let _ = libc::send(
+            c.fd,
+            answer.as_ptr().cast(),
+            answer.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+    match why {
+        Refusal::Denied => NGX_STREAM_FORBIDDEN as ngx_int_t,
+        _ => NGX_STREAM_SERVICE_UNAVAILABLE as ngx_int_t,
+    }
+}
+
+/// The client's address: the PROXY protocol header's, behind a load balancer that sends one.
+unsafe fn client_ip(c: &ngx_connection_t) -> IpAddr {
+    let proxied = c.proxy_protocol.as_ref().and_then(|pp| {
+        core::str::from_utf8(pp.src_addr.as_bytes())
+            .ok()?
+            .parse()
+            .ok()
+    });
+    proxied
+        .or_else(|| stream::sockaddr_ip(c.sockaddr.cast()))
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
 /// The longest decision time counted; longer is a step of the clock.
@@ -171,16 +323,7 @@ unsafe fn count_unrouted(
     name: &str,
     outcome: UnroutedOutcome,
 ) {
-    // Behind a load balancer that sends the PROXY protocol, the client is in its header.
-    let proxied = c.proxy_protocol.as_ref().and_then(|pp| {
-        core::str::from_utf8(pp.src_addr.as_bytes())
-            .ok()?
-            .parse()
-            .ok()
-    });
-    let client = proxied
-        .or_else(|| stream::sockaddr_ip(c.sockaddr.cast()))
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let client = client_ip(c);
     let now_s = (*nginx_sys::ngx_cached_time).sec as u64;
     counters.unrouted(protocol, name.as_bytes(), outcome, now_s, client);
 }
@@ -219,6 +362,9 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
                 failed: failed && !ctx.no_server,
             },
         );
+    }
+    if let Some(counters) = counters {
+        counters.pair_closed(core::mem::take(&mut ctx.pair));
     }
     if ctx.done || conf.status.is_some() {
         return NGX_OK as ngx_int_t;

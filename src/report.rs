@@ -12,6 +12,7 @@ pub mod page;
 use crate::balance::Pool;
 use crate::health::{Outcome, View};
 use crate::routes::table::{Backend, RouteTable};
+use crate::traffic::limits::{Refusal, REASONS};
 use crate::traffic::{CountersView, RouteView, Snapshot, DECISION_BUCKETS_MS, PROTOCOLS};
 pub use crate::upstream::peer_name;
 use crate::upstream::{Balance, CheckKind, ServerDef};
@@ -228,7 +229,7 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
             });
             for (p, name) in PROTOCOL_NAMES.iter().enumerate() {
                 let c = &r.by_protocol[p];
-                if c.connections == 0 {
+                if c.connections == 0 && c.refused.iter().all(|&n| n == 0) {
                     continue;
                 }
                 v[*name] = json!({
@@ -239,6 +240,7 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
                     "no_server": c.no_server,
                     "failed": c.failed,
                     "decision_ms_avg": c.decision_ms as f64 / c.connections.max(1) as f64,
+                    "refused": refusals(&c.refused),
                 });
             }
             v
@@ -249,8 +251,28 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
         "tracked": t.tracked,
         "evicted": t.evicted,
         "untracked_connections": t.untracked,
+        "refused": {
+            "tls": refusals(&t.refused[0]),
+            "http": refusals(&t.refused[1]),
+        },
+        "limits_not_applied": t.unlimited,
+        "clients": {
+            "capacity": t.clients_capacity,
+            "in_use": t.clients_used,
+            "not_limited": t.clients_full,
+        },
         "routes": routes,
     })
+}
+
+/// Refusals by reason: `{"denied": 0, "max_conns": 3, ...}`.
+fn refusals(counts: &[u64; REASONS]) -> Value {
+    Value::Object(
+        Refusal::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), json!(counts[*r as usize])))
+            .collect(),
+    )
 }
 
 /// The names nobody routes, per protocol, and the connections without a name.
@@ -499,7 +521,7 @@ pub fn prometheus(
             for r in &top {
                 for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
                     let c = &r.by_protocol[p];
-                    if c.connections > 0 {
+                    if c.connections > 0 || c.refused.iter().any(|&n| n > 0) {
                         let labels = format!(
                             "route=\"{}\",match=\"{}\",protocol=\"{proto}\"",
                             label(&r.route),
@@ -546,6 +568,70 @@ pub fn prometheus(
             "counter",
             "Connections of the route that no server of its upstream accepted.",
             per_route(&|c| c.failed),
+        );
+        let mut refused = Vec::new();
+        for r in &top {
+            for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+                for why in Refusal::ALL {
+                    let n = r.by_protocol[p].refused[why as usize];
+                    if n > 0 {
+                        refused.push((
+                            format!(
+                                "route=\"{}\",match=\"{}\",protocol=\"{proto}\",reason=\"{}\"",
+                                label(&r.route),
+                                r.kind.as_str(),
+                                why.as_str()
+                            ),
+                            n.to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        family(
+            "nginx_edge_route_refused_total",
+            "counter",
+            "Connections a limit of the route refused, by reason (busiest routes only).",
+            refused,
+        );
+        let mut all_refused = Vec::new();
+        for (p, proto) in PROTOCOL_NAMES.iter().enumerate() {
+            for why in Refusal::ALL {
+                all_refused.push((
+                    format!("protocol=\"{proto}\",reason=\"{}\"", why.as_str()),
+                    t.refused[p][why as usize].to_string(),
+                ));
+            }
+        }
+        family(
+            "nginx_edge_refused_connections_total",
+            "counter",
+            "Connections refused by the limits of their route, all routes together, by reason.",
+            all_refused,
+        );
+        family(
+            "nginx_edge_limit_clients",
+            "gauge",
+            "(route, client) pairs with connections open that max_conns_per_client keeps.",
+            vec![(String::new(), t.clients_used.to_string())],
+        );
+        family(
+            "nginx_edge_limit_clients_capacity",
+            "gauge",
+            "(route, client) pairs edge_counters clients= can keep.",
+            vec![(String::new(), t.clients_capacity.to_string())],
+        );
+        family(
+            "nginx_edge_limit_clients_not_limited_total",
+            "counter",
+            "Connections not limited per client: every (route, client) pair was taken.",
+            vec![(String::new(), t.clients_full.to_string())],
+        );
+        family(
+            "nginx_edge_limits_not_applied_total",
+            "counter",
+            "Connections whose route's limits were not applied: no route counter was free.",
+            vec![(String::new(), t.unlimited.to_string())],
         );
         family(
             "nginx_edge_routes_tracked",

@@ -38,6 +38,8 @@ pub struct SessionCtx {
     pub drain: Option<Box<nginx_sys::ngx_event_t>>,
     /// The route's counters this session holds (see `counters`), under its protocol.
     pub counted: Option<(crate::traffic::Pin, usize)>,
+    /// The (route, client) pair counted for the route's `max_conns_per_client` (0: none).
+    pub pair: u64,
     /// The balancer had no server to give: none listed, or none with the listener's port.
     pub no_server: bool,
 }
@@ -69,6 +71,7 @@ impl SessionCtx {
             drain_source: core::ptr::null(),
             drain: None,
             counted: None,
+            pair: 0,
             no_server: false,
         });
         if ctx.is_null() {

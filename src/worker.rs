@@ -866,7 +866,11 @@ fn spawn(
         let mut done = work.run(&|n| names.contains(n));
         let mut published = None;
         let mut unattached = None;
-        if let Done::Merged(Ok((table, _))) = &mut done {
+        let merged = match &mut done {
+            Done::Merged(merged) => merged.as_mut().as_mut().ok(),
+            Done::Parsed(_) => None,
+        };
+        if let Some((table, _)) = merged {
             if let Some((generation, key)) = publish {
                 let shared = share::publish(table.image().bytes(), key, generation);
                 published = Some(shared.and_then(|shared| {

@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
                 name: "u".into(),
                 kind: UpstreamKind::Nginx("n".into()),
                 policy: Default::default(),
+                limits: None,
             });
         }
         RouteTable::merge(&[&doc], &|_| true).expect("a made document merges");
@@ -70,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
             what: discover::What::Nodes(selector),
         }),
         policy: Default::default(),
+        limits: None,
     });
     for address in [discover::Address::Pod, discover::Address::Node] {
         doc.upstreams.push(UpstreamDef {
@@ -84,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
                 },
             }),
             policy: Default::default(),
+            limits: None,
         });
     }
     doc.upstreams.push(UpstreamDef {
@@ -96,6 +99,7 @@ fuzz_target!(|data: &[u8]| {
             },
         }),
         policy: Default::default(),
+        limits: None,
     });
     let all = discover::Kinds {
         nodes: true,

@@ -10,6 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use ngx_stream_edge_module::routes::document::UpstreamKind;
 use ngx_stream_edge_module::routes::image::{reseal, Builder, Image, Targets, UpstreamSpec, NONE, NO_ORIGIN};
+use ngx_stream_edge_module::routes::limits::{Limits, Network, Rate};
 use ngx_stream_edge_module::routes::table::RouteTable;
 use ngx_stream_edge_module::sniff::Protocol;
 use ngx_stream_edge_module::upstream::{CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
@@ -51,15 +52,27 @@ fuzz_target!(|data: &[u8]| {
     b.upstream(UpstreamSpec { name: "b", kind: &servers, policy: &plain, check_name: None, discovered: true, port_map: &[(443, 30443)] });
     b.upstream(UpstreamSpec { name: "c", kind: &nginx, policy: &plain, check_name: None, discovered: false, port_map: &[] });
     let origins = [b.origin("/etc/nginx/edge/a.json"), b.origin("cluster-a"), NO_ORIGIN];
+    let net = |s: &str| Network::parse(s).unwrap();
+    let limited = b.limits(Limits {
+        max_conns: Some(10),
+        max_conns_per_client: Some(2),
+        rate: Some(Rate { count: 50, per_minute: false }),
+        burst: Some(10),
+        allow: Some(vec![net("10.0.0.0/8"), net("2001:db8::/32")]),
+        deny: Some(vec![net("10.9.0.0/16")]),
+    });
+    let denied = b.limits(Limits { deny: Some(vec![net("all")]), ..Limits::default() });
     for (i, n) in names.iter().enumerate() {
         let n = std::str::from_utf8(n).unwrap();
         let to = Targets { tls: i as u32 % 3, http: if i % 2 == 0 { NONE } else { 1 } };
+        let limits = [[NONE, NONE], [limited, NONE], [denied, limited]][i % 3];
         if i % 4 == 3 {
-            b.wildcard(n, to, i % 8 == 7, origins[i % 3]);
+            b.wildcard_limited(n, to, i % 8 == 7, origins[i % 3], limits);
         } else {
-            b.exact(n, to, origins[i % 3]);
+            b.exact_limited(n, to, origins[i % 3], limits);
         }
     }
+    b.set_default_limited(Targets { tls: 2, http: NONE }, NO_ORIGIN, [limited, NONE]);
     let image = b.build();
     let mut bytes = image.bytes().to_vec();
     // Each edit: a 2-byte position and a byte.
@@ -110,7 +123,18 @@ fuzz_target!(|data: &[u8]| {
                         Protocol::Http => (i % 2 == 1).then_some(1),
                     };
                     if let (true, false, Some(to)) = (intact, i % 4 == 3, to) {
-                        assert_eq!(found.map(|m| &*m.upstream.name), Some(["a", "b", "c"][to]), "{n}");
+                        assert_eq!(found.as_ref().map(|m| &*m.upstream.name), Some(["a", "b", "c"][to]), "{n}");
+                        let l = found.as_ref().and_then(|m| m.limits);
+                        let want = match (i % 3, protocol) {
+                            (1, Protocol::Tls) | (2, Protocol::Http) => Some(10),
+                            (2, Protocol::Tls) => Some(0),
+                            _ => None,
+                        };
+                        assert_eq!(l.map(|l| l.max_conns), want, "{n}");
+                    }
+                    if let Some(l) = found.as_ref().and_then(|m| m.limits) {
+                        let v = table.image().view();
+                        let _ = (v.allows(&l, "10.1.2.3".parse().unwrap()), v.networks(&l), l.interval_us());
                     }
                     let _ = below.map(|m| m.by.to_string());
                 }

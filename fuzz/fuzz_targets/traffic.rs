@@ -1,13 +1,16 @@
 //! The shared traffic structures under arbitrary operations: per-route records (pin, close,
-//! eviction when full) and the unrouted names' Space-Saving entries never panic, never hold
-//! more than their capacity, keep every live record reachable through the index, and never
-//! reuse a record a connection still holds.
+//! eviction when full, admission under a maximum), the unrouted names' Space-Saving entries
+//! and the limits' (route, client) pairs never panic, never hold more than their capacity,
+//! keep every live record reachable through the index, never reuse a record a connection still
+//! holds, count exactly the connections a route admitted, and agree with a map on the pairs.
 #![no_main]
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::AtomicU32;
 
 use libfuzzer_sys::fuzz_target;
+use ngx_stream_edge_module::traffic::limits::{Acquired, ClientSlot, Clients, Refusal};
 use ngx_stream_edge_module::traffic::routes::{index_len, Closed};
 use ngx_stream_edge_module::traffic::unrouted::{count, views, Heavy, Outcome};
 use ngx_stream_edge_module::traffic::{Fingerprint, RouteKind, RouteRecord, RouteStore, StoreHeader};
@@ -21,15 +24,19 @@ fuzz_target!(|data: &[u8]| {
     let store = RouteStore::new(&records, &index, &header);
     let mut held: Vec<(ngx_stream_edge_module::traffic::Pin, String)> = Vec::new();
     let mut heavy = vec![Heavy::default(); capacity];
+    let slots: Vec<ClientSlot> = (0..Clients::slots_for(capacity)).map(|_| ClientSlot::default()).collect();
+    let used = AtomicU32::new(0);
+    let clients = Clients::new(&slots, &used);
+    let mut pairs: HashMap<u64, u32> = HashMap::new();
     for (t, op) in ops.chunks(2).enumerate() {
         let (a, b) = (op[0], *op.get(1).unwrap_or(&0));
         let name = format!("r{}.test", b % 16);
         let fp = Fingerprint::of(7, RouteKind::Exact, name.as_bytes());
-        match a % 4 {
+        match a % 6 {
             // A connection opens, and stays open.
             0 => {
                 if let Some(pin) = store.find_or_insert(fp, RouteKind::Exact, name.as_bytes(), t as u64) {
-                    store.opened(pin, usize::from(b & 1), 0, t as u64);
+                    store.opened(pin, usize::from(b & 1), 0, t as u64, false);
                     held.push((pin, name));
                 }
             }
@@ -43,18 +50,59 @@ fuzz_target!(|data: &[u8]| {
             // A lock-free lookup.
             2 => {
                 if let Some(pin) = store.find(fp) {
-                    store.close(pin, 0, Closed::default());
+                    store.unpin(pin);
                 }
+            }
+            // A connection under max_conns 2: admitted and held, or refused.
+            3 => {
+                if let Some(pin) = store.find_or_insert(fp, RouteKind::Exact, name.as_bytes(), t as u64) {
+                    let open = held.iter().filter(|(_, n)| *n == name).count();
+                    if store.admit(pin, 2) {
+                        assert!(open < 2, "admitted past the maximum");
+                        store.opened(pin, 0, 0, t as u64, true);
+                        held.push((pin, name));
+                    } else {
+                        assert!(open >= 2, "refused under the maximum");
+                        store.refused(pin, 0, Refusal::MaxConns);
+                    }
+                }
+            }
+            // A (route, client) pair: acquired under a maximum of 2, or released.
+            4 => {
+                let key = u64::from(b % 16) + 1;
+                if b & 0x80 == 0 {
+                    let n = pairs.get(&key).copied().unwrap_or(0);
+                    let want = if n >= 2 {
+                        Acquired::Refused
+                    } else if n == 0 && pairs.len() >= clients.capacity() {
+                        Acquired::Full
+                    } else {
+                        Acquired::Admitted
+                    };
+                    assert_eq!(clients.acquire(key, 2), want);
+                    if want == Acquired::Admitted {
+                        *pairs.entry(key).or_default() += 1;
+                    }
+                } else if let Some(n) = pairs.get_mut(&key) {
+                    clients.release(key);
+                    *n -= 1;
+                    if *n == 0 {
+                        pairs.remove(&key);
+                    }
+                }
+                assert_eq!(clients.len(), pairs.len());
             }
             _ => count(&mut heavy, name.as_bytes(), Outcome::Closed, t as u64, IpAddr::V4(Ipv4Addr::LOCALHOST)),
         }
         assert!(store.live() <= capacity);
-        // A held record is never taken over by another route.
+        // A held record is never taken over by another route, and counts its connections.
         for (pin, name) in &held {
             let fp = Fingerprint::of(7, RouteKind::Exact, name.as_bytes());
             let found = store.find(fp).expect("a held route stays findable");
             assert_eq!(found, *pin);
-            store.close(found, 0, Closed::default());
+            let open = held.iter().filter(|(_, n)| n == name).count();
+            assert_eq!(store.admitted(found) as usize, open);
+            store.unpin(found);
         }
     }
     let v = store.views();

@@ -1245,6 +1245,7 @@ pub fn document_of<'o>(
                             .collect(),
                     ),
                     policy: Policy::default(),
+                    limits: None,
                 });
                 name
             }
@@ -1274,6 +1275,7 @@ pub fn document_of<'o>(
                 Targets {
                     tls: Some(target.clone()),
                     http: Some(target.clone()),
+                    limits: None,
                 },
             ));
         }

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::discover::{Address, Discover, Discovered, Selector, What};
 use super::json::Json;
+pub use super::limits::Limits;
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
 pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
@@ -49,6 +50,8 @@ pub struct UpstreamDef {
     pub kind: UpstreamKind,
     /// Balancing and health; only `servers` upstreams may set it.
     pub policy: Policy,
+    /// The limits of the routes that send to it, unless a route sets its own.
+    pub limits: Option<Box<Limits>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,11 +82,13 @@ impl fmt::Display for RouteKey {
     }
 }
 
-/// Upstream names per protocol; a plain string in the file sets both.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Upstream names per protocol; a plain string in the file sets both. With the route's own
+/// limits, if it has any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Targets {
     pub tls: Option<String>,
     pub http: Option<String>,
+    pub limits: Option<Box<Limits>>,
 }
 
 /// Where in a document a value sits, e.g. `upstreams.rancher.servers[2]`.
@@ -127,28 +132,31 @@ impl fmt::Display for SchemaError {
     }
 }
 
-fn fail<T>(path: &JsonPath, message: impl Into<String>) -> Result<T, SchemaError> {
+pub(super) fn fail<T>(path: &JsonPath, message: impl Into<String>) -> Result<T, SchemaError> {
     Err(SchemaError {
         path: path.to_string(),
         message: message.into(),
     })
 }
 
-fn object<'j>(value: &'j Json, path: &JsonPath) -> Result<&'j [(String, Json)], SchemaError> {
+pub(super) fn object<'j>(
+    value: &'j Json,
+    path: &JsonPath,
+) -> Result<&'j [(String, Json)], SchemaError> {
     match value {
         Json::Object(entries) => Ok(entries),
         other => fail(path, format!("expected an object, found {}", other.kind())),
     }
 }
 
-fn string<'j>(value: &'j Json, path: &JsonPath) -> Result<&'j str, SchemaError> {
+pub(super) fn string<'j>(value: &'j Json, path: &JsonPath) -> Result<&'j str, SchemaError> {
     match value {
         Json::String(s) => Ok(s),
         other => fail(path, format!("expected a string, found {}", other.kind())),
     }
 }
 
-fn integer(
+pub(super) fn integer(
     value: &Json,
     path: &JsonPath,
     range: std::ops::RangeInclusive<u32>,
@@ -214,11 +222,12 @@ fn upstreams(value: &Json, path: &JsonPath) -> Result<Vec<UpstreamDef>, SchemaEr
         .map(|(name, def)| {
             let path = JsonPath::Key(path, name);
             check_upstream_name(name, &path)?;
-            let (kind, policy) = upstream(def, &path)?;
+            let (kind, policy, limits) = upstream(def, &path)?;
             Ok(UpstreamDef {
                 name: name.clone(),
                 kind,
                 policy,
+                limits,
             })
         })
         .collect()
@@ -240,8 +249,11 @@ fn check_upstream_name(name: &str, path: &JsonPath) -> Result<(), SchemaError> {
     }
 }
 
-fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), SchemaError> {
+type UpstreamParts = (UpstreamKind, Policy, Option<Box<Limits>>);
+
+fn upstream(value: &Json, path: &JsonPath) -> Result<UpstreamParts, SchemaError> {
     let mut servers = None;
+    let mut limits = None;
     let mut nginx = None;
     let mut discover = None;
     let mut policy = Policy::default();
@@ -253,6 +265,7 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
             "servers" => servers = Some(server_list(value, &path)?),
             "nginx_upstream" => nginx = Some(string(value, &path)?.to_owned()),
             "discover" => discover = Some(discover_of(value, &path)?),
+            "limits" => limits = Some(Box::new(super::limits::limits(value, &path)?)),
             "balance" => {
                 policy.balance = match string(value, &path)? {
                     "round_robin" => Balance::RoundRobin,
@@ -274,11 +287,11 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
             _ => {
                 return fail(
                     &path,
-                    "unknown field (expected servers, nginx_upstream, discover, balance, max_fails, fail_timeout, check or start)",
+                    "unknown field (expected servers, nginx_upstream, discover, balance, max_fails, fail_timeout, check, start or limits)",
                 )
             }
         }
-        if !["servers", "nginx_upstream", "discover"].contains(&key.as_str())
+        if !["servers", "nginx_upstream", "discover", "limits"].contains(&key.as_str())
             && health_field.is_none()
         {
             health_field = Some(key.as_str());
@@ -291,8 +304,8 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
         );
     }
     match (servers, nginx, discover) {
-        (Some(servers), None, None) => Ok((UpstreamKind::Servers(servers), policy)),
-        (None, None, Some(discover)) => Ok((UpstreamKind::Discover(discover), policy)),
+        (Some(servers), None, None) => Ok((UpstreamKind::Servers(servers), policy, limits)),
+        (None, None, Some(discover)) => Ok((UpstreamKind::Discover(discover), policy, limits)),
         (None, Some(name), None) => {
             if let Some(field) = health_field {
                 return fail(
@@ -301,7 +314,7 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<(UpstreamKind, Policy), Sch
                 );
             }
             check_upstream_name(&name, &JsonPath::Key(path, "nginx_upstream"))?;
-            Ok((UpstreamKind::Nginx(name), Policy::default()))
+            Ok((UpstreamKind::Nginx(name), Policy::default(), limits))
         }
         (None, None, None) => fail(path, "needs servers, nginx_upstream or discover"),
         _ => fail(
@@ -716,33 +729,52 @@ fn targets(value: &Json, path: &JsonPath) -> Result<Targets, SchemaError> {
             Ok(Targets {
                 tls: Some(name.clone()),
                 http: Some(name.clone()),
+                limits: None,
             })
         }
         Json::Object(entries) => {
-            let mut t = Targets {
-                tls: None,
-                http: None,
-            };
+            let mut t = Targets::default();
+            let mut both = None;
             for (key, value) in entries {
                 let path = JsonPath::Key(path, key);
                 let slot = match key.as_str() {
                     "tls" => &mut t.tls,
                     "http" => &mut t.http,
-                    _ => return fail(&path, "unknown field (expected tls or http)"),
+                    "upstream" => &mut both,
+                    "limits" => {
+                        t.limits = Some(Box::new(super::limits::limits(value, &path)?));
+                        continue;
+                    }
+                    _ => {
+                        return fail(
+                            &path,
+                            "unknown field (expected upstream, tls, http or limits)",
+                        )
+                    }
                 };
                 let name = string(value, &path)?;
                 check_upstream_name(name, &path)?;
                 *slot = Some(name.to_owned());
             }
+            if let Some(name) = both {
+                if t.tls.is_some() || t.http.is_some() {
+                    return fail(
+                        &JsonPath::Key(path, "upstream"),
+                        "names the upstream of both protocols: not with tls or http",
+                    );
+                }
+                t.tls = Some(name.clone());
+                t.http = Some(name);
+            }
             if t.tls.is_none() && t.http.is_none() {
-                return fail(path, "names no upstream (expected tls, http or both)");
+                return fail(path, "names no upstream (expected upstream, tls, http or both)");
             }
             Ok(t)
         }
         other => fail(
             path,
             format!(
-                "expected an upstream name or {{\"tls\": .., \"http\": ..}}, found {}",
+                "expected an upstream name or {{\"upstream\": .., \"limits\": ..}} or {{\"tls\": .., \"http\": ..}}, found {}",
                 other.kind()
             ),
         ),
@@ -798,7 +830,8 @@ mod tests {
             d.routes[2].1,
             Targets {
                 tls: Some("hetzner".into()),
-                http: None
+                http: None,
+                limits: None,
             }
         );
         assert_eq!(d.default.unwrap().http.as_deref(), Some("local"));

@@ -8,13 +8,18 @@
 //! everything it serves from an image alone.
 //!
 //! Layout, little-endian, every section 8-byte aligned: `Header` | exact slots | wildcard
-//! slots | upstream records | server records | names (`len: u8`, the bytes, then the route's
-//! origin: `u32`, a string or `NONE`) | strings (`len: u16`, then the bytes).
+//! slots | upstream records | server records | limit records | client networks | names
+//! (`len: u8`, the bytes, then the route's origin: `u32`, a string or `NONE`, and its limits
+//! for TLS and for HTTP: `u32` each, a limit record or `NONE`) | strings (`len: u16`, then
+//! the bytes).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
+use std::collections::HashMap;
+
 use super::document::UpstreamKind;
+use super::limits::Limits;
 use crate::upstream::{
     Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef, MAX_SERVERS, MAX_WEIGHT,
 };
@@ -23,7 +28,7 @@ use crate::upstream::{
 pub const NONE: u32 = u32::MAX;
 
 const MAGIC: [u8; 8] = *b"EDGEIMG\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// In a wildcard slot's name offset: the wildcard matches one label only (Kubernetes Ingress
 /// `*.foo.com`), not any depth.
@@ -52,6 +57,13 @@ struct Header {
     strings_len: u32,
     /// Where the default route came from: a string, or `NONE`.
     default_origin: u32,
+    limits_off: u32,
+    limits_count: u32,
+    networks_off: u32,
+    networks_count: u32,
+    /// The default route's limits per protocol: a limit record, or `NONE`.
+    default_limits_tls: u32,
+    default_limits_http: u32,
 }
 
 #[repr(C)]
@@ -81,6 +93,11 @@ const UPSTREAM: usize = 64;
 /// A server record: address (16, v4 mapped), port (0: the listener's), weight, backup, v6,
 /// draining.
 const SERVER: usize = 24;
+/// A limit record: max_conns, max_conns_per_client, rate (0: none), flags (1: per minute),
+/// burst, then its networks: the first, how many deny, how many allow (0: no allow list).
+const LIMIT: usize = 32;
+/// A client network: address (16, v4 mapped), prefix length (0 to 128).
+const NETWORK: usize = 24;
 
 /// What a route sends each protocol to: upstream ids, or `NONE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,21 +133,27 @@ fn slot_hash(h: u64) -> u32 {
 pub struct Builder<'a> {
     exact: Vec<Named>,
     wildcard: Vec<Named>,
-    default: Option<(Targets, Origin)>,
+    default: Option<(Targets, Origin, LimitIds)>,
     upstreams: Vec<UpstreamSpec<'a>>,
     origins: Vec<&'a str>,
+    limits: Vec<Limits>,
+    limit_ids: HashMap<Limits, u32>,
 }
+
+/// A route's limit records for TLS and for HTTP (`NONE`: none).
+pub type LimitIds = [u32; 2];
+pub const NO_LIMITS: LimitIds = [NONE, NONE];
 
 /// Where a route came from: an index into the builder's origins, or `NO_ORIGIN`.
 pub type Origin = u32;
 pub const NO_ORIGIN: Origin = u32::MAX;
 
-/// A name to place: its bytes, targets, one-label flag and origin.
-type Named = (Box<[u8]>, Targets, bool, Origin);
+/// A name to place: its bytes, targets, one-label flag, origin and limits.
+type Named = (Box<[u8]>, Targets, bool, Origin, LimitIds);
 
-/// Bytes a name takes in the names section: its length, itself, its origin.
+/// Bytes a name takes in the names section: its length, itself, its origin, its limits.
 fn name_size(name: &[u8]) -> usize {
-    1 + name.len() + 4
+    1 + name.len() + 12
 }
 
 /// An upstream for the image: what the route file says, and the name its check sends.
@@ -157,19 +180,54 @@ impl<'a> Builder<'a> {
         self.origins.len() as Origin - 1
     }
 
+    /// The id of a set of limits routes may name (one record per distinct set); `NONE` for
+    /// no limit at all.
+    pub fn limits(&mut self, limits: Limits) -> u32 {
+        if limits.is_empty() {
+            return NONE;
+        }
+        if let Some(&id) = self.limit_ids.get(&limits) {
+            return id;
+        }
+        let id = self.limits.len() as u32;
+        self.limits.push(limits.clone());
+        self.limit_ids.insert(limits, id);
+        id
+    }
+
     pub fn exact(&mut self, name: &str, to: Targets, origin: Origin) {
-        self.exact.push((name.as_bytes().into(), to, false, origin));
+        self.exact_limited(name, to, origin, NO_LIMITS);
+    }
+
+    pub fn exact_limited(&mut self, name: &str, to: Targets, origin: Origin, limits: LimitIds) {
+        self.exact
+            .push((name.as_bytes().into(), to, false, origin, limits));
     }
 
     /// `suffix` is the part after `*.`; `one_label`: the wildcard stands for exactly one label
     /// (Kubernetes Ingress), else for any number of them.
     pub fn wildcard(&mut self, suffix: &str, to: Targets, one_label: bool, origin: Origin) {
+        self.wildcard_limited(suffix, to, one_label, origin, NO_LIMITS);
+    }
+
+    pub fn wildcard_limited(
+        &mut self,
+        suffix: &str,
+        to: Targets,
+        one_label: bool,
+        origin: Origin,
+        limits: LimitIds,
+    ) {
         self.wildcard
-            .push((suffix.as_bytes().into(), to, one_label, origin));
+            .push((suffix.as_bytes().into(), to, one_label, origin, limits));
     }
 
     pub fn set_default(&mut self, to: Targets, origin: Origin) {
-        self.default = Some((to, origin));
+        self.set_default_limited(to, origin, NO_LIMITS);
+    }
+
+    pub fn set_default_limited(&mut self, to: Targets, origin: Origin, limits: LimitIds) {
+        self.default = Some((to, origin, limits));
     }
 
     /// Routes may only use the ids of upstreams added.
@@ -199,7 +257,14 @@ impl<'a> Builder<'a> {
         let wild_off = exact_off + exact_slots * SLOT;
         let upstreams_off = wild_off + wild_slots * SLOT;
         let servers_off = upstreams_off + self.upstreams.len() * UPSTREAM;
-        let names_off = servers_off + servers_count * SERVER;
+        let limits_off = servers_off + servers_count * SERVER;
+        let mut limit_records = Vec::with_capacity(self.limits.len() * LIMIT);
+        let mut networks = Vec::new();
+        for l in &self.limits {
+            limit_records.extend_from_slice(&limit_record(l, &mut networks));
+        }
+        let networks_off = limits_off + limit_records.len();
+        let names_off = networks_off + networks.len();
         let strings_off = names_off + names_len;
         let mut records = Vec::with_capacity(self.upstreams.len() * UPSTREAM);
         let mut servers = Vec::with_capacity(servers_count * SERVER);
@@ -214,12 +279,14 @@ impl<'a> Builder<'a> {
         let len = (strings_off + strings.bytes.len()).next_multiple_of(8);
         let mut bytes = vec![0u8; len];
         bytes[upstreams_off..servers_off].copy_from_slice(&records);
-        bytes[servers_off..names_off].copy_from_slice(&servers);
+        bytes[servers_off..limits_off].copy_from_slice(&servers);
+        bytes[limits_off..networks_off].copy_from_slice(&limit_records);
+        bytes[networks_off..names_off].copy_from_slice(&networks);
         bytes[strings_off..strings_off + strings.bytes.len()].copy_from_slice(&strings.bytes);
         let mut names = names_off;
         let mut place = |bytes: &mut [u8], off: usize, slots: usize, list: &[Named]| {
             let mask = slots - 1;
-            for (name, to, one_label, origin) in list {
+            for (name, to, one_label, origin, limits) in list {
                 let h = hash(name);
                 let mut i = h as usize & mask;
                 while read_slot(bytes, off, i).hash != 0 {
@@ -240,17 +307,20 @@ impl<'a> Builder<'a> {
                 bytes[names + 1..names + 1 + name.len()].copy_from_slice(name);
                 let at = names + 1 + name.len();
                 bytes[at..at + 4].copy_from_slice(&origin_at(*origin).to_le_bytes());
+                bytes[at + 4..at + 8].copy_from_slice(&limits[0].to_le_bytes());
+                bytes[at + 8..at + 12].copy_from_slice(&limits[1].to_le_bytes());
                 names += name_size(name);
             }
         };
         place(&mut bytes, exact_off, exact_slots, &self.exact);
         place(&mut bytes, wild_off, wild_slots, &self.wildcard);
-        let (default, default_origin) = self.default.unwrap_or((
+        let (default, default_origin, default_limits) = self.default.unwrap_or((
             Targets {
                 tls: NONE,
                 http: NONE,
             },
             NO_ORIGIN,
+            NO_LIMITS,
         ));
         let mut header = Header {
             magic: MAGIC,
@@ -280,6 +350,12 @@ impl<'a> Builder<'a> {
             strings_off: strings_off as u32,
             strings_len: strings.bytes.len() as u32,
             default_origin: origin_at(default_origin),
+            limits_off: limits_off as u32,
+            limits_count: self.limits.len() as u32,
+            networks_off: networks_off as u32,
+            networks_count: (networks.len() / NETWORK) as u32,
+            default_limits_tls: default_limits[0],
+            default_limits_http: default_limits[1],
         };
         header.checksum = checksum(&bytes[HEADER..]);
         write_header(&mut bytes, &header);
@@ -476,12 +552,16 @@ impl<'a> View<'a> {
         }
         let upstreams_end = u64::from(h.upstreams_off) + u64::from(h.upstreams) * UPSTREAM as u64;
         let servers_end = u64::from(h.servers_off) + u64::from(h.servers_count) * SERVER as u64;
+        let limits_end = u64::from(h.limits_off) + u64::from(h.limits_count) * LIMIT as u64;
+        let networks_end = u64::from(h.networks_off) + u64::from(h.networks_count) * NETWORK as u64;
         let strings_end = u64::from(h.strings_off) + u64::from(h.strings_len);
         // Each section in its place: a route may name any upstream id below `upstreams`, so
         // every one of them must have its record.
         if (h.upstreams_off as usize) < HEADER
             || upstreams_end > u64::from(h.servers_off)
-            || servers_end > u64::from(h.names_off)
+            || servers_end > u64::from(h.limits_off)
+            || limits_end > u64::from(h.networks_off)
+            || networks_end > u64::from(h.names_off)
             || u64::from(h.strings_off) < names_end
             || strings_end > self.bytes.len() as u64
         {
@@ -490,9 +570,16 @@ impl<'a> View<'a> {
         for i in 0..h.upstreams as usize {
             self.check_upstream(i)?;
         }
+        for i in 0..h.limits_count {
+            self.check_limits(i)?;
+        }
         let upstream_ok = |id: u32| id == NONE || id < h.upstreams;
+        let limits_ok = |id: u32| id == NONE || id < h.limits_count;
         if !upstream_ok(h.default_tls) || !upstream_ok(h.default_http) {
             return Err(ImageError::Corrupt("default names no upstream"));
+        }
+        if !limits_ok(h.default_limits_tls) || !limits_ok(h.default_limits_http) {
+            return Err(ImageError::Corrupt("the default names no limit record"));
         }
         if h.default_origin != NONE && self.string(h.default_origin).is_none() {
             return Err(ImageError::Corrupt("the default's origin out of bounds"));
@@ -527,12 +614,32 @@ impl<'a> View<'a> {
                 if origin != NONE && self.string(origin).is_none() {
                     return Err(ImageError::Corrupt("a route's origin out of bounds"));
                 }
+                let limits = [0, 1].map(|p| self.limits_at(slot.name, p));
+                if !limits.iter().all(|l| l.is_some_and(limits_ok)) {
+                    return Err(ImageError::Corrupt("a route names no limit record"));
+                }
                 if core::ptr::eq(s, &h.exact) && slot.name & ONE_LABEL != 0 {
                     return Err(ImageError::Corrupt("an exact name marked as a wildcard"));
                 }
             }
             if used != s.count {
                 return Err(ImageError::Corrupt("slot count"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self, id: u32) -> Result<(), ImageError> {
+        let l = self.limit_record(id);
+        let networks =
+            u64::from(l.networks_first) + u64::from(l.deny_count) + u64::from(l.allow_count);
+        if networks > u64::from(self.header.networks_count) {
+            return Err(ImageError::Corrupt("a limit's networks out of bounds"));
+        }
+        let first = l.networks_first as usize;
+        for n in first..first + l.deny_count as usize + l.allow_count as usize {
+            if self.network(n).1 > 128 {
+                return Err(ImageError::Corrupt("a network prefix out of range"));
             }
         }
         Ok(())
@@ -589,6 +696,111 @@ impl<'a> View<'a> {
     /// The upstream records: every id a route may name is below this.
     pub fn upstream_count(&self) -> usize {
         self.header.upstreams as usize
+    }
+
+    /// Limit record `id` (below the header's count: a checked image names no other).
+    fn limit_record(&self, id: u32) -> LimitSet {
+        let at = self.header.limits_off as usize + id as usize * LIMIT;
+        let b = self.bytes;
+        LimitSet {
+            id,
+            max_conns: u32_at(b, at),
+            max_conns_per_client: u32_at(b, at + 4),
+            rate: u32_at(b, at + 8),
+            per_minute: b[at + 12] & 1 != 0,
+            burst: u32_at(b, at + 16),
+            networks_first: u32_at(b, at + 20),
+            deny_count: u32_at(b, at + 24),
+            allow_count: u32_at(b, at + 28),
+        }
+    }
+
+    /// The limits a route or the default set, by id; `None` for `NONE`.
+    #[inline]
+    pub fn limit_set(&self, id: u32) -> Option<LimitSet> {
+        (id != NONE && id < self.header.limits_count).then(|| self.limit_record(id))
+    }
+
+    fn network(&self, n: usize) -> (u128, u8) {
+        let at = self.header.networks_off as usize + n * NETWORK;
+        let mut ip = [0u8; 16];
+        ip.copy_from_slice(&self.bytes[at..at + 16]);
+        (u128::from_be_bytes(ip), self.bytes[at + 16])
+    }
+
+    /// Whether a client at `ip` may use a route with limits `l`: not on its deny list, and
+    /// on its allow list if it has one.
+    pub fn allows(&self, l: &LimitSet, ip: IpAddr) -> bool {
+        if l.deny_count == 0 && l.allow_count == 0 {
+            return true;
+        }
+        let ip = u128::from(match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        });
+        let contains = |n: usize| {
+            let (net, prefix) = self.network(n);
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            ip & mask == net
+        };
+        let first = l.networks_first as usize;
+        let deny = first..first + l.deny_count as usize;
+        let allow = deny.end..deny.end + l.allow_count as usize;
+        if deny.clone().any(contains) {
+            return false;
+        }
+        l.allow_count == 0 || allow.clone().any(contains)
+    }
+
+    /// The networks of limits `l`, written as route files do: (deny, allow).
+    pub fn networks(&self, l: &LimitSet) -> (Vec<String>, Vec<String>) {
+        let show = |n: usize| {
+            let (net, prefix) = self.network(n);
+            super::limits::Network {
+                addr: Ipv6Addr::from(net),
+                prefix,
+            }
+            .to_string()
+        };
+        let first = l.networks_first as usize;
+        let mid = first + l.deny_count as usize;
+        (
+            (first..mid).map(show).collect(),
+            (mid..mid + l.allow_count as usize).map(show).collect(),
+        )
+    }
+
+    /// The limits of the route whose name is at `off`, for protocol `p` (0: TLS, 1: HTTP).
+    #[inline]
+    fn limits_at(&self, off: u32, p: usize) -> Option<u32> {
+        let names = self
+            .bytes
+            .get(self.header.names_off as usize..)?
+            .get(..self.header.names_len as usize)?;
+        let off = (off & !ONE_LABEL) as usize;
+        let at = off + 1 + *names.get(off)? as usize + 4 + 4 * p;
+        Some(u32_at(names.get(at..at + 4)?, 0))
+    }
+
+    /// The limits of a route found by `exact_at` or `wildcard_at`, for protocol `p` (0: TLS,
+    /// 1: HTTP); `NONE` for none.
+    #[inline]
+    pub fn route_limits(&self, found: Found, p: usize) -> u32 {
+        self.limits_at(found.name, p).unwrap_or(NONE)
+    }
+
+    /// The default route's limits for protocol `p`.
+    #[inline]
+    pub fn default_limits(&self, p: usize) -> u32 {
+        if p == 0 {
+            self.header.default_limits_tls
+        } else {
+            self.header.default_limits_http
+        }
     }
 
     fn name_at(&self, off: u32) -> Option<&'a [u8]> {
@@ -659,12 +871,25 @@ impl<'a> View<'a> {
 
     /// The exact route for `name`: its key, as stored, and its targets.
     pub fn exact(&self, name: &[u8]) -> Option<(&'a str, Targets)> {
-        self.find(&self.header.exact, name).map(|(k, t, _)| (k, t))
+        self.exact_at(name).map(|(k, t, _)| (k, t))
+    }
+
+    /// The same, with where it was found (for `route_limits`).
+    #[inline]
+    pub fn exact_at(&self, name: &[u8]) -> Option<(&'a str, Targets, Found)> {
+        self.find(&self.header.exact, name)
     }
 
     /// The wildcard route whose suffix (after `*.`) is `suffix`, and whether it stands for one
     /// label only.
     pub fn wildcard(&self, suffix: &[u8]) -> Option<(&'a str, Targets, bool)> {
+        self.wildcard_at(suffix)
+            .map(|(k, t, f)| (k, t, f.one_label))
+    }
+
+    /// The same, with where it was found (for `route_limits`).
+    #[inline]
+    pub fn wildcard_at(&self, suffix: &[u8]) -> Option<(&'a str, Targets, Found)> {
         if self.header.wildcard.count == 0 {
             return None;
         }
@@ -692,7 +917,7 @@ impl<'a> View<'a> {
         None
     }
 
-    fn find(&self, s: &Section, name: &[u8]) -> Option<(&'a str, Targets, bool)> {
+    fn find(&self, s: &Section, name: &[u8]) -> Option<(&'a str, Targets, Found)> {
         let h = hash(name);
         let want = slot_hash(h);
         let mask = s.slots as usize - 1;
@@ -714,7 +939,10 @@ impl<'a> View<'a> {
                             tls: slot.tls,
                             http: slot.http,
                         },
-                        slot.name & ONE_LABEL != 0,
+                        Found {
+                            name: slot.name,
+                            one_label: slot.name & ONE_LABEL != 0,
+                        },
                     ));
                 }
             }
@@ -749,6 +977,64 @@ impl<'a> View<'a> {
                     ))
                 })
             })
+    }
+}
+
+/// Where a route was found in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    name: u32,
+    /// A wildcard for exactly one label.
+    pub one_label: bool,
+}
+
+/// A set of limits as an image holds it (0: no such limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSet {
+    /// Its record's number: equal sets have one record.
+    pub id: u32,
+    pub max_conns: u32,
+    pub max_conns_per_client: u32,
+    /// Connections per second (per minute if `per_minute`); 0: no rate.
+    pub rate: u32,
+    pub per_minute: bool,
+    pub burst: u32,
+    networks_first: u32,
+    deny_count: u32,
+    allow_count: u32,
+}
+
+impl LimitSet {
+    /// No limit at all.
+    pub const NONE: LimitSet = LimitSet {
+        id: NONE,
+        max_conns: 0,
+        max_conns_per_client: 0,
+        rate: 0,
+        per_minute: false,
+        burst: 0,
+        networks_first: 0,
+        deny_count: 0,
+        allow_count: 0,
+    };
+
+    /// Microseconds between two connections at its rate (0: no rate).
+    #[inline]
+    pub fn interval_us(&self) -> u64 {
+        if self.rate == 0 {
+            return 0;
+        }
+        super::limits::Rate {
+            count: self.rate,
+            per_minute: self.per_minute,
+        }
+        .interval_us()
+    }
+
+    /// Whether it has a deny or an allow list.
+    #[inline]
+    pub fn has_networks(&self) -> bool {
+        self.deny_count + self.allow_count > 0
     }
 }
 
@@ -964,6 +1250,31 @@ fn upstream_record(u: &UpstreamSpec, first_server: usize, strings: &mut Strings)
     r
 }
 
+fn limit_record(l: &Limits, networks: &mut Vec<u8>) -> [u8; LIMIT] {
+    let mut r = [0u8; LIMIT];
+    let put32 =
+        |r: &mut [u8; LIMIT], k: usize, v: u32| r[k..k + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut r, 0, l.max_conns.unwrap_or(0));
+    put32(&mut r, 4, l.max_conns_per_client.unwrap_or(0));
+    if let Some(rate) = l.rate {
+        put32(&mut r, 8, rate.count);
+        r[12] = u8::from(rate.per_minute);
+        put32(&mut r, 16, l.burst.unwrap_or(0));
+    }
+    put32(&mut r, 20, (networks.len() / NETWORK) as u32);
+    let deny = l.deny.as_deref().unwrap_or_default();
+    let allow = l.allow.as_deref().unwrap_or_default();
+    for n in deny.iter().chain(allow) {
+        let mut e = [0u8; NETWORK];
+        e[..16].copy_from_slice(&n.addr.octets());
+        e[16] = n.prefix;
+        networks.extend_from_slice(&e);
+    }
+    put32(&mut r, 24, deny.len() as u32);
+    put32(&mut r, 28, allow.len() as u32);
+    r
+}
+
 fn server_record(s: &ServerDef) -> [u8; SERVER] {
     let mut r = [0u8; SERVER];
     let (ip, v6) = match s.ip {
@@ -1030,12 +1341,18 @@ fn read_header(b: &[u8]) -> Header {
         strings_off: u32_at(b, 92),
         strings_len: u32_at(b, 96),
         default_origin: u32_at(b, 100),
+        limits_off: u32_at(b, 104),
+        limits_count: u32_at(b, 108),
+        networks_off: u32_at(b, 112),
+        networks_count: u32_at(b, 116),
+        default_limits_tls: u32_at(b, 120),
+        default_limits_http: u32_at(b, 124),
     }
 }
 
 fn write_header(b: &mut [u8], h: &Header) {
     b[..8].copy_from_slice(&h.magic);
-    let words: [(usize, u32); 18] = [
+    let words: [(usize, u32); 24] = [
         (8, h.version),
         (12, h.upstreams),
         (32, h.exact.off),
@@ -1054,6 +1371,12 @@ fn write_header(b: &mut [u8], h: &Header) {
         (92, h.strings_off),
         (96, h.strings_len),
         (100, h.default_origin),
+        (104, h.limits_off),
+        (108, h.limits_count),
+        (112, h.networks_off),
+        (116, h.networks_count),
+        (120, h.default_limits_tls),
+        (124, h.default_limits_http),
     ];
     for (at, v) in words {
         b[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -1237,7 +1560,7 @@ mod tests {
         }
         assert_eq!(
             ImageError::Version(1).to_string(),
-            "image format version 1, this module reads version 3"
+            "image format version 1, this module reads version 4"
         );
     }
 

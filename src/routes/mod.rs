@@ -5,6 +5,7 @@ pub mod document;
 pub mod follow;
 pub mod image;
 pub(crate) mod json;
+pub mod limits;
 pub mod share;
 pub mod source;
 pub mod table;

@@ -205,7 +205,8 @@ pub enum Work {
 #[derive(Debug)]
 pub enum Done {
     Parsed(Vec<Result<Arc<Document>, String>>),
-    Merged(Result<(RouteTable, Vec<MergeWarning>), MergeError>),
+    /// Boxed: a table is large, and `Done` travels by value between threads.
+    Merged(Box<Result<(RouteTable, Vec<MergeWarning>), MergeError>>),
 }
 
 impl Work {
@@ -223,7 +224,11 @@ impl Work {
             ),
             Work::Merge(docs, discovery) => {
                 let docs: Vec<&Document> = docs.iter().map(|d| &**d).collect();
-                Done::Merged(RouteTable::merge_with(&docs, upstream_exists, &discovery))
+                Done::Merged(Box::new(RouteTable::merge_with(
+                    &docs,
+                    upstream_exists,
+                    &discovery,
+                )))
             }
         }
     }
@@ -483,7 +488,7 @@ impl Source {
                 self.pending = Some(pending);
                 self.after_parse()
             }
-            Done::Merged(result) => self.merged(result),
+            Done::Merged(result) => self.merged(*result),
         }
     }
 
@@ -954,10 +959,10 @@ mod tests {
         let (mut source, _) = Source::open(Inputs::file(&file), &|_| true).unwrap();
         let stray = [
             Done::Parsed(vec![]),
-            Done::Merged(Err(MergeError {
+            Done::Merged(Box::new(Err(MergeError {
                 file: 0,
                 message: "x".into(),
-            })),
+            }))),
         ];
         for done in stray {
             match source.resume(done) {
@@ -1077,6 +1082,7 @@ mod tests {
                     crate::routes::document::Targets {
                         tls: Some(up.into()),
                         http: Some(up.into()),
+                        limits: None,
                     },
                 ));
             }

@@ -7,7 +7,8 @@ use std::fmt;
 use super::discover::{self, Discovered, Kinds, What};
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
 use super::document::{Document, RouteKey, ServerDef, Targets, UpstreamDef, UpstreamKind};
-use super::image::{self, Image};
+use super::image::{self, Image, LimitSet};
+use super::limits::Limits;
 use crate::balance::Pool;
 use crate::sniff::Protocol;
 use crate::upstream::CheckKind;
@@ -29,14 +30,16 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Route {
+struct Route<'d> {
     tls: Option<UpstreamId>,
     http: Option<UpstreamId>,
     /// The document that gave it.
     file: usize,
+    /// Its own limits, over its upstreams'.
+    limits: Option<&'d Limits>,
 }
 
-impl Route {
+impl Route<'_> {
     fn targets(self) -> image::Targets {
         image::Targets {
             tls: self.tls.unwrap_or(image::NONE),
@@ -76,6 +79,8 @@ impl fmt::Display for MatchedBy<'_> {
 pub struct Match<'t> {
     pub by: MatchedBy<'t>,
     pub upstream: &'t Upstream,
+    /// The route's limits for the connection's protocol, if it has any.
+    pub limits: Option<LimitSet>,
 }
 
 #[derive(Debug, Default)]
@@ -175,8 +180,8 @@ impl RouteTable {
     /// Merges documents in order. A name defined twice (upstream, route or default) keeps its
     /// first definition and yields a warning. `nginx_upstream_exists` tells which nginx.conf
     /// upstream blocks exist.
-    pub fn merge_with(
-        documents: &[&Document],
+    pub fn merge_with<'d>(
+        documents: &[&'d Document],
         nginx_upstream_exists: &dyn Fn(&str) -> bool,
         discovery: &Discovery,
     ) -> Result<(RouteTable, Vec<MergeWarning>), MergeError> {
@@ -247,26 +252,28 @@ impl RouteTable {
             }
         }
 
-        let resolve =
-            |file: usize, path: &dyn fmt::Display, t: &Targets| -> Result<Route, MergeError> {
-                let id = |name: &Option<String>, proto: &str| match name {
-                    None => Ok(None),
-                    Some(name) => {
-                        ids.get(name.as_str())
-                            .map(|&(id, _)| Some(id))
-                            .ok_or_else(|| MergeError {
-                                file,
-                                message: format!("{path}{proto}: unknown upstream \"{name}\""),
-                            })
-                    }
-                };
-                let proto_suffix = |p: &'static str| if t.tls == t.http { "" } else { p };
-                Ok(Route {
-                    tls: id(&t.tls, proto_suffix(".tls"))?,
-                    http: id(&t.http, proto_suffix(".http"))?,
-                    file,
-                })
+        let resolve = |file: usize,
+                       path: &dyn fmt::Display,
+                       t: &'d Targets|
+         -> Result<Route<'d>, MergeError> {
+            let id = |name: &Option<String>, proto: &str| match name {
+                None => Ok(None),
+                Some(name) => ids
+                    .get(name.as_str())
+                    .map(|&(id, _)| Some(id))
+                    .ok_or_else(|| MergeError {
+                        file,
+                        message: format!("{path}{proto}: unknown upstream \"{name}\""),
+                    }),
             };
+            let proto_suffix = |p: &'static str| if t.tls == t.http { "" } else { p };
+            Ok(Route {
+                tls: id(&t.tls, proto_suffix(".tls"))?,
+                http: id(&t.http, proto_suffix(".http"))?,
+                file,
+                limits: t.limits.as_deref(),
+            })
+        };
 
         let total: usize = documents.iter().map(|d| d.routes.len()).sum();
         if total > MAX_ROUTES {
@@ -427,14 +434,37 @@ impl RouteTable {
                 None => image::NO_ORIGIN,
             })
             .collect();
+        // Per protocol: the route's limits over those of the upstream it sends to.
+        let any_upstream_limits = defs.iter().any(|d| d.limits.is_some());
+        let limit_ids = |image: &mut image::Builder, route: &Route| -> image::LimitIds {
+            if route.limits.is_none() && !any_upstream_limits {
+                return image::NO_LIMITS;
+            }
+            [route.tls, route.http].map(|id| match id {
+                None => image::NONE,
+                Some(id) => image.limits(Limits::over(
+                    route.limits,
+                    defs[id as usize].limits.as_deref(),
+                )),
+            })
+        };
         for (name, route) in exact {
-            image.exact(name, route.targets(), origins[route.file]);
+            let limits = limit_ids(&mut image, &route);
+            image.exact_limited(name, route.targets(), origins[route.file], limits);
         }
         for (suffix, (route, one_label)) in wildcard {
-            image.wildcard(suffix, route.targets(), one_label, origins[route.file]);
+            let limits = limit_ids(&mut image, &route);
+            image.wildcard_limited(
+                suffix,
+                route.targets(),
+                one_label,
+                origins[route.file],
+                limits,
+            );
         }
         if let Some(route) = default {
-            image.set_default(route.targets(), origins[route.file]);
+            let limits = limit_ids(&mut image, &route);
+            image.set_default_limited(route.targets(), origins[route.file], limits);
         }
         Ok((RouteTable::from_image(image.build()), warnings))
     }
@@ -490,17 +520,21 @@ impl RouteTable {
     /// connection without a name. Costs one hash lookup, plus one per label for wildcards.
     pub fn lookup(&self, name: Option<&str>, protocol: Protocol) -> Option<Match<'_>> {
         let found = name.and_then(|name| self.lookup_name(name, protocol));
-        let (by, id) = match found {
+        let view = self.image.view();
+        let p = protocol as usize;
+        let (by, id, limits) = match found {
             Some(found) => found,
             None => (
                 MatchedBy::Default,
-                upstream(self.image.view().default()?, protocol)?,
+                upstream(view.default()?, protocol)?,
+                view.default_limits(p),
             ),
         };
         Some(Match {
             by,
             // A checked image names no id without its upstream; `get` costs nothing more.
             upstream: self.upstreams.get(id as usize)?,
+            limits: view.limit_set(limits),
         })
     }
 
@@ -508,11 +542,12 @@ impl RouteTable {
         &'t self,
         name: &str,
         protocol: Protocol,
-    ) -> Option<(MatchedBy<'t>, UpstreamId)> {
+    ) -> Option<(MatchedBy<'t>, UpstreamId, u32)> {
         let image = self.image.view();
-        if let Some((key, targets)) = image.exact(name.as_bytes()) {
+        let p = protocol as usize;
+        if let Some((key, targets, at)) = image.exact_at(name.as_bytes()) {
             if let Some(id) = upstream(targets, protocol) {
-                return Some((MatchedBy::Exact(key), id));
+                return Some((MatchedBy::Exact(key), id, image.route_limits(at, p)));
             }
         }
         if image.wildcard_count() == 0 {
@@ -524,10 +559,10 @@ impl RouteTable {
         let mut first = true;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
-            if let Some((key, targets, one_label)) = image.wildcard(rest.as_bytes()) {
-                if first || !one_label {
+            if let Some((key, targets, at)) = image.wildcard_at(rest.as_bytes()) {
+                if first || !at.one_label {
                     if let Some(id) = upstream(targets, protocol) {
-                        return Some((MatchedBy::Wildcard(key), id));
+                        return Some((MatchedBy::Wildcard(key), id, image.route_limits(at, p)));
                     }
                 }
             }
@@ -740,6 +775,54 @@ mod tests {
         }
     }
 
+    /// A route's limits over its upstream's, per protocol, for exact, wildcard and default
+    /// routes; equal sets share one record, and the image survives a round trip.
+    #[test]
+    fn limits_are_per_route_and_protocol() {
+        let (t, _) = table(&[r#"{
+            "upstreams": {
+                "a": {"servers": ["127.0.0.1"], "limits": {"max_conns": 100, "deny": ["10.0.0.0/8"]}},
+                "b": {"servers": ["127.0.0.2"]}
+            },
+            "routes": {
+                "plain.test": "b",
+                "up.test": "a",
+                "own.test": {"upstream": "a", "limits": {"max_conns": 10, "rate": "50r/s", "burst": 10}},
+                "split.test": {"tls": "a", "http": "b"},
+                "*.wild.test": {"upstream": "b", "limits": {"max_conns_per_client": 2, "allow": ["192.0.2.0/24"]}}
+            },
+            "default": {"upstream": "b", "limits": {"rate": "600r/m"}}
+        }"#]);
+        let limits = |name: Option<&str>, p| t.lookup(name, p).unwrap().limits;
+        assert_eq!(limits(Some("plain.test"), Protocol::Tls), None);
+        let up = limits(Some("up.test"), Protocol::Tls).unwrap();
+        assert_eq!((up.max_conns, up.rate), (100, 0));
+        let own = limits(Some("own.test"), Protocol::Http).unwrap();
+        assert_eq!((own.max_conns, own.rate, own.burst), (10, 50, 10));
+        assert_eq!(own.interval_us(), 20_000);
+        let view = t.image().view();
+        // The upstream's deny list stays under the route's own limits.
+        assert!(!view.allows(&own, "10.1.1.1".parse().unwrap()));
+        assert!(view.allows(&own, "192.0.2.1".parse().unwrap()));
+        assert_eq!(limits(Some("split.test"), Protocol::Tls), Some(up));
+        assert_eq!(limits(Some("split.test"), Protocol::Http), None);
+        let wild = limits(Some("x.wild.test"), Protocol::Tls).unwrap();
+        assert_eq!(wild.max_conns_per_client, 2);
+        assert!(view.allows(&wild, "192.0.2.9".parse().unwrap()));
+        assert!(!view.allows(&wild, "198.51.100.1".parse().unwrap()));
+        assert_eq!(
+            view.networks(&wild),
+            (Vec::new(), vec!["192.0.2.0/24".to_string()])
+        );
+        let default = limits(Some("nowhere.test"), Protocol::Http).unwrap();
+        assert_eq!((default.rate, default.per_minute), (600, true));
+        let copy = RouteTable::from_image(Image::from_bytes(t.image().bytes().to_vec()).unwrap());
+        assert_eq!(
+            copy.lookup(Some("own.test"), Protocol::Tls).unwrap().limits,
+            Some(own)
+        );
+    }
+
     /// Files under the limit each, over it together: the merged table is refused.
     #[test]
     fn the_upstream_limit_holds_for_the_merged_table() {
@@ -749,6 +832,7 @@ mod tests {
                     name: format!("u{i}"),
                     kind: UpstreamKind::Nginx("vhosts".into()),
                     policy: Default::default(),
+                    limits: None,
                 })
                 .collect(),
             routes: Vec::new(),
@@ -836,6 +920,7 @@ mod tests {
         let to = |name: &str| Targets {
             tls: Some(name.into()),
             http: Some(name.into()),
+            limits: None,
         };
         ingress
             .routes

@@ -3,6 +3,7 @@
 //! laid out by `zone`. Pure: the caller maps the memory and holds its lock where a function
 //! says so.
 
+pub mod limits;
 pub mod routes;
 pub mod unrouted;
 
@@ -38,6 +39,15 @@ pub struct Snapshot {
     pub nameless: Vec<(Nameless, u64)>,
     pub decisions: [[u64; DECISION_BUCKETS_MS.len() + 1]; PROTOCOLS],
     pub decision_ms: [u64; PROTOCOLS],
+    /// Per protocol, connections refused by a route's limits, by `limits::Refusal`.
+    pub refused: [[u64; limits::REASONS]; PROTOCOLS],
+    /// (route, client) pairs the clients' table holds at most, and holds now.
+    pub clients_capacity: usize,
+    pub clients_used: usize,
+    /// Connections not limited per client: the clients' table was full.
+    pub clients_full: u64,
+    /// Connections whose route had limits but no record to keep them in.
+    pub unlimited: u64,
 }
 
 /// A 128-bit hash of `bytes`, two 64-bit lanes a word at a time; the same in every process.

@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::atomic::{Ordering::AcqRel, Ordering::Release};
 
+use super::limits::{self, Refusal, REASONS};
 use super::{hash128, PROTOCOLS};
 
 /// The longest route key kept (a name is at most 255 bytes; a wildcard is kept as its suffix).
@@ -74,6 +75,12 @@ impl Fingerprint {
     fn home(&self, mask: usize) -> usize {
         self.0[0] as usize & mask
     }
+
+    /// Its two words, to derive other keys from.
+    #[inline]
+    pub fn words(&self) -> [u64; 2] {
+        self.0
+    }
 }
 
 /// One protocol's counters of a route.
@@ -90,7 +97,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Sum of the times from accept to the routing decision (ms).
     pub decision_ms: AtomicU64,
-    pub refused: AtomicU64,
+    /// Connections a limit of the route refused, by `Refusal`.
+    pub refused: [AtomicU64; REASONS],
 }
 
 /// The counters of one route, in shared memory.
@@ -105,7 +113,10 @@ pub struct RouteRecord {
     last_ms: AtomicU64,
     /// `kind << 16 | key length`.
     kind_len: AtomicU32,
-    _pad: AtomicU32,
+    /// Connections the route admitted and that are still open (`max_conns`).
+    admitted: AtomicU32,
+    /// The rate limit's theoretical arrival time (µs, nginx's monotonic clock).
+    tat_us: AtomicU64,
     name: [AtomicU64; NAME_WORDS],
     pub by_protocol: [Counters; PROTOCOLS],
 }
@@ -156,12 +167,17 @@ pub struct CountersView {
     pub no_server: u64,
     pub failed: u64,
     pub decision_ms: u64,
-    pub refused: u64,
+    /// By `Refusal`.
+    pub refused: [u64; REASONS],
 }
 
 impl RouteView {
     pub fn connections(&self) -> u64 {
         self.by_protocol.iter().map(|c| c.connections).sum()
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.by_protocol.iter().flat_map(|c| c.refused).sum()
     }
 }
 
@@ -307,11 +323,15 @@ impl<'a> RouteStore<'a> {
                 &c.no_server,
                 &c.failed,
                 &c.decision_ms,
-                &c.refused,
-            ] {
+            ]
+            .into_iter()
+            .chain(&c.refused)
+            {
                 v.store(0, Relaxed);
             }
         }
+        record.admitted.store(0, Relaxed);
+        record.tat_us.store(0, Relaxed);
         let (at, _) = self.position(fp);
         self.index[at].store(r as u32 + 1, Release);
         // Open for readers, pinned once by this connection.
@@ -400,10 +420,14 @@ impl<'a> RouteStore<'a> {
         }
     }
 
-    /// A connection of `protocol` that the route took, `decision_ms` after its accept.
+    /// A connection of `protocol` that the route took, `decision_ms` after its accept;
+    /// `admitted` if `admit` counted it already.
     #[inline]
-    pub fn opened(&self, pin: Pin, protocol: usize, decision_ms: u64, now_ms: u64) {
+    pub fn opened(&self, pin: Pin, protocol: usize, decision_ms: u64, now_ms: u64, admitted: bool) {
         let record = &self.records[pin.0 as usize];
+        if !admitted {
+            record.admitted.fetch_add(1, Relaxed);
+        }
         let c = &record.by_protocol[protocol];
         c.connections.fetch_add(1, Relaxed);
         if decision_ms > 0 {
@@ -428,13 +452,55 @@ impl<'a> RouteStore<'a> {
         if end.failed {
             c.failed.fetch_add(1, Relaxed);
         }
+        limits::release(&record.admitted);
         record.state.fetch_sub(1, Release);
     }
 
-    /// A connection refused by a limit of the route (it was never `opened`); unpins too.
-    pub fn refused(&self, pin: Pin, protocol: usize) {
+    /// Counts a connection the route admits, if it has fewer than `max_conns` (0: no
+    /// maximum) admitted and still open. `opened` follows, with `admitted`, or `unadmit`.
+    #[inline]
+    pub fn admit(&self, pin: Pin, max_conns: u32) -> bool {
         let record = &self.records[pin.0 as usize];
-        record.by_protocol[protocol].refused.fetch_add(1, Relaxed);
+        if max_conns == 0 {
+            record.admitted.fetch_add(1, Relaxed);
+            true
+        } else {
+            limits::reserve(&record.admitted, max_conns)
+        }
+    }
+
+    /// One new connection at `now_us` against the route's rate: one per `interval_us`, with
+    /// `burst` more at once.
+    #[inline]
+    pub fn take_token(&self, pin: Pin, now_us: u64, interval_us: u64, burst: u32) -> bool {
+        let record = &self.records[pin.0 as usize];
+        limits::take_token(&record.tat_us, now_us, interval_us, u64::from(burst))
+    }
+
+    /// Gives back what `admit` took, for a connection a later check refused.
+    pub fn unadmit(&self, pin: Pin) {
+        limits::release(&self.records[pin.0 as usize].admitted);
+    }
+
+    /// Connections the route admitted that are still open, all workers together.
+    pub fn admitted(&self, pin: Pin) -> u32 {
+        self.records[pin.0 as usize].admitted.load(Relaxed)
+    }
+
+    /// Lets go of a record pinned by `find` without a connection counted on it.
+    pub fn unpin(&self, pin: Pin) {
+        self.records[pin.0 as usize].state.fetch_sub(1, Release);
+    }
+
+    /// The fingerprint of a pinned record.
+    pub fn fingerprint(&self, pin: Pin) -> Fingerprint {
+        self.fp_of(pin.0 as usize)
+    }
+
+    /// A connection refused by a limit of the route (it was never `opened`); unpins too.
+    pub fn refused(&self, pin: Pin, protocol: usize, why: Refusal) {
+        let record = &self.records[pin.0 as usize];
+        record.by_protocol[protocol].refused[why as usize].fetch_add(1, Relaxed);
         record.state.fetch_sub(1, Release);
     }
 
@@ -490,10 +556,13 @@ impl<'a> RouteStore<'a> {
 }
 
 impl RouteRecord {
+    /// Connections taken and refused: what ranks the busiest routes.
     fn connections(&self) -> u64 {
         self.by_protocol
             .iter()
-            .map(|c| c.connections.load(Relaxed))
+            .map(|c| {
+                c.connections.load(Relaxed) + c.refused.iter().map(|n| n.load(Relaxed)).sum::<u64>()
+            })
             .sum()
     }
 
@@ -523,7 +592,7 @@ impl By {
 
     fn view(self, v: &RouteView) -> u64 {
         match self {
-            By::Connections => v.connections(),
+            By::Connections => v.connections() + v.refused(),
             By::Failures => v.by_protocol.iter().map(|c| c.failed + c.no_server).sum(),
         }
     }
@@ -567,7 +636,7 @@ fn read(r: &RouteRecord) -> Option<RouteView> {
             no_server: c.no_server.load(Relaxed),
             failed: c.failed.load(Relaxed),
             decision_ms: c.decision_ms.load(Relaxed),
-            refused: c.refused.load(Relaxed),
+            refused: core::array::from_fn(|k| c.refused[k].load(Relaxed)),
         }
     });
     Some(RouteView {
@@ -617,7 +686,7 @@ mod tests {
     fn connect(store: &RouteStore, name: &str, now: u64) -> Option<Pin> {
         let (fp, kind, key) = exact(name);
         let pin = store.find_or_insert(fp, kind, key, now)?;
-        store.opened(pin, 0, 2, now);
+        store.opened(pin, 0, 2, now, false);
         Some(pin)
     }
 
@@ -639,12 +708,12 @@ mod tests {
         }
         let (fp, kind, key) = exact("a.test");
         let pin = s.find_or_insert(fp, kind, key, 2).unwrap();
-        s.opened(pin, 1, 0, 2);
+        s.opened(pin, 1, 0, 2, false);
         let wild = Fingerprint::of(SEED, RouteKind::Wildcard, b"test");
         let w = s
             .find_or_insert(wild, RouteKind::Wildcard, b"test", 3)
             .unwrap();
-        s.opened(w, 0, 0, 3);
+        s.opened(w, 0, 0, 3, false);
         s.close(
             w,
             0,
