@@ -37,7 +37,8 @@ $t->write_routes('routes.json', encode_json({
         dead => { servers => ["127.0.0.1:$dead"],
                   check => { type => 'tcp', interval => '500ms', timeout => '200ms', fall => 1 } },
     },
-    routes => { 'shop.test' => 'up', 'dead.test' => 'dead' },
+    routes => { 'shop.test' => 'up', 'dead.test' => 'dead',
+                'limited.test' => { upstream => 'up', limits => { deny => ['all'] } } },
     default => 'up',
 }));
 $t->config(<<"EOF", workers => 2);
@@ -96,6 +97,7 @@ wait_for(sub { http_get($edge, 'kube.test') eq 'x' }, 'the Kubernetes route');
 for my $round (1, 2) {
     http_get($edge, 'shop.test') for 1 .. 100;
     http_get($edge, 'dead.test') for 1 .. 100;
+    http_get($edge, 'limited.test') for 1 .. 100;    # refused by the route's limits
     http_get($edge, "nobody$_.test") for 1 .. 400;
     http_get($edge, 'typo.test') for 1 .. 20;    # a name that gets a series of its own
     http_get($edge, undef, version => '1.0') for 1 .. 5;
@@ -145,7 +147,7 @@ my @alerts;
         }
     }
 }
-is(scalar @alerts, 5, 'five alert rules read');
+is(scalar @alerts, 6, 'six alert rules read');
 push @exprs, map { ["alert $_->[0]", $_->[1]] } @alerts;
 for my $e (@exprs) {
     my ($what, $expr) = @$e;

@@ -334,6 +334,9 @@ fn routes(out: &mut String, v: &Value, now: f64) {
             if c.is_null() {
                 continue;
             }
+            let refused: u64 = c["refused"]
+                .as_object()
+                .map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
             rows.push(vec![
                 format!("<code>{}</code>", text(&route["route"])),
                 text(&route["match"]),
@@ -344,6 +347,7 @@ fn routes(out: &mut String, v: &Value, now: f64) {
                 bytes(&c["bytes_sent"]),
                 text(&c["failed"]),
                 text(&c["no_server"]),
+                refused.to_string(),
                 time(&route["last_seen"], now),
             ]);
         }
@@ -361,6 +365,7 @@ fn routes(out: &mut String, v: &Value, now: f64) {
             "#sent",
             "#failed",
             "#no server",
+            "#refused",
             "last seen",
         ],
         &rows,
@@ -467,7 +472,8 @@ mod tests {
             "routes": {"tracked": 1, "evicted": 0, "routes": [
                 {"route": "shop.test", "match": "exact", "last_seen": 4.0,
                  "tls": {"connections": 7, "active": 1, "bytes_received": 100,
-                         "bytes_sent": 2000, "failed": 0, "no_server": 0}}]},
+                         "bytes_sent": 2000, "failed": 0, "no_server": 0,
+                         "refused": {"rate": 41, "denied": 1}}}]},
             "unrouted": {"tls": {"defaulted": 0, "closed": 2, "names": [
                 {"name": "<b>evil</b>.test", "connections": 2, "closed": 2, "first_seen": 1,
                  "last_seen": 2, "client": "192.0.2.1"}]},
@@ -483,6 +489,7 @@ mod tests {
             "<table id=\"draining\">",
             "<code>shop.test</code>",
             "2.0 KB",
+            "<td class=\"n\">42</td>",
             "&lt;b&gt;evil&lt;/b&gt;.test",
             "<td>no_sni</td><td class=\"n\">3</td>",
         ] {
