@@ -23,7 +23,8 @@ $t->write_routes('routes.json', encode_json({
         dead => { servers => ["127.0.0.1:$dead"],
                   check => { type => 'tcp', interval => '500ms', timeout => '200ms', fall => 1 } },
     },
-    routes => { 'shop.test' => 'web', 'dead.test' => 'dead' },
+    routes => { 'shop.test' => 'web', 'dead.test' => 'dead',
+                'closed.test' => { upstream => 'web', limits => { deny => ['all'] } } },
 }));
 $t->config(<<'EOF', workers => 2);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
@@ -35,6 +36,7 @@ $t->run;
 my ($edge, $status) = ($t->port('edge'), $t->port('status'));
 http_get($edge, 'shop.test') eq 'x' or die "shop.test: no answer\n" for 1 .. 7;
 http_get($edge, 'typo.test') for 1 .. 3;
+http_get($edge, 'closed.test') for 1 .. 2;    # refused by the route's limits
 wait_for(sub { (Edge::Test::server_state($status, 'dead', "127.0.0.1:$dead") // {})->{state} eq 'down' },
     'the dead server to be down');
 
@@ -71,6 +73,8 @@ like($dom, qr{<table id="servers">.*<code>127\.0\.0\.1:$dead</code></td><td><spa
     "the DOM shows a server's state");
 like($dom, qr{<table id="routes">.*<code>shop\.test</code></td><td>exact</td><td>http</td><td class="n">7</td>}s,
     "the DOM shows a route's counters");
+like($dom, qr{<table id="routes">.*<code>closed\.test</code></td><td>exact</td><td>http</td><td class="n">0</td>(?:<td[^>]*>[^<]*</td>){5}<td class="n">2</td>}s,
+    "the DOM shows a route's refusals");
 like($dom, qr{<table id="unrouted">.*<code>typo\.test</code></td><td>http</td><td class="n">3</td>}s,
     'the DOM shows an unrouted name');
 like($dom, qr{<p class="sub" id="draining">no server is draining</p>}, 'and that nothing drains');
