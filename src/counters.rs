@@ -83,11 +83,11 @@ struct Header {
     /// Pairs in the clients' table now (under the lock).
     clients_used: AtomicU32,
     _pad: AtomicU32,
-    /// Connections whose (route, client) pair found the table full: not limited per client.
+    /// Connections whose (route, client) pair found the table full: refused.
     clients_full: AtomicU64,
     /// Per protocol, connections refused by a route's limits, by `Refusal`.
     refused: [[AtomicU64; REASONS]; PROTOCOLS],
-    /// Connections whose route had limits but no record (every record held): let through.
+    /// Connections whose route had limits but no record (every record held): refused.
     unlimited: AtomicU64,
 }
 
@@ -317,57 +317,71 @@ impl Counters {
     }
 
     /// Applies the route's `max_conns`, `max_conns_per_client` (for a client at `client`) and
-    /// `rate`, in that order, at `now_ms` (nginx's monotonic clock); what one took is given
-    /// back when a later one refuses. `Ok(pair)`: the (route, client) pair to release when
-    /// the connection ends (0: none).
+    /// `rate` for a connection of `protocol`, in that order, at `now_ms` (nginx's monotonic
+    /// clock); what one took is given back when a later one refuses. `Ok(pair)`: the (route,
+    /// client) pair to release when the connection ends (0: none). A pair that finds the
+    /// table full is refused, as nginx's `limit_conn` refuses when its zone is full.
     pub fn route_admit(
         &self,
         pin: Pin,
+        protocol: usize,
         limits: &LimitSet,
         client: IpAddr,
         now_ms: u64,
     ) -> Result<u64, Refusal> {
         let store = self.store();
-        if !store.admit(pin, limits.max_conns) {
+        if !store.admit(pin, protocol, limits.max_conns) {
             return Err(Refusal::MaxConns);
         }
         let mut pair = 0;
-        if limits.max_conns_per_client > 0 {
-            pair = self.pair_key(store.fingerprint(pin), client);
+        // `clients=0`: the operator turned this limit off.
+        if limits.max_conns_per_client > 0 && !self.clients.is_empty() {
+            pair = self.pair_key(store.fingerprint(pin), protocol, client);
             let _lock = self.pool.lock();
-            let clients = Clients::new(self.clients, &self.header.clients_used);
+            let clients = self.clients();
             match clients.acquire(pair, limits.max_conns_per_client) {
                 Acquired::Admitted => {}
                 Acquired::Refused => {
-                    store.unadmit(pin);
+                    store.unadmit(pin, protocol);
                     return Err(Refusal::MaxConnsPerClient);
                 }
                 Acquired::Full => {
                     self.header.clients_full.fetch_add(1, Relaxed);
-                    pair = 0;
+                    store.unadmit(pin, protocol);
+                    return Err(Refusal::MaxConnsPerClient);
                 }
             }
         }
         let interval = limits.interval_us();
-        if interval > 0 && !store.take_token(pin, now_ms * 1000, interval, limits.burst) {
+        if interval > 0 && !store.take_token(pin, protocol, now_ms * 1000, interval, limits.burst) {
             self.pair_closed(pair);
-            store.unadmit(pin);
+            store.unadmit(pin, protocol);
             return Err(Refusal::Rate);
         }
         Ok(pair)
     }
 
-    /// A (route, client) pair's key: never 0, not chosen by a client (the zone's secret).
-    fn pair_key(&self, route: Fingerprint, client: IpAddr) -> u64 {
-        let ip = match client {
+    /// The (route, client) pairs; their functions need the zone's lock.
+    fn clients(&self) -> Clients<'static> {
+        Clients::new(self.clients, &self.header.clients_used).at_most(self.header.clients as usize)
+    }
+
+    /// A (route, protocol, client) key: never 0, not chosen by a client (the zone's secret).
+    /// An IPv6 client is its /64: one host has a whole /64 to pick addresses from.
+    fn pair_key(&self, route: Fingerprint, protocol: usize, client: IpAddr) -> u64 {
+        let mut ip = match client {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             IpAddr::V6(v6) => v6.octets(),
         };
+        if client.is_ipv6() {
+            ip[8..].fill(0);
+        }
         let [a, b] = route.words();
-        let mut bytes = [0u8; 32];
+        let mut bytes = [0u8; 33];
         bytes[..8].copy_from_slice(&a.to_le_bytes());
         bytes[8..16].copy_from_slice(&b.to_le_bytes());
-        bytes[16..].copy_from_slice(&ip);
+        bytes[16..32].copy_from_slice(&ip);
+        bytes[32] = protocol as u8;
         crate::traffic::hash128(self.header.seed ^ 0x636c_6965_6e74, &bytes)[0] | 1
     }
 
@@ -377,7 +391,7 @@ impl Counters {
             return;
         }
         let _lock = self.pool.lock();
-        Clients::new(self.clients, &self.header.clients_used).release(pair);
+        self.clients().release(pair);
     }
 
     /// A connection of `protocol` a limit of its route refused: counted for the route and in
@@ -389,7 +403,7 @@ impl Counters {
         }
     }
 
-    /// A connection whose route has limits but no record to keep them in: let through.
+    /// A connection whose route has limits but no record to keep them in: refused.
     pub fn unlimited(&self) {
         self.header.unlimited.fetch_add(1, Relaxed);
     }
@@ -484,7 +498,7 @@ impl Counters {
             refused: core::array::from_fn(|p| {
                 core::array::from_fn(|k| h.refused[p][k].load(Relaxed))
             }),
-            clients_capacity: Clients::new(self.clients, &h.clients_used).capacity(),
+            clients_capacity: h.clients as usize,
             clients_used: h.clients_used.load(Relaxed) as usize,
             clients_full: h.clients_full.load(Relaxed),
             unlimited: h.unlimited.load(Relaxed),

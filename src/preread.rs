@@ -148,13 +148,16 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                 if l.has_networks() && !table.image().view().allows(l, client) {
                     Err(Refusal::Denied)
                 } else if let Some(pin) = pin {
-                    counters.route_admit(pin, l, client, now).map(|pair| {
+                    counters.route_admit(pin, p, l, client, now).map(|pair| {
                         ctx.pair = pair;
                         true
                     })
-                } else {
-                    // No record to keep its counts in (every one has a connection open).
+                } else if l.counts() {
+                    // No record to keep its counts in (every one has a connection open): as
+                    // nginx's limit_conn with its zone full, refused.
                     counters.unlimited();
+                    Err(Refusal::MaxConns)
+                } else {
                     Ok(false)
                 }
             }
@@ -242,7 +245,7 @@ unsafe fn log_refusal(
     ngx_log_error!(
         NGX_LOG_WARN,
         c.log,
-        "edge: {} refused by route \"{}\" ({}): {}; {} more refusal(s) for {} since the last line (logged at most every {} s per worker)",
+        "edge: {} refused by route \"{}\" ({}): {}; {} more refusal(s) for {}, on any route, since the last such line (logged at most every {} s per worker)",
         client_ip(c),
         by,
         protocol.as_str(),
@@ -269,7 +272,8 @@ unsafe fn refuse(c: &mut ngx_connection_t, protocol: Protocol, why: Refusal) -> 
             break;
         }
     }
-    if protocol == Protocol::Http {
+    // On a `listen ... ssl` server the connection speaks TLS already: no plain answer there.
+    if protocol == Protocol::Http && c.ssl.is_null() {
         let answer = why.http_answer();
         // Small enough for any socket buffer; a client that does not read loses it.
         let _ = libc::send(
@@ -285,17 +289,10 @@ unsafe fn refuse(c: &mut ngx_connection_t, protocol: Protocol, why: Refusal) -> 
     }
 }
 
-/// The client's address: the PROXY protocol header's, behind a load balancer that sends one.
+/// The client's address, as limits see it: the connection's peer, which nginx's stream
+/// realip module (`set_real_ip_from`) replaces with a trusted PROXY protocol header's.
 unsafe fn client_ip(c: &ngx_connection_t) -> IpAddr {
-    let proxied = c.proxy_protocol.as_ref().and_then(|pp| {
-        core::str::from_utf8(pp.src_addr.as_bytes())
-            .ok()?
-            .parse()
-            .ok()
-    });
-    proxied
-        .or_else(|| stream::sockaddr_ip(c.sockaddr.cast()))
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    stream::sockaddr_ip(c.sockaddr.cast()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
 /// The longest decision time counted; longer is a step of the clock.
@@ -323,7 +320,15 @@ unsafe fn count_unrouted(
     name: &str,
     outcome: UnroutedOutcome,
 ) {
-    let client = client_ip(c);
+    // Behind a load balancer that sends the PROXY protocol, the client is in its header
+    // (shown only: nothing is decided on it).
+    let proxied = c.proxy_protocol.as_ref().and_then(|pp| {
+        core::str::from_utf8(pp.src_addr.as_bytes())
+            .ok()?
+            .parse()
+            .ok()
+    });
+    let client = proxied.unwrap_or_else(|| client_ip(c));
     let now_s = (*nginx_sys::ngx_cached_time).sec as u64;
     counters.unrouted(protocol, name.as_bytes(), outcome, now_s, client);
 }

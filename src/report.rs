@@ -259,7 +259,7 @@ pub fn routes_json(t: &Snapshot, top: usize, clock: Clock) -> Value {
         "clients": {
             "capacity": t.clients_capacity,
             "in_use": t.clients_used,
-            "not_limited": t.clients_full,
+            "refused_full": t.clients_full,
         },
         "routes": routes,
     })
@@ -622,15 +622,15 @@ pub fn prometheus(
             vec![(String::new(), t.clients_capacity.to_string())],
         );
         family(
-            "nginx_edge_limit_clients_not_limited_total",
+            "nginx_edge_limit_clients_full_total",
             "counter",
-            "Connections not limited per client: every (route, client) pair was taken.",
+            "Connections refused because every (route, client) pair edge_counters keeps was taken.",
             vec![(String::new(), t.clients_full.to_string())],
         );
         family(
             "nginx_edge_limits_not_applied_total",
             "counter",
-            "Connections whose route's limits were not applied: no route counter was free.",
+            "Connections of a limited route refused because no route counter was free for it.",
             vec![(String::new(), t.unlimited.to_string())],
         );
         family(

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let index: Vec<AtomicU32> = (0..index_len(capacity)).map(|_| AtomicU32::new(0)).collect();
     let header = StoreHeader::default();
     let store = RouteStore::new(&records, &index, &header);
-    let mut held: Vec<(ngx_stream_edge_module::traffic::Pin, String)> = Vec::new();
+    let mut held: Vec<(ngx_stream_edge_module::traffic::Pin, String, usize)> = Vec::new();
     let mut heavy = vec![Heavy::default(); capacity];
     let slots: Vec<ClientSlot> = (0..Clients::slots_for(capacity)).map(|_| ClientSlot::default()).collect();
     let used = AtomicU32::new(0);
@@ -37,14 +37,14 @@ fuzz_target!(|data: &[u8]| {
             0 => {
                 if let Some(pin) = store.find_or_insert(fp, RouteKind::Exact, name.as_bytes(), t as u64) {
                     store.opened(pin, usize::from(b & 1), 0, t as u64, false);
-                    held.push((pin, name));
+                    held.push((pin, name, usize::from(b & 1)));
                 }
             }
             // The oldest open connection closes.
             1 => {
                 if !held.is_empty() {
-                    let (pin, _) = held.remove(0);
-                    store.close(pin, 0, Closed { received: 1, sent: 2, ..Closed::default() });
+                    let (pin, _, p) = held.remove(0);
+                    store.close(pin, p, Closed { received: 1, sent: 2, ..Closed::default() });
                 }
             }
             // A lock-free lookup.
@@ -56,11 +56,11 @@ fuzz_target!(|data: &[u8]| {
             // A connection under max_conns 2: admitted and held, or refused.
             3 => {
                 if let Some(pin) = store.find_or_insert(fp, RouteKind::Exact, name.as_bytes(), t as u64) {
-                    let open = held.iter().filter(|(_, n)| *n == name).count();
-                    if store.admit(pin, 2) {
+                    let open = held.iter().filter(|(_, n, p)| *n == name && *p == 0).count();
+                    if store.admit(pin, 0, 2) {
                         assert!(open < 2, "admitted past the maximum");
                         store.opened(pin, 0, 0, t as u64, true);
-                        held.push((pin, name));
+                        held.push((pin, name, 0));
                     } else {
                         assert!(open >= 2, "refused under the maximum");
                         store.refused(pin, 0, Refusal::MaxConns);
@@ -96,12 +96,12 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(store.live() <= capacity);
         // A held record is never taken over by another route, and counts its connections.
-        for (pin, name) in &held {
+        for (pin, name, p) in &held {
             let fp = Fingerprint::of(7, RouteKind::Exact, name.as_bytes());
             let found = store.find(fp).expect("a held route stays findable");
             assert_eq!(found, *pin);
-            let open = held.iter().filter(|(_, n)| n == name).count();
-            assert_eq!(store.admitted(found) as usize, open);
+            let open = held.iter().filter(|(_, n, q)| n == name && q == p).count();
+            assert_eq!(store.admitted(found, *p) as usize, open);
             store.unpin(found);
         }
     }

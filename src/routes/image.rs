@@ -138,6 +138,8 @@ pub struct Builder<'a> {
     origins: Vec<&'a str>,
     limits: Vec<Limits>,
     limit_ids: HashMap<Limits, u32>,
+    /// Networks in `limits`, all together.
+    networks: usize,
 }
 
 /// A route's limit records for TLS and for HTTP (`NONE`: none).
@@ -190,9 +192,16 @@ impl<'a> Builder<'a> {
             return id;
         }
         let id = self.limits.len() as u32;
+        self.networks +=
+            limits.allow.as_ref().map_or(0, Vec::len) + limits.deny.as_ref().map_or(0, Vec::len);
         self.limits.push(limits.clone());
         self.limit_ids.insert(limits, id);
         id
+    }
+
+    /// The client networks of every set of limits added so far.
+    pub fn network_count(&self) -> usize {
+        self.networks
     }
 
     pub fn exact(&mut self, name: &str, to: Targets, origin: Origin) {
@@ -570,9 +579,7 @@ impl<'a> View<'a> {
         for i in 0..h.upstreams as usize {
             self.check_upstream(i)?;
         }
-        for i in 0..h.limits_count {
-            self.check_limits(i)?;
-        }
+        self.check_limits()?;
         let upstream_ok = |id: u32| id == NONE || id < h.upstreams;
         let limits_ok = |id: u32| id == NONE || id < h.limits_count;
         if !upstream_ok(h.default_tls) || !upstream_ok(h.default_http) {
@@ -629,15 +636,21 @@ impl<'a> View<'a> {
         Ok(())
     }
 
-    fn check_limits(&self, id: u32) -> Result<(), ImageError> {
-        let l = self.limit_record(id);
-        let networks =
-            u64::from(l.networks_first) + u64::from(l.deny_count) + u64::from(l.allow_count);
-        if networks > u64::from(self.header.networks_count) {
+    /// Each limit record's networks follow the previous record's, so that checking them all
+    /// is linear in the image's size.
+    fn check_limits(&self) -> Result<(), ImageError> {
+        let mut next = 0u64;
+        for id in 0..self.header.limits_count {
+            let l = self.limit_record(id);
+            if u64::from(l.networks_first) != next {
+                return Err(ImageError::Corrupt("a limit's networks out of order"));
+            }
+            next += u64::from(l.deny_count) + u64::from(l.allow_count);
+        }
+        if next > u64::from(self.header.networks_count) {
             return Err(ImageError::Corrupt("a limit's networks out of bounds"));
         }
-        let first = l.networks_first as usize;
-        for n in first..first + l.deny_count as usize + l.allow_count as usize {
+        for n in 0..self.header.networks_count as usize {
             if self.network(n).1 > 128 {
                 return Err(ImageError::Corrupt("a network prefix out of range"));
             }
@@ -1035,6 +1048,12 @@ impl LimitSet {
     #[inline]
     pub fn has_networks(&self) -> bool {
         self.deny_count + self.allow_count > 0
+    }
+
+    /// Whether it has a limit kept in the route's counters (all but the networks).
+    #[inline]
+    pub fn counts(&self) -> bool {
+        self.max_conns > 0 || self.max_conns_per_client > 0 || self.rate > 0
     }
 }
 

@@ -14,6 +14,8 @@ pub const MAX_CONNS: u32 = 1_000_000;
 pub const MAX_CONNS_PER_CLIENT: u32 = 100_000;
 /// Networks in one `allow` or `deny` list.
 pub const MAX_NETWORKS: usize = 1_000;
+/// Networks in all the distinct sets of limits of a table.
+pub const MAX_TABLE_NETWORKS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Limits {

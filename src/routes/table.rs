@@ -8,7 +8,7 @@ use super::discover::{self, Discovered, Kinds, What};
 use super::document::limits::{MAX_ROUTES, MAX_UPSTREAMS};
 use super::document::{Document, RouteKey, ServerDef, Targets, UpstreamDef, UpstreamKind};
 use super::image::{self, Image, LimitSet};
-use super::limits::Limits;
+use super::limits::{Limits, MAX_TABLE_NETWORKS};
 use crate::balance::Pool;
 use crate::sniff::Protocol;
 use crate::upstream::CheckKind;
@@ -434,18 +434,25 @@ impl RouteTable {
                 None => image::NO_ORIGIN,
             })
             .collect();
-        // Per protocol: the route's limits over those of the upstream it sends to.
+        // Per protocol: the route's limits over those of the upstream it sends to, made once
+        // per (route limits, upstream): a million routes that share them cost a lookup each.
         let any_upstream_limits = defs.iter().any(|d| d.limits.is_some());
-        let limit_ids = |image: &mut image::Builder, route: &Route| -> image::LimitIds {
+        let mut made: HashMap<(*const Limits, UpstreamId), u32> = HashMap::new();
+        let mut limit_ids = |image: &mut image::Builder, route: &Route| -> image::LimitIds {
             if route.limits.is_none() && !any_upstream_limits {
                 return image::NO_LIMITS;
             }
+            let own = route
+                .limits
+                .map_or(core::ptr::null(), |l| l as *const Limits);
             [route.tls, route.http].map(|id| match id {
                 None => image::NONE,
-                Some(id) => image.limits(Limits::over(
-                    route.limits,
-                    defs[id as usize].limits.as_deref(),
-                )),
+                Some(id) => *made.entry((own, id)).or_insert_with(|| {
+                    image.limits(Limits::over(
+                        route.limits,
+                        defs[id as usize].limits.as_deref(),
+                    ))
+                }),
             })
         };
         for (name, route) in exact {
@@ -465,6 +472,15 @@ impl RouteTable {
         if let Some(route) = default {
             let limits = limit_ids(&mut image, &route);
             image.set_default_limited(route.targets(), origins[route.file], limits);
+        }
+        if image.network_count() > MAX_TABLE_NETWORKS {
+            return Err(MergeError {
+                file: documents.len().saturating_sub(1),
+                message: format!(
+                    "{} client networks in the routes' limits, more than the limit of {MAX_TABLE_NETWORKS} (routes with the same limits share theirs)",
+                    image.network_count()
+                ),
+            });
         }
         Ok((RouteTable::from_image(image.build()), warnings))
     }

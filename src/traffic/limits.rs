@@ -81,12 +81,24 @@ pub fn release(count: &AtomicU32) {
 /// (the generic cell rate algorithm: `tat` is when the bucket would be full again). Admits
 /// `burst + 1` at once from a full bucket, then one per interval. Clocks of different workers
 /// may differ by a few milliseconds: an arrival stamped earlier than the last one is judged
-/// against the later time, never given extra tokens.
+/// against the later time, never given extra tokens. A `tat` further ahead than these settings
+/// can put it (left by a slower rate or a larger burst before a table swap) is brought back
+/// to an empty bucket under them: a raised rate applies within one of its intervals.
 #[inline]
 pub fn take_token(tat: &AtomicU64, now_us: u64, interval_us: u64, burst: u64) -> bool {
     let tolerance = interval_us.saturating_mul(burst);
+    let furthest = now_us.saturating_add(tolerance).saturating_add(interval_us);
     let mut seen = tat.load(Relaxed);
     loop {
+        if seen > furthest {
+            match tat.compare_exchange_weak(seen, furthest, Relaxed, Relaxed) {
+                Ok(_) => return false,
+                Err(now) => {
+                    seen = now;
+                    continue;
+                }
+            }
+        }
         let from = seen.max(now_us);
         if from - now_us > tolerance {
             return false;
@@ -124,12 +136,24 @@ pub struct Clients<'a> {
     slots: &'a [ClientSlot],
     /// Pairs kept now.
     used: &'a AtomicU32,
+    /// Pairs kept at most: half the slots, or fewer.
+    capacity: usize,
 }
 
 impl<'a> Clients<'a> {
     pub fn new(slots: &'a [ClientSlot], used: &'a AtomicU32) -> Clients<'a> {
         debug_assert!(slots.is_empty() || slots.len().is_power_of_two());
-        Clients { slots, used }
+        Clients {
+            slots,
+            used,
+            capacity: slots.len() / 2,
+        }
+    }
+
+    /// At most `pairs` pairs, even if the slots could take more.
+    pub fn at_most(mut self, pairs: usize) -> Clients<'a> {
+        self.capacity = self.capacity.min(pairs);
+        self
     }
 
     /// Slots for `pairs` pairs at most half full.
@@ -143,7 +167,7 @@ impl<'a> Clients<'a> {
 
     /// The most pairs kept.
     pub fn capacity(&self) -> usize {
-        self.slots.len() / 2
+        self.capacity
     }
 
     /// Pairs with connections open now.
@@ -318,6 +342,23 @@ mod tests {
         assert_eq!(refill, 11);
     }
 
+    /// A bucket emptied under a slow rate with a large burst, then given a fast rate (a table
+    /// swap): the fast rate applies after one of its intervals, not hours later.
+    #[test]
+    fn a_raised_rate_applies_at_once() {
+        let tat = AtomicU64::new(0);
+        let per_minute = 60_000_000;
+        let taken = (0..1001)
+            .filter(|_| take_token(&tat, 0, per_minute, 1000))
+            .count();
+        assert_eq!(taken, 1001);
+        assert!(tat.load(Relaxed) > 16 * 3_600 * 1_000_000);
+        // 100r/s, burst 20: the first arrival finds an empty bucket, the next interval a token.
+        assert!(!take_token(&tat, 0, 10_000, 20));
+        assert!(take_token(&tat, 10_000, 10_000, 20));
+        assert!(!take_token(&tat, 10_000, 10_000, 20));
+    }
+
     #[test]
     fn token_bucket_without_burst_spaces_arrivals() {
         let tat = AtomicU64::new(0);
@@ -368,6 +409,18 @@ mod tests {
         assert_eq!(c.acquire(3, 1), Acquired::Refused);
         c.release(2);
         assert_eq!(c.acquire(5, 1), Acquired::Admitted);
+        let slots3 = table(8);
+        let used3 = AtomicU32::new(0);
+        let three = Clients::new(&slots3, &used3).at_most(3);
+        assert_eq!(
+            (1..=4).map(|k| three.acquire(k, 1)).collect::<Vec<_>>(),
+            [
+                Acquired::Admitted,
+                Acquired::Admitted,
+                Acquired::Admitted,
+                Acquired::Full
+            ]
+        );
         let none = Clients::new(&[], &used);
         assert_eq!(none.acquire(1, 1), Acquired::Full);
         none.release(1);

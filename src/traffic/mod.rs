@@ -44,9 +44,10 @@ pub struct Snapshot {
     /// (route, client) pairs the clients' table holds at most, and holds now.
     pub clients_capacity: usize,
     pub clients_used: usize,
-    /// Connections not limited per client: the clients' table was full.
+    /// Connections refused because the clients' table was full.
     pub clients_full: u64,
-    /// Connections whose route had limits but no record to keep them in.
+    /// Connections refused because their route, which has limits, found no record to keep
+    /// them in (every record held by an open connection).
     pub unlimited: u64,
 }
 

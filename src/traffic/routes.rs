@@ -113,10 +113,10 @@ pub struct RouteRecord {
     last_ms: AtomicU64,
     /// `kind << 16 | key length`.
     kind_len: AtomicU32,
-    /// Connections the route admitted and that are still open (`max_conns`).
-    admitted: AtomicU32,
-    /// The rate limit's theoretical arrival time (µs, nginx's monotonic clock).
-    tat_us: AtomicU64,
+    /// Per protocol: connections the route admitted that are still open (`max_conns`).
+    admitted: [AtomicU32; PROTOCOLS],
+    /// Per protocol: the rate limit's theoretical arrival time (µs, nginx's monotonic clock).
+    tat_us: [AtomicU64; PROTOCOLS],
     name: [AtomicU64; NAME_WORDS],
     pub by_protocol: [Counters; PROTOCOLS],
 }
@@ -330,8 +330,10 @@ impl<'a> RouteStore<'a> {
                 v.store(0, Relaxed);
             }
         }
-        record.admitted.store(0, Relaxed);
-        record.tat_us.store(0, Relaxed);
+        for p in 0..PROTOCOLS {
+            record.admitted[p].store(0, Relaxed);
+            record.tat_us[p].store(0, Relaxed);
+        }
         let (at, _) = self.position(fp);
         self.index[at].store(r as u32 + 1, Release);
         // Open for readers, pinned once by this connection.
@@ -426,7 +428,7 @@ impl<'a> RouteStore<'a> {
     pub fn opened(&self, pin: Pin, protocol: usize, decision_ms: u64, now_ms: u64, admitted: bool) {
         let record = &self.records[pin.0 as usize];
         if !admitted {
-            record.admitted.fetch_add(1, Relaxed);
+            record.admitted[protocol].fetch_add(1, Relaxed);
         }
         let c = &record.by_protocol[protocol];
         c.connections.fetch_add(1, Relaxed);
@@ -452,39 +454,54 @@ impl<'a> RouteStore<'a> {
         if end.failed {
             c.failed.fetch_add(1, Relaxed);
         }
-        limits::release(&record.admitted);
+        // Every connection closed here was admitted (`opened` or `admit`).
+        record.admitted[protocol].fetch_sub(1, Relaxed);
         record.state.fetch_sub(1, Release);
     }
 
-    /// Counts a connection the route admits, if it has fewer than `max_conns` (0: no
-    /// maximum) admitted and still open. `opened` follows, with `admitted`, or `unadmit`.
+    /// Counts a connection of `protocol` the route admits, if it has fewer than `max_conns`
+    /// (0: no maximum) of that protocol admitted and still open. `opened` follows, with
+    /// `admitted`, or `unadmit`.
     #[inline]
-    pub fn admit(&self, pin: Pin, max_conns: u32) -> bool {
-        let record = &self.records[pin.0 as usize];
+    pub fn admit(&self, pin: Pin, protocol: usize, max_conns: u32) -> bool {
+        let count = &self.records[pin.0 as usize].admitted[protocol];
         if max_conns == 0 {
-            record.admitted.fetch_add(1, Relaxed);
+            count.fetch_add(1, Relaxed);
             true
         } else {
-            limits::reserve(&record.admitted, max_conns)
+            limits::reserve(count, max_conns)
         }
     }
 
-    /// One new connection at `now_us` against the route's rate: one per `interval_us`, with
-    /// `burst` more at once.
+    /// One new connection of `protocol` at `now_us` against the route's rate: one per
+    /// `interval_us`, with `burst` more at once.
     #[inline]
-    pub fn take_token(&self, pin: Pin, now_us: u64, interval_us: u64, burst: u32) -> bool {
+    pub fn take_token(
+        &self,
+        pin: Pin,
+        protocol: usize,
+        now_us: u64,
+        interval_us: u64,
+        burst: u32,
+    ) -> bool {
         let record = &self.records[pin.0 as usize];
-        limits::take_token(&record.tat_us, now_us, interval_us, u64::from(burst))
+        limits::take_token(
+            &record.tat_us[protocol],
+            now_us,
+            interval_us,
+            u64::from(burst),
+        )
     }
 
     /// Gives back what `admit` took, for a connection a later check refused.
-    pub fn unadmit(&self, pin: Pin) {
-        limits::release(&self.records[pin.0 as usize].admitted);
+    pub fn unadmit(&self, pin: Pin, protocol: usize) {
+        limits::release(&self.records[pin.0 as usize].admitted[protocol]);
     }
 
-    /// Connections the route admitted that are still open, all workers together.
-    pub fn admitted(&self, pin: Pin) -> u32 {
-        self.records[pin.0 as usize].admitted.load(Relaxed)
+    /// Connections of `protocol` the route admitted that are still open, all workers
+    /// together.
+    pub fn admitted(&self, pin: Pin, protocol: usize) -> u32 {
+        self.records[pin.0 as usize].admitted[protocol].load(Relaxed)
     }
 
     /// Lets go of a record pinned by `find` without a connection counted on it.
