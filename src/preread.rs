@@ -141,7 +141,8 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         };
         let now = nginx_sys::ngx_current_msec as u64;
         let pin = counters.route_pin(kind, key, now);
-        let verdict = match &found.limits {
+        let limits = table.limits(found.limits);
+        let verdict = match &limits {
             None => Ok(false),
             Some(l) => {
                 let client = client_ip(c);
@@ -177,7 +178,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         if let (MatchedBy::Default, Some(name)) = (found.by, name) {
             count_unrouted(counters, c, p, name, UnroutedOutcome::Defaulted);
         }
-    } else if let Some(l) = &found.limits {
+    } else if let Some(l) = &table.limits(found.limits) {
         // Without counters, only a route's networks can be enforced.
         if !WARNED_UNCOUNTED.replace(true) {
             ngx_log_error!(
@@ -192,7 +193,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         }
     }
     if let Some(why) = refused {
-        let limits = found.limits.unwrap_or(NO_LIMITS);
+        let limits = table.limits(found.limits).unwrap_or(NO_LIMITS);
         log_refusal(c, &found.by, protocol, why, &limits);
         return refuse(c, protocol, why);
     }

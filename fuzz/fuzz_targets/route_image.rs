@@ -124,7 +124,7 @@ fuzz_target!(|data: &[u8]| {
                     };
                     if let (true, false, Some(to)) = (intact, i % 4 == 3, to) {
                         assert_eq!(found.as_ref().map(|m| &*m.upstream.name), Some(["a", "b", "c"][to]), "{n}");
-                        let l = found.as_ref().and_then(|m| m.limits);
+                        let l = found.as_ref().and_then(|m| table.limits(m.limits));
                         let want = match (i % 3, protocol) {
                             (1, Protocol::Tls) | (2, Protocol::Http) => Some(10),
                             (2, Protocol::Tls) => Some(0),
@@ -132,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
                         };
                         assert_eq!(l.map(|l| l.max_conns), want, "{n}");
                     }
-                    if let Some(l) = found.as_ref().and_then(|m| m.limits) {
+                    if let Some(l) = found.as_ref().and_then(|m| table.limits(m.limits)) {
                         let v = table.image().view();
                         let _ = (v.allows(&l, "10.1.2.3".parse().unwrap()), v.networks(&l), l.interval_us());
                     }

@@ -790,13 +790,14 @@ impl<'a> View<'a> {
     /// The limits of the route whose name is at `off`, for protocol `p` (0: TLS, 1: HTTP).
     #[inline]
     fn limits_at(&self, off: u32, p: usize) -> Option<u32> {
-        let names = self
-            .bytes
-            .get(self.header.names_off as usize..)?
-            .get(..self.header.names_len as usize)?;
-        let off = (off & !ONE_LABEL) as usize;
-        let at = off + 1 + *names.get(off)? as usize + 4 + 4 * p;
-        Some(u32_at(names.get(at..at + 4)?, 0))
+        let name = self.header.names_off as usize + (off & !ONE_LABEL) as usize;
+        let len = *self.bytes.get(name)? as usize;
+        let at = name + 1 + len + 4 + 4 * p;
+        // Within the names section: a checked image's names are (see `check_layout`).
+        if at + 4 > self.header.names_off as usize + self.header.names_len as usize {
+            return None;
+        }
+        Some(u32_at(self.bytes.get(at..at + 4)?, 0))
     }
 
     /// The limits of a route found by `exact_at` or `wildcard_at`, for protocol `p` (0: TLS,

@@ -79,8 +79,9 @@ impl fmt::Display for MatchedBy<'_> {
 pub struct Match<'t> {
     pub by: MatchedBy<'t>,
     pub upstream: &'t Upstream,
-    /// The route's limits for the connection's protocol, if it has any.
-    pub limits: Option<LimitSet>,
+    /// The route's limits for the connection's protocol: a limit record of the image, or
+    /// `image::NONE` (see `RouteTable::limits`).
+    pub limits: u32,
 }
 
 #[derive(Debug, Default)]
@@ -550,8 +551,14 @@ impl RouteTable {
             by,
             // A checked image names no id without its upstream; `get` costs nothing more.
             upstream: self.upstreams.get(id as usize)?,
-            limits: view.limit_set(limits),
+            limits,
         })
+    }
+
+    /// The limits `Match::limits` names; `None` for none.
+    #[inline]
+    pub fn limits(&self, id: u32) -> Option<LimitSet> {
+        self.image.view().limit_set(id)
     }
 
     fn lookup_name<'t>(
@@ -809,7 +816,7 @@ mod tests {
             },
             "default": {"upstream": "b", "limits": {"rate": "600r/m"}}
         }"#]);
-        let limits = |name: Option<&str>, p| t.lookup(name, p).unwrap().limits;
+        let limits = |name: Option<&str>, p| t.limits(t.lookup(name, p).unwrap().limits);
         assert_eq!(limits(Some("plain.test"), Protocol::Tls), None);
         let up = limits(Some("up.test"), Protocol::Tls).unwrap();
         assert_eq!((up.max_conns, up.rate), (100, 0));
@@ -833,10 +840,8 @@ mod tests {
         let default = limits(Some("nowhere.test"), Protocol::Http).unwrap();
         assert_eq!((default.rate, default.per_minute), (600, true));
         let copy = RouteTable::from_image(Image::from_bytes(t.image().bytes().to_vec()).unwrap());
-        assert_eq!(
-            copy.lookup(Some("own.test"), Protocol::Tls).unwrap().limits,
-            Some(own)
-        );
+        let id = copy.lookup(Some("own.test"), Protocol::Tls).unwrap().limits;
+        assert_eq!(copy.limits(id), Some(own));
     }
 
     /// Files under the limit each, over it together: the merged table is refused.
