@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use super::discover::{Address, Discover, Discovered, Selector, What};
 use super::json::Json;
 pub use super::limits::Limits;
+use super::limits::{Network, Rate, MAX_CONNS, MAX_CONNS_PER_CLIENT, MAX_NETWORKS};
 use crate::sniff::{ServerName, MAX_LABEL_LEN};
 pub use crate::upstream::{Balance, CheckDef, CheckKind, Policy, ProxyProtocol, ServerDef};
 
@@ -265,7 +266,7 @@ fn upstream(value: &Json, path: &JsonPath) -> Result<UpstreamParts, SchemaError>
             "servers" => servers = Some(server_list(value, &path)?),
             "nginx_upstream" => nginx = Some(string(value, &path)?.to_owned()),
             "discover" => discover = Some(discover_of(value, &path)?),
-            "limits" => limits = Some(Box::new(super::limits::limits(value, &path)?)),
+            "limits" => limits = Some(Box::new(limits_of(value, &path)?)),
             "balance" => {
                 policy.balance = match string(value, &path)? {
                     "round_robin" => Balance::RoundRobin,
@@ -438,6 +439,63 @@ fn discover_of(value: &Json, path: &JsonPath) -> Result<Discover, SchemaError> {
         _ => return fail(path, "nodes, service and nodeport exclude each other"),
     };
     Ok(Discover { source, what })
+}
+
+/// `"limits": {"max_conns": 100, "max_conns_per_client": 10, "rate": "50r/s", "burst": 20,
+/// "allow": ["10.0.0.0/8"], "deny": ["10.9.0.0/16"]}`.
+pub(crate) fn limits_of(value: &Json, path: &JsonPath) -> Result<Limits, SchemaError> {
+    let mut l = Limits::default();
+    for (key, value) in object(value, path)? {
+        let path = JsonPath::Key(path, key);
+        match key.as_str() {
+            "max_conns" => l.max_conns = Some(integer(value, &path, 1..=MAX_CONNS)?),
+            "max_conns_per_client" => {
+                l.max_conns_per_client = Some(integer(value, &path, 1..=MAX_CONNS_PER_CLIENT)?)
+            }
+            "rate" => {
+                let text = string(value, &path)?;
+                l.rate = Some(Rate::parse(text).ok_or_else(|| SchemaError {
+                    path: path.to_string(),
+                    message: format!(
+                        "\"{text}\" is not a rate: 1 to {MAX_CONNS} connections per second or minute, such as \"50r/s\" or \"600r/m\""
+                    ),
+                })?);
+            }
+            "burst" => l.burst = Some(integer(value, &path, 0..=MAX_CONNS)?),
+            "allow" => l.allow = Some(networks(value, &path)?),
+            "deny" => l.deny = Some(networks(value, &path)?),
+            _ => {
+                return fail(
+                    &path,
+                    "unknown field (expected max_conns, max_conns_per_client, rate, burst, allow or deny)",
+                )
+            }
+        }
+    }
+    if l.burst.is_some() && l.rate.is_none() {
+        return fail(&JsonPath::Key(path, "burst"), "goes with a rate");
+    }
+    Ok(l)
+}
+
+fn networks(value: &Json, path: &JsonPath) -> Result<Vec<Network>, SchemaError> {
+    let Json::Array(items) = value else {
+        return fail(path, format!("expected an array, found {}", value.kind()));
+    };
+    if items.is_empty() || items.len() > MAX_NETWORKS {
+        return fail(
+            path,
+            format!("expected 1 to {MAX_NETWORKS} networks (\"10.0.0.0/8\", \"2001:db8::/32\", \"all\")"),
+        );
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let path = JsonPath::Index(path, i);
+            Network::parse(string(item, &path)?).or_else(|e| fail(&path, e))
+        })
+        .collect()
 }
 
 /// `"2s"`, `"500ms"`, `"1m"`, `"1h"`, or a number of seconds.
@@ -742,7 +800,7 @@ fn targets(value: &Json, path: &JsonPath) -> Result<Targets, SchemaError> {
                     "http" => &mut t.http,
                     "upstream" => &mut both,
                     "limits" => {
-                        t.limits = Some(Box::new(super::limits::limits(value, &path)?));
+                        t.limits = Some(Box::new(limits_of(value, &path)?));
                         continue;
                     }
                     _ => {

@@ -1,12 +1,9 @@
-//! `"limits"` of a route or an upstream: what the route file says, checked. A route's fields
-//! override its upstream's one by one (`Limits::over`); the image keeps the result per route
-//! and protocol.
+//! `"limits"` of a route or an upstream, as `document` reads them from a route file. A route's
+//! fields override its upstream's one by one (`Limits::over`); the image keeps the result per
+//! route and protocol.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-
-use super::document::{fail, integer, object, string, JsonPath, SchemaError};
-use super::json::Json;
 
 /// Largest `max_conns` and `burst`, and the most connections a `rate` may name.
 pub const MAX_CONNS: u32 = 1_000_000;
@@ -192,70 +189,15 @@ impl Limits {
     }
 }
 
-/// `"limits": {"max_conns": 100, "max_conns_per_client": 10, "rate": "50r/s", "burst": 20,
-/// "allow": ["10.0.0.0/8"], "deny": ["10.9.0.0/16"]}`.
-pub fn limits(value: &Json, path: &JsonPath) -> Result<Limits, SchemaError> {
-    let mut l = Limits::default();
-    for (key, value) in object(value, path)? {
-        let path = JsonPath::Key(path, key);
-        match key.as_str() {
-            "max_conns" => l.max_conns = Some(integer(value, &path, 1..=MAX_CONNS)?),
-            "max_conns_per_client" => {
-                l.max_conns_per_client = Some(integer(value, &path, 1..=MAX_CONNS_PER_CLIENT)?)
-            }
-            "rate" => {
-                let text = string(value, &path)?;
-                l.rate = Some(Rate::parse(text).ok_or_else(|| SchemaError {
-                    path: path.to_string(),
-                    message: format!(
-                        "\"{text}\" is not a rate: 1 to {MAX_CONNS} connections per second or minute, such as \"50r/s\" or \"600r/m\""
-                    ),
-                })?);
-            }
-            "burst" => l.burst = Some(integer(value, &path, 0..=MAX_CONNS)?),
-            "allow" => l.allow = Some(networks(value, &path)?),
-            "deny" => l.deny = Some(networks(value, &path)?),
-            _ => {
-                return fail(
-                    &path,
-                    "unknown field (expected max_conns, max_conns_per_client, rate, burst, allow or deny)",
-                )
-            }
-        }
-    }
-    if l.burst.is_some() && l.rate.is_none() {
-        return fail(&JsonPath::Key(path, "burst"), "goes with a rate");
-    }
-    Ok(l)
-}
-
-fn networks(value: &Json, path: &JsonPath) -> Result<Vec<Network>, SchemaError> {
-    let Json::Array(items) = value else {
-        return fail(path, format!("expected an array, found {}", value.kind()));
-    };
-    if items.is_empty() || items.len() > MAX_NETWORKS {
-        return fail(
-            path,
-            format!("expected 1 to {MAX_NETWORKS} networks (\"10.0.0.0/8\", \"2001:db8::/32\", \"all\")"),
-        );
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let path = JsonPath::Index(path, i);
-            Network::parse(string(item, &path)?).or_else(|e| fail(&path, e))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::document::{limits_of, JsonPath};
+    use crate::routes::json::Json;
 
     fn parse(text: &str) -> Result<Limits, String> {
         let json: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        limits(&json, &JsonPath::Key(&JsonPath::Root, "limits")).map_err(|e| e.to_string())
+        limits_of(&json, &JsonPath::Key(&JsonPath::Root, "limits")).map_err(|e| e.to_string())
     }
 
     fn ip(s: &str) -> IpAddr {
