@@ -12,7 +12,7 @@ use ngx::ngx_log_error;
 
 use crate::balance::{Pool, Tried};
 use crate::health::{fnv1a, now_ms, Transition};
-use crate::routes::table::Upstream;
+use crate::routes::table::{Backend, Upstream};
 use crate::upstream::Balance;
 use crate::{report, session, worker};
 
@@ -46,14 +46,19 @@ unsafe extern "C" fn init_peer(
     _us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
     let c = &*(*s).connection;
-    let upstream = session::get(s).and_then(|ctx| ctx.upstream());
-    let Some((upstream, servers)) = upstream.and_then(|u| Some((u, u.servers()?))) else {
+    let Some(upstream) = session::get(s).and_then(|ctx| ctx.upstream()) else {
         ngx_log_error!(
             NGX_LOG_ERR,
             c.log,
             "edge: proxy_pass to nginx_edge in a server without edge_route"
         );
         return NGX_ERROR as ngx_int_t;
+    };
+    let servers = match &upstream.kind {
+        Backend::Servers(pool) => &**pool,
+        // `proxy_pass nginx_edge;` and a route to an `upstream {}` block: the block balances,
+        // as if `proxy_pass $edge_upstream;` had named it.
+        Backend::Nginx(name) => return init_block(s, name),
     };
     let data = nginx_sys::ngx_palloc(c.pool, core::mem::size_of::<PeerData>()).cast::<PeerData>();
     if data.is_null() {
@@ -83,6 +88,27 @@ unsafe extern "C" fn init_peer(
     peer.set_session = Some(set_session);
     peer.save_session = Some(save_session);
     NGX_OK as ngx_int_t
+}
+
+/// Hands the session to the `upstream NAME {}` block its route names: its own balancer (round
+/// robin, hash, least_conn...) takes over, as nginx's proxy would have set it up.
+unsafe fn init_block(s: *mut ngx_stream_session_t, name: &str) -> ngx_int_t {
+    let c = &*(*s).connection;
+    let block = crate::stream::upstream_block(s, name.as_bytes());
+    let Some((block, init)) = block.and_then(|b| Some((b, (*b).peer.init?))) else {
+        // A table names only blocks nginx.conf has (checked when it loads).
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            c.log,
+            "edge: no \"upstream {} {{}}\" block in this configuration",
+            name
+        );
+        return NGX_ERROR as ngx_int_t;
+    };
+    let u = &mut *(*s).upstream;
+    u.upstream = block;
+    u.ssl_name = (*block).host;
+    init(s, block)
 }
 
 /// The client's address, without the port: from the PROXY protocol header when the listener

@@ -7,6 +7,7 @@ use core::ptr::addr_of;
 use nginx_sys::{
     ngx_conf_t, ngx_cycle_t, ngx_module_t, ngx_stream_conf_ctx_t, ngx_stream_module,
     ngx_stream_session_t, ngx_stream_upstream_main_conf_t, ngx_stream_upstream_module,
+    ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_STREAM_UPSTREAM_CREATE,
 };
 
 fn edge() -> &'static ngx_module_t {
@@ -46,6 +47,28 @@ pub unsafe fn cycle_main_conf<'a, T>(cycle: *mut ngx_cycle_t) -> Option<&'a mut 
         return None;
     }
     slot::<T>((*ctx).main_conf, edge()).as_mut()
+}
+
+/// The `upstream NAME {}` block of the session's configuration named `name` (nginx compares
+/// upstream names without case, and so does this).
+pub unsafe fn upstream_block(
+    s: *mut ngx_stream_session_t,
+    name: &[u8],
+) -> Option<*mut ngx_stream_upstream_srv_conf_t> {
+    let umcf = &*slot::<ngx_stream_upstream_main_conf_t>(
+        (*s).main_conf,
+        &*addr_of!(ngx_stream_upstream_module),
+    );
+    let blocks = array_items::<*mut ngx_stream_upstream_srv_conf_t>(
+        umcf.upstreams.elts,
+        umcf.upstreams.nelts,
+    );
+    blocks.iter().copied().find(|&b| {
+        let b = &*b;
+        b.flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t != 0
+            && b.port == 0
+            && b.host.as_bytes().eq_ignore_ascii_case(name)
+    })
 }
 
 pub unsafe fn srv_conf<'a, T>(s: *mut ngx_stream_session_t) -> &'a T {
