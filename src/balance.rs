@@ -235,6 +235,10 @@ impl Pool {
         let draining = |i: usize| self.servers[i].draining;
         let available =
             |i: usize| !tried.contains(i) && !draining(i) && self.health(i).available(now);
+        // One server (never a backup: a list of backups only is refused): nothing to choose.
+        if self.servers.len() == 1 && available(0) {
+            return Some(self.picked(0, false));
+        }
         if let Some(index) = self.choose(false, client, &available) {
             return Some(self.picked(index, false));
         }

@@ -945,8 +945,9 @@ impl<'a> View<'a> {
             if slot.hash == want {
                 let stored = self.name_at(slot.name)?;
                 if stored == name {
-                    // Checked ASCII when the image was opened.
-                    let key = core::str::from_utf8(stored).ok()?;
+                    // SAFETY: every name of an image is text: checked ASCII when the image
+                    // was opened, or a `&str` when this process built it.
+                    let key = unsafe { core::str::from_utf8_unchecked(stored) };
                     return Some((
                         key,
                         Targets {

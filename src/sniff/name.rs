@@ -33,22 +33,24 @@ impl ServerName {
             buf: [0; MAX_NAME_LEN],
         };
         let mut label = 0usize;
-        for (i, &b) in raw.iter().enumerate() {
-            match b {
-                b'.' => {
-                    if label == 0 {
-                        return None;
-                    }
-                    label = 0;
+        for (dst, &b) in name.buf.iter_mut().zip(raw) {
+            // One table lookup per byte: its lower-case form, `.`, or 0 for a byte no host
+            // name has.
+            let lower = LOWER[b as usize];
+            if lower == b'.' {
+                if label == 0 {
+                    return None;
                 }
-                b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => label += 1,
-                b'A'..=b'Z' => label += 1,
-                _ => return None,
-            }
-            if label > MAX_LABEL_LEN {
+                label = 0;
+            } else if lower == 0 {
                 return None;
+            } else {
+                label += 1;
+                if label > MAX_LABEL_LEN {
+                    return None;
+                }
             }
-            name.buf[i] = b.to_ascii_lowercase();
+            *dst = lower;
         }
         (label > 0).then_some(name)
     }
@@ -91,11 +93,30 @@ impl ServerName {
         &self.buf[..self.len as usize]
     }
 
+    #[inline]
     pub fn as_str(&self) -> &str {
-        // Only ASCII bytes are ever stored.
-        core::str::from_utf8(self.as_bytes()).unwrap_or_default()
+        // SAFETY: `parse` and `parse_ipv6_literal` store ASCII bytes only (the tests check
+        // every byte value).
+        unsafe { core::str::from_utf8_unchecked(self.as_bytes()) }
     }
 }
+
+/// Each byte's lower-case form in a host name: `[a-z0-9._-]` for themselves, `[A-Z]` for their
+/// lower-case letter, 0 for every other byte.
+static LOWER: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = match c {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => c,
+            b'A'..=b'Z' => c + 32,
+            _ => 0,
+        };
+        b += 1;
+    }
+    t
+};
 
 /// A port after the host's colon. Empty counts, as in nginx's own Host check: `name:` is `name`.
 fn is_port(digits: &[u8]) -> bool {
@@ -130,6 +151,22 @@ mod tests {
 
     fn authority(raw: &str) -> Option<String> {
         ServerName::parse_authority(raw.as_bytes()).map(|n| n.as_str().to_owned())
+    }
+
+    /// Every byte value, alone and inside a name: accepted exactly when a host name may have
+    /// it, and stored as ASCII (what `as_str` relies on).
+    #[test]
+    fn every_byte_is_judged_and_only_ascii_is_stored() {
+        for b in 0..=255u8 {
+            let ok = b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            let raw = [b'a', b, b'b'];
+            let parsed = ServerName::parse(&raw);
+            assert_eq!(parsed.is_some(), ok || b == b'.', "byte {b:#04x}");
+            if let Some(n) = parsed {
+                assert!(n.as_bytes().is_ascii());
+                assert_eq!(n.as_bytes()[1], b.to_ascii_lowercase());
+            }
+        }
     }
 
     #[test]
