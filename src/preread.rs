@@ -18,7 +18,7 @@ use crate::counters::{self, Counters};
 use crate::routes::image::LimitSet;
 use crate::routes::table::MatchedBy;
 use crate::session::{self, RouteKind, SessionCtx};
-use crate::sniff::{http, tls, Peek, Protocol, ServerName};
+use crate::sniff::{http, tls, Peek, Protocol};
 use crate::traffic::limits::{Refusal, Throttle, REASONS};
 use crate::traffic::{Closed, Nameless, RouteKind as CountedKind, UnroutedOutcome};
 use crate::{stream, worker};
@@ -64,7 +64,12 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                 Nameless::TooLarge,
             )),
             Peek::Done(hello) => {
-                ctx.name = hello.server_name;
+                if let Some(name) = &hello.server_name {
+                    let Some(kept) = session::keep_name(c.pool, name) else {
+                        return NGX_ERROR as ngx_int_t;
+                    };
+                    ctx.name = kept;
+                }
                 if let Some(list) = hello.alpn {
                     ctx.alpn = join_alpn(c.pool, list);
                 }
@@ -79,7 +84,12 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                 Nameless::TooLarge,
             )),
             Peek::Done(name) => {
-                ctx.name = name;
+                if let Some(name) = &name {
+                    let Some(kept) = session::keep_name(c.pool, name) else {
+                        return NGX_ERROR as ngx_int_t;
+                    };
+                    ctx.name = kept;
+                }
                 None
             }
             Peek::Invalid(reason) => Some((reason.as_str(), Nameless::Unreadable)),
@@ -101,7 +111,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     if let Some(counters) = counters {
         match (rejected, protocol) {
             (Some((_, why)), _) => counters.nameless(why),
-            (None, _) if ctx.name.is_some() => {}
+            (None, _) if ctx.name().is_some() => {}
             (None, Protocol::Tls) => counters.nameless(Nameless::NoSni),
             (None, Protocol::Http) => counters.nameless(Nameless::NoHost),
         }
@@ -113,7 +123,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         return NGX_ERROR as ngx_int_t;
     };
     let table = Rc::clone(source.table());
-    let name = ctx.name.as_ref().map(ServerName::as_str);
+    let name = session::name_of(&ctx.name);
     let Some(found) = table.lookup(name, protocol) else {
         if let (Some(counters), Some(name)) = (counters, name) {
             count_unrouted(counters, c, p, name, UnroutedOutcome::Closed);

@@ -15,7 +15,9 @@ use crate::upstream::ServerDef;
 /// table so that a table swapped in mid-session cannot pull anything from under it.
 pub struct SessionCtx {
     pub protocol: Option<Protocol>,
-    pub name: Option<ServerName>,
+    /// The name read from the client, lower-cased, in the connection's pool (`len == 0`: no
+    /// name): see `name()`.
+    pub name: ngx_str_t,
     /// Comma-separated ALPN protocols, in the connection's pool.
     pub alpn: ngx_str_t,
     pub route: Option<RouteKind>,
@@ -58,7 +60,7 @@ impl SessionCtx {
         let pool = Pool::from_ngx_pool((*(*s).connection).pool);
         let ctx = pool.allocate(SessionCtx {
             protocol: None,
-            name: None,
+            name: ngx_str_t::empty(),
             alpn: ngx_str_t::empty(),
             route: None,
             upstream: core::ptr::null(),
@@ -81,10 +83,45 @@ impl SessionCtx {
         Some(&mut *ctx)
     }
 
+    /// The name read from the client, if it sent one.
+    #[inline]
+    pub fn name(&self) -> Option<&str> {
+        name_of(&self.name)
+    }
+
     pub fn upstream(&self) -> Option<&Upstream> {
         // SAFETY: `upstream` points into `self.table`, held for the session's lifetime.
         unsafe { self.upstream.as_ref() }
     }
+}
+
+/// A name kept by `keep_name`; `None` for none.
+#[inline]
+pub fn name_of(name: &ngx_str_t) -> Option<&str> {
+    if name.len == 0 {
+        return None;
+    }
+    // SAFETY: `keep_name` copied a checked ASCII name into the connection's pool, which
+    // outlives the context that holds it.
+    unsafe {
+        Some(core::str::from_utf8_unchecked(core::slice::from_raw_parts(
+            name.data, name.len,
+        )))
+    }
+}
+
+/// Copies `name` (a checked host name) into `pool`; `None` if the pool has no memory left.
+pub unsafe fn keep_name(pool: *mut nginx_sys::ngx_pool_t, name: &ServerName) -> Option<ngx_str_t> {
+    let bytes = name.as_bytes();
+    let p = nginx_sys::ngx_pnalloc(pool, bytes.len()).cast::<u8>();
+    if p.is_null() {
+        return None;
+    }
+    core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+    Some(ngx_str_t {
+        len: bytes.len(),
+        data: p,
+    })
 }
 
 /// One `edge_status` request: the bytes read, then the answer being written.

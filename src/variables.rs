@@ -118,9 +118,7 @@ unsafe extern "C" fn edge_server_name(
     v: *mut ngx_stream_variable_value_t,
     _: usize,
 ) -> ngx_int_t {
-    with_ctx(s, v, |ctx| {
-        Some(set_bytes(v, ctx.name.as_ref()?.as_bytes()))
-    })
+    with_ctx(s, v, |ctx| Some(set_bytes(v, ctx.name()?.as_bytes())))
 }
 
 unsafe extern "C" fn edge_route(

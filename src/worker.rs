@@ -438,7 +438,7 @@ impl Worker {
             else {
                 continue;
             };
-            let name = ctx.name.as_ref().map(crate::sniff::ServerName::as_str);
+            let name = ctx.name();
             let why = match table.still_serves(name, protocol, &upstream.name, &server) {
                 // Served again (a node back from a blip): its timer is stopped.
                 Ok(()) => {
