@@ -54,6 +54,7 @@ unsafe extern "C" fn init_peer(
         );
         return NGX_ERROR as ngx_int_t;
     };
+    // Before anything is set in the session's peer: a block's round robin expects it empty.
     let servers = match &upstream.kind {
         Backend::Servers(pool) => &**pool,
         // `proxy_pass nginx_edge;` and a route to an `upstream {}` block: the block balances,
@@ -95,7 +96,12 @@ unsafe extern "C" fn init_peer(
 unsafe fn init_block(s: *mut ngx_stream_session_t, name: &str) -> ngx_int_t {
     let c = &*(*s).connection;
     let block = crate::stream::upstream_block(s, name.as_bytes());
-    let Some((block, init)) = block.and_then(|b| Some((b, (*b).peer.init?))) else {
+    let init = block.and_then(|b| (*b).peer.init);
+    // Never this group itself (a route cannot name it, but a loop here would never end).
+    let Some((block, init)) = block
+        .zip(init)
+        .filter(|&(_, init)| init as *const () != init_peer as *const ())
+    else {
         // A table names only blocks nginx.conf has (checked when it loads).
         ngx_log_error!(
             NGX_LOG_ERR,

@@ -65,7 +65,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
             )),
             Peek::Done(hello) => {
                 if let Some(name) = &hello.server_name {
-                    let Some(kept) = session::keep_name(c.pool, name) else {
+                    let Some(kept) = session::KeptName::keep(c.pool, name) else {
                         return NGX_ERROR as ngx_int_t;
                     };
                     ctx.name = kept;
@@ -85,7 +85,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
             )),
             Peek::Done(name) => {
                 if let Some(name) = &name {
-                    let Some(kept) = session::keep_name(c.pool, name) else {
+                    let Some(kept) = session::KeptName::keep(c.pool, name) else {
                         return NGX_ERROR as ngx_int_t;
                     };
                     ctx.name = kept;
@@ -123,7 +123,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         return NGX_ERROR as ngx_int_t;
     };
     let table = Rc::clone(source.table());
-    let name = session::name_of(&ctx.name);
+    let name = ctx.name.get();
     let Some(found) = table.lookup(name, protocol) else {
         if let (Some(counters), Some(name)) = (counters, name) {
             count_unrouted(counters, c, p, name, UnroutedOutcome::Closed);

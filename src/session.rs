@@ -15,9 +15,8 @@ use crate::upstream::ServerDef;
 /// table so that a table swapped in mid-session cannot pull anything from under it.
 pub struct SessionCtx {
     pub protocol: Option<Protocol>,
-    /// The name read from the client, lower-cased, in the connection's pool (`len == 0`: no
-    /// name): see `name()`.
-    pub name: ngx_str_t,
+    /// The name read from the client, lower-cased, in the connection's pool.
+    pub name: KeptName,
     /// Comma-separated ALPN protocols, in the connection's pool.
     pub alpn: ngx_str_t,
     pub route: Option<RouteKind>,
@@ -60,7 +59,7 @@ impl SessionCtx {
         let pool = Pool::from_ngx_pool((*(*s).connection).pool);
         let ctx = pool.allocate(SessionCtx {
             protocol: None,
-            name: ngx_str_t::empty(),
+            name: KeptName::NONE,
             alpn: ngx_str_t::empty(),
             route: None,
             upstream: core::ptr::null(),
@@ -86,7 +85,7 @@ impl SessionCtx {
     /// The name read from the client, if it sent one.
     #[inline]
     pub fn name(&self) -> Option<&str> {
-        name_of(&self.name)
+        self.name.get()
     }
 
     pub fn upstream(&self) -> Option<&Upstream> {
@@ -95,33 +94,48 @@ impl SessionCtx {
     }
 }
 
-/// A name kept by `keep_name`; `None` for none.
-#[inline]
-pub fn name_of(name: &ngx_str_t) -> Option<&str> {
-    if name.len == 0 {
-        return None;
-    }
-    // SAFETY: `keep_name` copied a checked ASCII name into the connection's pool, which
-    // outlives the context that holds it.
-    unsafe {
-        Some(core::str::from_utf8_unchecked(core::slice::from_raw_parts(
-            name.data, name.len,
-        )))
-    }
-}
+/// A client's name kept in the connection's pool: made only from a checked `ServerName`, so
+/// that reading it back as text is sound.
+#[derive(Clone, Copy)]
+pub struct KeptName(ngx_str_t);
 
-/// Copies `name` (a checked host name) into `pool`; `None` if the pool has no memory left.
-pub unsafe fn keep_name(pool: *mut nginx_sys::ngx_pool_t, name: &ServerName) -> Option<ngx_str_t> {
-    let bytes = name.as_bytes();
-    let p = nginx_sys::ngx_pnalloc(pool, bytes.len()).cast::<u8>();
-    if p.is_null() {
-        return None;
+impl KeptName {
+    pub const NONE: KeptName = KeptName(ngx_str_t {
+        len: 0,
+        data: core::ptr::null_mut(),
+    });
+
+    /// Copies `name` into `pool`; `None` if the pool has no memory left.
+    ///
+    /// # Safety
+    /// `pool` is a live pool that outlives every use of the copy.
+    pub unsafe fn keep(pool: *mut nginx_sys::ngx_pool_t, name: &ServerName) -> Option<KeptName> {
+        let bytes = name.as_bytes();
+        let p = nginx_sys::ngx_pnalloc(pool, bytes.len()).cast::<u8>();
+        if p.is_null() {
+            return None;
+        }
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        Some(KeptName(ngx_str_t {
+            len: bytes.len(),
+            data: p,
+        }))
     }
-    core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-    Some(ngx_str_t {
-        len: bytes.len(),
-        data: p,
-    })
+
+    /// The name; `None` for none (a `ServerName` is never empty).
+    #[inline]
+    pub fn get(&self) -> Option<&str> {
+        if self.0.len == 0 {
+            return None;
+        }
+        // SAFETY: `keep` copied a checked ASCII name into a pool that outlives the copy.
+        unsafe {
+            Some(core::str::from_utf8_unchecked(core::slice::from_raw_parts(
+                self.0.data,
+                self.0.len,
+            )))
+        }
+    }
 }
 
 /// One `edge_status` request: the bytes read, then the answer being written.

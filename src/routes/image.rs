@@ -209,6 +209,7 @@ impl<'a> Builder<'a> {
     }
 
     pub fn exact_limited(&mut self, name: &str, to: Targets, origin: Origin, limits: LimitIds) {
+        debug_assert!(name.is_ascii() && name.len() <= 255, "a checked route name");
         self.exact
             .push((name.as_bytes().into(), to, false, origin, limits));
     }
@@ -227,6 +228,10 @@ impl<'a> Builder<'a> {
         origin: Origin,
         limits: LimitIds,
     ) {
+        debug_assert!(
+            suffix.is_ascii() && suffix.len() <= 255,
+            "a checked route name"
+        );
         self.wildcard
             .push((suffix.as_bytes().into(), to, one_label, origin, limits));
     }
@@ -945,8 +950,9 @@ impl<'a> View<'a> {
             if slot.hash == want {
                 let stored = self.name_at(slot.name)?;
                 if stored == name {
-                    // SAFETY: every name of an image is text: checked ASCII when the image
-                    // was opened, or a `&str` when this process built it.
+                    // SAFETY: `stored` is equal to `name`, and every name of an image is ASCII:
+                    // checked when the image was opened, or a checked route name (a `&str`,
+                    // see `Builder::exact_limited`) when this process built it.
                     let key = unsafe { core::str::from_utf8_unchecked(stored) };
                     return Some((
                         key,
