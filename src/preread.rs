@@ -143,6 +143,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         MatchedBy::Default => RouteKind::Default,
     });
     let mut refused = None;
+    let limits = table.limits(found.limits);
     if let Some(counters) = counters {
         let (kind, key) = match found.by {
             MatchedBy::Exact(key) => (CountedKind::Exact, key.as_bytes()),
@@ -151,7 +152,6 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         };
         let now = nginx_sys::ngx_current_msec as u64;
         let pin = counters.route_pin(kind, key, now);
-        let limits = table.limits(found.limits);
         let verdict = match &limits {
             None => Ok(false),
             Some(l) => {
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         if let (MatchedBy::Default, Some(name)) = (found.by, name) {
             count_unrouted(counters, c, p, name, UnroutedOutcome::Defaulted);
         }
-    } else if let Some(l) = &table.limits(found.limits) {
+    } else if let Some(l) = &limits {
         // Without counters, only a route's networks can be enforced.
         if !WARNED_UNCOUNTED.replace(true) {
             ngx_log_error!(
@@ -203,8 +203,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         }
     }
     if let Some(why) = refused {
-        let limits = table.limits(found.limits).unwrap_or(NO_LIMITS);
-        log_refusal(c, &found.by, protocol, why, &limits);
+        log_refusal(c, &found.by, protocol, why, &limits.unwrap_or(NO_LIMITS));
         return refuse(c, protocol, why);
     }
     ctx.upstream = found.upstream;

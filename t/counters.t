@@ -57,28 +57,9 @@ $t->run;
 my ($http, $tls, $status) = map { $t->port($_) } qw(http tls status);
 
 # Writes the route file and waits until each of the 4 workers serves the new table.
-sub swap_table {
-    my $mark = length $t->read_file('error.log');
-    $t->write_routes('routes.json', table(@_));
-    wait_for(sub {
-        my %pids = map { $_ => 1 } substr($t->read_file('error.log'), $mark)
-            =~ /(\d+)#\d+: edge_routes: .* table \d+ in service/g;
-        keys %pids >= 4;
-    }, 'every worker to serve the new table', 120);
-}
-
-sub get {
-    my ($path) = @_;
-    my ($code, $body) = Edge::Test::status_get($status, $path);
-    die "$path answered $code\n" unless $code == 200;
-    return decode_json($body);
-}
-
-sub route {
-    my ($name) = @_;
-    my ($r) = grep { $_->{route} eq $name } @{get('/routes?top=100000')->{routes}};
-    return $r;
-}
+sub swap_table { $t->swap_routes('routes.json', table(@_), 4) }
+sub get { Edge::Test::status_json($status, $_[0]) }
+sub route { Edge::Test::route_counters($status, $_[0]) }
 
 # Runs $n connections split over 4 client processes: $each->($i) makes connection $i.
 sub in_parallel {

@@ -58,18 +58,8 @@ $t->backend('web', mode => 'http');
 $t->run;
 my ($http, $tls, $status) = map { $t->port($_) } qw(http tls status);
 
-sub get {
-    my ($path) = @_;
-    my ($code, $body) = Edge::Test::status_get($status, $path);
-    die "$path answered $code\n" unless $code == 200;
-    return decode_json($body);
-}
-
-sub route {
-    my ($name) = @_;
-    my ($r) = grep { $_->{route} eq $name } @{get('/routes?top=1000')->{routes}};
-    return $r // {};
-}
+sub get { Edge::Test::status_json($status, $_[0]) }
+sub route { Edge::Test::route_counters($status, $_[0]) // {} }
 
 sub refused {
     my ($name, $proto, $why) = @_;
@@ -153,13 +143,7 @@ close $_ for @held, $again, $over;
 open_now('max.test', 0);
 
 # A table swap lowers the limit to 3: new connections get it.
-my $mark = length $t->read_file('error.log');
-$t->write_routes('routes.json', table(max => 3));
-wait_for(sub {
-    my %pids = map { $_ => 1 } substr($t->read_file('error.log'), $mark)
-        =~ /(\d+)#\d+: edge_routes: .* table \d+ in service/g;
-    keys %pids >= 4;
-}, 'every worker to serve the new table', 120);
+$t->swap_routes('routes.json', table(max => 3), 4);
 (@held, @answers) = ();
 for (1 .. 5) {
     my ($s, $got) = hold('max.test');
@@ -288,7 +272,7 @@ like($metrics, qr/^nginx_edge_refused_connections_total\{protocol="tls",reason="
     'all refusals by protocol and reason');
 
 # --- A bad limit: the file is rejected with where and why; the last good table serves on.
-$mark = length $t->read_file('error.log');
+my $mark = length $t->read_file('error.log');
 my $bad = table();
 $bad =~ s/"burst":10/"burst":-1/ or die "no burst in the table\n";
 $t->write_routes('routes.json', $bad);

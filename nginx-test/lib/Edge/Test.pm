@@ -470,13 +470,34 @@ sub status_get {
     return ($code // 0, $body // '');
 }
 
-# The edge_status JSON, decoded.
+# The edge_status JSON at $path (default /status), decoded.
 sub status_json {
-    my ($port) = @_;
+    my ($port, $path) = @_;
+    $path //= '/status';
     require JSON::PP;
-    my ($code, $body) = status_get($port, '/status');
-    die "status answered $code\n" unless $code == 200;
+    my ($code, $body) = status_get($port, $path);
+    die "$path answered $code\n" unless $code == 200;
     return JSON::PP::decode_json($body);
+}
+
+# A route's entry in /routes (the first $top routes), or undef.
+sub route_counters {
+    my ($port, $name, $top) = @_;
+    my $routes = status_json($port, '/routes?top=' . ($top // 100000))->{routes};
+    my ($r) = grep { $_->{route} eq $name } @$routes;
+    return $r;
+}
+
+# Writes route file $file and waits until $workers workers serve the table made from it.
+sub swap_routes {
+    my ($self, $file, $text, $workers) = @_;
+    my $mark = length $self->read_file('error.log');
+    $self->write_routes($file, $text);
+    wait_for(sub {
+        my %pids = map { $_ => 1 } substr($self->read_file('error.log'), $mark)
+            =~ /(\d+)#\d+: edge_routes: .* table \d+ in service/g;
+        keys %pids >= $workers;
+    }, "$workers worker(s) to serve the new table", 120);
 }
 
 # A server's entry in the status JSON.
