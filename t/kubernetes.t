@@ -91,6 +91,10 @@ ok($lists->() > $before, 'the ingresses were listed again');
 $kube->{gone_as_event} = 0;
 
 # --- API down: the last good table serves; the status says what is wrong.
+# Every resource answers again first: a problem is logged once until the source answers on all
+# of its resources, and one of them may still be waiting out the backoff of the stop above.
+wait_for(sub { my $s = $status->(); !grep { defined $_->{error} } @{$s->{resources} // []} },
+    'every resource answers again');
 my $mark_down = length $t->read_file('error.log');
 $kube->stop;
 wait_for(sub { ($status->()->{last_error} // '') =~ /cannot connect|closed/ }, 'the error in status');
