@@ -377,17 +377,19 @@ impl Worker {
         unsafe { &*self.mcf }
     }
 
-    /// One worker (the first to start) tidies the state folder, off the event loop: at start,
-    /// then twice a day (see `on_touch`), so that its sources' files are touched daily.
+    /// One worker (the first to start) tidies the state folder: at start, then twice a day
+    /// (see `on_touch`), so that its sources' files are touched daily. In the event loop: the
+    /// folder holds a few files per URL source, read and removed in microseconds, where a
+    /// thread would cost every later connection of the worker (once a process has started a
+    /// thread, glibc's system calls and malloc take their multi-threaded paths for good: about
+    /// 1,400 instructions per proxied connection, see docs/performance.md).
     fn tidy(&self) {
         // SAFETY: the main configuration lives as long as the worker.
         let mcf = unsafe { &*self.mcf };
-        if let (Some(0) | None, Some(state)) = (self.slot, mcf.state.clone()) {
+        if let (Some(0) | None, Some(state)) = (self.slot, mcf.state.as_deref()) {
             self.tidied.set(now_ms());
             let keys: Vec<u64> = mcf.urls.iter().map(|u| u.options.cache_key()).collect();
-            let _ = spawn_quiet("edge-tidy", move || {
-                crate::feed::state::tidy(&state, &zone::process_alive, &keys)
-            });
+            crate::feed::state::tidy(state, &zone::process_alive, &keys);
         }
     }
 
