@@ -16,7 +16,8 @@ use crate::routes::table::{Backend, Upstream};
 use crate::upstream::Balance;
 use crate::{report, session, worker};
 
-/// Per-session balancer state, in the connection's pool.
+/// Per-session balancer state, in the session context's `PeerRoom` (nothing in it needs
+/// dropping).
 struct PeerData {
     /// Points into the session's route table, which the session context keeps alive.
     upstream: *const Upstream,
@@ -32,6 +33,12 @@ struct PeerData {
     client: u64,
     session: *mut ngx_stream_session_t,
 }
+
+const _: () = assert!(
+    core::mem::size_of::<PeerData>() <= session::PEER_ROOM
+        && core::mem::align_of::<PeerData>() <= core::mem::align_of::<session::PeerRoom>()
+        && !core::mem::needs_drop::<PeerData>()
+);
 
 pub unsafe extern "C" fn init_upstream(
     _cf: *mut ngx_conf_t,
@@ -61,10 +68,11 @@ unsafe extern "C" fn init_peer(
         // as if `proxy_pass $edge_upstream;` had named it.
         Backend::Nginx(name) => return init_block(s, name),
     };
-    let data = nginx_sys::ngx_palloc(c.pool, core::mem::size_of::<PeerData>()).cast::<PeerData>();
-    if data.is_null() {
+    // In the room kept beside the session's context: no pool allocation per connection.
+    let Some(room) = session::peer_room(s) else {
         return NGX_ERROR as ngx_int_t;
-    }
+    };
+    let data = room.cast::<PeerData>();
     data.write(PeerData {
         upstream,
         servers,

@@ -53,31 +53,55 @@ pub enum RouteKind {
     Default,
 }
 
+/// Room for the balancer's per-session state, allocated with the context: the context is
+/// larger than a pool block holds, so it gets an allocation of its own, and a second pool
+/// allocation for the balancer would open a new pool block on every connection (about 200
+/// instructions, measured).
+#[repr(C, align(8))]
+pub struct PeerRoom(core::mem::MaybeUninit<[u8; PEER_ROOM]>);
+
+/// The bytes of `PeerRoom`.
+pub const PEER_ROOM: usize = 128;
+
+/// What `SessionCtx::attach` allocates: the context first, so that the session's context
+/// pointer is this allocation's; the room is only ever reached by `peer_room`, never through
+/// a reference to the context.
+#[repr(C)]
+struct Held {
+    ctx: SessionCtx,
+    room: PeerRoom,
+}
+
 impl SessionCtx {
-    /// A new, empty context in the session's pool, dropped with it.
+    /// A new, empty context in the session's pool, dropped with it, and the balancer's room.
     pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
         let pool = Pool::from_ngx_pool((*(*s).connection).pool);
-        let ctx = pool.allocate(SessionCtx {
-            protocol: None,
-            name: KeptName::NONE,
-            alpn: ngx_str_t::empty(),
-            route: None,
-            upstream: core::ptr::null(),
-            table: None,
-            done: false,
-            scratch: Vec::new(),
-            status: None,
-            server: None,
-            drain_index: 0,
-            drain_source: core::ptr::null(),
-            drain: None,
-            counted: None,
-            pair: 0,
-            no_server: false,
+        let held = pool.allocate(Held {
+            room: PeerRoom(core::mem::MaybeUninit::uninit()),
+            ctx: SessionCtx {
+                protocol: None,
+                name: KeptName::NONE,
+                alpn: ngx_str_t::empty(),
+                route: None,
+                upstream: core::ptr::null(),
+                table: None,
+                done: false,
+                scratch: Vec::new(),
+                status: None,
+                server: None,
+                drain_index: 0,
+                drain_source: core::ptr::null(),
+                drain: None,
+                counted: None,
+                pair: 0,
+                no_server: false,
+            },
         });
-        if ctx.is_null() {
+        if held.is_null() {
             return None;
         }
+        // `ctx` is the first field of a `repr(C)` struct: the same address.
+        let ctx = held.cast::<SessionCtx>();
         stream::set_session_ctx(s, ctx);
         Some(&mut *ctx)
     }
@@ -146,6 +170,16 @@ pub struct StatusExchange {
     pub answer: Vec<u8>,
     pub sent: usize,
     pub status: ngx_uint_t,
+}
+
+/// The balancer's room in the session's context, if the module made one (see `PeerRoom`).
+pub unsafe fn peer_room(s: *mut ngx_stream_session_t) -> Option<*mut PeerRoom> {
+    let ctx = stream::session_ctx_ptr::<SessionCtx>(s);
+    if ctx.is_null() {
+        return None;
+    }
+    // Every context is the first field of a `Held` (see `SessionCtx::attach`).
+    Some(core::ptr::addr_of_mut!((*ctx.cast::<Held>()).room))
 }
 
 /// The session's context, if the module made one.

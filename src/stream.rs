@@ -79,6 +79,12 @@ pub unsafe fn session_ctx<'a, T>(s: *mut ngx_stream_session_t) -> Option<&'a mut
     slot::<T>((*s).ctx, edge()).as_mut()
 }
 
+/// The session's context slot as a raw pointer (NULL when unset), for reaching past the
+/// context without a reference to it.
+pub unsafe fn session_ctx_ptr<T>(s: *mut ngx_stream_session_t) -> *mut T {
+    slot::<T>((*s).ctx, edge())
+}
+
 pub unsafe fn set_session_ctx<T>(s: *mut ngx_stream_session_t, ctx: *mut T) {
     *(*s).ctx.add(edge().ctx_index) = ctx.cast();
 }
