@@ -24,7 +24,7 @@ use crate::upstream::{socket_address, CheckKind};
 use crate::worker::{self, Worker};
 
 /// How often a worker looks for due checks; a probe starts at most this late.
-const TICK_MS: u64 = 100;
+pub const TICK_MS: u64 = 100;
 /// Bytes of an answer read before judging it: a status line or a record header suffices.
 const ANSWER_MAX: usize = 64;
 
@@ -54,7 +54,10 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             }
         }
     }
-    ngx_add_timer(ev, TICK_MS as _);
+    // Idle while no table checks anything: a table swap wakes it (`worker::wake_checks`).
+    if w.has_checks() {
+        ngx_add_timer(ev, TICK_MS as _);
+    }
 }
 
 /// One probe in flight; owned by its connection (`c->data`) until `finish`.

@@ -318,11 +318,31 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
     true
 }
 
-/// Arms the check ticker, at worker start; `handler` is the check module's.
+/// Sets the check ticker up at worker start (`handler` is the check module's), and arms it if
+/// a table has checked upstreams. A worker whose tables check nothing keeps no ticker: every
+/// permanent timer makes each connection's timer insertions and deletions dearer.
 pub unsafe fn start_checks(handler: nginx_sys::ngx_event_handler_pt, ms: ngx_msec_t) {
     let Some(w) = WORKER.as_mut() else { return };
-    let data = addr_of_mut!(w.checks.ticker).cast();
-    arm(&mut w.checks.ticker, handler, data, w.log, ms);
+    let ticker = &mut w.checks.ticker;
+    ticker.handler = handler;
+    ticker.data = addr_of_mut!(*ticker).cast();
+    ticker.log = w.log;
+    ticker.set_cancelable(1);
+    if w.has_checks() {
+        ngx_add_timer(&mut w.checks.ticker, ms);
+    }
+}
+
+/// After a table swap: arms the check ticker if it is idle and a table now checks servers.
+unsafe fn wake_checks() {
+    let w = WORKER;
+    if w.is_null() || (*w).checks.ticker.handler.is_none() {
+        return;
+    }
+    let ticker = addr_of_mut!((*w).checks.ticker);
+    if (*ticker).timer_set() == 0 && (*w).has_checks() {
+        ngx_add_timer(ticker, crate::check::TICK_MS as ngx_msec_t);
+    }
 }
 
 /// How long a worker that exits waits for the module's threads (see `wait_for_threads`).
@@ -574,6 +594,11 @@ impl Worker {
         });
     }
 
+    /// Whether a table the worker serves has an upstream with active checks.
+    pub fn has_checks(&self) -> bool {
+        self.tables().any(|t| t.checked().next().is_some())
+    }
+
     /// The route tables the worker serves now, for the checks and the status page.
     pub fn tables(&self) -> impl Iterator<Item = &Rc<RouteTable>> {
         self.main_conf()
@@ -766,6 +791,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     w.retire(source.take_retired(), replaced, r.slot);
                     let accepted = source.take_accepted();
                     in_service(log, slot, generation, r.busy + entered.spent());
+                    wake_checks();
                     keep(w, r, &accepted);
                 } else {
                     w.retire(source.take_retired(), replaced, r.slot);
@@ -1086,6 +1112,7 @@ unsafe fn loaded(
             w.carry_failing_open(source.table());
             w.retire(source.take_retired(), replaced, r.slot);
             in_service(w.log, slot, generation, r.busy + entered.spent());
+            wake_checks();
         }
         Ok(Err(e)) | Err(e) => load_failed(w, r, generation, &e),
     }
