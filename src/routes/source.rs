@@ -828,7 +828,13 @@ pub fn read_document(path: &Path) -> Result<Document, String> {
     let shown = path.display();
     let mut text = Vec::new();
     File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
+        .and_then(|f| {
+            // Read into a buffer of the file's size (one more byte tells it did not grow
+            // meanwhile): a doubling buffer leaves its halves as holes in the heap.
+            let size = f.metadata()?.len().min(MAX_FILE_BYTES + 1);
+            text.reserve_exact(size as usize + 1);
+            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text)
+        })
         .map_err(|e| format!("{shown}: {e}"))?;
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
