@@ -24,7 +24,7 @@ use crate::upstream::{socket_address, CheckKind};
 use crate::worker::{self, Worker};
 
 /// How often a worker looks for due checks; a probe starts at most this late.
-pub const TICK_MS: u64 = 100;
+const TICK_MS: u64 = 100;
 /// Bytes of an answer read before judging it: a status line or a record header suffices.
 const ANSWER_MAX: usize = 64;
 

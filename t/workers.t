@@ -1,6 +1,7 @@
 #!/usr/bin/perl
 # A worker's life: the connection counts of a worker killed with SIGKILL are taken back by its
-# replacement; a replaced table is freed off the event loop once its last session ends; a
+# replacement; a replaced table is freed once its last session ends (off the event loop when
+# large); a
 # connection refused by `deny` is nginx's to log; fail open is logged once per worker, not
 # once per table generation.
 
@@ -45,16 +46,27 @@ sub hold {
     return $c;
 }
 
-# --- A replaced table is freed off the event loop, once its last session is gone.
+# --- A replaced table is freed once its last session is gone: a small one in the event loop,
+# a large one on a thread.
 my $c = hold();
 routes(', "new.test": "held"');
 $t->wait_for_log(qr/table 2 in service/);
-my $freed = qr/routes\.json: table 1 is no longer used, freed off the event loop/;
+my $freed = qr/routes\.json: table 1 is no longer used, freed$/m;
 # The swap itself looked at table 1 and found the session using it.
-unlike($t->read_file('error.log'), $freed, 'not freed while a session uses it');
+unlike($t->read_file('error.log'), qr/table 1 is no longer used/, 'not freed while a session uses it');
 close $c;
 $t->wait_for_log($freed);
-pass('freed on a thread once the session ended');
+pass('a small table freed in the event loop once the session ended');
+my $many = join '', map { qq(, "f$_.test": "held") } 1 .. 1500;
+routes($many);
+$t->wait_for_log(qr/table 3 in service/);
+$c = hold();
+routes('');
+$t->wait_for_log(qr/table 4 in service/);
+unlike($t->read_file('error.log'), qr/table 3 is no longer used/, 'a large table kept while a session uses it');
+close $c;
+$t->wait_for_log(qr/routes\.json: table 3 is no longer used, freed off the event loop$/m);
+pass('a large table (1,500 routes) freed on a thread once the session ended');
 
 # --- Counts of a killed worker.
 my @held = map { hold() } 1 .. 3;
