@@ -48,85 +48,117 @@ my @tls_rows = (
     ['malloc + free',            [':malloc', ':free'],                                 [':malloc', ':free']],
 );
 
-my %result;    # build, routes, which -> { row => n, total => n, conns => n }
-for my $spec (@builds) {
-    my %b = map { split /=/, $_, 2 } split /;/, $spec;
-    my $preload = $b{preload} ? "load_module $b{preload};\n" : '';
-    my @procs;
-    for my $n (@routes) {
-        my $filler = $n > 3 ? $n - 3 : 0;
-        my $routes = join '', map { qq(, "f$_.test": "t") } 1 .. $filler;
-        write_file("$dir/r$n.json", qq({"upstreams": {"t": {"servers": ["127.0.0.1:$back"]}}, "routes": {"localhost": "t", "a.test": "t", "b.test": "t"$routes}}\n));
-        write_file("$dir/rh$n.json", qq({"upstreams": {"t": {"servers": ["127.0.0.1:$backh"]}}, "routes": {"localhost": "t", "a.test": "t", "b.test": "t"$routes}}\n));
-        my %conf;
-        $conf{edge} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/r$n.json; $counters\n"
-            . "  server { listen 127.0.0.1:%PORT%; edge_route tls; proxy_pass $pass; } }\n";
-        for my $up ('t', $long) {
-            my $map = join '', map { " f$_.test $up;" } 1 .. $filler;
-            $conf{"map $up"} = "events {}\nstream { map_hash_max_size 1048576; map_hash_bucket_size 128;\n"
-                . "  map \$ssl_preread_server_name \$b { localhost $up; a.test $up; b.test $up;$map }\n"
-                . "  upstream $up { server 127.0.0.1:$back; }\n"
-                . "  server { listen 127.0.0.1:%PORT%; ssl_preread on; proxy_pass \$b; } }\n";
+my $runs = $ENV{RUNS} // 1;
+my %runs;    # build, routes, which -> [ { function => n per connection, total => n }, per run ]
+for my $run (1 .. $runs) {
+    for my $spec (@builds) {
+        my %b = map { split /=/, $_, 2 } split /;/, $spec;
+        my $preload = $b{preload} ? "load_module $b{preload};\n" : '';
+        my @procs;
+        for my $n (@routes) {
+            my $filler = $n > 3 ? $n - 3 : 0;
+            my $routes = join '', map { qq(, "f$_.test": "t") } 1 .. $filler;
+            write_file("$dir/r$n.json", qq({"upstreams": {"t": {"servers": ["127.0.0.1:$back"]}}, "routes": {"localhost": "t", "a.test": "t", "b.test": "t"$routes}}\n));
+            write_file("$dir/rh$n.json", qq({"upstreams": {"t": {"servers": ["127.0.0.1:$backh"]}}, "routes": {"localhost": "t", "a.test": "t", "b.test": "t"$routes}}\n));
+            write_file("$dir/rc$n.json", qq({"upstreams": {"t": {"servers": ["127.0.0.1:$back"]}}, "routes": {"localhost": "t", "a.test": "t", "b.test": "t"$routes}}\n));
+            my %conf;
+            # The same edge twice: as started, and after a change of its route file (a new
+            # route, read as a live edge reads its changes, on a thread for a large table).
+            for my $which ('edge', 'edge changed') {
+                my $file = $which eq 'edge' ? "r$n.json" : "rc$n.json";
+                $conf{$which} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/$file interval=100ms; $counters\n"
+                    . "  server { listen 127.0.0.1:%PORT%; edge_route tls; proxy_pass $pass; } }\n";
+            }
+            for my $up ('t', $long) {
+                my $map = join '', map { " f$_.test $up;" } 1 .. $filler;
+                $conf{"map $up"} = "events {}\nstream { map_hash_max_size 1048576; map_hash_bucket_size 128;\n"
+                    . "  map \$ssl_preread_server_name \$b { localhost $up; a.test $up; b.test $up;$map }\n"
+                    . "  upstream $up { server 127.0.0.1:$back; }\n"
+                    . "  server { listen 127.0.0.1:%PORT%; ssl_preread on; proxy_pass \$b; } }\n";
+            }
+            $conf{'edge http'} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/rh$n.json; $counters\n"
+                . "  server { listen 127.0.0.1:%PORT%; edge_route http; proxy_pass $pass; } }\n";
+            $conf{plain} = "events {}\nstream { server { listen 127.0.0.1:%PORT%; proxy_pass 127.0.0.1:$backh; } }\n";
+            for my $which (sort keys %conf) {
+                (my $tag = "$b{name}-$n-$which") =~ s/\W/_/g;
+                my $port = port();
+                (my $text = $conf{$which}) =~ s/%PORT%/$port/;
+                write_file("$dir/$tag.conf", "$preload$user\ndaemon off; master_process off; error_log $dir/$tag.err; pid $dir/$tag.pid;\n$text");
+                push @procs, { tag => $tag, port => $port, build => $b{name}, routes => $n, which => $which,
+                               http => ($which eq 'edge http' || $which eq 'plain') ? 1 : 0,
+                               change => $which eq 'edge changed' ? "$dir/rc$n.json" : undef };
+            }
         }
-        $conf{'edge http'} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/rh$n.json; $counters\n"
-            . "  server { listen 127.0.0.1:%PORT%; edge_route http; proxy_pass $pass; } }\n";
-        $conf{plain} = "events {}\nstream { server { listen 127.0.0.1:%PORT%; proxy_pass 127.0.0.1:$backh; } }\n";
-        for my $which (sort keys %conf) {
-            (my $tag = "$b{name}-$n-$which") =~ s/\W/_/g;
-            my $port = port();
-            (my $text = $conf{$which}) =~ s/%PORT%/$port/;
-            write_file("$dir/$tag.conf", "$preload$user\ndaemon off; master_process off; error_log $dir/$tag.err; pid $dir/$tag.pid;\n$text");
-            push @procs, { tag => $tag, port => $port, build => $b{name}, routes => $n, which => $which,
-                           http => ($which eq 'edge http' || $which eq 'plain') ? 1 : 0 };
+        write_file("$dir/back.conf", "$user\ndaemon off; master_process off; error_log $dir/back.err; pid $dir/back.pid;\nevents {}\n"
+            . "http { access_log off; server { listen 127.0.0.1:$back ssl; ssl_certificate $dir/b.crt;\n"
+            . "  ssl_certificate_key $dir/b.key; location / { return 200 ok; } }\n"
+            . "  server { listen 127.0.0.1:$backh; location / { return 200 ok; } } }\n");
+        my $backend = spawn($b{nginx}, '-p', "$dir/", '-c', "$dir/back.conf", '-e', "$dir/back.err");
+        for my $p (@procs) {
+            $p->{pid} = spawn('valgrind', '--tool=callgrind', "--callgrind-out-file=$dir/$p->{tag}.cg",
+                $b{nginx}, '-p', "$dir/", '-c', "$dir/$p->{tag}.conf", '-e', "$dir/$p->{tag}.err");
+        }
+        listening($_) for $back, $backh, map { $_->{port} } @procs;
+        for my $p (@procs) {
+            my $url = ($p->{http} ? 'http' : 'https') . "://localhost:$p->{port}/";
+            run("callgrind_control -z $p->{pid} >/dev/null 2>&1");
+            for my $conns ($W, $N) {
+                my $made = conns($url, $conns);
+                die "$p->{tag}: $made of $conns connections made\n" unless $made == $conns;
+                change($p) if $p->{change} && $conns == $W;
+                run("callgrind_control -d $p->{pid} >/dev/null 2>&1");
+            }
+            kill 'TERM', $p->{pid};
+            waitpid $p->{pid}, 0;
+            my $counted = profile("$dir/$p->{tag}.cg.2");
+            my %r = map { $_ => $counted->{$_} / $N } keys %$counted;
+            push @{$runs{$p->{build}}{$p->{routes}}{$p->{which}}}, \%r;
+            printf STDERR "profile: %s: %d connections after %d\n", $p->{tag}, $N, $W;
+        }
+        kill 'TERM', $backend;
+        waitpid $backend, 0;
+    }
+}
+
+# Each figure is the median of the runs.
+my %result;
+for my $build (keys %runs) {
+    for my $n (keys %{$runs{$build}}) {
+        for my $which (keys %{$runs{$build}{$n}}) {
+            my @each = @{$runs{$build}{$n}{$which}};
+            my %keys = map { %$_ } @each;
+            for my $k (keys %keys) {
+                my @v = sort { $a <=> $b } map { $_->{$k} // () } @each;
+                $result{$build}{$n}{$which}{$k} = $v[$#v / 2] if @v;
+            }
         }
     }
-    write_file("$dir/back.conf", "$user\ndaemon off; master_process off; error_log $dir/back.err; pid $dir/back.pid;\nevents {}\n"
-        . "http { access_log off; server { listen 127.0.0.1:$back ssl; ssl_certificate $dir/b.crt;\n"
-        . "  ssl_certificate_key $dir/b.key; location / { return 200 ok; } }\n"
-        . "  server { listen 127.0.0.1:$backh; location / { return 200 ok; } } }\n");
-    my $backend = spawn($b{nginx}, '-p', "$dir/", '-c', "$dir/back.conf", '-e', "$dir/back.err");
-    for my $p (@procs) {
-        $p->{pid} = spawn('valgrind', '--tool=callgrind', "--callgrind-out-file=$dir/$p->{tag}.cg",
-            $b{nginx}, '-p', "$dir/", '-c', "$dir/$p->{tag}.conf", '-e', "$dir/$p->{tag}.err");
-    }
-    listening($_) for $back, $backh, map { $_->{port} } @procs;
-    for my $p (@procs) {
-        my $url = ($p->{http} ? 'http' : 'https') . "://localhost:$p->{port}/";
-        run("callgrind_control -z $p->{pid} >/dev/null 2>&1");
-        for my $conns ($W, $N) {
-            my $made = conns($url, $conns);
-            die "$p->{tag}: $made of $conns connections made\n" unless $made == $conns;
-            run("callgrind_control -d $p->{pid} >/dev/null 2>&1");
-        }
-        kill 'TERM', $p->{pid};
-        waitpid $p->{pid}, 0;
-        my $counted = profile("$dir/$p->{tag}.cg.2");
-        my %r = map { $_ => $counted->{$_} / $N } keys %$counted;
-        $result{$p->{build}}{$p->{routes}}{$p->{which}} = \%r;
-        printf STDERR "profile: %s: %d connections after %d\n", $p->{tag}, $N, $W;
-    }
-    kill 'TERM', $backend;
-    waitpid $backend, 0;
 }
 
 # The table: one block per build and route count.
-my $fmt = "| %-32s | %9s | %9s | %9s |\n";
-print "callgrind, instructions per connection ($N connections after $W, one after another)\n";
-print "nginx-edge with `proxy_pass $pass;`; map with `ssl_preread on; proxy_pass \$b;`\n\n";
+my $fmt = "| %-24s | %9s | %12s | %9s | %9s |\n";
+print "callgrind, instructions per connection ($N connections after $W, one after another"
+    . ($runs > 1 ? "; the median of $runs runs" : '') . ")\n";
+print "nginx-edge with `proxy_pass $pass;` (as started, and after a change of its route file);\n"
+    . "nginx map with `ssl_preread on; proxy_pass \$b;`, its upstream named `t` or `$long`\n\n";
+my @cols = ('edge', 'edge changed', 'map t', "map $long");
 for my $spec (@builds) {
     my ($name) = $spec =~ /name=([^;]+)/;
     for my $n (@routes) {
         my $r = $result{$name}{$n};
         print "$name, $n routes, TLS by SNI\n\n";
-        printf $fmt, 'step', 'edge', 'map t', "map $long";
-        printf $fmt, '-' x 32, '-' x 9, '-' x 9, '-' x 9;
+        printf $fmt, 'step', 'edge', 'edge changed', 'map t', 'map long';
+        printf $fmt, '-' x 24, '-' x 9, '-' x 12, '-' x 9, '-' x 9;
         for my $row (@tls_rows) {
             my ($label, $edge_fns, $map_fns) = @$row;
-            printf $fmt, $label, sum($r->{edge}, $edge_fns), sum($r->{'map t'}, $map_fns), sum($r->{"map $long"}, $map_fns);
+            printf $fmt, $label, map { sum($r->{$_}, /^edge/ ? $edge_fns : $map_fns) } @cols;
         }
-        my %whole = map { $_ => $r->{$_}{total} } 'edge', 'map t', "map $long";
-        printf $fmt, '**whole worker**', map { int($whole{$_} + 0.5) } 'edge', 'map t', "map $long";
-        printf $fmt, 'edge / map', '', sprintf('%.3f', $whole{edge} / $whole{'map t'}), sprintf('%.3f', $whole{edge} / $whole{"map $long"});
+        my %whole = map { $_ => $r->{$_}{total} } @cols;
+        printf $fmt, '**whole worker**', map { int($whole{$_} + 0.5) } @cols;
+        for my $map ('map t', "map $long") {
+            printf $fmt, "/ $map" =~ s/map $long/map long/r,
+                (map { sprintf '%.3f', $whole{$_} / $whole{$map} } 'edge', 'edge changed'), '', '';
+        }
         print "\n";
         printf "HTTP by Host: nginx-edge %d, plain stream proxy (no routing) %d per connection\n\n",
             $r->{'edge http'}{total} + 0.5, $r->{plain}{total} + 0.5;
@@ -144,6 +176,24 @@ sub sum {
         $any = 1;
     }
     return $any ? int($n + 0.5) : '-';
+}
+
+# Adds a route to an edge's file and waits until the edge routes it (its connections are
+# part of the warm-up).
+sub change {
+    my ($p) = @_;
+    open my $in, '<', $p->{change} or die "$p->{change}: $!";
+    my $text = do { local $/; <$in> };
+    close $in;
+    $text =~ s/"localhost": "t"/"localhost": "t", "changed.test": "t"/ or die "no route to add to\n";
+    write_file("$p->{change}.new", $text);
+    rename "$p->{change}.new", $p->{change} or die "rename: $!";
+    for (1 .. 1200) {
+        my $code = `curl -sk -o /dev/null -w '%{http_code}' --resolve changed.test:$p->{port}:127.0.0.1 https://changed.test:$p->{port}/`;
+        return if $code eq '200';
+        select undef, undef, undef, 0.1;
+    }
+    die "$p->{tag}: the changed table was not in service after 120 s\n";
 }
 
 sub spawn {
