@@ -9,6 +9,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -115,7 +116,13 @@ pub fn tidy(folder: &Path, alive: &dyn Fn(i32) -> bool, keys: &[u64]) -> usize {
             .and_then(|t| t.elapsed().ok());
         let Some(age) = age else { continue };
         if url_key(name).is_some_and(|k| keys.contains(&k)) && age >= TOUCH_AGE {
-            if let Ok(file) = File::options().append(true).open(entry.path()) {
+            // Neither following a link nor waiting on a FIFO put there since it was listed:
+            // this runs in the event loop.
+            let file = File::options()
+                .append(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(entry.path());
+            if let Ok(file) = file {
                 let _ = file.set_modified(std::time::SystemTime::now());
             }
         }

@@ -45,6 +45,25 @@ pub struct Document {
     pub discovered: Option<std::sync::Arc<Discovered>>,
 }
 
+impl Document {
+    /// What reading, merging or freeing it costs, in items: routes, upstreams and servers; a
+    /// Kubernetes source's nodes count as a great many (`usize::MAX`).
+    pub fn weight(&self) -> usize {
+        if self.discovered.is_some() {
+            return usize::MAX;
+        }
+        let servers: usize = self
+            .upstreams
+            .iter()
+            .map(|u| match &u.kind {
+                UpstreamKind::Servers(servers) => servers.len(),
+                _ => 0,
+            })
+            .sum();
+        self.routes.len() + self.upstreams.len() + servers + 1
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamDef {
     pub name: String,

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -210,33 +210,47 @@ pub enum Done {
 }
 
 /// Work this small is done in the event loop rather than on a thread (see `Work::is_small`):
-/// files up to this many bytes in all...
+/// up to this many regular files...
+pub const SMALL_FILES: usize = 16;
+/// ...of up to this many bytes in all...
 pub const SMALL_BYTES: u64 = 64 * 1024;
-/// ...and merges of up to this many routes and upstreams: well under a millisecond.
+/// ...and merges of documents up to this weight (routes, upstreams and servers, see
+/// `Document::weight`): well under a millisecond.
 pub const SMALL_ROUTES: usize = 1_000;
 
 impl Work {
     /// Whether the work is cheap enough to do in the event loop: a worker that never starts a
-    /// thread keeps glibc's single-threaded system calls and malloc (about 1,200 instructions
+    /// thread keeps glibc's single-threaded system calls and malloc (about 1,000-1,200 instructions
     /// less per connection, see docs/performance.md).
     pub fn is_small(&self) -> bool {
         match self {
             Work::Parse(paths) => {
+                if paths.len() > SMALL_FILES {
+                    return false;
+                }
                 let mut bytes = 0u64;
                 for (path, _) in paths {
+                    // Only regular files: opening anything else (a FIFO) may block, which a
+                    // thread can afford and the event loop cannot.
                     match fs::metadata(path) {
-                        Ok(meta) => bytes = bytes.saturating_add(meta.len()),
-                        Err(_) => return false,
+                        Ok(meta) if meta.is_file() => bytes = bytes.saturating_add(meta.len()),
+                        _ => return false,
+                    }
+                    if bytes > SMALL_BYTES {
+                        return false;
                     }
                 }
-                bytes <= SMALL_BYTES
+                true
             }
             Work::Merge(docs, _) => {
-                let items: usize = docs
-                    .iter()
-                    .map(|d| d.routes.len() + d.upstreams.len())
-                    .sum();
-                items <= SMALL_ROUTES
+                let mut weight = 0usize;
+                for doc in docs {
+                    weight = weight.saturating_add(doc.weight());
+                    if weight > SMALL_ROUTES {
+                        return false;
+                    }
+                }
+                true
             }
         }
     }
@@ -858,14 +872,24 @@ fn rejected(message: &str, keeps_serving: bool) -> Event {
 pub fn read_document(path: &Path) -> Result<Document, String> {
     let shown = path.display();
     let mut text = Vec::new();
-    File::open(path)
-        .and_then(|f| {
-            // Read into a buffer of the file's size (one more byte tells it did not grow
-            // meanwhile): a doubling buffer leaves its halves as holes in the heap.
-            let size = f.metadata()?.len().min(MAX_FILE_BYTES + 1);
-            text.reserve_exact(size as usize + 1);
-            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text)
-        })
+    // Not blocking on what is not a file (a FIFO put in a route file's place).
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
+    }
+    // Read into a buffer of the file's size (one more byte tells it did not grow meanwhile):
+    // a doubling buffer leaves its halves as holes in the heap.
+    text.reserve_exact(meta.len() as usize + 1);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut text)
         .map_err(|e| format!("{shown}: {e}"))?;
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
@@ -968,9 +992,30 @@ mod tests {
         let doc = |n: usize| Arc::new(parse_document(routes(n).as_bytes()).unwrap());
         let merge = |docs: Vec<Arc<Document>>| Work::Merge(docs, Discovery::default());
         assert!(merge(vec![doc(10), doc(10)]).is_small());
-        assert!(merge(vec![doc(SMALL_ROUTES - 1)]).is_small());
-        assert!(!merge(vec![doc(SMALL_ROUTES)]).is_small());
+        // A document weighs its routes, its upstream, its server and one.
+        assert_eq!(doc(10).weight(), 13);
+        assert!(merge(vec![doc(SMALL_ROUTES - 3)]).is_small());
+        assert!(!merge(vec![doc(SMALL_ROUTES - 2)]).is_small());
         assert!(!merge(vec![doc(600), doc(600)]).is_small());
+        // More files than the event loop opens at once.
+        let many: Vec<PathBuf> = (0..=SMALL_FILES)
+            .map(|i| dir.write(&format!("f{i}.json"), &routes(1)))
+            .collect();
+        assert!(!parse(&many.iter().collect::<Vec<_>>()).is_small());
+    }
+
+    /// A FIFO in a route file's place: never opened in the event loop, and read on a thread
+    /// without waiting for a writer.
+    #[test]
+    fn a_fifo_is_no_route_file() {
+        let dir = Dir::new("fifo");
+        let fifo = dir.0.join("routes.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(!Work::Parse(vec![(fifo.clone(), None)]).is_small());
+        let err = read_document(&fifo).unwrap_err();
+        assert!(err.ends_with("not a regular file"), "{err}");
     }
 
     fn upstream_of(source: &Source, name: &str) -> Option<String> {
