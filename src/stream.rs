@@ -114,6 +114,15 @@ pub fn exiting() -> bool {
 /// The module's threads still running their work (see `wait_for_threads`).
 static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The threads this process has started (see `threads_started`).
+static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many threads the module has started in this process: once there has been one, glibc
+/// takes its multi-threaded paths in every system call and malloc for good.
+pub fn threads_started() -> usize {
+    STARTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Counts a thread's work as running until it is dropped (when the work ends, or with a
 /// thread that could not start).
 struct Running;
@@ -144,6 +153,9 @@ pub fn spawn_quiet<T: Send + 'static>(
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        if spawned.is_ok() {
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         spawned
     }
 }

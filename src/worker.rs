@@ -7,6 +7,7 @@ use core::cell::{Cell, RefCell};
 use core::ptr::{addr_of_mut, null_mut};
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -42,6 +43,9 @@ const POLL_MAX_MS: ngx_msec_t = 100;
 /// the event loop, a larger one on a thread: measured, 0.7-1.0 ms at 10,000 routes, 5 ms at
 /// 50,000, 12.5 ms at 100,000.
 const SMALL_IMAGE_BYTES: u64 = 512 * 1024;
+
+/// The event loop's time a refresh may spend on small work before the rest goes to a thread.
+const INLINE_BUDGET: Duration = Duration::from_millis(2);
 
 /// How often the state folder is tidied, after the start.
 const TIDY_MS: u64 = 12 * 3_600_000;
@@ -411,7 +415,7 @@ impl Worker {
     /// folder holds a few files per URL source, read and removed in microseconds, where a
     /// thread would cost every later connection of the worker (once a process has started a
     /// thread, glibc's system calls and malloc take their multi-threaded paths for good: about
-    /// 1,400 instructions per proxied connection, see docs/performance.md).
+    /// 1,000-1,200 instructions per proxied connection, see docs/performance.md).
     fn tidy(&self) {
         // SAFETY: the main configuration lives as long as the worker.
         let mcf = unsafe { &*self.mcf };
@@ -579,9 +583,12 @@ impl Worker {
         if tables.is_empty() && documents.is_empty() {
             return;
         }
-        let routes: usize = tables.iter().map(RouteTable::route_count).sum::<usize>()
-            + documents.iter().map(|d| d.routes.len()).sum::<usize>();
-        let inline = routes <= SMALL_ROUTES;
+        let weight = tables
+            .iter()
+            .map(RouteTable::free_weight)
+            .chain(documents.iter().map(|d| d.weight()))
+            .fold(0usize, usize::saturating_add);
+        let inline = weight <= SMALL_ROUTES;
         for (source, generation) in freed {
             // SAFETY: source slots live as long as the cycle's configuration.
             let path = unsafe { (*source).path.display() };
@@ -763,13 +770,26 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     }
                     Action::Load(generation) => {
                         let (pid, fd) = p.shared();
-                        if small_image(pid, fd) {
-                            let result = load(pid, fd, r.key, w.zone.clone());
-                            loaded(w, r, Ok(result), generation, entered);
+                        // Opened here, without blocking: mapped and checked here too when
+                        // small, on a thread otherwise.
+                        let published = match share::open_published(pid, fd) {
+                            Ok(published) => published,
+                            Err(e) => {
+                                loaded(w, r, Ok(Err(e)), generation, entered);
+                                ngx_add_timer(ev, FOLLOW_MS as ngx_msec_t);
+                                return;
+                            }
+                        };
+                        if published.len <= SMALL_IMAGE_BYTES {
+                            let zone = w.zone.clone();
+                            let result =
+                                catch_unwind(AssertUnwindSafe(|| load(published, r.key, zone)))
+                                    .map_err(|_| "loading it failed".to_owned());
+                            loaded(w, r, result, generation, entered);
                             ngx_add_timer(ev, FOLLOW_MS as ngx_msec_t);
                             return;
                         }
-                        match spawn_load(pid, fd, r.key, w.zone.clone()) {
+                        match spawn_load(published, r.key, w.zone.clone()) {
                             Ok(handle) => {
                                 r.job = Some(Job::Load(handle, generation));
                                 r.poll_ms = POLL_MS;
@@ -833,13 +853,30 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                         let next = p.generation_of(r.key).unwrap_or(0).max(source.generation()) + 1;
                         (next, r.key)
                     });
-                if work.is_small() {
-                    let built = build(work, &names, w.zone.clone(), publish);
-                    r.build_cpu = built.cpu;
-                    attached_by_build = built.unattached;
-                    published = built.published.or(published);
-                    step = source.resume(built.done);
-                    continue;
+                // Small work in the event loop, within a budget for the whole refresh (a
+                // merge that fails is tried again without a file, as often as there are files).
+                if entered.spent().wall < INLINE_BUDGET && work.is_small() {
+                    let zone = w.zone.clone();
+                    match catch_unwind(AssertUnwindSafe(|| build(work, &names, zone, publish))) {
+                        Ok(built) => {
+                            r.build_cpu = built.cpu;
+                            attached_by_build = built.unattached;
+                            published = built.published.or(published);
+                            step = source.resume(built.done);
+                            continue;
+                        }
+                        Err(_) => {
+                            ngx_log_error!(
+                                NGX_LOG_ALERT,
+                                log,
+                                "edge_routes: {}: building the table failed; the last good table keeps serving",
+                                slot.path.display()
+                            );
+                            source.abandon();
+                            ngx_add_timer(ev, slot.interval);
+                            return;
+                        }
+                    }
                 }
                 match spawn(work, names, w.zone.clone(), publish) {
                     Ok(job) => {
@@ -919,11 +956,7 @@ fn spawn(
     zone: Option<Arc<Zone>>,
     publish: Option<(u64, u64)>,
 ) -> std::io::Result<JoinHandle<Built>> {
-    spawn_quiet("edge-routes", move || {
-        let mut built = build(work, &names, zone, publish);
-        built.cpu = crate::stream::thread_cpu();
-        built
-    })
+    spawn_quiet("edge-routes", move || build(work, &names, zone, publish))
 }
 
 /// Does `work`, and attaches the table it builds, if any, to the zone: for a large table that
@@ -936,7 +969,7 @@ fn build(
     zone: Option<Arc<Zone>>,
     publish: Option<(u64, u64)>,
 ) -> Built {
-    let started = Instant::now();
+    let started = crate::stream::thread_cpu();
     let mut done = work.run(&|n| names.contains(n));
     let mut published = None;
     let mut unattached = None;
@@ -962,34 +995,25 @@ fn build(
         done,
         unattached,
         published,
-        cpu: started.elapsed(),
+        cpu: crate::stream::thread_cpu().saturating_sub(started),
     }
 }
 
-/// Maps, on a thread of its own, the table the process `pid` published (see `load`).
+/// Maps, on a thread of its own, a table another worker published (see `load`).
 fn spawn_load(
-    pid: i32,
-    fd: i32,
+    published: share::Published,
     key: u64,
     zone: Option<Arc<Zone>>,
 ) -> std::io::Result<JoinHandle<Loaded>> {
-    spawn_quiet("edge-routes", move || load(pid, fd, key, zone))
+    spawn_quiet("edge-routes", move || load(published, key, zone))
 }
 
-/// Maps the table the process `pid` published as its descriptor `fd`, and attaches it to the
-/// zone.
-fn load(pid: i32, fd: i32, key: u64, zone: Option<Arc<Zone>>) -> Loaded {
-    let (generation, image) = share::open(pid, fd, key)?;
+/// Maps a table another worker published, and attaches it to the zone.
+fn load(published: share::Published, key: u64, zone: Option<Arc<Zone>>) -> Loaded {
+    let (generation, image) = published.map(key)?;
     let table = RouteTable::from_image(image);
     let unattached = zone.map(|zone| zone.attach(&table));
     Ok((generation, table, unattached))
-}
-
-/// Whether a published table is small enough to map and attach in the event loop (a worker
-/// that starts no thread keeps glibc's cheaper single-threaded paths).
-fn small_image(pid: i32, fd: i32) -> bool {
-    std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
-        .is_ok_and(|m| m.is_file() && m.len() <= SMALL_IMAGE_BYTES)
 }
 
 /// The leader's table is in service: tell the other workers where it is, and keep its memfd
@@ -1088,11 +1112,12 @@ fn in_service(log: *mut ngx_log_t, slot: &SourceSlot, generation: u64, busy: Spe
     ngx_log_error!(
         NGX_LOG_NOTICE,
         log,
-        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it ({:.2} ms of CPU)",
+        "edge_routes: {}: table {} in service; this worker's event loop spent {:.2} ms on it ({:.2} ms of CPU); threads started by this worker: {}",
         slot.path.display(),
         generation,
         busy.wall.as_secs_f64() * 1000.0,
-        busy.cpu.as_secs_f64() * 1000.0
+        busy.cpu.as_secs_f64() * 1000.0,
+        crate::stream::threads_started()
     );
 }
 

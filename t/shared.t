@@ -41,6 +41,10 @@ my $all_say = sub {
 $t->write_routes('routes.json', table('b', ''));
 wait_for(sub { $count->(qr/table 2 in service/) == $workers }, 'every worker serves table 2');
 is($count->(qr/table 2 loaded/), 1, 'the change was read and compiled once for the 4 workers');
+# A small change is read, mapped and freed in the event loop: no worker starts a thread (one
+# would make glibc's system calls and malloc dearer for every later connection).
+is($count->(qr/table 2 in service; .*; threads started by this worker: 0$/m), $workers,
+    'no worker started a thread for a small change');
 $all_say->('b', '20 connections in a row reach the new backend');
 my ($leader) = $t->read_file('error.log') =~ /(\d+)#\d+: edge_routes: \S+ table 2 loaded/;
 ok($leader, "worker $leader leads");

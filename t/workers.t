@@ -57,16 +57,24 @@ unlike($t->read_file('error.log'), qr/table 1 is no longer used/, 'not freed whi
 close $c;
 $t->wait_for_log($freed);
 pass('a small table freed in the event loop once the session ended');
-my $many = join '', map { qq(, "f$_.test": "held") } 1 .. 1500;
-routes($many);
+like($t->read_file('error.log'), qr/table 2 in service; .*; threads started by this worker: 0$/m,
+    'a small change starts no thread');
+# Large to free: 600 upstreams of one server each (its routes are one image, whatever their
+# number).
+my $ups = join ', ', map { qq("u$_": {"servers": ["127.0.0.1:%%PORT_h%%"]}) } 1 .. 600;
+my $names = join ', ', map { qq("u$_.test": "u$_") } 1 .. 600;
+$t->write_routes('routes.json', qq({"upstreams": {$ups, "held": {"servers": ["127.0.0.1:%%PORT_h%%"]}},
+    "routes": {"held.test": "held", $names}}\n));
 $t->wait_for_log(qr/table 3 in service/);
+like($t->read_file('error.log'), qr/table 3 in service; .*; threads started by this worker: [1-9]/,
+    'a large one is built on a thread');
 $c = hold();
 routes('');
 $t->wait_for_log(qr/table 4 in service/);
 unlike($t->read_file('error.log'), qr/table 3 is no longer used/, 'a large table kept while a session uses it');
 close $c;
 $t->wait_for_log(qr/routes\.json: table 3 is no longer used, freed off the event loop$/m);
-pass('a large table (1,500 routes) freed on a thread once the session ended');
+pass('a large table (600 upstreams) freed on a thread once the session ended');
 
 # --- Counts of a killed worker.
 my @held = map { hold() } 1 .. 3;

@@ -70,6 +70,29 @@ pub fn publish(image: &[u8], key: u64, generation: u64) -> Result<Shared, String
 /// `key`: its generation, and the image mapped. Refused unless it is a memfd with every seal,
 /// of this table, and a sound image.
 pub fn open(pid: i32, fd: i32, key: u64) -> Result<(u64, Image), String> {
+    open_published(pid, fd)?.map(key)
+}
+
+/// A table another worker published, opened but not yet mapped.
+#[derive(Debug)]
+pub struct Published {
+    fd: OwnedFd,
+    /// Its length in bytes: whether mapping and checking it is small work.
+    pub len: u64,
+    path: String,
+}
+
+impl Published {
+    /// Maps it, for the table `key`: its generation, and the image mapped. Refused unless it
+    /// is of this table and a sound image.
+    pub fn map(self, key: u64) -> Result<(u64, Image), String> {
+        map(&self.fd, Some(key)).map_err(|e| format!("{}: {e}", self.path))
+    }
+}
+
+/// Opens the descriptor `fd` of the process `pid`, without blocking whatever it is: refused
+/// unless it is a memfd with every seal.
+pub fn open_published(pid: i32, fd: i32) -> Result<Published, String> {
     let path = format!("/proc/{pid}/fd/{fd}");
     // Not blocking: a pid reused by another process could hold a FIFO at that number.
     let file = File::options()
@@ -80,13 +103,14 @@ pub fn open(pid: i32, fd: i32, key: u64) -> Result<(u64, Image), String> {
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Err(format!("{path}: not a sealed memfd"));
     }
+    let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
     let fd = OwnedFd::from(file);
     // SAFETY: fcntl on a descriptor owned here.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 || seals & SEALS != SEALS {
         return Err(format!("{path}: not a sealed memfd"));
     }
-    map(&fd, Some(key)).map_err(|e| format!("{path}: {e}"))
+    Ok(Published { fd, len, path })
 }
 
 /// Maps a sealed memfd read-only and checks its prefix (the table `key`, when given) and its

@@ -643,6 +643,20 @@ impl RouteTable {
         self.checked.iter().map(|&i| i as usize)
     }
 
+    /// What freeing it costs, in items: its upstreams and their servers (its image is one
+    /// buffer or one mapping, whatever its routes).
+    pub fn free_weight(&self) -> usize {
+        let servers: usize = self
+            .upstreams
+            .iter()
+            .map(|u| match &u.kind {
+                Backend::Servers(pool) => pool.servers().len(),
+                Backend::Nginx(_) => 0,
+            })
+            .sum();
+        self.upstreams.len() + servers
+    }
+
     pub fn route_count(&self) -> usize {
         let image = self.image.view();
         image.exact_count() + image.wildcard_count()
