@@ -4,7 +4,6 @@
 use std::rc::Rc;
 
 use nginx_sys::{ngx_str_t, ngx_stream_session_t, ngx_uint_t};
-use ngx::core::Pool;
 
 use crate::routes::table::{RouteTable, Upstream};
 use crate::sniff::{Protocol, ServerName};
@@ -75,8 +74,18 @@ struct Held {
 impl SessionCtx {
     /// A new, empty context in the session's pool, dropped with it, and the balancer's room.
     pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
-        let pool = Pool::from_ngx_pool((*(*s).connection).pool);
-        let held = pool.allocate(Held {
+        let pool = (*(*s).connection).pool;
+        // In the pool (aligned as ngx_palloc aligns, enough for `Held`), dropped by a cleanup
+        // of the pool: both asked for before anything is written, so a failure leaks nothing.
+        let held = nginx_sys::ngx_palloc(pool, core::mem::size_of::<Held>()).cast::<Held>();
+        if held.is_null() {
+            return None;
+        }
+        let cleanup = nginx_sys::ngx_pool_cleanup_add(pool, 0);
+        if cleanup.is_null() {
+            return None;
+        }
+        held.write(Held {
             room: PeerRoom(core::mem::MaybeUninit::uninit()),
             ctx: SessionCtx {
                 protocol: None,
@@ -97,9 +106,8 @@ impl SessionCtx {
                 no_server: false,
             },
         });
-        if held.is_null() {
-            return None;
-        }
+        (*cleanup).handler = Some(drop_held);
+        (*cleanup).data = held.cast();
         // `ctx` is the first field of a `repr(C)` struct: the same address.
         let ctx = held.cast::<SessionCtx>();
         stream::set_session_ctx(s, ctx);
@@ -170,6 +178,11 @@ pub struct StatusExchange {
     pub answer: Vec<u8>,
     pub sent: usize,
     pub status: ngx_uint_t,
+}
+
+/// The pool's cleanup of a `Held`.
+unsafe extern "C" fn drop_held(data: *mut core::ffi::c_void) {
+    core::ptr::drop_in_place(data.cast::<Held>());
 }
 
 /// The balancer's room in the session's context, if the module made one (see `PeerRoom`).
