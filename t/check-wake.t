@@ -43,12 +43,27 @@ wait_for(sub { $probes->() > $before }, 'probes reaching the live server');
 pass('the live server is probed');
 is(http_get($t->port('edge'), 'u.test'), 'up', 'routes to the server that answers');
 
+# Each worker woke its own ticker: the leader (which built the table) and the other (which
+# mapped it) each go on probing while the other is stopped. No connection is made to the edge
+# meanwhile: a stopped worker could be the one to accept it.
+my ($leader) = $t->read_file('error.log') =~ /(\d+)#\d+: edge_routes: \S+ table 2 loaded/;
+my ($other) = grep { $_ != $leader } $t->read_file('error.log') =~ /(\d+)#\d+: edge_routes: \S+ table 2 in service/g;
+ok($leader && $other, "the leader ($leader) and the other worker ($other)");
+for my $stopped ($leader, $other) {
+    kill 'STOP', $stopped;
+    my $from = $probes->();
+    # A probe the stopped worker had in flight may still land: two more make sure.
+    my $went_on = eval { wait_for(sub { $probes->() >= $from + 2 }, "probes while $stopped is stopped") };
+    kill 'CONT', $stopped;
+    ok($went_on, 'the checks go on while ' . ($stopped == $leader ? 'the leader' : 'the other worker') . ' is stopped');
+}
+
 # --- Back to a table without checks: the probes stop.
 $t->swap_routes('routes.json', $routes->(0), 2);
-# A probe started before the swap may still land: wait for the count to settle.
-my $last = -1;
-wait_for(sub { my $n = $probes->(); my $still = $n == $last; $last = $n; select undef, undef, undef, 0.5; $still },
-    'the probes to stop');
+# No probe starts once both workers serve the table; one started before may still land within
+# its timeout (150 ms).
+$until = time + 1;
+select undef, undef, undef, 0.1 while time < $until;
 my $settled = $probes->();
 $until = time + 1.5;
 select undef, undef, undef, 0.1 while time < $until;
