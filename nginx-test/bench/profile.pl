@@ -66,7 +66,7 @@ for my $run (1 .. $runs) {
             # route, read as a live edge reads its changes, on a thread for a large table).
             for my $which ('edge', 'edge changed') {
                 my $file = $which eq 'edge' ? "r$n.json" : "rc$n.json";
-                $conf{$which} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/$file interval=100ms; $counters\n"
+                $conf{$which} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/$file; $counters\n"
                     . "  server { listen 127.0.0.1:%PORT%; edge_route tls; proxy_pass $pass; } }\n";
             }
             for my $up ('t', $long) {
