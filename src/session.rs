@@ -6,7 +6,7 @@ use std::rc::Rc;
 use nginx_sys::{ngx_str_t, ngx_stream_session_t, ngx_uint_t};
 
 use crate::routes::table::{RouteTable, Upstream};
-use crate::sniff::{Protocol, ServerName};
+use crate::sniff::{Host, Protocol};
 use crate::stream;
 use crate::upstream::ServerDef;
 
@@ -126,8 +126,8 @@ impl SessionCtx {
     }
 }
 
-/// A client's name kept in the connection's pool: made only from a checked `ServerName`, so
-/// that reading it back as text is sound.
+/// A client's name kept in the connection's pool: made only from a checked `Host`, lower-cased
+/// into the pool (ASCII), so that reading it back as text is sound.
 #[derive(Clone, Copy)]
 pub struct KeptName(ngx_str_t);
 
@@ -137,24 +137,21 @@ impl KeptName {
         data: core::ptr::null_mut(),
     });
 
-    /// Copies `name` into `pool`; `None` if the pool has no memory left.
+    /// Writes `host`'s lower-case form into `pool`; `None` if the pool has no memory left.
     ///
     /// # Safety
     /// `pool` is a live pool that outlives every use of the copy.
-    pub unsafe fn keep(pool: *mut nginx_sys::ngx_pool_t, name: &ServerName) -> Option<KeptName> {
-        let bytes = name.as_bytes();
-        let p = nginx_sys::ngx_pnalloc(pool, bytes.len()).cast::<u8>();
+    pub unsafe fn keep(pool: *mut nginx_sys::ngx_pool_t, host: &Host) -> Option<KeptName> {
+        let len = host.len();
+        let p = nginx_sys::ngx_pnalloc(pool, len).cast::<u8>();
         if p.is_null() {
             return None;
         }
-        core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        Some(KeptName(ngx_str_t {
-            len: bytes.len(),
-            data: p,
-        }))
+        host.lower_into(core::slice::from_raw_parts_mut(p, len));
+        Some(KeptName(ngx_str_t { len, data: p }))
     }
 
-    /// The name; `None` for none (a `ServerName` is never empty).
+    /// The name; `None` for none (a `Host` is never empty).
     #[inline]
     pub fn get(&self) -> Option<&str> {
         if self.0.len == 0 {

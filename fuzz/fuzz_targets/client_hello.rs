@@ -9,9 +9,14 @@ fuzz_target!(|data: &[u8]| {
     let mut scratch = Vec::new();
     let whole = tls::read_client_hello(data, &mut scratch);
     if let Peek::Done(hello) = &whole {
-        if let Some(name) = &hello.server_name {
+        if let Some(host) = &hello.server_name {
+            let name = host.to_name();
             assert!(name.as_str().len() <= 255);
             assert!(!name.as_str().bytes().any(|b| b.is_ascii_uppercase()));
+            // What the preread handler keeps: the same bytes as the name.
+            let mut kept = vec![0u8; host.len()];
+            host.lower_into(&mut kept);
+            assert_eq!(kept, name.as_str().as_bytes());
         }
         if let Some(list) = hello.alpn {
             for proto in tls::alpn_protocols(list) {
@@ -25,8 +30,8 @@ fuzz_target!(|data: &[u8]| {
         if let Peek::Done(prefix) = tls::read_client_hello(&data[..data.len() / 2], &mut scratch) {
             if let Peek::Done(full) = &whole {
                 assert_eq!(
-                    prefix.server_name.as_ref().map(|n| n.as_str().to_owned()),
-                    full.server_name.as_ref().map(|n| n.as_str().to_owned())
+                    prefix.server_name.as_ref().map(|n| n.to_name().as_str().to_owned()),
+                    full.server_name.as_ref().map(|n| n.to_name().as_str().to_owned())
                 );
             }
         }

@@ -150,7 +150,10 @@ mod tests {
         let mut scratch = Vec::new();
         match read_client_hello(&hello, &mut scratch) {
             Peek::Done(h) => {
-                assert_eq!(h.server_name.unwrap().as_str(), "rancher.example.com")
+                assert_eq!(
+                    h.server_name.unwrap().to_name().as_str(),
+                    "rancher.example.com"
+                )
             }
             other => panic!("{other:?}"),
         }

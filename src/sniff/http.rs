@@ -1,6 +1,6 @@
 //! HTTP/1.x request head → the host the client asked for, over peeked bytes.
 
-use super::{Peek, ServerName};
+use super::{Host, Peek};
 
 /// Header lines examined before giving up on a head; browsers send about 20.
 pub const MAX_HEADERS: usize = 100;
@@ -28,7 +28,7 @@ impl Reject {
 /// Reads the request head at the start of `buf` and returns its host, or `Done(None)` for a
 /// well-formed request that names no host (HTTP/1.0 without `Host`). The authority of an
 /// absolute-form target wins over `Host` (RFC 9112 §3.2.2).
-pub fn read_host(buf: &[u8]) -> Peek<Option<ServerName>, Reject> {
+pub fn read_host(buf: &[u8]) -> Peek<Option<Host<'_>>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -38,7 +38,7 @@ pub fn read_host(buf: &[u8]) -> Peek<Option<ServerName>, Reject> {
         Err(_) => return Peek::Invalid(Reject::NotHttp),
     }
     if let Some(authority) = request.path.and_then(absolute_form_authority) {
-        return match ServerName::parse_authority(authority.as_bytes()) {
+        return match Host::check_authority(authority.as_bytes()) {
             Some(name) => Peek::Done(Some(name)),
             None => Peek::Invalid(Reject::BadHost),
         };
@@ -52,7 +52,7 @@ pub fn read_host(buf: &[u8]) -> Peek<Option<ServerName>, Reject> {
         (Some(host), None) => host.value,
         (Some(_), Some(_)) => return Peek::Invalid(Reject::DuplicateHost),
     };
-    match ServerName::parse_authority(host.trim_ascii()) {
+    match Host::check_authority(host.trim_ascii()) {
         Some(name) => Peek::Done(Some(name)),
         None => Peek::Invalid(Reject::BadHost),
     }
@@ -79,7 +79,7 @@ mod tests {
 
     fn host(head: &str) -> Peek<Option<String>, Reject> {
         match read_host(head.as_bytes()) {
-            Peek::Done(name) => Peek::Done(name.map(|n| n.as_str().to_owned())),
+            Peek::Done(name) => Peek::Done(name.map(|n| n.to_name().as_str().to_owned())),
             Peek::NeedMore => Peek::NeedMore,
             Peek::Invalid(r) => Peek::Invalid(r),
         }

@@ -6,7 +6,7 @@ mod mutate;
 mod name;
 pub mod tls;
 
-pub use name::{ServerName, MAX_LABEL_LEN, MAX_NAME_LEN};
+pub use name::{Host, ServerName, MAX_LABEL_LEN, MAX_NAME_LEN};
 
 /// The outcome of looking at the bytes received so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

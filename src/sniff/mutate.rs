@@ -92,7 +92,7 @@ impl<'a> Peek<tls::ClientHello<'a>, tls::Reject> {
     fn map_done(self) -> Peek<Option<String>, tls::Reject> {
         match self {
             Peek::NeedMore => Peek::NeedMore,
-            Peek::Done(h) => Peek::Done(h.server_name.map(|n| n.as_str().to_owned())),
+            Peek::Done(h) => Peek::Done(h.server_name.map(|n| n.to_name().as_str().to_owned())),
             Peek::Invalid(r) => Peek::Invalid(r),
         }
     }

@@ -16,62 +16,75 @@ pub struct ServerName {
 }
 
 impl ServerName {
-    /// Validates and lower-cases `raw`, which has no port. One trailing dot is dropped.
-    /// Returns `None` for anything that is not a plausible host name: empty or too long,
-    /// a label over 63 bytes, empty labels (`a..b`), or bytes outside `[A-Za-z0-9._-]`
-    /// (control characters, spaces, `/`, `@`, `%`, ...).
+    /// Validates and lower-cases `raw`, which has no port (see `Host::check`).
     pub fn parse(raw: &[u8]) -> Option<ServerName> {
+        Host::check(raw).map(|host| host.to_name())
+    }
+
+    /// Splits `host[:port]` (or `[v6]:port`) and parses the host part (see
+    /// `Host::check_authority`).
+    pub fn parse_authority(authority: &[u8]) -> Option<ServerName> {
+        Host::check_authority(authority).map(|host| host.to_name())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        // SAFETY: `parse` and `parse_ipv6_literal` store ASCII bytes only (the tests check
+        // every byte value).
+        unsafe { core::str::from_utf8_unchecked(self.as_bytes()) }
+    }
+}
+
+/// A host name as a client sent it, checked but not yet lower-cased: whoever keeps it writes
+/// its lower-case form once, where it keeps it (`lower_into`), rather than through a
+/// fixed-size `ServerName` copied on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Host<'a> {
+    raw: &'a [u8],
+}
+
+impl<'a> Host<'a> {
+    /// Checks `raw`, which has no port. One trailing dot is dropped. Returns `None` for
+    /// anything that is not a plausible host name: empty or too long, a label over 63 bytes,
+    /// empty labels (`a..b`), or bytes outside `[A-Za-z0-9._-]` (control characters, spaces,
+    /// `/`, `@`, `%`, ...); an IPv6 literal in brackets is checked as an address.
+    pub fn check(raw: &'a [u8]) -> Option<Host<'a>> {
         let raw = raw.strip_suffix(b".").unwrap_or(raw);
         if raw.first() == Some(&b'[') {
-            return Self::parse_ipv6_literal(raw);
+            let inner = raw.strip_prefix(b"[")?.strip_suffix(b"]")?;
+            let text = core::str::from_utf8(inner).ok()?;
+            text.parse::<core::net::Ipv6Addr>().ok()?;
+            return (raw.len() <= MAX_NAME_LEN).then_some(Host { raw });
         }
         if raw.is_empty() || raw.len() > MAX_NAME_LEN {
             return None;
         }
-        let mut name = ServerName {
-            len: raw.len() as u8,
-            buf: [0; MAX_NAME_LEN],
-        };
         let mut label = 0usize;
-        for (dst, &b) in name.buf.iter_mut().zip(raw) {
+        for &b in raw {
             // One table lookup per byte: its lower-case form, `.`, or 0 for a byte no host
             // name has.
-            let lower = LOWER[b as usize];
-            if lower == b'.' {
-                if label == 0 {
-                    return None;
-                }
-                label = 0;
-            } else if lower == 0 {
-                return None;
-            } else {
-                label += 1;
-                if label > MAX_LABEL_LEN {
-                    return None;
+            match LOWER[b as usize] {
+                b'.' if label == 0 => return None,
+                b'.' => label = 0,
+                0 => return None,
+                _ => {
+                    label += 1;
+                    if label > MAX_LABEL_LEN {
+                        return None;
+                    }
                 }
             }
-            *dst = lower;
         }
-        (label > 0).then_some(name)
+        (label > 0).then_some(Host { raw })
     }
 
-    fn parse_ipv6_literal(raw: &[u8]) -> Option<ServerName> {
-        let inner = raw.strip_prefix(b"[")?.strip_suffix(b"]")?;
-        let text = core::str::from_utf8(inner).ok()?;
-        text.parse::<core::net::Ipv6Addr>().ok()?;
-        let mut name = ServerName {
-            len: raw.len() as u8,
-            buf: [0; MAX_NAME_LEN],
-        };
-        for (dst, &b) in name.buf.iter_mut().zip(raw) {
-            *dst = b.to_ascii_lowercase();
-        }
-        Some(name)
-    }
-
-    /// Splits `host[:port]` (or `[v6]:port`) and parses the host part. The port, if any,
+    /// Splits `host[:port]` (or `[v6]:port`) and checks the host part. The port, if any,
     /// must be decimal digits; it is dropped.
-    pub fn parse_authority(authority: &[u8]) -> Option<ServerName> {
+    pub fn check_authority(authority: &'a [u8]) -> Option<Host<'a>> {
         let host = if authority.first() == Some(&b'[') {
             let end = authority.iter().position(|&b| b == b']')? + 1;
             let (host, rest) = authority.split_at(end);
@@ -86,18 +99,36 @@ impl ServerName {
                 None => authority,
             }
         };
-        Self::parse(host)
+        Self::check(host)
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len as usize]
+    /// Its length in bytes (at most `MAX_NAME_LEN`, never 0).
+    pub fn len(&self) -> usize {
+        self.raw.len()
     }
 
-    #[inline]
-    pub fn as_str(&self) -> &str {
-        // SAFETY: `parse` and `parse_ipv6_literal` store ASCII bytes only (the tests check
-        // every byte value).
-        unsafe { core::str::from_utf8_unchecked(self.as_bytes()) }
+    /// Never: a checked host has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    /// Writes its lower-case form, ASCII only, into `out`, which is `len()` bytes long.
+    pub fn lower_into(&self, out: &mut [u8]) {
+        for (dst, &b) in out.iter_mut().zip(self.raw) {
+            // Checked: every byte is one LOWER maps to itself or its lower case, or an IPv6
+            // literal's (hex digits, `:`, `.`, brackets), which ASCII lower-casing keeps.
+            *dst = b.to_ascii_lowercase();
+        }
+    }
+
+    /// As a `ServerName`.
+    pub fn to_name(&self) -> ServerName {
+        let mut name = ServerName {
+            len: self.raw.len() as u8,
+            buf: [0; MAX_NAME_LEN],
+        };
+        self.lower_into(&mut name.buf[..self.raw.len()]);
+        name
     }
 }
 
@@ -167,6 +198,24 @@ mod tests {
                 assert_eq!(n.as_bytes()[1], b.to_ascii_lowercase());
             }
         }
+    }
+
+    /// What the preread handler keeps: a checked host lower-cased where it is kept, the same
+    /// bytes as its `ServerName`.
+    #[test]
+    fn a_host_is_lower_cased_where_it_is_kept() {
+        for raw in ["Rancher.Example.COM.", "a", "[::FFFF:1]", "x_Y-9.test"] {
+            let host = Host::check(raw.as_bytes()).unwrap();
+            let mut kept = vec![0u8; host.len()];
+            host.lower_into(&mut kept);
+            assert_eq!(kept, ServerName::parse(raw.as_bytes()).unwrap().as_bytes());
+            assert!(!host.is_empty());
+        }
+        assert_eq!(Host::check(b"a..b"), None);
+        assert_eq!(
+            Host::check_authority(b"Shop.Test:8443").map(|h| h.len()),
+            Some(9)
+        );
     }
 
     #[test]

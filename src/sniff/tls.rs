@@ -6,7 +6,7 @@
 
 use tls_parser::{parse_tls_record_header, TlsExtensionType, TlsRecordType};
 
-use super::{Peek, ServerName};
+use super::{Host, Peek};
 
 /// Largest ClientHello accepted, in bytes of handshake body. Real hellos, post-quantum key
 /// shares included, stay under 2 KiB; the preread buffer is the practical bound anyway.
@@ -23,7 +23,7 @@ const MAX_RECORD_LEN: usize = 1 << 14;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientHello<'a> {
     /// The first `host_name` entry of the server_name extension, if valid.
-    pub server_name: Option<ServerName>,
+    pub server_name: Option<Host<'a>>,
     /// The raw ALPN `protocol_name_list` (length-prefixed names), already checked well formed.
     pub alpn: Option<&'a [u8]>,
 }
@@ -255,7 +255,7 @@ fn parse_client_hello(body: &[u8]) -> Result<ClientHello<'_>, Reject> {
 }
 
 /// The first host_name entry; an entry that is not a valid host name counts as no name.
-fn read_sni(data: &[u8]) -> Result<Option<ServerName>, Reject> {
+fn read_sni(data: &[u8]) -> Result<Option<Host<'_>>, Reject> {
     let malformed = Reject::Malformed("malformed server_name extension");
     let mut ext = Reader(data);
     let mut list = Reader(ext.vec16().ok_or(malformed)?);
@@ -266,7 +266,7 @@ fn read_sni(data: &[u8]) -> Result<Option<ServerName>, Reject> {
         let kind = list.u8().ok_or(malformed)?;
         let name = list.vec16().ok_or(malformed)?;
         if kind == SNI_HOST_NAME {
-            return Ok(ServerName::parse(name));
+            return Ok(Host::check(name));
         }
     }
     Ok(None)
@@ -354,7 +354,7 @@ pub(crate) mod tests {
     fn sni_of(bytes: &[u8]) -> Peek<Option<String>, Reject> {
         let mut scratch = Vec::new();
         match read_client_hello(bytes, &mut scratch) {
-            Peek::Done(h) => Peek::Done(h.server_name.map(|n| n.as_str().to_owned())),
+            Peek::Done(h) => Peek::Done(h.server_name.map(|n| n.to_name().as_str().to_owned())),
             Peek::NeedMore => Peek::NeedMore,
             Peek::Invalid(r) => Peek::Invalid(r),
         }
@@ -370,7 +370,10 @@ pub(crate) mod tests {
         let Peek::Done(hello) = read_client_hello(&bytes, &mut scratch) else {
             panic!("no hello");
         };
-        assert_eq!(hello.server_name.unwrap().as_str(), "rancher.example.com");
+        assert_eq!(
+            hello.server_name.unwrap().to_name().as_str(),
+            "rancher.example.com"
+        );
         let alpn: Vec<_> = alpn_protocols(hello.alpn.unwrap()).collect();
         assert_eq!(alpn, [&b"h2"[..], b"acme-tls/1"]);
         assert!(scratch.is_empty(), "one record needs no copy");
