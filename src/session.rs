@@ -147,7 +147,7 @@ impl KeptName {
         if p.is_null() {
             return None;
         }
-        host.lower_into(core::slice::from_raw_parts_mut(p, len));
+        host.lower_into(core::slice::from_raw_parts_mut(p.cast(), len));
         Some(KeptName(ngx_str_t { len, data: p }))
     }
 

@@ -14,8 +14,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(name.as_str().len() <= 255);
             assert!(!name.as_str().bytes().any(|b| b.is_ascii_uppercase()));
             // What the preread handler keeps: the same bytes as the name.
-            let mut kept = vec![0u8; host.len()];
+            let mut kept = vec![core::mem::MaybeUninit::uninit(); host.len()];
             host.lower_into(&mut kept);
+            // SAFETY: `lower_into` wrote every byte.
+            let kept: Vec<u8> = kept.iter().map(|b| unsafe { b.assume_init() }).collect();
             assert_eq!(kept, name.as_str().as_bytes());
         }
         if let Some(list) = hello.alpn {

@@ -1,4 +1,5 @@
-//! Host names as read from clients: validated and normalised into a fixed buffer.
+//! Host names as read from clients: checked where they lie (`Host`), lower-cased where they
+//! are kept (`Host::lower_into`, or a `ServerName`'s fixed buffer).
 
 use core::fmt;
 
@@ -33,7 +34,7 @@ impl ServerName {
 
     #[inline]
     pub fn as_str(&self) -> &str {
-        // SAFETY: `parse` and `parse_ipv6_literal` store ASCII bytes only (the tests check
+        // SAFETY: `Host::check` accepts ASCII bytes only, lower-cased on the way in (the tests check
         // every byte value).
         unsafe { core::str::from_utf8_unchecked(self.as_bytes()) }
     }
@@ -42,7 +43,7 @@ impl ServerName {
 /// A host name as a client sent it, checked but not yet lower-cased: whoever keeps it writes
 /// its lower-case form once, where it keeps it (`lower_into`), rather than through a
 /// fixed-size `ServerName` copied on the way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct Host<'a> {
     raw: &'a [u8],
 }
@@ -112,12 +113,14 @@ impl<'a> Host<'a> {
         self.raw.is_empty()
     }
 
-    /// Writes its lower-case form, ASCII only, into `out`, which is `len()` bytes long.
-    pub fn lower_into(&self, out: &mut [u8]) {
+    /// Writes its lower-case form, ASCII only, into `out`, which is `len()` bytes long (and
+    /// may be uninitialised, as fresh pool memory is).
+    pub fn lower_into(&self, out: &mut [core::mem::MaybeUninit<u8>]) {
+        debug_assert_eq!(out.len(), self.raw.len());
         for (dst, &b) in out.iter_mut().zip(self.raw) {
             // Checked: every byte is one LOWER maps to itself or its lower case, or an IPv6
             // literal's (hex digits, `:`, `.`, brackets), which ASCII lower-casing keeps.
-            *dst = b.to_ascii_lowercase();
+            dst.write(b.to_ascii_lowercase());
         }
     }
 
@@ -127,7 +130,9 @@ impl<'a> Host<'a> {
             len: self.raw.len() as u8,
             buf: [0; MAX_NAME_LEN],
         };
-        self.lower_into(&mut name.buf[..self.raw.len()]);
+        for (dst, &b) in name.buf.iter_mut().zip(self.raw) {
+            *dst = b.to_ascii_lowercase();
+        }
         name
     }
 }
@@ -206,12 +211,14 @@ mod tests {
     fn a_host_is_lower_cased_where_it_is_kept() {
         for raw in ["Rancher.Example.COM.", "a", "[::FFFF:1]", "x_Y-9.test"] {
             let host = Host::check(raw.as_bytes()).unwrap();
-            let mut kept = vec![0u8; host.len()];
+            let mut kept = vec![core::mem::MaybeUninit::uninit(); host.len()];
             host.lower_into(&mut kept);
+            // SAFETY: `lower_into` wrote every byte.
+            let kept: Vec<u8> = kept.iter().map(|b| unsafe { b.assume_init() }).collect();
             assert_eq!(kept, ServerName::parse(raw.as_bytes()).unwrap().as_bytes());
             assert!(!host.is_empty());
         }
-        assert_eq!(Host::check(b"a..b"), None);
+        assert!(Host::check(b"a..b").is_none());
         assert_eq!(
             Host::check_authority(b"Shop.Test:8443").map(|h| h.len()),
             Some(9)
