@@ -44,10 +44,11 @@ const POLL_MAX_MS: ngx_msec_t = 100;
 /// 50,000, 12.5 ms at 100,000.
 const SMALL_IMAGE_BYTES: u64 = 512 * 1024;
 
-/// The steps of small work a refresh does in the event loop in one go (a read and a merge,
-/// each bounded by `Work::is_small`: about a millisecond in all) before the rest goes to a
+/// The steps of small work a refresh does in the event loop in one go (a read, a merge, and
+/// two merges more when a file is refused and the merge tried again without it; each bounded
+/// by `Work::is_small`: a couple of milliseconds at most in all) before the rest goes to a
 /// thread. Counted rather than timed, so that a loaded machine does not change the path.
-const INLINE_STEPS: u32 = 2;
+const INLINE_STEPS: u32 = 4;
 
 /// How often the state folder is tidied, after the start.
 const TIDY_MS: u64 = 12 * 3_600_000;
@@ -856,9 +857,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                         let next = p.generation_of(r.key).unwrap_or(0).max(source.generation()) + 1;
                         (next, r.key)
                     });
-                // Small work in the event loop, two steps at most per call (a read and a
-                // merge; a merge that fails is tried again without a file, as often as there
-                // are files: those go to a thread).
+                // Small work in the event loop, `INLINE_STEPS` at most per call (a merge that
+                // fails is tried again without a file, as often as there are files: the
+                // retries past those go to a thread).
                 if inline_steps < INLINE_STEPS && work.is_small() {
                     inline_steps += 1;
                     let zone = w.zone.clone();

@@ -21,6 +21,7 @@ $t->run;
 my $edge = $t->port('edge');
 is(http_get($edge, 'one.test'), 'a', 'routes from the file');
 
+# A FIFO is not a regular file: read on a thread, which refuses it without waiting.
 mkfifo("$dir/fifo", 0644) or die "mkfifo: $!\n";
 rename "$dir/fifo", "$dir/routes.json" or die "rename: $!\n";
 $t->wait_for_log(qr/edge_routes: .*routes\.json: not a regular file/);
