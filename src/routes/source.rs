@@ -885,9 +885,6 @@ pub fn read_document(path: &Path) -> Result<Document, String> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(format!("{shown}: larger than {} MiB", MAX_FILE_BYTES >> 20));
     }
-    // Read into a buffer of the file's size (one more byte tells it did not grow meanwhile):
-    // a doubling buffer leaves its halves as holes in the heap.
-    text.reserve_exact(meta.len() as usize + 1);
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut text)
         .map_err(|e| format!("{shown}: {e}"))?;
