@@ -586,12 +586,9 @@ impl Worker {
         if tables.is_empty() && documents.is_empty() {
             return;
         }
-        // A table's routes count too: freeing the one the master read touches pages the
-        // workers share with it (measured: 1.7 MB more per worker after a change at 100,000
-        // routes when it was freed here rather than on the thread, which gives pages back).
         let weight = tables
             .iter()
-            .map(|t| t.free_weight() + t.route_count())
+            .map(RouteTable::free_weight)
             .chain(documents.iter().map(|d| d.weight()))
             .fold(0usize, usize::saturating_add);
         let inline = weight <= SMALL_ROUTES;
@@ -741,17 +738,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                 published = built.published;
                 source.resume(built.done)
             }
-            Err(_) => {
-                ngx_log_error!(
-                    NGX_LOG_ALERT,
-                    log,
-                    "edge_routes: {}: the thread building the table failed; the last good table keeps serving",
-                    slot.path.display()
-                );
-                source.abandon();
-                ngx_add_timer(ev, slot.interval);
-                return;
-            }
+            Err(_) => return build_failed(ev, &slot.path, slot.interval, source),
         },
         None => {
             r.busy = Spent::default();
@@ -874,17 +861,7 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                             step = source.resume(built.done);
                             continue;
                         }
-                        Err(_) => {
-                            ngx_log_error!(
-                                NGX_LOG_ALERT,
-                                log,
-                                "edge_routes: {}: building the table failed; the last good table keeps serving",
-                                slot.path.display()
-                            );
-                            source.abandon();
-                            ngx_add_timer(ev, slot.interval);
-                            return;
-                        }
+                        Err(_) => return build_failed(ev, &slot.path, slot.interval, source),
                     }
                 }
                 match spawn(work, names, w.zone.clone(), publish) {
@@ -909,6 +886,24 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
             }
         }
     }
+}
+
+/// Building a table panicked (on its thread or in the event loop): logged, the refresh given
+/// up, the last good table kept.
+unsafe fn build_failed(
+    ev: *mut ngx_event_t,
+    path: &std::path::Path,
+    interval: ngx_msec_t,
+    source: &mut Source,
+) {
+    ngx_log_error!(
+        NGX_LOG_ALERT,
+        (*ev).log,
+        "edge_routes: {}: building the table failed; the last good table keeps serving",
+        path.display()
+    );
+    source.abandon();
+    ngx_add_timer(ev, interval);
 }
 
 /// Starts fetching the URL sources that table `index` is the first to merge, if this worker

@@ -66,13 +66,6 @@ pub fn publish(image: &[u8], key: u64, generation: u64) -> Result<Shared, String
     Ok(Shared { fd, image })
 }
 
-/// Opens the image that the process `pid` published as its descriptor `fd`, for the table
-/// `key`: its generation, and the image mapped. Refused unless it is a memfd with every seal,
-/// of this table, and a sound image.
-pub fn open(pid: i32, fd: i32, key: u64) -> Result<(u64, Image), String> {
-    open_published(pid, fd)?.map(key)
-}
-
 /// A table another worker published, opened but not yet mapped.
 #[derive(Debug)]
 pub struct Published {
@@ -172,6 +165,11 @@ mod tests {
     use crate::routes::document::UpstreamKind;
     use crate::routes::image::{Builder, Targets, UpstreamSpec};
     use crate::upstream::Policy;
+
+    /// Opened and mapped at once, as a worker does.
+    fn open(pid: i32, fd: i32, key: u64) -> Result<(u64, Image), String> {
+        open_published(pid, fd)?.map(key)
+    }
 
     fn image() -> Image {
         let kind = UpstreamKind::Nginx("vhosts".into());
