@@ -208,13 +208,31 @@ sub run {
 
 sub pid { $_[0]{pid} }
 
-# `nginx -s reload`, waiting until the new workers run.
+# `nginx -s reload`, waiting until every new worker runs and every old one has been told to
+# leave (it has closed its listening sockets then, and takes no new connection).
 sub reload {
     my ($self) = @_;
-    my $count = sub { scalar(() = $self->read_file('error.log') =~ /start worker process/g) };
-    my $before = $count->();
+    my ($workers) = $self->read_file('nginx.conf') =~ /^\s*worker_processes\s+(\d+)\s*;/m;
+    $workers //= 1;
+    my $mark = length $self->read_file('error.log');
+    my @old = $self->workers;
     kill 'HUP', $self->{pid};
-    wait_for(sub { $count->() > $before }, 'new workers after reload');
+    wait_for(sub {
+        my $since = substr($self->read_file('error.log'), $mark);
+        my @new = $since =~ /start worker process (\d+)/g;
+        my %leaving = map { $_ => 1 } $since =~ /(\d+)#\d+: gracefully shutting down/g,
+            $since =~ /worker process (\d+) exited/g;
+        @new >= $workers && !grep { !$leaving{$_} } @old;
+    }, 'new workers after reload, and the old ones leaving');
+}
+
+# The pids of the workers that run and have not been told to leave, from the error log.
+sub workers {
+    my ($self) = @_;
+    my $log = $self->read_file('error.log');
+    my %gone = map { $_ => 1 } $log =~ /(\d+)#\d+: (?:gracefully shutting down|exiting)/g,
+        $log =~ /worker process (\d+) exited/g;
+    return grep { !$gone{$_} } $log =~ /start worker process (\d+)/g;
 }
 
 # `nginx -s reload` that the master must refuse: waits for the message.
@@ -488,10 +506,16 @@ sub route_counters {
     return $r;
 }
 
-# Writes route file $file and waits until $workers workers serve the table made from it.
+# Writes route file $file and waits until $workers workers serve the table made from it: that
+# many running workers say they put a table in service after the write. Not after a reload:
+# a new worker may then say so, after the write, of the table it started with (table numbers
+# start again in a new cycle, so they cannot tell which), and the wait would end early.
 sub swap_routes {
     my ($self, $file, $text, $workers) = @_;
-    my $mark = length $self->read_file('error.log');
+    my $log = $self->read_file('error.log');
+    die "swap_routes after a reload cannot tell the new table from the one a new worker starts with\n"
+        if $log =~ /: reconfiguring$/m;
+    my $mark = length $log;
     $self->write_routes($file, $text);
     wait_for(sub {
         my %pids = map { $_ => 1 } substr($self->read_file('error.log'), $mark)
