@@ -115,6 +115,8 @@ my $up = timed(sub { $state->('tcp', "127.0.0.1:$tcp1")->{state} eq 'up' }, 'tcp
 note(sprintf 'tcp check: restarted -> up in %.2f s (rise 2 x 500ms)', $up);
 cmp_ok($up, '<=', 1.0 + 2.5, 'up within rise x interval (plus 2.5 s)');
 is(http_get($edge, 'tcp.test'), 'tcp1', 'traffic reaches it again');
+# (The record changes before the line is written.)
+$t->wait_for_log(qr/server 127\.0\.0\.1:$tcp1 is up/);
 my $probes_by = () = $t->read_file('error.log') =~ /server 127\.0\.0\.1:$tcp1 is up/g;
 is($probes_by, 1, 'one up transition logged, though two workers run checks');
 

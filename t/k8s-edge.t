@@ -120,11 +120,15 @@ if ($probe == 0) {
     }
     POSIX::_exit(0);
 }
-wait_for(sub { ($t->read_file('probe') =~ /^(\d+)/)[0] // 0 > 20 }, 'the probe under way');
+my $probed = sub { (($t->read_file('probe') =~ /^(\d+)/)[0] // 0) };
+wait_for(sub { $probed->() > 20 }, 'the probe under way');
 $t->reload;
 $a->apply(Edge::FakeKube::ingress('web', 'after-reload', hosts => ['after.test']));
 $everywhere->('after.test', 'a', 'after the reload, changes flow');
 wait_for(sub { $t->read_file('error.log') =~ /gracefully shutting down/ }, 'old workers leave');
+# Through the reload and some way past it.
+my $at_reload = $probed->();
+wait_for(sub { $probed->() > $at_reload + 30 }, 'the probe past the reload');
 kill 'TERM', $probe;
 waitpid($probe, 0);
 my ($probes, $failed) = split ' ', $t->read_file('probe');

@@ -14,7 +14,7 @@ use Test::More;
 use JSON::PP;
 use IO::Socket::INET;
 use Time::HiRes qw(time);
-use Edge::Test qw(echo_serves);
+use Edge::Test qw(echo_serves wait_for);
 use Edge::FakeKube;
 
 plan skip_all => 'kubectl is not installed' unless system('kubectl version --client >/dev/null 2>&1') == 0;
@@ -65,8 +65,9 @@ is_deeply([sort map { "$_->{metadata}{namespace}/$_->{metadata}{name}" } @$slice
 $kube->apply($slice->([$ip{p1}, 'a1'], [$ip{p2}, 'a2', ready => 'false', serving => 'true', terminating => 'true']));
 $serves->('node.test', 'a1', 'a node whose pod is terminating takes no new connection');
 $serves->('pod.test', 'p1', 'nor does the terminating pod');
-is((Edge::Test::server_state($t->port('status'), 'by-pod', $ip{p2}) // {})->{state}, 'draining',
-    'which status shows draining');
+wait_for(sub { ((Edge::Test::server_state($t->port('status'), 'by-pod', $ip{p2}) // {})->{state} // '') eq 'draining' },
+    'status to show p2 draining');
+pass('which status shows draining');
 
 # A new pod on a3, not ready yet, then ready.
 $kube->apply($slice->([$ip{p1}, 'a1'], [$ip{p3}, 'a3', ready => 'false']));

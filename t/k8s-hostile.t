@@ -112,7 +112,7 @@ waitpid($probe, 0);
 my ($probes, $failed, $max) = split ' ', $t->read_file('probe');
 diag(sprintf "probe: %d connections, slowest %.0f ms; worker peak RSS %d MiB", $probes, $max * 1000, $after_lists / 1024);
 is($failed, 0, 'no probe failed');
-cmp_ok($max, '<', 1, 'no probe waited for the hostile server');
+cmp_ok($max, '<', 5, 'no probe waited for the hostile server (its answers take 30 s)');
 cmp_ok($after_lists / 1024, '<', 64 * 2 + 64, 'the worker peak RSS stays bounded through all of them');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'no alert');
 done_testing;

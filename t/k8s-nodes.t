@@ -78,7 +78,9 @@ is($kube->get('Node', undef, 'a2')->{spec}{unschedulable}, JSON::PP::true(), 'th
 is(kubectl(q{get node a2 -o 'jsonpath={.spec.unschedulable}'}), 'true', 'and kubectl reads it back');
 my $took = $serves->('a1,a3', 'kubectl cordon a2: no new connection goes to a2');
 diag sprintf 'cordon to a2 out: within %.2f s', $took;
-my $a2 = Edge::Test::server_state($status, 'ingress', $ip{a2}) // {};
+# (Whichever worker answers the status: each one switches tables on its own.)
+my $a2 = wait_for(sub { my $s = Edge::Test::server_state($status, 'ingress', $ip{a2}) // {};
+    ($s->{state} // '') eq 'draining' && $s }, 'status to show a2 draining');
 is($a2->{state}, 'draining', 'status shows a2 draining');
 is($a2->{active}, 1, 'with its one open connection');
 my (undef, $metrics) = Edge::Test::status_get($status, '/metrics');
@@ -104,7 +106,8 @@ pass('once that connection is closed, a2 has none');
 
 kubectl('uncordon a2');
 $serves->('a1,a2,a3', 'kubectl uncordon a2: a2 takes connections again');
-is((Edge::Test::server_state($status, 'ingress', $ip{a2}) // {})->{state}, 'up', 'and status shows it up');
+wait_for(sub { ((Edge::Test::server_state($status, 'ingress', $ip{a2}) // {})->{state} // '') eq 'up' }, 'status to show a2 up');
+pass('and status shows it up');
 $t->wait_for_log(qr/\[notice\] .*upstreams\.ingress: server \Q$ip{a2}\E takes new connections again/);
 my @drained = grep { /server \Q$ip{a2}\E is draining/ } split /\n/, $t->read_file('error.log');
 is(scalar @drained, 1, 'the drain was said once, by the worker that reads the cluster') or diag explain \@drained;

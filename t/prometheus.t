@@ -101,8 +101,8 @@ for my $round (1, 2) {
     http_get($edge, "nobody$_.test") for 1 .. 400;
     http_get($edge, 'typo.test') for 1 .. 20;    # a name that gets a series of its own
     http_get($edge, undef, version => '1.0') for 1 .. 5;
-    my $n = query('count_over_time(up{job="edge"}[1m])')->{data}{result}[0]{value}[1] // 0;
-    wait_for(sub { (query('count_over_time(up{job="edge"}[1m])')->{data}{result}[0]{value}[1] // 0) >= $n + 3 },
+    my $n = query('count_over_time(up{job="edge"}[1h])')->{data}{result}[0]{value}[1] // 0;
+    wait_for(sub { (query('count_over_time(up{job="edge"}[1h])')->{data}{result}[0]{value}[1] // 0) >= $n + 3 },
         'three more scrapes', 60);
 }
 # A change that does not validate: the table keeps serving, and says so.
