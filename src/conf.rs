@@ -33,6 +33,8 @@ pub enum Mode {
     Tls,
     Http,
     Auto,
+    /// QUIC on a UDP listener, routed by the SNI of its Initial packets (see `quic`).
+    Quic,
 }
 
 /// One route table: an `edge_routes` file or folder and the URL sources merged with it,
@@ -115,6 +117,8 @@ pub struct MainConf {
     pub counters_sizes: Option<Option<crate::counters::Sizes>>,
     /// The counters' zone, once a source is declared and counters are not off.
     pub counters: Option<NonNull<ngx_shm_zone_t>>,
+    /// Some server says `edge_route quic`: the QUIC handler and filter are installed.
+    pub quic: bool,
 }
 
 pub struct SrvConf {
@@ -478,7 +482,7 @@ unsafe fn add_state_path(cf: *mut ngx_conf_t, state: &std::path::Path) -> bool {
     nginx_sys::ngx_add_path(cf, &mut slot) == 0
 }
 
-/// `edge_route tls | http | auto;`
+/// `edge_route tls | http | auto | quic | off;`
 pub unsafe extern "C" fn set_edge_route(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -492,12 +496,16 @@ pub unsafe extern "C" fn set_edge_route(
         b"tls" => Mode::Tls,
         b"http" => Mode::Http,
         b"auto" => Mode::Auto,
+        b"quic" => {
+            stream::cf_main_conf::<MainConf>(cf).quic = true;
+            Mode::Quic
+        }
         b"off" => Mode::Off,
         other => {
             ngx_conf_log_error!(
                 NGX_LOG_EMERG,
                 cf,
-                "invalid value \"{}\", it must be \"tls\", \"http\", \"auto\" or \"off\"",
+                "invalid value \"{}\", it must be \"tls\", \"http\", \"auto\", \"quic\" or \"off\"",
                 String::from_utf8_lossy(other)
             );
             return NGX_CONF_ERROR;

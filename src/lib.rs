@@ -32,6 +32,8 @@ mod io;
 #[cfg(all(feature = "module", not(test)))]
 mod preread;
 #[cfg(all(feature = "module", not(test)))]
+mod quic;
+#[cfg(all(feature = "module", not(test)))]
 mod session;
 #[cfg(all(feature = "module", not(test)))]
 mod status;
@@ -55,10 +57,11 @@ mod wiring {
         ngx_array_push, ngx_command_t, ngx_conf_t, ngx_cycle_t, ngx_int_t, ngx_module_t,
         ngx_stream_core_main_conf_t, ngx_stream_core_module, ngx_stream_handler_pt,
         ngx_stream_module_t, ngx_stream_phases_NGX_STREAM_LOG_PHASE,
-        ngx_stream_phases_NGX_STREAM_PREREAD_PHASE, ngx_stream_upstream_add, ngx_uint_t, ngx_url_t,
-        NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE123,
-        NGX_CONF_TAKE2, NGX_ERROR, NGX_OK, NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE,
-        NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPSTREAM_CREATE,
+        ngx_stream_phases_NGX_STREAM_PREACCESS_PHASE, ngx_stream_phases_NGX_STREAM_PREREAD_PHASE,
+        ngx_stream_upstream_add, ngx_uint_t, ngx_url_t, NGX_CONF_1MORE, NGX_CONF_NOARGS,
+        NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE123, NGX_CONF_TAKE2, NGX_ERROR, NGX_OK,
+        NGX_STREAM_MAIN_CONF, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF, NGX_STREAM_SRV_CONF_OFFSET,
+        NGX_STREAM_UPSTREAM_CREATE,
     };
     use ngx::ngx_string;
 
@@ -218,6 +221,15 @@ mod wiring {
                 return NGX_ERROR as ngx_int_t;
             }
             *h = Some(handler);
+        }
+        if crate::stream::cf_main_conf::<crate::conf::MainConf>(cf).quic {
+            let phase = &mut cmcf.phases[ngx_stream_phases_NGX_STREAM_PREACCESS_PHASE as usize];
+            let h = ngx_array_push(&mut phase.handlers).cast::<ngx_stream_handler_pt>();
+            if h.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            *h = Some(crate::quic::handler);
+            crate::quic::install_filter();
         }
         NGX_OK as ngx_int_t
     }

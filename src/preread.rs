@@ -26,7 +26,7 @@ use crate::{stream, worker};
 pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     let conf = stream::srv_conf::<SrvConf>(s);
     let c = &mut *(*s).connection;
-    if conf.mode == Mode::Off || c.type_ != libc::SOCK_STREAM {
+    if conf.mode == Mode::Off || conf.mode == Mode::Quic || c.type_ != libc::SOCK_STREAM {
         return NGX_DECLINED as ngx_int_t;
     }
     // Made at the first call, before any byte: the log handler tells by it that the session
@@ -96,6 +96,20 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
         },
     };
     ctx.scratch = Vec::new();
+    decide(s, conf, c, ctx, protocol, rejected)
+}
+
+/// Routes the session by the name its first bytes gave (`ctx.name`, if any), or `rejected`
+/// says why they gave none: counts it, applies the route's limits, and leaves in `ctx` what
+/// the balancer and the variables read. The preread handler's result.
+pub unsafe fn decide(
+    s: *mut ngx_stream_session_t,
+    conf: &SrvConf,
+    c: &mut ngx_connection_t,
+    ctx: &mut SessionCtx,
+    protocol: Protocol,
+    rejected: Option<(&'static str, Nameless)>,
+) -> ngx_int_t {
     ctx.protocol = Some(protocol);
     ctx.done = true;
     if let Some((reason, _)) = rejected {
@@ -366,7 +380,8 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         let buffered = c
             .buffer
             .as_ref()
-            .map_or(0, |b| b.last.offset_from(b.pos).max(0) as u64);
+            .map_or(0, |b| b.last.offset_from(b.pos).max(0) as u64)
+            + ctx.quic.as_ref().map_or(0, |q| q.held_bytes() as u64);
         counters.route_closed(
             pin,
             p,
@@ -387,6 +402,7 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
     let c = &*(*s).connection;
     let what = match conf.mode {
         Mode::Tls => "ClientHello",
+        Mode::Quic => "QUIC ClientHello",
         Mode::Http => "HTTP request head",
         _ => "ClientHello or HTTP request head",
     };
@@ -416,7 +432,7 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
 }
 
 /// `h2,http/1.1` from the wire's length-prefixed list, in the connection's pool.
-unsafe fn join_alpn(pool: *mut nginx_sys::ngx_pool_t, list: &[u8]) -> ngx_str_t {
+pub unsafe fn join_alpn(pool: *mut nginx_sys::ngx_pool_t, list: &[u8]) -> ngx_str_t {
     // The joined form is never longer than the wire form: each length byte becomes a comma.
     let p = nginx_sys::ngx_pnalloc(pool, list.len()).cast::<u8>();
     if p.is_null() {

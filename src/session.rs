@@ -6,7 +6,8 @@ use std::rc::Rc;
 use nginx_sys::{ngx_str_t, ngx_stream_session_t, ngx_uint_t};
 
 use crate::routes::table::{RouteTable, Upstream};
-use crate::sniff::{Host, Protocol};
+use crate::sniff::quic::{Initials, Reject};
+use crate::sniff::{Host, Peek, Protocol};
 use crate::stream;
 use crate::upstream::ServerDef;
 
@@ -42,6 +43,67 @@ pub struct SessionCtx {
     pub pair: u64,
     /// The balancer had no server to give: none listed, or none with the listener's port.
     pub no_server: bool,
+    /// `edge_route quic`: the client's first flight while it is read (see `quic`).
+    pub quic: Option<Box<QuicWait>>,
+    /// The session was routed by a QUIC first flight (`$edge_protocol` says `quic`).
+    pub quic_flight: bool,
+}
+
+/// Datagrams held before the ClientHello is whole, the first one included. Browsers need two.
+pub const MAX_DATAGRAMS: usize = 8;
+/// Bytes held in the datagrams after the first.
+pub const MAX_HELD_BYTES: usize = 16 * 1024;
+
+/// A QUIC session waiting for the rest of its first flight.
+pub struct QuicWait {
+    pub initials: Initials,
+    /// The reader's last word: `None` while it needs more.
+    pub outcome: Option<Result<(), Reject>>,
+    /// The datagrams after the first, copied into the connection's pool.
+    pub held: Vec<(*mut u8, usize)>,
+    held_bytes: usize,
+    /// The filter handed `held` to the upstream.
+    pub sent: bool,
+    /// More datagrams came than `MAX_DATAGRAMS` or `MAX_HELD_BYTES` allow before the hello.
+    pub overflow: bool,
+}
+
+impl QuicWait {
+    pub fn new() -> QuicWait {
+        QuicWait {
+            initials: Initials::new(),
+            outcome: None,
+            held: Vec::new(),
+            held_bytes: 0,
+            sent: false,
+            overflow: false,
+        }
+    }
+
+    pub fn push(&mut self, datagram: &[u8]) {
+        self.outcome = match self.initials.push(datagram) {
+            Peek::NeedMore => None,
+            Peek::Done(()) => Some(Ok(())),
+            Peek::Invalid(e) => Some(Err(e)),
+        };
+    }
+
+    /// Whether a datagram of `len` bytes may still be held.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.held.len() + 1 < MAX_DATAGRAMS && self.held_bytes + len <= MAX_HELD_BYTES
+    }
+
+    /// Holds `datagram`, copied at `copy` (in the connection's pool), and reads it.
+    pub fn hold(&mut self, copy: *mut u8, datagram: &[u8]) {
+        self.held.push((copy, datagram.len()));
+        self.held_bytes += datagram.len();
+        self.push(datagram);
+    }
+
+    /// The bytes of the datagrams after the first (for the counters).
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
 }
 
 /// Which route matched; keys point into the session's table.
@@ -104,6 +166,8 @@ impl SessionCtx {
                 counted: None,
                 pair: 0,
                 no_server: false,
+                quic: None,
+                quic_flight: false,
             },
         });
         (*cleanup).handler = Some(drop_held);

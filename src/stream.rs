@@ -271,3 +271,25 @@ pub unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr>
         _ => None,
     }
 }
+
+/// The session's server's `preread_timeout`.
+pub unsafe fn preread_timeout(s: *mut ngx_stream_session_t) -> nginx_sys::ngx_msec_t {
+    let cscf = &*slot::<nginx_sys::ngx_stream_core_srv_conf_t>(
+        (*s).srv_conf,
+        &*addr_of!(nginx_sys::ngx_stream_core_module),
+    );
+    cscf.preread_timeout
+}
+
+/// `worker_processes` of the running configuration.
+pub unsafe fn worker_processes() -> i64 {
+    let cycle = nginx_sys::ngx_cycle;
+    let ccf = (*(*cycle)
+        .conf_ctx
+        .add((*addr_of!(nginx_sys::ngx_core_module)).index))
+    .cast::<nginx_sys::ngx_core_conf_t>();
+    if ccf.is_null() {
+        return 1;
+    }
+    (*ccf).worker_processes as i64
+}

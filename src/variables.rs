@@ -153,7 +153,12 @@ unsafe extern "C" fn edge_protocol(
     _: usize,
 ) -> ngx_int_t {
     with_ctx(s, v, |ctx| {
-        Some(set_bytes(v, ctx.protocol?.as_str().as_bytes()))
+        let protocol = if ctx.quic_flight {
+            "quic"
+        } else {
+            ctx.protocol?.as_str()
+        };
+        Some(set_bytes(v, protocol.as_bytes()))
     })
 }
 

@@ -1,9 +1,11 @@
 //! Pure readers of the first bytes a client sends. They know nothing of nginx.
 
+pub mod crypto;
 pub mod http;
 #[cfg(test)]
 mod mutate;
 mod name;
+pub mod quic;
 pub mod tls;
 
 pub use name::{Host, ServerName, MAX_LABEL_LEN, MAX_NAME_LEN};

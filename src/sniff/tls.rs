@@ -63,6 +63,25 @@ pub fn read_client_hello<'a>(
     }
 }
 
+/// Reads a ClientHello handshake message without a record layer (as QUIC's CRYPTO stream
+/// carries it): `message` starts with the handshake header.
+pub fn read_handshake(message: &[u8]) -> Peek<ClientHello<'_>, Reject> {
+    let Some(head) = message.get(..HANDSHAKE_HEADER_LEN) else {
+        return Peek::NeedMore;
+    };
+    if head[0] != HANDSHAKE_CLIENT_HELLO {
+        return Peek::Invalid(Reject::NotClientHello);
+    }
+    let body_len = usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]);
+    if body_len > MAX_HELLO_LEN {
+        return Peek::Invalid(Reject::TooLarge);
+    }
+    match message.get(HANDSHAKE_HEADER_LEN..HANDSHAKE_HEADER_LEN + body_len) {
+        Some(body) => parse_client_hello(body).map_or_else(Peek::Invalid, Peek::Done),
+        None => Peek::NeedMore,
+    }
+}
+
 /// Returns the ClientHello body (after the 4-byte handshake header) once all of it arrived.
 fn reassemble<'a>(buf: &'a [u8], scratch: &'a mut Vec<u8>) -> Peek<&'a [u8], Reject> {
     match buf.first() {

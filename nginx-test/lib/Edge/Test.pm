@@ -52,6 +52,10 @@ sub port {
                 Proto => 'tcp', ReuseAddr => 1) or die "no free port: $!\n";
             $p = $s->sockport;
             close $s;
+            # Free for UDP too (QUIC listeners and peers).
+            my $u = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $p, Proto => 'udp')
+                or next;
+            close $u;
             last unless $taken{$p};
         }
         die "no free port that is not taken already\n" if $taken{$p};
@@ -167,6 +171,14 @@ EOF
     return $self->write_file('nginx.conf', $self->expand($conf));
 }
 
+# The Python that runs nginx-test/quic/peer.py: nginx-test/prereqs makes a virtualenv with
+# aioquic in it. Undef when there is none.
+sub quic_python {
+    my $venv = $ENV{EDGE_VENV} // "$ENV{HOME}/.cache/nginx-edge/venv";
+    my $python = "$venv/bin/python";
+    return -x $python && system($python, '-c', 'import aioquic') == 0 ? $python : undef;
+}
+
 # `nginx -t`: returns (ok, output).
 sub test_config {
     my ($self) = @_;
@@ -194,7 +206,8 @@ sub run {
     }
     $self->{pid} = $pid;
     for my $port (values %{$self->{ports}}) {
-        next unless $conf =~ /listen\s+127\.0\.0\.1:$port\b/;
+        # (A UDP listener cannot be probed by connecting.)
+        next unless $conf =~ /listen\s+127\.0\.0\.1:$port\b(?![^;]*\budp\b)/;
         wait_for(sub {
             die "nginx exited:\n" . $self->read_file('stdout.log') . $self->read_file('error.log')
                 if waitpid($pid, WNOHANG) == $pid;

@@ -1,0 +1,251 @@
+//! `edge_route quic`: QUIC on a UDP listener, routed by the SNI of the client's first flight.
+//!
+//! nginx hands a UDP session's first datagram to the phases in a buffer of exactly its size,
+//! and its preread phase cannot wait for another datagram (it reads into that full buffer, or
+//! peeks at the listening socket that every client shares). So this module reads QUIC in the
+//! pre-access phase instead, where a handler may suspend the session: the first datagram is
+//! `c->buffer`; each later one, which nginx hands to the connection's read handler, is copied
+//! into the session's pool until `sniff::quic::Initials` has the whole ClientHello. The session
+//! is then routed as TLS would be (`preread::decide`), and the phases go on. A stream filter
+//! sends the datagrams held meanwhile to the upstream right after the first one, in order, each
+//! as a datagram of its own; from there on nginx's UDP proxy forwards each datagram as it comes.
+
+use core::cell::Cell;
+use core::ptr;
+
+use nginx_sys::{
+    ngx_chain_t, ngx_connection_t, ngx_del_timer, ngx_event_t, ngx_int_t, ngx_stream_session_t,
+    ngx_uint_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_WARN,
+};
+use ngx::ngx_log_error;
+
+use crate::conf::{Mode, SrvConf};
+use crate::preread;
+use crate::session::{self, KeptName, QuicWait, SessionCtx};
+use crate::sniff::{Peek, Protocol};
+use crate::stream;
+use crate::traffic::Nameless;
+
+thread_local! {
+    /// The worker warned that a quic listener without reuseport may split a client's datagrams.
+    static WARNED_REUSEPORT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Pre-access phase handler of `edge_route quic` servers.
+pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
+    let conf = stream::srv_conf::<SrvConf>(s);
+    if conf.mode != Mode::Quic {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    let c = &mut *(*s).connection;
+    if c.type_ != libc::SOCK_DGRAM {
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            c.log,
+            "edge: \"edge_route quic\" on a TCP listener: it needs \"listen ... udp\", closing"
+        );
+        return NGX_ERROR as ngx_int_t;
+    }
+    let ctx = match session::get(s) {
+        Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
+        Some(ctx) => ctx,
+        None => {
+            let Some(ctx) = SessionCtx::attach(s) else {
+                return NGX_ERROR as ngx_int_t;
+            };
+            ctx
+        }
+    };
+    if ctx.quic.is_none() {
+        warn_reuseport(c);
+        let mut wait = Box::new(QuicWait::new());
+        if let Some(b) = c.buffer.as_ref() {
+            wait.push(core::slice::from_raw_parts(
+                b.pos,
+                b.last.offset_from(b.pos) as usize,
+            ));
+        }
+        ctx.quic = Some(wait);
+    }
+    let wait = ctx.quic.as_mut().expect("made above");
+    if wait.outcome.is_none() && !wait.overflow && (*c.read).timedout() == 0 {
+        // Wait for the next datagram, within preread_timeout.
+        (*c.read).handler = Some(read_handler);
+        if (*c.read).timer_set() == 0 {
+            nginx_sys::ngx_add_timer(c.read, stream::preread_timeout(s));
+        }
+        return NGX_AGAIN as ngx_int_t;
+    }
+    if (*c.read).timer_set() != 0 {
+        ngx_del_timer(c.read);
+    }
+    (*c.read).handler = Some(nginx_sys::ngx_stream_session_handler);
+    if (*c.read).timedout() != 0 {
+        // As nginx does for a TCP client that sends no whole hello: closed; the log phase
+        // says why.
+        return nginx_sys::NGX_STREAM_OK as ngx_int_t;
+    }
+    let rejected = match wait.outcome {
+        Some(Ok(())) => match wait.initials.client_hello() {
+            Peek::Done(hello) => {
+                if let Some(name) = &hello.server_name {
+                    let Some(kept) = KeptName::keep(c.pool, name) else {
+                        return NGX_ERROR as ngx_int_t;
+                    };
+                    ctx.name = kept;
+                }
+                if let Some(list) = hello.alpn {
+                    ctx.alpn = preread::join_alpn(c.pool, list);
+                }
+                None
+            }
+            Peek::NeedMore => Some(("incomplete QUIC ClientHello", Nameless::Unreadable)),
+            Peek::Invalid(r) => Some((r.as_str(), Nameless::Unreadable)),
+        },
+        Some(Err(r)) => Some((r.as_str(), Nameless::Unreadable)),
+        None => Some((
+            "QUIC ClientHello spread over more datagrams than held",
+            Nameless::TooLarge,
+        )),
+    };
+    ctx.quic_flight = true;
+    preread::decide(s, conf, c, ctx, Protocol::Tls, rejected)
+}
+
+/// The connection's read handler while the session waits: nginx calls it with each datagram
+/// of this client (`c->udp->buffer`), and when preread_timeout passes.
+unsafe extern "C" fn read_handler(ev: *mut ngx_event_t) {
+    let c = (*ev).data.cast::<ngx_connection_t>();
+    let s = (*c).data.cast::<ngx_stream_session_t>();
+    let Some(ctx) = session::get(s) else {
+        return;
+    };
+    let Some(wait) = ctx.quic.as_mut() else {
+        return;
+    };
+    if (*ev).timedout() == 0 {
+        // nginx hands the datagram over through the connection's recv (`ngx_udp_shared_recv`,
+        // whose buffer is not part of nginx's public headers); its buffer is reused for the
+        // next datagram, so the session keeps a copy.
+        let Some(recv) = (*c).recv else {
+            return;
+        };
+        let room = &mut *ptr::addr_of_mut!(RECV);
+        let n = recv(c, room.as_mut_ptr(), room.len());
+        if n <= 0 {
+            return;
+        }
+        let datagram = &room[..n as usize];
+        if !wait.has_room(datagram.len()) {
+            wait.overflow = true;
+        } else {
+            let copy = nginx_sys::ngx_pnalloc((*c).pool, datagram.len().max(1)).cast::<u8>();
+            if copy.is_null() {
+                nginx_sys::ngx_stream_finalize_session(
+                    s,
+                    nginx_sys::NGX_STREAM_INTERNAL_SERVER_ERROR as ngx_uint_t,
+                );
+                return;
+            }
+            ptr::copy_nonoverlapping(datagram.as_ptr(), copy, datagram.len());
+            wait.hold(copy, datagram);
+        }
+        if wait.outcome.is_none() && !wait.overflow {
+            return;
+        }
+    }
+    // Decided (or timed out): the phases go on from the handler above.
+    nginx_sys::ngx_stream_core_run_phases(s);
+}
+
+/// A listener shared by several workers without `reuseport` lets the kernel hand one client's
+/// datagrams to different workers, each of which then starts a session of its own.
+unsafe fn warn_reuseport(c: &ngx_connection_t) {
+    if WARNED_REUSEPORT.get() || c.listening.is_null() || (*c.listening).reuseport() != 0 {
+        return;
+    }
+    if stream::worker_processes() > 1 {
+        WARNED_REUSEPORT.set(true);
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            c.log,
+            "edge: \"edge_route quic\" on a udp listener without \"reuseport\" and {} workers: a client's datagrams may reach several workers, and its connection fail; add \"reuseport\" to the listen directive",
+            stream::worker_processes()
+        );
+    }
+}
+
+/// Where a waiting session's next datagram is read (the largest UDP payload).
+static mut RECV: [u8; 65536] = [0; 65536];
+
+static mut NEXT_FILTER: nginx_sys::ngx_stream_filter_pt = None;
+
+/// Puts the module's filter on top of the stream filters (once, in postconfiguration).
+pub unsafe fn install_filter() {
+    NEXT_FILTER = nginx_sys::ngx_stream_top_filter;
+    nginx_sys::ngx_stream_top_filter = Some(filter);
+}
+
+/// The first chain to the upstream of a QUIC session gets the datagrams held while its
+/// ClientHello was read, right after the first datagram (which the proxy sends from the
+/// preread buffer), each one flushed: a datagram of its own.
+unsafe extern "C" fn filter(
+    s: *mut ngx_stream_session_t,
+    chain: *mut ngx_chain_t,
+    from_upstream: ngx_uint_t,
+) -> ngx_int_t {
+    let next = NEXT_FILTER.expect("installed over a filter");
+    if from_upstream != 0 {
+        return next(s, chain, from_upstream);
+    }
+    let Some(wait) = session::get(s).and_then(|ctx| ctx.quic.as_mut()) else {
+        return next(s, chain, from_upstream);
+    };
+    if wait.sent || wait.held.is_empty() {
+        return next(s, chain, from_upstream);
+    }
+    wait.sent = true;
+    let c = &*(*s).connection;
+    // After the preread buffer's link when the chain starts with it, else first.
+    let first_is_preread = !chain.is_null()
+        && !c.buffer.is_null()
+        && !(*chain).buf.is_null()
+        && (*(*chain).buf).start == (*c.buffer).start;
+    let (mut head, rest): (*mut ngx_chain_t, *mut ngx_chain_t) = if first_is_preread {
+        let link = nginx_sys::ngx_alloc_chain_link(c.pool);
+        if link.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*link).buf = (*chain).buf;
+        (*link).next = ptr::null_mut();
+        (link, (*chain).next)
+    } else {
+        (ptr::null_mut(), chain)
+    };
+    let mut tail: *mut *mut ngx_chain_t = if head.is_null() {
+        &mut head
+    } else {
+        &mut (*head).next
+    };
+    for &(data, len) in &wait.held {
+        let link = nginx_sys::ngx_alloc_chain_link(c.pool);
+        let b = nginx_sys::ngx_pcalloc(c.pool, core::mem::size_of::<nginx_sys::ngx_buf_t>())
+            .cast::<nginx_sys::ngx_buf_t>();
+        if link.is_null() || b.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*b).start = data;
+        (*b).pos = data;
+        (*b).last = data.add(len);
+        (*b).end = data.add(len);
+        (*b).set_temporary(1);
+        (*b).set_flush(1);
+        (*b).tag = ptr::addr_of!(crate::ngx_stream_edge_module) as nginx_sys::ngx_buf_tag_t;
+        (*link).buf = b;
+        (*link).next = ptr::null_mut();
+        *tail = link;
+        tail = &mut (*link).next;
+    }
+    *tail = rest;
+    next(s, head, from_upstream)
+}
