@@ -15,16 +15,17 @@ use core::ptr;
 
 use nginx_sys::{
     ngx_chain_t, ngx_connection_t, ngx_del_timer, ngx_event_t, ngx_int_t, ngx_stream_session_t,
-    ngx_uint_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_WARN,
+    ngx_uint_t, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
 use crate::conf::{Mode, SrvConf};
 use crate::preread;
 use crate::session::{self, KeptName, QuicWait, SessionCtx};
+use crate::sniff::quic::Reject;
 use crate::sniff::{Peek, Protocol};
-use crate::stream;
 use crate::traffic::Nameless;
+use crate::{stream, worker};
 
 thread_local! {
     /// The worker warned that a quic listener without reuseport may split a client's datagrams.
@@ -85,6 +86,10 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
         // says why.
         return nginx_sys::NGX_STREAM_OK as ngx_int_t;
     }
+    // What cannot start a QUIC connection is dropped, as a QUIC server drops it (RFC 9000
+    // §5.2.2): sent to a default route, anyone could flood its cluster through the edge with
+    // datagrams that cost nothing to send. An unknown version goes on without a name: the
+    // server answers it with a Version Negotiation packet.
     let rejected = match wait.outcome {
         Some(Ok(())) => match wait.initials.client_hello() {
             Peek::Done(hello) => {
@@ -99,17 +104,40 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
                 }
                 None
             }
-            Peek::NeedMore => Some(("incomplete QUIC ClientHello", Nameless::Unreadable)),
-            Peek::Invalid(r) => Some((r.as_str(), Nameless::Unreadable)),
+            Peek::NeedMore => {
+                return dropped(c, ctx, "incomplete QUIC ClientHello", Nameless::Unreadable)
+            }
+            Peek::Invalid(r) => return dropped(c, ctx, r.as_str(), Nameless::Unreadable),
         },
-        Some(Err(r)) => Some((r.as_str(), Nameless::Unreadable)),
-        None => Some((
-            "QUIC ClientHello spread over more datagrams than held",
-            Nameless::TooLarge,
-        )),
+        Some(Err(r @ Reject::UnknownVersion(_))) => Some((r.as_str(), Nameless::Unreadable)),
+        Some(Err(r)) => return dropped(c, ctx, r.as_str(), Nameless::Unreadable),
+        None => {
+            return dropped(
+                c,
+                ctx,
+                "QUIC ClientHello spread over more datagrams than a session holds",
+                Nameless::TooLarge,
+            )
+        }
     };
     ctx.quic_flight = true;
     preread::decide(s, conf, c, ctx, Protocol::Tls, rejected)
+}
+
+/// Ends a session whose datagrams cannot start a QUIC connection: counted, logged at `info`
+/// with the client address, and closed (the access log says 400).
+unsafe fn dropped(
+    c: &ngx_connection_t,
+    ctx: &mut SessionCtx,
+    reason: &str,
+    why: Nameless,
+) -> ngx_int_t {
+    ctx.done = true;
+    if let Some(counters) = worker::get().and_then(|w| w.counters.as_ref()) {
+        counters.nameless(why);
+    }
+    ngx_log_error!(NGX_LOG_INFO, c.log, "edge: {}, dropped", reason);
+    nginx_sys::NGX_STREAM_BAD_REQUEST as ngx_int_t
 }
 
 /// The connection's read handler while the session waits: nginx calls it with each datagram

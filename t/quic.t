@@ -8,6 +8,8 @@ use warnings;
 use Test::More;
 use FindBin;
 use Edge::Test qw(wait_for);
+use IO::Select;
+use IO::Socket::INET;
 
 my $python = Edge::Test::quic_python()
     or plan skip_all => 'aioquic is not installed (nginx-test/prereqs makes a virtualenv with it)';
@@ -26,8 +28,7 @@ sub peer {
         close $r;
         open STDOUT, '>&', $w;
         open STDERR, '>>', $t->dir . '/peers.log';
-        exec $python, $peer, @args;
-        POSIX::_exit(127);
+        exec($python, $peer, @args) or POSIX::_exit(127);
     }
     close $w;
     my $line = <$r>;
@@ -56,13 +57,14 @@ $t->write_routes('routes.json', <<"EOF2");
   "default": "a"
 }
 EOF2
-$t->config(<<'EOF2', workers => 2);
+$t->config(<<'EOF2', workers => 2, connections => 8192);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
     server {
         listen 127.0.0.1:%%PORT_edge%% udp reuseport;
         edge_route quic;
         proxy_pass nginx_edge;
         proxy_timeout 2s;
+        preread_timeout 2s;
         access_log %%TESTDIR%%/quic.log edge;
     }
 EOF2
@@ -107,5 +109,73 @@ for my $k (1 .. 4) {
 my $failed = grep { waitpid($_, 0); $? != 0 } @kids;
 is($failed, 0, '40 connections from 4 clients at once, each to its cluster');
 
+# A version this module cannot read goes to the default route, whose server answers with a
+# Version Negotiation packet; bytes that are not QUIC are dropped.
+{
+    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$edge", Proto => 'udp') or die "udp: $!\n";
+    my $dcid = "\x11" x 8;
+    $s->send(pack('C N C a8 C', 0xc0, 0x1a2a3a4a, 8, $dcid, 0) . ("\0" x 1180));
+    my $answer = '';
+    my $sel = IO::Select->new($s);
+    $s->recv($answer, 1500) if $sel->can_read(10);
+    my ($first, $version, $dlen) = unpack('C N C', $answer);
+    ok(defined $version && $first & 0x80 && $version == 0 && index(substr($answer, 7), pack('N', 1)) >= 0,
+        'an unknown version reaches the default server, which answers with a Version Negotiation');
+    my $g = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$edge", Proto => 'udp') or die "udp: $!\n";
+    $g->send("\x40 not a QUIC long header");
+    $t->wait_for_log(qr/\[info\] .*edge: not a QUIC long header, dropped/);
+    pass('bytes that are not QUIC are dropped, logged');
+}
+
+# A client whose second datagram never comes (a relay drops it): closed at preread_timeout.
+peer('relay', $t->port('dropping'), $edge, '--drop');
+like(get($t->port('dropping'), 'b.test', '--pad', 1400, '--timeout', 4)->[0], qr/^error: /,
+    'a client whose hello never completes gets no answer');
+$t->wait_for_log(qr/\[info\] .*edge: no complete QUIC ClientHello within preread_timeout, closed/);
+pass('and is closed at preread_timeout, logged');
+
+# A table swap while a QUIC connection is open: it keeps its server; a new one follows.
+my $long = fork // die "fork: $!\n";
+if (!$long) {
+    open STDOUT, '>', $t->dir . '/long.out' or die;
+    open STDERR, '>>', $t->dir . '/peers.log';
+    exec($python, $peer, 'get', $edge, 'b.test', '--requests', 8, '--pause', 0.5) or POSIX::_exit(127);
+}
+wait_for(sub { $t->read_file('long.out') =~ /\n/ }, 'the first answer on the long connection');
+$t->swap_routes('routes.json', $t->read_file('routes.json') =~ s/"b\.test": "b"/"b.test": "a"/r, 2);
+is_deeply(get($edge, 'b.test'), ['cluster-a'], 'after a swap, a new connection follows the table');
+waitpid($long, 0);
+is_deeply([split /\n/, $t->read_file('long.out')], [('cluster-b') x 8],
+    'the connection open across the swap kept its server for its 8 requests');
+
+# A flood of garbage and of Initial-looking datagrams that open with no key, from a new
+# client every tenth datagram, while real clients connect: they all get through.
+my @workers = $t->read_file('error.log') =~ /start worker process (\d+)/g;
+my $flood = fork // die "fork: $!\n";
+if (!$flood) {
+    my $sent = `$python $peer flood $edge 6`;
+    open my $f, '>', $t->dir . '/flood.out' or die;
+    print $f $sent;
+    close $f;
+    POSIX::_exit(0);
+}
+my $during = get($edge, 'a.test', '--count', 20);
+waitpid($flood, 0);
+my ($sent) = $t->read_file('flood.out') =~ /(\d+)/;
+note("flood: $sent datagrams in 6 s");
+cmp_ok($sent, '>', 1000, 'the flood ran');
+is(scalar(grep { $_ eq 'cluster-a' } @$during), 20, '20 connections answered during the flood');
+my $rss = 0;
+for my $pid (@workers) {
+    open my $fh, '<', "/proc/$pid/status" or next;
+    local $/;
+    my ($v) = <$fh> =~ /VmRSS:\s+(\d+)/;
+    $rss = $v if $v && $v > $rss;
+}
+note("largest worker RSS after the flood: $rss kB");
+cmp_ok($rss, '<', 256 * 1024, 'workers stay under 256 MiB');
+like($t->read_file('error.log'), qr/edge: QUIC Initial packet that does not open, dropped/,
+    'the Initial-looking datagrams dropped');
+unlike($t->read_file('error.log'), qr/exited on signal/, 'no worker crashed');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'nothing worse than an error');
 done_testing;

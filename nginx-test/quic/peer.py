@@ -7,12 +7,20 @@
                                            server name SNI; prints each answer's body, or
                                            "error: ..."; --pad inflates the ClientHello by N
                                            bytes (ALPN names), so it spans several datagrams
-    peer.py relay PORT TARGET_PORT         a UDP relay that swaps each client's first two
-                                           datagrams; prints its own port, then "ready"
+                                           [--requests N --pause S] N requests on each
+                                           connection, S seconds apart
+    peer.py relay PORT TARGET_PORT [--drop] a UDP relay that swaps each client's first two
+                                           datagrams (with --drop: forwards only the first);
+                                           prints "ready"
+    peer.py flood PORT SECONDS             datagrams for SECONDS, a new client every tenth:
+                                           garbage, and Initial-looking packets of random
+                                           connection IDs that open with no key; prints
+                                           how many it sent
 """
 
 import argparse
 import asyncio
+import os
 import socket
 import ssl
 import sys
@@ -91,8 +99,13 @@ async def run_get(args) -> None:
         try:
             async with connect("127.0.0.1", args.port, configuration=config, create_protocol=Client,
                                wait_connected=True) as client:
-                body = await asyncio.wait_for(client.get(args.sni), args.timeout)
-                print(body.decode(), flush=True)
+                for i in range(args.requests):
+                    if i:
+                        await asyncio.sleep(args.pause)
+                        client.body = b""
+                        client.done = asyncio.get_event_loop().create_future()
+                    body = await asyncio.wait_for(client.get(args.sni), args.timeout)
+                    print(body.decode(), flush=True)
         except Exception as e:  # one line per failed connection
             print(f"error: {type(e).__name__} {e}", flush=True)
 
@@ -100,8 +113,9 @@ async def run_get(args) -> None:
 class Relay(asyncio.DatagramProtocol):
     """Forwards each client's datagrams to the target, its first two swapped."""
 
-    def __init__(self, target):
+    def __init__(self, target, drop):
         self.target = target
+        self.drop = drop
         self.clients = {}
 
     def connection_made(self, transport):
@@ -119,6 +133,10 @@ class Relay(asyncio.DatagramProtocol):
             c["up"] = sock
             loop.add_reader(sock, self.answer, sock, addr)
         c["count"] += 1
+        if self.drop:
+            if c["count"] == 1:
+                c["up"].send(data)
+            return
         if c["count"] == 1:
             c["held"].append(data)
             return
@@ -137,9 +155,45 @@ class Relay(asyncio.DatagramProtocol):
 
 async def run_relay(args) -> None:
     loop = asyncio.get_event_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: Relay(args.target), local_addr=("127.0.0.1", args.port))
+    transport, _ = await loop.create_datagram_endpoint(lambda: Relay(args.target, args.drop), local_addr=("127.0.0.1", args.port))
     print("ready", flush=True)
     await asyncio.Future()
+
+
+def run_flood(args) -> None:
+    import time
+    socks = []
+    for _ in range(100):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        socks.append(sock)
+    end = time.monotonic() + args.seconds
+    sent = 0
+    while time.monotonic() < end:
+        if sent % 2:
+            data = os.urandom(1 + sent % 1400)
+        else:
+            # A long header of version 1, a random 8-byte connection ID, no token, a length
+            # that fits: it looks like an Initial packet and opens with no key.
+            body = os.urandom(1162)
+            data = bytes([0xc3]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([0, 0]) \
+                + (0x4000 | len(body)).to_bytes(2, "big") + body
+        k = sent % len(socks)
+        if sent % 10 == 0:
+            # A new client every tenth datagram: a session of its own at the edge.
+            socks[k].close()
+            socks[k] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks[k].bind(("127.0.0.1", 0))
+            socks[k].setblocking(False)
+        try:
+            socks[k].sendto(data, ("127.0.0.1", args.port))
+        except BlockingIOError:
+            time.sleep(0.001)
+        sent += 1
+        if sent % 200 == 0:
+            time.sleep(0.001)
+    print(sent, flush=True)
 
 
 def main() -> None:
@@ -157,10 +211,19 @@ def main() -> None:
     g.add_argument("--version", type=int, default=1)
     g.add_argument("--count", type=int, default=1)
     g.add_argument("--timeout", type=float, default=10)
+    g.add_argument("--requests", type=int, default=1)
+    g.add_argument("--pause", type=float, default=0)
     r = sub.add_parser("relay")
     r.add_argument("port", type=int)
     r.add_argument("target", type=int)
+    r.add_argument("--drop", action="store_true")
+    f = sub.add_parser("flood")
+    f.add_argument("port", type=int)
+    f.add_argument("seconds", type=float)
     args = p.parse_args()
+    if args.cmd == "flood":
+        run_flood(args)
+        return
     runner = {"server": run_server, "get": run_get, "relay": run_relay}[args.cmd]
     try:
         asyncio.run(runner(args))
