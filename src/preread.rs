@@ -284,6 +284,14 @@ unsafe fn log_refusal(
 /// address), a TLS client's connection is closed. What the client sent is read first, so
 /// that closing does not reset the connection before the answer is read.
 unsafe fn refuse(c: &mut ngx_connection_t, protocol: Protocol, why: Refusal) -> ngx_int_t {
+    // A UDP session (QUIC) has no socket of its own: `c.fd` is the listening socket that every
+    // client shares. Nothing is read or sent there; the session is closed.
+    if c.type_ != libc::SOCK_STREAM {
+        return match why {
+            Refusal::Denied => NGX_STREAM_FORBIDDEN as ngx_int_t,
+            _ => NGX_STREAM_SERVICE_UNAVAILABLE as ngx_int_t,
+        };
+    }
     let mut sink = [0u8; 4096];
     for _ in 0..16 {
         let n = libc::recv(
@@ -380,8 +388,7 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         let buffered = c
             .buffer
             .as_ref()
-            .map_or(0, |b| b.last.offset_from(b.pos).max(0) as u64)
-            + ctx.quic.as_ref().map_or(0, |q| q.held_bytes() as u64);
+            .map_or(0, |b| b.last.offset_from(b.pos).max(0) as u64);
         counters.route_closed(
             pin,
             p,

@@ -21,11 +21,18 @@ use ngx::ngx_log_error;
 
 use crate::conf::{Mode, SrvConf};
 use crate::preread;
-use crate::session::{self, KeptName, QuicWait, SessionCtx};
-use crate::sniff::quic::Reject;
+use crate::session::{self, KeptName, QuicWait, SessionCtx, QUIC_WAITING};
+use crate::sniff::quic::{Initials, Reject};
 use crate::sniff::{Peek, Protocol};
 use crate::traffic::Nameless;
 use crate::{stream, worker};
+
+/// How long a session waits for the rest of its first flight, at most (`preread_timeout` if
+/// shorter).
+pub const WAIT_MS: nginx_sys::ngx_msec_t = 3000;
+/// Sessions a worker lets wait at once; past that, a first datagram without the whole hello
+/// is dropped.
+pub const MAX_WAITING: usize = 1024;
 
 thread_local! {
     /// The worker warned that a quic listener without reuseport may split a client's datagrams.
@@ -70,16 +77,30 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
     }
     let wait = ctx.quic.as_mut().expect("made above");
     if wait.outcome.is_none() && !wait.overflow && (*c.read).timedout() == 0 {
-        // Wait for the next datagram, within preread_timeout.
+        if !wait.waiting && QUIC_WAITING.get() >= MAX_WAITING {
+            return dropped(
+                c,
+                ctx,
+                "too many QUIC clients waiting for the rest of their first flight",
+                Nameless::TooLarge,
+            );
+        }
+        wait.set_waiting(true);
+        // Wait for the next datagram. A client sends its first flight back to back, and sends
+        // it again after about a second when a datagram was lost.
         (*c.read).handler = Some(read_handler);
         if (*c.read).timer_set() == 0 {
-            nginx_sys::ngx_add_timer(c.read, stream::preread_timeout(s));
+            // Cancelable: a waiting session does not hold a worker that is shutting down.
+            (*c.read).set_cancelable(1);
+            nginx_sys::ngx_add_timer(c.read, stream::preread_timeout(s).min(WAIT_MS));
         }
         return NGX_AGAIN as ngx_int_t;
     }
+    wait.set_waiting(false);
     if (*c.read).timer_set() != 0 {
         ngx_del_timer(c.read);
     }
+    (*c.read).set_cancelable(0);
     (*c.read).handler = Some(nginx_sys::ngx_stream_session_handler);
     if (*c.read).timedout() != 0 {
         // As nginx does for a TCP client that sends no whole hello: closed; the log phase
@@ -121,7 +142,13 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
         }
     };
     ctx.quic_flight = true;
-    preread::decide(s, conf, c, ctx, Protocol::Tls, rejected)
+    let rc = preread::decide(s, conf, c, ctx, Protocol::Tls, rejected);
+    // The name and ALPN are in the pool now: the reader's buffers go (the held datagrams
+    // stay until the filter sent them).
+    if let Some(wait) = ctx.quic.as_mut() {
+        wait.initials = Initials::new();
+    }
+    rc
 }
 
 /// Ends a session whose datagrams cannot start a QUIC connection: counted, logged at `info`
@@ -151,6 +178,12 @@ unsafe extern "C" fn read_handler(ev: *mut ngx_event_t) {
     let Some(wait) = ctx.quic.as_mut() else {
         return;
     };
+    if (*c).close() != 0 || nginx_sys::ngx_exiting != 0 {
+        // worker_shutdown_timeout, or a worker leaving: the session ends here.
+        wait.set_waiting(false);
+        nginx_sys::ngx_stream_finalize_session(s, nginx_sys::NGX_STREAM_OK as ngx_uint_t);
+        return;
+    }
     if (*ev).timedout() == 0 {
         // nginx hands the datagram over through the connection's recv (`ngx_udp_shared_recv`,
         // whose buffer is not part of nginx's public headers); its buffer is reused for the
@@ -234,27 +267,36 @@ unsafe extern "C" fn filter(
     }
     wait.sent = true;
     let c = &*(*s).connection;
-    // After the preread buffer's link when the chain starts with it, else first.
-    let first_is_preread = !chain.is_null()
-        && !c.buffer.is_null()
-        && !(*chain).buf.is_null()
-        && (*(*chain).buf).start == (*c.buffer).start;
-    let (mut head, rest): (*mut ngx_chain_t, *mut ngx_chain_t) = if first_is_preread {
-        let link = nginx_sys::ngx_alloc_chain_link(c.pool);
-        if link.is_null() {
-            return NGX_ERROR as ngx_int_t;
+    // Right after the link of the preread buffer (the first datagram), which a PROXY protocol
+    // header may precede; first when the chain has no such link. The proxy's own links are
+    // left as they are: the chain handed on is made of new links up to that point.
+    let mut preread_at = None;
+    let mut cl = chain;
+    let mut i = 0;
+    while !cl.is_null() && !c.buffer.is_null() {
+        if !(*cl).buf.is_null() && (*(*cl).buf).start == (*c.buffer).start {
+            preread_at = Some(i);
+            break;
         }
-        (*link).buf = (*chain).buf;
-        (*link).next = ptr::null_mut();
-        (link, (*chain).next)
-    } else {
-        (ptr::null_mut(), chain)
-    };
-    let mut tail: *mut *mut ngx_chain_t = if head.is_null() {
-        &mut head
-    } else {
-        &mut (*head).next
-    };
+        cl = (*cl).next;
+        i += 1;
+    }
+    let mut head: *mut ngx_chain_t = ptr::null_mut();
+    let mut tail: *mut *mut ngx_chain_t = &mut head;
+    let mut rest = chain;
+    if let Some(upto) = preread_at {
+        for _ in 0..=upto {
+            let link = nginx_sys::ngx_alloc_chain_link(c.pool);
+            if link.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*link).buf = (*rest).buf;
+            (*link).next = ptr::null_mut();
+            *tail = link;
+            tail = &mut (*link).next;
+            rest = (*rest).next;
+        }
+    }
     for &(data, len) in &wait.held {
         let link = nginx_sys::ngx_alloc_chain_link(c.pool);
         let b = nginx_sys::ngx_pcalloc(c.pool, core::mem::size_of::<nginx_sys::ngx_buf_t>())
@@ -275,5 +317,7 @@ unsafe extern "C" fn filter(
         tail = &mut (*link).next;
     }
     *tail = rest;
+    // The proxy counts what it read itself; these it did not.
+    (*s).received += wait.held_bytes() as i64;
     next(s, head, from_upstream)
 }

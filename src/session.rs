@@ -66,6 +66,34 @@ pub struct QuicWait {
     pub sent: bool,
     /// More datagrams came than `MAX_DATAGRAMS` or `MAX_HELD_BYTES` allow before the hello.
     pub overflow: bool,
+    /// Counted among the worker's waiting sessions (see `quic::WAITING`).
+    pub waiting: bool,
+}
+
+thread_local! {
+    /// The worker's QUIC sessions waiting for the rest of a first flight.
+    pub static QUIC_WAITING: core::cell::Cell<usize> = const { core::cell::Cell::new(0) };
+}
+
+impl QuicWait {
+    /// Counts the session among the waiting ones, or not.
+    pub fn set_waiting(&mut self, waiting: bool) {
+        if waiting != self.waiting {
+            self.waiting = waiting;
+            QUIC_WAITING.set(if waiting {
+                QUIC_WAITING.get() + 1
+            } else {
+                QUIC_WAITING.get().saturating_sub(1)
+            });
+        }
+    }
+}
+
+impl Drop for QuicWait {
+    fn drop(&mut self) {
+        // A session closed while it waited (a shutdown, a pool freed).
+        self.set_waiting(false);
+    }
 }
 
 impl QuicWait {
@@ -77,6 +105,7 @@ impl QuicWait {
             held_bytes: 0,
             sent: false,
             overflow: false,
+            waiting: false,
         }
     }
 

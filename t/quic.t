@@ -47,18 +47,34 @@ sub get {
 }
 
 peer('server', $t->port($_), "cluster-$_", $crt, $key) for qw(a b);
+# A server that answers a client's first Initial with a Retry: the client comes again with a
+# new connection ID, on a session already routed.
+peer('server', $t->port('c'), 'cluster-c', $crt, $key, '--retry');
+# A recorder of the datagrams an upstream gets (the PROXY protocol case below).
+my $recorder = IO::Socket::INET->new(LocalAddr => '127.0.0.1:' . $t->port('rec'), Proto => 'udp')
+    or die "recorder: $!\n";
+
+# A client's first flight as aioquic makes it, in datagrams.
+sub first_flight {
+    my (@args) = @_;
+    return [map { pack 'H*', $_ } split /\n/, `$python $peer initials @args`];
+}
 $t->write_routes('routes.json', <<"EOF2");
 {
   "upstreams": {
     "a": {"servers": ["127.0.0.1:${\$t->port('a')}"]},
-    "b": {"servers": ["127.0.0.1:${\$t->port('b')}"]}
+    "b": {"servers": ["127.0.0.1:${\$t->port('b')}"]},
+    "c": {"servers": ["127.0.0.1:${\$t->port('c')}"]},
+    "rec": {"servers": ["127.0.0.1:${\$t->port('rec')}"]}
   },
-  "routes": {"a.test": "a", "b.test": "b", "*.b.test": "b"},
+  "routes": {"a.test": "a", "b.test": "b", "*.b.test": "b", "c.test": "c", "rec.test": "rec",
+             "deny.test": {"upstream": "a", "limits": {"deny": ["127.0.0.0/8"]}}},
   "default": "a"
 }
 EOF2
 $t->config(<<'EOF2', workers => 2, connections => 8192);
     edge_routes %%TESTDIR%%/routes.json interval=100ms;
+    log_format ports '$remote_port $edge_server_name $status';
     server {
         listen 127.0.0.1:%%PORT_edge%% udp reuseport;
         edge_route quic;
@@ -66,6 +82,14 @@ $t->config(<<'EOF2', workers => 2, connections => 8192);
         proxy_timeout 2s;
         preread_timeout 2s;
         access_log %%TESTDIR%%/quic.log edge;
+        access_log %%TESTDIR%%/ports.log ports;
+    }
+    server {
+        listen 127.0.0.1:%%PORT_pp%% udp reuseport;
+        edge_route quic;
+        proxy_pass nginx_edge;
+        proxy_protocol on;
+        proxy_timeout 2s;
     }
 EOF2
 $t->run;
@@ -125,6 +149,42 @@ is($failed, 0, '40 connections from 4 clients at once, each to its cluster');
     $g->send("\x40 not a QUIC long header");
     $t->wait_for_log(qr/\[info\] .*edge: not a QUIC long header, dropped/);
     pass('bytes that are not QUIC are dropped, logged');
+}
+
+is_deeply(get($edge, 'c.test'), ['cluster-c'], 'a server that sends a Retry: the client comes again, routed');
+
+# A refused client (deny) does not take other clients' datagrams with it: its session has
+# no socket of its own to drain.
+{
+    my @socks = map { IO::Socket::INET->new(PeerAddr => "127.0.0.1:$edge", Proto => 'udp') or die } 1 .. 4;
+    my ($denied, $allowed) = (first_flight('deny.test'), first_flight('a.test'));
+    $socks[0]->send($denied->[0]);
+    $_->send($allowed->[0]) for @socks[1 .. 3];
+    my %port = map { $_->sockport => 1 } @socks[1 .. 3];
+    wait_for(sub {
+        my @seen = grep { $port{(split / /)[0]} && / a\.test 200$/ } split /\n/, $t->read_file('ports.log');
+        @seen == 3;
+    }, "the 3 clients after a refused one routed", 30);
+    pass('3 clients right after a refused one are all routed');
+    like($t->read_file('ports.log'), qr/^${\$socks[0]->sockport} deny\.test 403$/m, 'the refused one logged 403');
+}
+
+# With proxy_protocol, the header goes first, with the first datagram; the held one after.
+{
+    my $flight = first_flight('rec.test', '--pad', 1400);
+    cmp_ok(scalar @$flight, '>=', 2, 'a first flight of two datagrams');
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . $t->port('pp'), Proto => 'udp') or die;
+    $s->send($_) for @$flight;
+    my @got;
+    my $sel = IO::Select->new($recorder);
+    while (@got < @$flight && $sel->can_read(10)) {
+        $recorder->recv(my $d, 65536);
+        push @got, $d;
+    }
+    like($got[0] // '', qr/^PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ ${\$t->port('pp')}\r\n/,
+        'the upstream gets the PROXY header first');
+    is(length($got[0] // '') - index($got[0] // '', "\r\n") - 2, length $flight->[0], 'with the first datagram, whole');
+    ok(defined $got[1] && $got[1] eq $flight->[1], 'then the held datagram, as it came');
 }
 
 # A client whose second datagram never comes (a relay drops it): closed at preread_timeout.

@@ -12,6 +12,8 @@
     peer.py relay PORT TARGET_PORT [--drop] a UDP relay that swaps each client's first two
                                            datagrams (with --drop: forwards only the first);
                                            prints "ready"
+    peer.py initials SNI [--pad N]         prints, in hex, one per line, the datagrams of a
+                                           client's first flight (aioquic's), sent nowhere
     peer.py flood PORT SECONDS             datagrams for SECONDS, a new client every tenth:
                                            garbage, and Initial-looking packets of random
                                            connection IDs that open with no key; prints
@@ -76,20 +78,23 @@ async def run_server(args) -> None:
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
     config.load_cert_chain(args.cert, args.key)
     Server.name = args.name.encode()
-    await serve("127.0.0.1", args.port, configuration=config, create_protocol=Server)
+    await serve("127.0.0.1", args.port, configuration=config, create_protocol=Server, retry=args.retry)
     print("ready", flush=True)
     await asyncio.Future()
 
 
+def pad_alpn(alpn, pad):
+    """Names of up to 255 bytes added to `alpn`: the hello grows by about `pad` bytes."""
+    left = pad
+    while left > 0:
+        n = min(255, left)
+        alpn.append("x" * (n - 1))
+        left -= n + 1
+    return alpn
+
+
 async def run_get(args) -> None:
-    alpn = list(H3_ALPN)
-    if args.pad:
-        # Names of up to 255 bytes: the hello grows by about `pad` bytes.
-        left = args.pad
-        while left > 0:
-            n = min(255, left)
-            alpn.append("x" * (n - 1))
-            left -= n + 1
+    alpn = pad_alpn(list(H3_ALPN), args.pad)
     config = QuicConfiguration(is_client=True, alpn_protocols=alpn, server_name=args.sni,
                                verify_mode=ssl.CERT_NONE, idle_timeout=5)
     if args.version == 2:
@@ -176,7 +181,7 @@ def run_flood(args) -> None:
         else:
             # A long header of version 1, a random 8-byte connection ID, no token, a length
             # that fits: it looks like an Initial packet and opens with no key.
-            body = os.urandom(1162)
+            body = os.urandom(1182)
             data = bytes([0xc3]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([0, 0]) \
                 + (0x4000 | len(body)).to_bytes(2, "big") + body
         k = sent % len(socks)
@@ -196,6 +201,17 @@ def run_flood(args) -> None:
     print(sent, flush=True)
 
 
+def run_initials(args) -> None:
+    from aioquic.quic.connection import QuicConnection
+
+    config = QuicConfiguration(is_client=True, alpn_protocols=pad_alpn(list(H3_ALPN), args.pad),
+                               server_name=args.sni, verify_mode=ssl.CERT_NONE)
+    quic = QuicConnection(configuration=config)
+    quic.connect(("127.0.0.1", 443), now=0.0)
+    for data, _ in quic.datagrams_to_send(now=0.0):
+        print(data.hex(), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,6 +220,7 @@ def main() -> None:
     s.add_argument("name")
     s.add_argument("cert")
     s.add_argument("key")
+    s.add_argument("--retry", action="store_true", help="answer a first Initial with a Retry")
     g = sub.add_parser("get")
     g.add_argument("port", type=int)
     g.add_argument("sni")
@@ -217,12 +234,15 @@ def main() -> None:
     r.add_argument("port", type=int)
     r.add_argument("target", type=int)
     r.add_argument("--drop", action="store_true")
+    i = sub.add_parser("initials")
+    i.add_argument("sni")
+    i.add_argument("--pad", type=int, default=0)
     f = sub.add_parser("flood")
     f.add_argument("port", type=int)
     f.add_argument("seconds", type=float)
     args = p.parse_args()
-    if args.cmd == "flood":
-        run_flood(args)
+    if args.cmd in ("flood", "initials"):
+        {"flood": run_flood, "initials": run_initials}[args.cmd](args)
         return
     runner = {"server": run_server, "get": run_get, "relay": run_relay}[args.cmd]
     try:

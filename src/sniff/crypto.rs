@@ -163,6 +163,7 @@ pub fn aes128_gcm_open(
     };
     let mut len: c_int = 0;
     let mut tag = *tag;
+    let inout = data.as_mut_ptr();
     // SAFETY: a context of ours; key, nonce, AAD and data are live buffers of the lengths
     // given; GCM writes exactly as many bytes as it reads, in place, and nothing at Final.
     unsafe {
@@ -188,9 +189,9 @@ pub fn aes128_gcm_open(
                 aad.as_ptr(),
                 aad.len() as c_int,
             ) == 1
-            && EVP_DecryptUpdate(ctx.0, data.as_mut_ptr(), &mut len, data.as_ptr(), data_len) == 1
+            && EVP_DecryptUpdate(ctx.0, inout, &mut len, inout, data_len) == 1
             && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_SET_TAG, 16, tag.as_mut_ptr().cast()) == 1
-            && EVP_DecryptFinal_ex(ctx.0, data.as_mut_ptr().add(data.len()), &mut len) == 1
+            && EVP_DecryptFinal_ex(ctx.0, inout.add(data.len()), &mut len) == 1
     }
 }
 
@@ -206,6 +207,7 @@ pub fn aes128_gcm_seal(
     let data_len = c_int::try_from(data.len()).ok()?;
     let mut len: c_int = 0;
     let mut tag = [0u8; 16];
+    let inout = data.as_mut_ptr();
     // SAFETY: as in `aes128_gcm_open`.
     let ok = unsafe {
         EVP_EncryptInit_ex(
@@ -230,8 +232,8 @@ pub fn aes128_gcm_seal(
                 aad.as_ptr(),
                 aad.len() as c_int,
             ) == 1
-            && EVP_EncryptUpdate(ctx.0, data.as_mut_ptr(), &mut len, data.as_ptr(), data_len) == 1
-            && EVP_EncryptFinal_ex(ctx.0, data.as_mut_ptr().add(data.len()), &mut len) == 1
+            && EVP_EncryptUpdate(ctx.0, inout, &mut len, inout, data_len) == 1
+            && EVP_EncryptFinal_ex(ctx.0, inout.add(data.len()), &mut len) == 1
             && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_GET_TAG, 16, tag.as_mut_ptr().cast()) == 1
     };
     ok.then_some(tag)

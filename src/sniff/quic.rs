@@ -23,6 +23,12 @@ pub const VERSION_2: u32 = 0x6b33_43cf;
 pub const MAX_CRYPTO: usize = 16 * 1024;
 /// Disjoint pieces of the CRYPTO stream kept at once.
 pub const MAX_PIECES: usize = 64;
+/// Long-header packets looked at in one datagram: a client coalesces an Initial packet with
+/// a 0-RTT one at most, and every packet costs a key derivation and two cipher runs.
+pub const MAX_PACKETS: usize = 4;
+/// A client's first datagram is at least this long (RFC 9000 §14.1): a server drops a
+/// shorter one.
+pub const MIN_FIRST_DATAGRAM: usize = 1200;
 /// The longest connection ID in QUIC versions 1 and 2 (RFC 9000 §17.2).
 pub const MAX_CID_LEN: usize = 20;
 const TAG_LEN: usize = 16;
@@ -47,6 +53,15 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Whether the CRYPTO stream of opened packets is at fault (rather than a datagram that
+    /// opened nothing).
+    pub fn of_the_stream(self) -> bool {
+        matches!(self, Reject::TooLarge | Reject::Tls(_))
+            || self == Reject::Malformed(CRYPTO_DIFFERS)
+            || self == Reject::Malformed(BAD_FRAME)
+            || self == Reject::Malformed(FRAME_NOT_ALLOWED)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reject::NotQuic => "not a QUIC long header",
@@ -59,6 +74,10 @@ impl Reject {
         }
     }
 }
+
+const CRYPTO_DIFFERS: &str = "QUIC CRYPTO data differs where it overlaps";
+const BAD_FRAME: &str = "malformed QUIC frame";
+const FRAME_NOT_ALLOWED: &str = "frame not allowed in a QUIC Initial packet";
 
 /// What differs between QUIC versions 1 and 2 for Initial packets.
 struct Version {
@@ -338,7 +357,7 @@ pub fn read_frames(
     payload: &[u8],
     mut crypto: impl FnMut(u64, &[u8]) -> Result<(), Reject>,
 ) -> Result<(), Reject> {
-    let malformed = Reject::Malformed("malformed QUIC frame");
+    let malformed = Reject::Malformed(BAD_FRAME);
     let mut r = Reader { b: payload, at: 0 };
     while r.at < payload.len() {
         match r.varint().ok_or(malformed)? {
@@ -401,12 +420,24 @@ impl Initials {
     }
 
     /// Takes the next datagram from the client. `Done` once the ClientHello is whole (read it
-    /// with `client_hello`); `NeedMore` until then.
+    /// with `client_hello`); `NeedMore` until then. Once a datagram opened, a later one that
+    /// opens nothing (0-RTT only, reordered; or sent by anyone who can spoof the client's
+    /// address) adds nothing and ends nothing, as a QUIC server would ignore it.
     pub fn push(&mut self, datagram: &[u8]) -> Peek<(), Reject> {
+        match self.read_datagram(datagram) {
+            Peek::Invalid(e) if self.opened > 0 && !e.of_the_stream() => Peek::NeedMore,
+            other => other,
+        }
+    }
+
+    fn read_datagram(&mut self, datagram: &[u8]) -> Peek<(), Reject> {
         let mut at = 0;
         let mut opened = 0;
         let mut failed = false;
-        loop {
+        for packets in 0.. {
+            if packets == MAX_PACKETS {
+                break;
+            }
             let packet = match long_header(datagram, at) {
                 Ok(Some(p)) => p,
                 Ok(None) if at == 0 => return Peek::Invalid(Reject::NotQuic),
@@ -415,6 +446,11 @@ impl Initials {
                 Err(e) if at == 0 => return Peek::Invalid(e),
                 Err(_) => break,
             };
+            if self.opened == 0 && at == 0 && datagram.len() < MIN_FIRST_DATAGRAM {
+                return Peek::Invalid(Reject::Malformed(
+                    "first QUIC datagram shorter than 1200 bytes",
+                ));
+            }
             at = packet.end;
             let v = version(packet.version).expect("a known version");
             if packet.packet_type != v.initial {
@@ -804,6 +840,58 @@ mod tests {
             Initials::new().push(&p),
             Peek::Invalid(Reject::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn later_datagrams_that_open_nothing_change_nothing() {
+        let hello = hello("later.example", 1800);
+        let d = datagrams(VERSION_1, &hello, 2);
+        let mut initials = Initials::new();
+        assert_eq!(initials.push(&d[0]), Peek::NeedMore);
+        // Garbage, a key-less Initial (another connection ID), a 0-RTT packet alone.
+        assert_eq!(initials.push(b"\x40 junk"), Peek::NeedMore);
+        let other = client_initial(VERSION_1, &[9; 8], &[], 5, 2, &crypto_frame(0, b"x"), 1200);
+        let mut keyless = other.clone();
+        keyless[30] ^= 1;
+        assert_eq!(initials.push(&keyless), Peek::NeedMore);
+        let mut zero_rtt = d[1].clone();
+        zero_rtt[0] = (zero_rtt[0] & !0x30) | 0x10;
+        assert_eq!(initials.push(&zero_rtt), Peek::NeedMore);
+        assert_eq!(initials.push(&d[1]), Peek::Done(()));
+        assert_eq!(name_of(&initials), "later.example");
+        // But a first datagram that is not QUIC is refused at once.
+        assert_eq!(
+            Initials::new().push(b"\x40 junk"),
+            Peek::Invalid(Reject::NotQuic)
+        );
+    }
+
+    #[test]
+    fn a_short_first_datagram_is_refused() {
+        let p = client_initial(VERSION_1, &DCID, &[], 0, 1, &crypto_frame(0, b"x"), 0);
+        assert!(p.len() < MIN_FIRST_DATAGRAM);
+        assert!(matches!(
+            Initials::new().push(&p),
+            Peek::Invalid(Reject::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn packets_per_datagram_bounded() {
+        // 2,000 tiny Initial packets of two connection IDs in one 60 KB datagram: at most
+        // MAX_PACKETS of them are opened.
+        let mut datagram = Vec::new();
+        for i in 0..2000u64 {
+            let dcid = if i % 2 == 0 { [1u8; 8] } else { [2u8; 8] };
+            datagram.extend(client_initial(VERSION_1, &dcid, &[], i, 1, &[0x01], 0));
+        }
+        let mut initials = Initials::new();
+        assert_eq!(initials.push(&datagram), Peek::NeedMore);
+        assert!(
+            initials.opened as usize <= MAX_PACKETS,
+            "{}",
+            initials.opened
+        );
     }
 
     #[test]
