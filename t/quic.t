@@ -133,6 +133,25 @@ for my $k (1 .. 4) {
 my $failed = grep { waitpid($_, 0); $? != 0 } @kids;
 is($failed, 0, '40 connections from 4 clients at once, each to its cluster');
 
+# ngtcp2's client (Debian's ngtcp2-client, GnuTLS): another QUIC stack, another hello. It sends
+# no SNI for an address (its --sni is not used for one), so it is given the name, which a hosts
+# file of its own resolves: bind-mounted over /etc/hosts in a mount namespace of its own.
+SKIP: {
+    my ($ngtcp2) = grep { -x } '/usr/bin/gtlsclient';
+    skip 'ngtcp2-client is not installed (apt-get install ngtcp2-client)', 2 unless $ngtcp2;
+    skip 'ngtcp2: a mount namespace for its hosts file needs root and unshare', 2
+        unless $> == 0 && system('unshare -m true 2>/dev/null') == 0;
+    my $hosts = $t->write_file('hosts', "127.0.0.1 a.test b.test\n");
+    for my $n (qw(a b)) {
+        my $dir = $t->dir . "/ngtcp2-$n";
+        mkdir $dir;
+        system('timeout', '30', 'unshare', '-m', 'sh', '-c',
+            "mount --bind $hosts /etc/hosts && exec $ngtcp2 -q --exit-on-all-streams-close --timeout=10s"
+            . " --download=$dir $n.test $edge https://$n.test/ >>${\$t->dir}/ngtcp2.log 2>&1");
+        is($t->read_file("ngtcp2-$n/index.html"), "cluster-$n", "ngtcp2's client: $n.test reaches cluster " . uc $n);
+    }
+}
+
 # A version this module cannot read goes to the default route, whose server answers with a
 # Version Negotiation packet; bytes that are not QUIC are dropped.
 {
