@@ -84,6 +84,7 @@ mod wiring {
         ctx: addr_of!(MODULE_CTX).cast_mut().cast(),
         commands: unsafe { addr_of_mut!(COMMANDS[0]) },
         type_: NGX_STREAM_MODULE as ngx_uint_t,
+        init_module: Some(init_module),
         init_process: Some(init_process),
         exit_process: Some(exit_process),
         ..ngx_module_t::default()
@@ -161,6 +162,13 @@ mod wiring {
             offset: 0,
             post: core::ptr::null_mut(),
         }
+    }
+
+    /// After the configuration is read, `nginx -t` included: warns of UDP listeners that
+    /// `edge_route quic` cannot use well.
+    unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+        crate::quic::check_listeners(cycle);
+        NGX_OK as ngx_int_t
     }
 
     unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {

@@ -10,7 +10,6 @@
 //! sends the datagrams held meanwhile to the upstream right after the first one, in order, each
 //! as a datagram of its own; from there on nginx's UDP proxy forwards each datagram as it comes.
 
-use core::cell::Cell;
 use core::ptr;
 
 use nginx_sys::{
@@ -33,11 +32,6 @@ pub const WAIT_MS: nginx_sys::ngx_msec_t = 3000;
 /// Sessions a worker lets wait at once; past that, a first datagram without the whole hello
 /// is dropped.
 pub const MAX_WAITING: usize = 1024;
-
-thread_local! {
-    /// The worker warned that a quic listener without reuseport may split a client's datagrams.
-    static WARNED_REUSEPORT: Cell<bool> = const { Cell::new(false) };
-}
 
 /// Pre-access phase handler of `edge_route quic` servers.
 pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
@@ -65,7 +59,6 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
         }
     };
     if ctx.quic.is_none() {
-        warn_reuseport(c);
         let mut wait = Box::new(QuicWait::new());
         if let Some(b) = c.buffer.as_ref() {
             wait.push(core::slice::from_raw_parts(
@@ -219,25 +212,42 @@ unsafe extern "C" fn read_handler(ev: *mut ngx_event_t) {
     nginx_sys::ngx_stream_core_run_phases(s);
 }
 
-/// A listener shared by several workers without `reuseport` lets the kernel hand one client's
-/// datagrams to different workers, each of which then starts a session of its own.
-unsafe fn warn_reuseport(c: &ngx_connection_t) {
-    if WARNED_REUSEPORT.get() || c.listening.is_null() || (*c.listening).reuseport() != 0 {
+/// Where a waiting session's next datagram is read (the largest UDP payload).
+static mut RECV: [u8; 65536] = [0; 65536];
+
+/// At configuration time: with several workers, a stream UDP listener without `reuseport`
+/// lets the kernel hand one client's datagrams to different workers. Said once per such
+/// listener when some server has `edge_route quic` (which servers listen where is not in
+/// nginx's public structures the same way in every version, so every such listener is named).
+pub unsafe fn check_listeners(cycle: *mut nginx_sys::ngx_cycle_t) {
+    let Some(mcf) = stream::cycle_main_conf::<crate::conf::MainConf>(cycle) else {
+        return;
+    };
+    let workers = stream::worker_processes_of(cycle);
+    if !mcf.quic || workers <= 1 {
         return;
     }
-    if stream::worker_processes() > 1 {
-        WARNED_REUSEPORT.set(true);
+    let listening = &(*cycle).listening;
+    let all = core::slice::from_raw_parts(
+        listening.elts.cast::<nginx_sys::ngx_listening_t>(),
+        listening.nelts,
+    );
+    for ls in all {
+        // A stream listener (not an HTTP/3 one of the http module): by its handler.
+        let stream = ls.handler.map(|h| h as *const () as usize)
+            == Some(nginx_sys::ngx_stream_init_connection as *const () as usize);
+        if ls.type_ != libc::SOCK_DGRAM || ls.reuseport() != 0 || !stream {
+            continue;
+        }
         ngx_log_error!(
             NGX_LOG_WARN,
-            c.log,
-            "edge: \"edge_route quic\" on a udp listener without \"reuseport\" and {} workers: a client's datagrams may reach several workers, and its connection fail; add \"reuseport\" to the listen directive",
-            stream::worker_processes()
+            (*cycle).log,
+            "edge_route quic: the udp listener on {} has no \"reuseport\" and there are {} workers: a QUIC client's datagrams may reach several workers there, and its connection fail; add \"reuseport\" to its listen directive",
+            String::from_utf8_lossy(ls.addr_text.as_bytes()),
+            workers
         );
     }
 }
-
-/// Where a waiting session's next datagram is read (the largest UDP payload).
-static mut RECV: [u8; 65536] = [0; 65536];
 
 static mut NEXT_FILTER: nginx_sys::ngx_stream_filter_pt = None;
 

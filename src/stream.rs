@@ -281,9 +281,8 @@ pub unsafe fn preread_timeout(s: *mut ngx_stream_session_t) -> nginx_sys::ngx_ms
     cscf.preread_timeout
 }
 
-/// `worker_processes` of the running configuration.
-pub unsafe fn worker_processes() -> i64 {
-    let cycle = nginx_sys::ngx_cycle;
+/// `worker_processes` of `cycle`'s configuration.
+pub unsafe fn worker_processes_of(cycle: *const ngx_cycle_t) -> i64 {
     let ccf = (*(*cycle)
         .conf_ctx
         .add((*addr_of!(nginx_sys::ngx_core_module)).index))

@@ -255,6 +255,23 @@ note("largest worker RSS after the flood: $rss kB");
 cmp_ok($rss, '<', 256 * 1024, 'workers stay under 256 MiB');
 like($t->read_file('error.log'), qr/edge: QUIC Initial packet that does not open, dropped/,
     'the Initial-looking datagrams dropped');
+# nginx -t warns of a udp listener without reuseport under several workers.
+{
+    my $u = Edge::Test->new;
+    $u->write_routes('routes.json', '{"routes": {}}');
+    for my $reuseport ('', ' reuseport') {
+        $u->config(<<"EOF2", workers => 2);
+    edge_routes %%TESTDIR%%/routes.json;
+    server { listen 127.0.0.1:%%PORT_q%% udp$reuseport; edge_route quic; proxy_pass nginx_edge; }
+EOF2
+        my ($ok, $out) = $u->test_config;
+        ok($ok, "nginx -t passes (udp$reuseport)") or diag $out;
+        my $warned = $out =~ /\[warn\] edge_route quic: the udp listener on 127\.0\.0\.1:${\$u->port('q')} has no "reuseport" and there are 2 workers/;
+        ok($reuseport ? !$warned : $warned, $reuseport ? 'no warning with reuseport' : 'a warning without reuseport')
+            or diag $out;
+    }
+}
+
 unlike($t->read_file('error.log'), qr/exited on signal/, 'no worker crashed');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]/, 'nothing worse than an error');
 done_testing;
