@@ -31,15 +31,10 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
     }
     // Made at the first call, before any byte: the log handler tells by it that the session
     // got as far as this phase.
-    let ctx = match session::get(s) {
+    let ctx = match session::get_or_attach(s) {
         Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
         Some(ctx) => ctx,
-        None => {
-            let Some(ctx) = SessionCtx::attach(s) else {
-                return NGX_ERROR as ngx_int_t;
-            };
-            ctx
-        }
+        None => return NGX_ERROR as ngx_int_t,
     };
     if c.buffer.is_null() {
         return NGX_AGAIN as ngx_int_t;

@@ -48,15 +48,10 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
         );
         return NGX_ERROR as ngx_int_t;
     }
-    let ctx = match session::get(s) {
+    let ctx = match session::get_or_attach(s) {
         Some(ctx) if ctx.done => return NGX_DECLINED as ngx_int_t,
         Some(ctx) => ctx,
-        None => {
-            let Some(ctx) = SessionCtx::attach(s) else {
-                return NGX_ERROR as ngx_int_t;
-            };
-            ctx
-        }
+        None => return NGX_ERROR as ngx_int_t,
     };
     if ctx.quic.is_none() {
         let mut wait = Box::new(QuicWait::new());

@@ -285,6 +285,15 @@ pub unsafe fn peer_room(s: *mut ngx_stream_session_t) -> Option<*mut PeerRoom> {
     Some(core::ptr::addr_of_mut!((*ctx.cast::<Held>()).room))
 }
 
+/// The session's context, made now if the module has none yet; `None` if the pool has no
+/// memory left.
+pub unsafe fn get_or_attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
+    match get(s) {
+        Some(ctx) => Some(ctx),
+        None => SessionCtx::attach(s),
+    }
+}
+
 /// The session's context, if the module made one.
 pub unsafe fn get<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
     stream::session_ctx::<SessionCtx>(s)

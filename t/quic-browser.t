@@ -7,14 +7,12 @@
 use strict;
 use warnings;
 use Test::More;
-use FindBin;
 use Edge::Test qw(wait_for);
 
 my ($chromium) = grep { -x } map { "/usr/bin/$_" } qw(chromium chromium-browser);
 plan skip_all => 'chromium is not installed (apt-get install chromium)' unless $chromium;
-my $python = Edge::Test::quic_python()
+Edge::Test::quic_python()
     or plan skip_all => 'aioquic is not installed (nginx-test/prereqs makes a virtualenv with it)';
-my $peer = "$FindBin::Bin/../nginx-test/quic/peer.py";
 require POSIX;
 
 my $t = Edge::Test->new;
@@ -23,22 +21,7 @@ my ($crt, $key) = $t->certificate('backend');
 my $spki = `openssl x509 -pubkey -noout -in $crt | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64`;
 chomp $spki;
 
-my @peers;
-for my $n (qw(a b)) {
-    my $port = $t->port($n);    # (chosen here: a child's choice would be its own)
-    pipe(my $r, my $w) or die "pipe: $!\n";
-    my $pid = fork // die "fork: $!\n";
-    if (!$pid) {
-        close $r;
-        open STDOUT, '>&', $w;
-        open STDERR, '>>', $t->dir . '/peers.log';
-        exec($python, $peer, 'server', $port, "cluster-$n", $crt, $key) or POSIX::_exit(127);
-    }
-    close $w;
-    (<$r> // '') =~ /^ready/ or die "server $n did not start: " . $t->read_file('peers.log');
-    push @peers, $pid;
-}
-END { local $?; kill 'TERM', @peers; waitpid($_, 0) for @peers }
+$t->quic_peer('server', $t->port($_), "cluster-$_", $crt, $key) for qw(a b);
 
 $t->write_routes('routes.json', <<"EOF2");
 {

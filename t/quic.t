@@ -6,38 +6,19 @@
 use strict;
 use warnings;
 use Test::More;
-use FindBin;
 use Edge::Test qw(wait_for);
 use IO::Select;
 use IO::Socket::INET;
 
 my $python = Edge::Test::quic_python()
     or plan skip_all => 'aioquic is not installed (nginx-test/prereqs makes a virtualenv with it)';
-my $peer = "$FindBin::Bin/../nginx-test/quic/peer.py";
+my $peer = Edge::Test::quic_peer_script();
 
 my $t = Edge::Test->new;
 my ($crt, $key) = $t->certificate('backend');
 
-# Starts a peer; returns its pid once it printed "ready".
-my @peers;
-sub peer {
-    my (@args) = @_;
-    pipe(my $r, my $w) or die "pipe: $!\n";
-    my $pid = fork // die "fork: $!\n";
-    if (!$pid) {
-        close $r;
-        open STDOUT, '>&', $w;
-        open STDERR, '>>', $t->dir . '/peers.log';
-        exec($python, $peer, @args) or POSIX::_exit(127);
-    }
-    close $w;
-    my $line = <$r>;
-    ($line // '') =~ /^ready/ or die "peer @args did not start: " . $t->read_file('peers.log');
-    push @peers, $pid;
-    return $pid;
-}
-END { local $?; kill 'TERM', @peers; waitpid($_, 0) for @peers }
 require POSIX;
+sub peer { $t->quic_peer(@_) }
 
 # One HTTP/3 GET per connection; the bodies (or errors), one per line.
 sub get {
@@ -252,7 +233,7 @@ for my $pid (@workers) {
     $rss = $v if $v && $v > $rss;
 }
 note("largest worker RSS after the flood: $rss kB");
-cmp_ok($rss, '<', 256 * 1024, 'workers stay under 256 MiB');
+cmp_ok($rss, '<', 64 * 1024, 'workers stay under 64 MiB (11 MB measured)');
 like($t->read_file('error.log'), qr/edge: QUIC Initial packet that does not open, dropped/,
     'the Initial-looking datagrams dropped');
 # nginx -t warns of a udp listener without reuseport under several workers.

@@ -2,7 +2,6 @@
 # See nginx-test/bench/quic.
 use strict;
 use warnings;
-use FindBin;
 use POSIX ();
 use Time::HiRes qw(time);
 use Edge::Test;
@@ -11,20 +10,11 @@ $| = 1;
 
 my $n = shift // 1000;
 my $python = Edge::Test::quic_python() or die "no aioquic: run nginx-test/prereqs\n";
-my $peer = "$FindBin::Bin/../quic/peer.py";
+my $peer = Edge::Test::quic_peer_script();
 my $t = Edge::Test->new;
 my ($crt, $key) = $t->certificate('backend');
 
-my $back = $t->port('back');    # (chosen before the fork: a child's choice would be its own)
-pipe(my $r, my $w) or die "pipe: $!\n";
-my $server = fork // die "fork: $!\n";
-if (!$server) {
-    close $r;
-    open STDOUT, '>&', $w;
-    exec($python, $peer, 'server', $back, 'x', $crt, $key) or POSIX::_exit(127);
-}
-close $w;
-(<$r> // '') =~ /^ready/ or die "the server did not start\n";
+$t->quic_peer('server', $t->port('back'), 'x', $crt, $key);
 
 $t->write_routes('routes.json', <<"EOF2");
 {"upstreams": {"a": {"servers": ["127.0.0.1:${\$t->port('back')}"]}}, "routes": {"a.test": "a"}}
@@ -61,5 +51,3 @@ for my $case (['straight to the server', $t->port('back')], ['nginx udp proxy_pa
     my ($ok, $rate, $cpu) = run($case->[1]);
     printf "%-32s %8d %14.0f %19.0f us\n", $case->[0], $ok, $rate, $case->[1] == $t->port('back') ? 0 : $cpu;
 }
-kill 'TERM', $server;
-waitpid($server, 0);

@@ -41,40 +41,23 @@ extern "C" {
         arg: c_int,
         ptr: *mut c_void,
     ) -> c_int;
-    fn EVP_EncryptInit_ex(
+    /// `enc`: 1 to encrypt, 0 to decrypt, -1 to leave as set.
+    fn EVP_CipherInit_ex(
         ctx: *mut EVP_CIPHER_CTX,
         cipher: *const EVP_CIPHER,
         engine: *mut c_void,
         key: *const c_uchar,
         iv: *const c_uchar,
+        enc: c_int,
     ) -> c_int;
-    fn EVP_EncryptUpdate(
+    fn EVP_CipherUpdate(
         ctx: *mut EVP_CIPHER_CTX,
         out: *mut c_uchar,
         out_len: *mut c_int,
         input: *const c_uchar,
         in_len: c_int,
     ) -> c_int;
-    fn EVP_EncryptFinal_ex(
-        ctx: *mut EVP_CIPHER_CTX,
-        out: *mut c_uchar,
-        out_len: *mut c_int,
-    ) -> c_int;
-    fn EVP_DecryptInit_ex(
-        ctx: *mut EVP_CIPHER_CTX,
-        cipher: *const EVP_CIPHER,
-        engine: *mut c_void,
-        key: *const c_uchar,
-        iv: *const c_uchar,
-    ) -> c_int;
-    fn EVP_DecryptUpdate(
-        ctx: *mut EVP_CIPHER_CTX,
-        out: *mut c_uchar,
-        out_len: *mut c_int,
-        input: *const c_uchar,
-        in_len: c_int,
-    ) -> c_int;
-    fn EVP_DecryptFinal_ex(
+    fn EVP_CipherFinal_ex(
         ctx: *mut EVP_CIPHER_CTX,
         out: *mut c_uchar,
         out_len: *mut c_int,
@@ -133,15 +116,16 @@ pub fn aes128_block(key: &[u8; 16], block: &[u8; 16]) -> Option<[u8; 16]> {
     let mut len: c_int = 0;
     // SAFETY: a context of ours; ECB takes no IV; the output has room for a block and more.
     let ok = unsafe {
-        EVP_EncryptInit_ex(
+        EVP_CipherInit_ex(
             ctx.0,
             EVP_aes_128_ecb(),
             ptr::null_mut(),
             key.as_ptr(),
             ptr::null(),
+            1,
         ) == 1
             && EVP_CIPHER_CTX_set_padding(ctx.0, 0) == 1
-            && EVP_EncryptUpdate(ctx.0, out.as_mut_ptr(), &mut len, block.as_ptr(), 16) == 1
+            && EVP_CipherUpdate(ctx.0, out.as_mut_ptr(), &mut len, block.as_ptr(), 16) == 1
     };
     (ok && len == 16).then(|| out[..16].try_into().expect("16 bytes"))
 }
@@ -155,86 +139,69 @@ pub fn aes128_gcm_open(
     data: &mut [u8],
     tag: &[u8; 16],
 ) -> bool {
-    let Some(ctx) = Ctx::new() else {
-        return false;
-    };
-    let Ok(data_len) = c_int::try_from(data.len()) else {
-        return false;
-    };
-    let mut len: c_int = 0;
     let mut tag = *tag;
-    let inout = data.as_mut_ptr();
-    // SAFETY: a context of ours; key, nonce, AAD and data are live buffers of the lengths
-    // given; GCM writes exactly as many bytes as it reads, in place, and nothing at Final.
-    unsafe {
-        EVP_DecryptInit_ex(
-            ctx.0,
-            EVP_aes_128_gcm(),
-            ptr::null_mut(),
-            ptr::null(),
-            ptr::null(),
-        ) == 1
-            && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_SET_IVLEN, 12, ptr::null_mut()) == 1
-            && EVP_DecryptInit_ex(
-                ctx.0,
-                ptr::null(),
-                ptr::null_mut(),
-                key.as_ptr(),
-                nonce.as_ptr(),
-            ) == 1
-            && EVP_DecryptUpdate(
-                ctx.0,
-                ptr::null_mut(),
-                &mut len,
-                aad.as_ptr(),
-                aad.len() as c_int,
-            ) == 1
-            && EVP_DecryptUpdate(ctx.0, inout, &mut len, inout, data_len) == 1
-            && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_SET_TAG, 16, tag.as_mut_ptr().cast()) == 1
-            && EVP_DecryptFinal_ex(ctx.0, inout.add(data.len()), &mut len) == 1
-    }
+    aes128_gcm(key, nonce, aad, data, &mut tag, false)
 }
 
 /// Seals an AES-128-GCM payload in place and returns its tag: what a client does, for tests
-/// and benchmarks that build Initial packets.
+/// and fuzz targets that build Initial packets.
+#[cfg(any(test, not(feature = "module")))]
 pub fn aes128_gcm_seal(
     key: &[u8; 16],
     nonce: &[u8; 12],
     aad: &[u8],
     data: &mut [u8],
 ) -> Option<[u8; 16]> {
-    let ctx = Ctx::new()?;
-    let data_len = c_int::try_from(data.len()).ok()?;
-    let mut len: c_int = 0;
     let mut tag = [0u8; 16];
+    aes128_gcm(key, nonce, aad, data, &mut tag, true).then_some(tag)
+}
+
+/// AES-128-GCM in place: seals `data` and writes its `tag`, or opens it and checks `tag`.
+fn aes128_gcm(
+    key: &[u8; 16],
+    nonce: &[u8; 12],
+    aad: &[u8],
+    data: &mut [u8],
+    tag: &mut [u8; 16],
+    seal: bool,
+) -> bool {
+    let Some(ctx) = Ctx::new() else {
+        return false;
+    };
+    let (Ok(data_len), Ok(aad_len)) = (c_int::try_from(data.len()), c_int::try_from(aad.len()))
+    else {
+        return false;
+    };
+    let mut len: c_int = 0;
     let inout = data.as_mut_ptr();
-    // SAFETY: as in `aes128_gcm_open`.
-    let ok = unsafe {
-        EVP_EncryptInit_ex(
+    // SAFETY: a context of ours; key, nonce, AAD, data and tag are live buffers of the lengths
+    // given; GCM writes exactly as many bytes as it reads, in place, and nothing at Final.
+    unsafe {
+        EVP_CipherInit_ex(
             ctx.0,
             EVP_aes_128_gcm(),
             ptr::null_mut(),
             ptr::null(),
             ptr::null(),
+            c_int::from(seal),
         ) == 1
             && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_SET_IVLEN, 12, ptr::null_mut()) == 1
-            && EVP_EncryptInit_ex(
+            && EVP_CipherInit_ex(
                 ctx.0,
                 ptr::null(),
                 ptr::null_mut(),
                 key.as_ptr(),
                 nonce.as_ptr(),
+                -1,
             ) == 1
-            && EVP_EncryptUpdate(
-                ctx.0,
-                ptr::null_mut(),
-                &mut len,
-                aad.as_ptr(),
-                aad.len() as c_int,
-            ) == 1
-            && EVP_EncryptUpdate(ctx.0, inout, &mut len, inout, data_len) == 1
-            && EVP_EncryptFinal_ex(ctx.0, inout.add(data.len()), &mut len) == 1
-            && EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_GET_TAG, 16, tag.as_mut_ptr().cast()) == 1
-    };
-    ok.then_some(tag)
+            && EVP_CipherUpdate(ctx.0, ptr::null_mut(), &mut len, aad.as_ptr(), aad_len) == 1
+            && EVP_CipherUpdate(ctx.0, inout, &mut len, inout, data_len) == 1
+            && (seal
+                || EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_SET_TAG, 16, tag.as_mut_ptr().cast())
+                    == 1)
+            && EVP_CipherFinal_ex(ctx.0, inout.add(data.len()), &mut len) == 1
+            && (!seal
+                || EVP_CIPHER_CTX_ctrl(ctx.0, EVP_CTRL_GCM_GET_TAG, 16, tag.as_mut_ptr().cast())
+                    == 1)
+    }
 }

@@ -571,6 +571,7 @@ impl Initials {
 /// Builds a client's Initial packet as a client would: `payload` (frames) padded to
 /// `padded_to` bytes of packet, with packet number `pn` sent in `pn_len` bytes, sealed with the
 /// keys of `dcid` and header-protected. For tests, fuzz targets and benchmarks.
+#[cfg(any(test, not(feature = "module")))]
 pub fn client_initial(
     v: u32,
     dcid: &[u8],
@@ -623,6 +624,7 @@ pub fn client_initial(
 }
 
 /// A CRYPTO frame carrying `data` at `offset`.
+#[cfg(any(test, not(feature = "module")))]
 pub fn crypto_frame(offset: u64, data: &[u8]) -> Vec<u8> {
     let mut f = vec![0x06];
     f.extend_from_slice(&(0x8000_0000u32 | offset as u32).to_be_bytes());

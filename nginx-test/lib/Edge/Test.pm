@@ -179,6 +179,31 @@ sub quic_python {
     return -x $python && system($python, '-c', 'import aioquic') == 0 ? $python : undef;
 }
 
+# nginx-test/quic/peer.py, beside this library.
+sub quic_peer_script {
+    (my $dir = __FILE__) =~ s{/[^/]+$}{};
+    return "$dir/../../quic/peer.py";
+}
+
+# Starts a long-running peer of nginx-test/quic/peer.py (`server ...`, `relay ...`) and returns
+# its pid once it printed "ready"; it is stopped with the test. Its errors go to peers.log.
+sub quic_peer {
+    my ($self, @args) = @_;
+    my $python = quic_python() or die "quic_peer: no aioquic (nginx-test/prereqs)\n";
+    pipe(my $r, my $w) or die "pipe: $!\n";
+    my $pid = fork() // die "fork: $!\n";
+    if ($pid == 0) {
+        close $r;
+        open STDOUT, '>&', $w;
+        open STDERR, '>>', "$self->{dir}/peers.log";
+        exec($python, quic_peer_script(), @args) or POSIX::_exit(127);
+    }
+    close $w;
+    (<$r> // '') =~ /^ready/ or die "peer @args did not start: " . $self->read_file('peers.log');
+    push @{$self->{peers}}, $pid;
+    return $pid;
+}
+
 # `nginx -t`: returns (ok, output).
 sub test_config {
     my ($self) = @_;
@@ -279,6 +304,11 @@ sub DESTROY {
     my ($self) = @_;
     $self->stop;
     $self->stop_backend($_) for keys %{$self->{backends} // {}};
+    if (my @peers = @{delete $self->{peers} // []}) {
+        local $?;
+        kill 'TERM', @peers;
+        waitpid($_, 0) for @peers;
+    }
     my $late = ${^GLOBAL_PHASE} eq 'DESTRUCT';
     my $passing = $late ? $passed // 1 : Test::More->builder->is_passing;
     if ($passing && !$ENV{TEST_NGINX_LEAVE}) {
