@@ -65,7 +65,11 @@ pub struct Worker {
     // Boxed: nginx's timer tree points at each one's event.
     #[allow(clippy::vec_box)]
     refreshes: Vec<Box<Refresh>>,
+    /// The zone's touch (`upkeep`) on a timer of its own: only when no route source is
+    /// re-checked often enough to carry it (see `start`).
     touch: ngx_event_t,
+    /// When the zone records were last touched (`upkeep`).
+    touched: Cell<u64>,
     /// State of the active checks (see `check`).
     pub checks: Checks,
     /// Tables replaced while sessions or probes still used them: freed off the event loop
@@ -227,6 +231,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         pid,
         refreshes: Vec::new(),
         touch: core::mem::zeroed(),
+        touched: Cell::new(now_ms()),
         checks: Checks {
             ticker: core::mem::zeroed(),
             tick_ms: 0,
@@ -326,11 +331,19 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         start_feeds(index);
     }
     w.tidy();
-    if w.zone.is_some() {
+    // Every permanent timer makes each connection's timer insertions and deletions dearer:
+    // a source re-checked at least every TOUCH_MS carries the zone's touch (`on_refresh`),
+    // which then comes at most 2 * TOUCH_MS apart, well within the records' STALE_MS.
+    if w.zone.is_some() && !w.refreshes.iter().any(|r| carries_upkeep(r)) {
         let data = addr_of_mut!(w.touch).cast();
         arm(&mut w.touch, Some(on_touch), data, log, zone::TOUCH_MS as _);
     }
     true
+}
+
+/// Whether a refresh comes often enough to do the worker's upkeep (`on_refresh`).
+unsafe fn carries_upkeep(r: &Refresh) -> bool {
+    (*r.slot).interval as u64 <= zone::TOUCH_MS
 }
 
 /// Sets the check ticker up at worker start (`handler` is the check module's), and arms it if
@@ -426,6 +439,21 @@ impl Worker {
             self.tidied.set(now_ms());
             let keys: Vec<u64> = mcf.urls.iter().map(|u| u.options.cache_key()).collect();
             crate::feed::state::tidy(state, &zone::process_alive, &keys);
+        }
+    }
+
+    /// Keeps the zone records of the worker's tables from being reused, and tidies the state
+    /// folder twice a day: every `TOUCH_MS`, from `on_refresh` or `on_touch`.
+    fn upkeep(&self) {
+        self.touched.set(now_ms());
+        let Some(zone) = self.zone.as_ref() else {
+            return;
+        };
+        for table in self.tables() {
+            zone.touch(table);
+        }
+        if now_ms().saturating_sub(self.tidied.get()) >= TIDY_MS {
+            self.tidy();
         }
     }
 
@@ -676,20 +704,14 @@ unsafe extern "C" fn on_drained(ev: *mut ngx_event_t) {
     }
 }
 
-/// Keeps the zone records of the worker's tables from being reused.
+/// The zone's touch on a timer of its own (no route source is re-checked often enough to
+/// carry it).
 unsafe extern "C" fn on_touch(ev: *mut ngx_event_t) {
     if exiting() {
         return;
     }
     if let Some(w) = get() {
-        if let Some(zone) = w.zone.as_ref() {
-            for table in w.tables() {
-                zone.touch(table);
-            }
-        }
-        if now_ms().saturating_sub(w.tidied.get()) >= TIDY_MS {
-            w.tidy();
-        }
+        w.upkeep();
     }
     ngx_add_timer(ev, zone::TOUCH_MS as _);
 }
@@ -704,6 +726,9 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
     let Some(w) = get() else { return };
     let entered = Entered::now();
     let r = &mut *(*ev).data.cast::<Refresh>();
+    if w.touch.handler.is_none() && now_ms().saturating_sub(w.touched.get()) >= zone::TOUCH_MS {
+        w.upkeep();
+    }
     let slot = &mut *r.slot;
     let log = (*ev).log;
     w.free_retired(Vec::new());
