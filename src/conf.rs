@@ -564,92 +564,101 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
         }
     }
     let exists = |name: &str| mcf.nginx_upstreams.contains(name);
-    for slot in &mut mcf.sources {
-        let cached = |i: &usize| {
-            let url = &mcf.urls[*i];
-            // Set above for every URL source of a table.
-            let files = url.files.as_ref()?;
-            Some(Cached {
-                file: files.accepted.clone(),
-                candidate: None,
-                read: url_reader(&url.options, Arc::clone(files)),
-                label: format!("edge_routes_url {}", url.options.name),
-                discovers: (url.options.discover.any())
-                    .then(|| (url.options.name.clone(), url.options.discover)),
-            })
-        };
-        let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
-        let inputs = Inputs {
-            path: slot.file.as_ref().map(|f| f.path.clone()),
-            before: slot
-                .urls
-                .iter()
-                .filter(|&&i| mcf.urls[i].position < at)
-                .filter_map(cached)
-                .collect(),
-            after: slot
-                .urls
-                .iter()
-                .filter(|&&i| mcf.urls[i].position > at)
-                .filter_map(cached)
-                .collect(),
-        };
-        match Source::open(inputs, &exists) {
-            Ok((source, warnings)) => {
-                for event in warnings {
-                    ngx_log_error!(NGX_LOG_WARN, log, "edge_routes: {}", event.message);
-                }
-                slot.source = Some(source);
-            }
-            Err(message) => {
-                ngx_log_error!(
-                    NGX_LOG_EMERG,
-                    log,
-                    "edge_routes: {} ({} in {})",
-                    message,
-                    if slot.file.is_some() {
-                        "edge_routes"
-                    } else {
-                        "edge_routes_url"
-                    },
-                    slot.declared_at
-                );
-                return false;
-            }
-        }
-        // A host name needs the resolver (`resolver` in stream, or in the server).
-        for &i in &slot.urls {
-            let url = &mcf.urls[i];
-            if url.options.url.ip().is_none() && url.resolver().is_none() {
-                ngx_log_error!(
-                    NGX_LOG_EMERG,
-                    log,
-                    "edge_routes_url: \"{}\" is a host name: it needs \"resolver\" in stream or in the server (in {})",
-                    url.options.url.host,
-                    url.declared_at
-                );
-                return false;
-            }
-        }
-        // upstream= must name an upstream of the table the source is merged into.
-        let table = slot.source.as_ref().map(|s| s.table());
-        for &i in &slot.urls {
-            let url = &mcf.urls[i];
-            let Some(up) = url.options.upstream.as_deref() else {
-                continue;
+    // Read in an arena of the module's: what the read frees would otherwise leave holes in
+    // the heap every worker inherits, and nginx's buffers per connection would be cut from
+    // them (see `arena`).
+    let opened = crate::ALLOCATOR.scoped(|| {
+        for slot in &mut mcf.sources {
+            let cached = |i: &usize| {
+                let url = &mcf.urls[*i];
+                // Set above for every URL source of a table.
+                let files = url.files.as_ref()?;
+                Some(Cached {
+                    file: files.accepted.clone(),
+                    candidate: None,
+                    read: url_reader(&url.options, Arc::clone(files)),
+                    label: format!("edge_routes_url {}", url.options.name),
+                    discovers: (url.options.discover.any())
+                        .then(|| (url.options.name.clone(), url.options.discover)),
+                })
             };
-            if !table.is_some_and(|t| t.upstreams().iter().any(|u| &*u.name == up)) {
-                ngx_log_error!(
-                    NGX_LOG_EMERG,
-                    log,
-                    "edge_routes_url: upstream={} is not defined by the route files merged with {} (in {})",
-                    up,
-                    url.options.name,
-                    url.declared_at
-                );
-                return false;
+            let at = slot.file.as_ref().map_or(usize::MAX, |f| f.position);
+            let inputs = Inputs {
+                path: slot.file.as_ref().map(|f| f.path.clone()),
+                before: slot
+                    .urls
+                    .iter()
+                    .filter(|&&i| mcf.urls[i].position < at)
+                    .filter_map(cached)
+                    .collect(),
+                after: slot
+                    .urls
+                    .iter()
+                    .filter(|&&i| mcf.urls[i].position > at)
+                    .filter_map(cached)
+                    .collect(),
+            };
+            match Source::open(inputs, &exists) {
+                Ok((source, warnings)) => {
+                    for event in warnings {
+                        ngx_log_error!(NGX_LOG_WARN, log, "edge_routes: {}", event.message);
+                    }
+                    slot.source = Some(source);
+                }
+                Err(message) => {
+                    ngx_log_error!(
+                        NGX_LOG_EMERG,
+                        log,
+                        "edge_routes: {} ({} in {})",
+                        message,
+                        if slot.file.is_some() {
+                            "edge_routes"
+                        } else {
+                            "edge_routes_url"
+                        },
+                        slot.declared_at
+                    );
+                    return false;
+                }
+            }
+            // A host name needs the resolver (`resolver` in stream, or in the server).
+            for &i in &slot.urls {
+                let url = &mcf.urls[i];
+                if url.options.url.ip().is_none() && url.resolver().is_none() {
+                    ngx_log_error!(
+                        NGX_LOG_EMERG,
+                        log,
+                        "edge_routes_url: \"{}\" is a host name: it needs \"resolver\" in stream or in the server (in {})",
+                        url.options.url.host,
+                        url.declared_at
+                    );
+                    return false;
+                }
+            }
+            // upstream= must name an upstream of the table the source is merged into.
+            let table = slot.source.as_ref().map(|s| s.table());
+            for &i in &slot.urls {
+                let url = &mcf.urls[i];
+                let Some(up) = url.options.upstream.as_deref() else {
+                    continue;
+                };
+                if !table.is_some_and(|t| t.upstreams().iter().any(|u| &*u.name == up)) {
+                    ngx_log_error!(
+                        NGX_LOG_EMERG,
+                        log,
+                        "edge_routes_url: upstream={} is not defined by the route files merged with {} (in {})",
+                        up,
+                        url.options.name,
+                        url.declared_at
+                    );
+                    return false;
+                }
             }
         }
+        true
+    });
+    if !opened {
+        return false;
     }
     // Reading the tables freed more than they kept (documents, merge maps): give those pages
     // back before the workers are forked, or each worker inherits them and dirties them.

@@ -4,6 +4,7 @@
 //! The pure parts (`sniff`, `routes`, `health`, `report`) know nothing of nginx; unit tests
 //! and fuzz targets build only them, since a test binary cannot link against nginx's symbols.
 
+pub mod arena;
 pub mod balance;
 pub mod feed;
 pub mod health;
@@ -48,6 +49,12 @@ mod zone;
 
 #[cfg(all(feature = "module", not(test)))]
 pub use wiring::ngx_stream_edge_module;
+
+/// The module's allocations: the system's `malloc`, except in `arena::Arena::scoped` (a
+/// configuration's route tables are read there). 1 GiB of address space per scope.
+#[cfg(all(feature = "module", not(test)))]
+#[global_allocator]
+static ALLOCATOR: arena::Arena = arena::Arena::new(1 << 30);
 
 #[cfg(all(feature = "module", not(test)))]
 mod wiring {
