@@ -567,7 +567,7 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
     // Read in an arena of the module's: what the read frees would otherwise leave holes in
     // the heap every worker inherits, and nginx's buffers per connection would be cut from
     // them (see `arena`).
-    let opened = crate::ALLOCATOR.scoped(|| {
+    let (opened, in_arena) = crate::ALLOCATOR.scoped(|| {
         for slot in &mut mcf.sources {
             let cached = |i: &usize| {
                 let url = &mcf.urls[*i];
@@ -659,6 +659,13 @@ pub unsafe fn open_sources(cf: *mut ngx_conf_t) -> bool {
     });
     if !opened {
         return false;
+    }
+    if !in_arena {
+        ngx_log_error!(
+            nginx_sys::NGX_LOG_INFO,
+            log,
+            "edge_routes: the route tables were read on the system allocator (no arena mapping); connections may cost a little more with large tables"
+        );
     }
     // Reading the tables freed more than they kept (documents, merge maps): give those pages
     // back before the workers are forked, or each worker inherits them and dirties them.
