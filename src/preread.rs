@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use nginx_sys::{
-    ngx_connection_t, ngx_int_t, ngx_str_t, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN,
-    NGX_DECLINED, NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY,
-    NGX_STREAM_FORBIDDEN, NGX_STREAM_SERVICE_UNAVAILABLE,
+    ngx_connection_t, ngx_int_t, ngx_stream_session_t, ngx_uint_t, NGX_AGAIN, NGX_DECLINED,
+    NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK, NGX_STREAM_BAD_GATEWAY, NGX_STREAM_FORBIDDEN,
+    NGX_STREAM_SERVICE_UNAVAILABLE,
 };
 use ngx::ngx_log_error;
 
@@ -66,7 +66,8 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                     ctx.name = kept;
                 }
                 if let Some(list) = hello.alpn {
-                    ctx.alpn = join_alpn(c.pool, list);
+                    ctx.alpn = session::keep_alpn(c.pool, list);
+                    ctx.alpn_wire = true;
                 }
                 None
             }
@@ -431,24 +432,4 @@ pub unsafe extern "C" fn log_handler(s: *mut ngx_stream_session_t) -> ngx_int_t 
         );
     }
     NGX_OK as ngx_int_t
-}
-
-/// `h2,http/1.1` from the wire's length-prefixed list, in the connection's pool.
-pub unsafe fn join_alpn(pool: *mut nginx_sys::ngx_pool_t, list: &[u8]) -> ngx_str_t {
-    // The joined form is never longer than the wire form: each length byte becomes a comma.
-    let p = nginx_sys::ngx_pnalloc(pool, list.len()).cast::<u8>();
-    if p.is_null() {
-        return ngx_str_t::empty();
-    }
-    let out = core::slice::from_raw_parts_mut(p, list.len());
-    let mut len = 0;
-    for proto in tls::alpn_protocols(list) {
-        if len > 0 {
-            out[len] = b',';
-            len += 1;
-        }
-        out[len..len + proto.len()].copy_from_slice(proto);
-        len += proto.len();
-    }
-    ngx_str_t { len, data: p }
 }

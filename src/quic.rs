@@ -109,7 +109,8 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) -> ngx_int_t {
                     ctx.name = kept;
                 }
                 if let Some(list) = hello.alpn {
-                    ctx.alpn = preread::join_alpn(c.pool, list);
+                    ctx.alpn = session::keep_alpn(c.pool, list);
+                    ctx.alpn_wire = true;
                 }
                 None
             }

@@ -17,8 +17,10 @@ pub struct SessionCtx {
     pub protocol: Option<Protocol>,
     /// The name read from the client, lower-cased, in the connection's pool.
     pub name: KeptName,
-    /// Comma-separated ALPN protocols, in the connection's pool.
+    /// The client's ALPN protocols, in the connection's pool: as the wire lists them
+    /// (length-prefixed) while `alpn_wire`, comma-separated once `$edge_alpn` was read.
     pub alpn: ngx_str_t,
+    pub alpn_wire: bool,
     pub route: Option<RouteKind>,
     /// Points into `table`, which this context keeps alive.
     pub upstream: *const Upstream,
@@ -162,6 +164,20 @@ struct Held {
     room: PeerRoom,
 }
 
+/// The client's ALPN list (checked, as the wire lists it) copied into the connection's pool,
+/// for `SessionCtx::alpn`; empty on no memory (the session goes without).
+pub unsafe fn keep_alpn(pool: *mut nginx_sys::ngx_pool_t, list: &[u8]) -> ngx_str_t {
+    let p = nginx_sys::ngx_pnalloc(pool, list.len()).cast::<u8>();
+    if p.is_null() {
+        return ngx_str_t::empty();
+    }
+    core::ptr::copy_nonoverlapping(list.as_ptr(), p, list.len());
+    ngx_str_t {
+        len: list.len(),
+        data: p,
+    }
+}
+
 impl SessionCtx {
     /// A new, empty context in the session's pool, dropped with it, and the balancer's room.
     pub unsafe fn attach<'a>(s: *mut ngx_stream_session_t) -> Option<&'a mut SessionCtx> {
@@ -182,6 +198,7 @@ impl SessionCtx {
                 protocol: None,
                 name: KeptName::NONE,
                 alpn: ngx_str_t::empty(),
+                alpn_wire: false,
                 route: None,
                 upstream: core::ptr::null(),
                 table: None,

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::conf::GROUP_NAME;
 use crate::routes::table::{Backend, MatchedBy};
 use crate::session::{self, RouteKind, SessionCtx};
+use crate::sniff::tls;
 
 type Getter = unsafe extern "C" fn(
     *mut ngx_stream_session_t,
@@ -167,7 +168,15 @@ unsafe extern "C" fn edge_alpn(
     v: *mut ngx_stream_variable_value_t,
     _: usize,
 ) -> ngx_int_t {
-    with_ctx(s, v, |ctx| Some(set(v, ctx.alpn.data, ctx.alpn.len)))
+    let Some(ctx) = session::get(s) else {
+        return not_found(v);
+    };
+    // Kept as the wire lists them: joined once, in place, when (and if) it is read.
+    if core::mem::take(&mut ctx.alpn_wire) {
+        let list = core::slice::from_raw_parts_mut(ctx.alpn.data, ctx.alpn.len);
+        ctx.alpn.len = tls::join_alpn_in_place(list);
+    }
+    set(v, ctx.alpn.data, ctx.alpn.len)
 }
 
 /// How the route was found: `exact`, `wildcard`, `default`, or `none` once the name was read

@@ -64,23 +64,23 @@ impl<'a> Host<'a> {
         if raw.is_empty() || raw.len() > MAX_NAME_LEN {
             return None;
         }
-        let mut label = 0usize;
-        for &b in raw {
-            // One table lookup per byte: its lower-case form, `.`, or 0 for a byte no host
-            // name has.
+        // One table lookup per byte: its lower-case form, `.`, or 0 for a byte no host name
+        // has; a label's length is checked at its end.
+        let label_ok = |len: usize| (1..=MAX_LABEL_LEN).contains(&len);
+        let mut label_start = 0;
+        for (i, &b) in raw.iter().enumerate() {
             match LOWER[b as usize] {
-                b'.' if label == 0 => return None,
-                b'.' => label = 0,
                 0 => return None,
-                _ => {
-                    label += 1;
-                    if label > MAX_LABEL_LEN {
+                b'.' => {
+                    if !label_ok(i - label_start) {
                         return None;
                     }
+                    label_start = i + 1;
                 }
+                _ => {}
             }
         }
-        (label > 0).then_some(Host { raw })
+        label_ok(raw.len() - label_start).then_some(Host { raw })
     }
 
     /// Splits `host[:port]` (or `[v6]:port`) and checks the host part. The port, if any,

@@ -4,7 +4,7 @@
 //! that spans several records is reassembled into `scratch` (the only copy, and only then).
 //! No length field is trusted: every one is checked against what encloses it.
 
-use tls_parser::{parse_tls_record_header, TlsExtensionType, TlsRecordType};
+use tls_parser::{TlsExtensionType, TlsRecordType};
 
 use super::{Host, Peek};
 
@@ -133,21 +133,20 @@ fn collect_first_message<T>(
     let mut collected = 0usize;
     let mut wanted: Option<usize> = None;
     loop {
-        if rest.len() < RECORD_HEADER_LEN {
+        // The record header: type, version (3.x), length; read in place, every time.
+        let Some(&[kind, major, _, len_hi, len_lo]) = rest.get(..RECORD_HEADER_LEN) else {
             return Err(Peek::NeedMore);
-        }
-        let Ok((after, header)) = parse_tls_record_header(rest) else {
-            return Err(Peek::Invalid(Reject::Malformed("bad TLS record header")));
         };
-        if header.record_type != TlsRecordType::Handshake {
+        let after = &rest[RECORD_HEADER_LEN..];
+        if kind != u8::from(TlsRecordType::Handshake) {
             return Err(Peek::Invalid(Reject::Malformed(
                 "non-handshake record inside the hello",
             )));
         }
-        if header.version.0 >> 8 != 3 {
+        if major != 3 {
             return Err(Peek::Invalid(Reject::NotTls));
         }
-        let len = usize::from(header.len);
+        let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
         if len == 0 || len > MAX_RECORD_LEN {
             return Err(Peek::Invalid(Reject::Malformed("bad TLS record length")));
         }
@@ -250,24 +249,37 @@ fn parse_client_hello(body: &[u8]) -> Result<ClientHello<'_>, Reject> {
     if r.is_empty() {
         return Ok(hello); // no extensions at all: an old client, still a hello
     }
-    let mut extensions = Reader(r.vec16().ok_or(malformed)?);
+    let extensions = r.vec16().ok_or(malformed)?;
     if !r.is_empty() {
         return Err(Reject::Malformed("bytes after the ClientHello extensions"));
     }
     let (mut seen_sni, mut seen_alpn) = (false, false);
-    while !extensions.is_empty() {
-        let kind = TlsExtensionType(extensions.u16().ok_or(malformed)?);
-        let data = extensions.vec16().ok_or(malformed)?;
-        if kind == TlsExtensionType::ServerName {
-            if std::mem::replace(&mut seen_sni, true) {
-                return Err(Reject::Malformed("duplicate server_name extension"));
+    // A hello has a dozen or more extensions and two matter: each is skipped by its 4-byte
+    // head (type, length), with one bounds check for the head and one for its data.
+    let mut at = 0;
+    while at < extensions.len() {
+        let Some(&[t_hi, t_lo, len_hi, len_lo]) = extensions.get(at..at + 4) else {
+            return Err(malformed);
+        };
+        let start = at + 4;
+        at = start + usize::from(u16::from_be_bytes([len_hi, len_lo]));
+        let Some(data) = extensions.get(start..at) else {
+            return Err(malformed);
+        };
+        match TlsExtensionType(u16::from_be_bytes([t_hi, t_lo])) {
+            TlsExtensionType::ServerName => {
+                if std::mem::replace(&mut seen_sni, true) {
+                    return Err(Reject::Malformed("duplicate server_name extension"));
+                }
+                hello.server_name = read_sni(data)?;
             }
-            hello.server_name = read_sni(data)?;
-        } else if kind == TlsExtensionType::ApplicationLayerProtocolNegotiation {
-            if std::mem::replace(&mut seen_alpn, true) {
-                return Err(Reject::Malformed("duplicate ALPN extension"));
+            TlsExtensionType::ApplicationLayerProtocolNegotiation => {
+                if std::mem::replace(&mut seen_alpn, true) {
+                    return Err(Reject::Malformed("duplicate ALPN extension"));
+                }
+                hello.alpn = Some(read_alpn(data)?);
             }
-            hello.alpn = Some(read_alpn(data)?);
+            _ => {}
         }
     }
     Ok(hello)
@@ -305,6 +317,25 @@ fn read_alpn(data: &[u8]) -> Result<&[u8], Reject> {
         }
     }
     Ok(list)
+}
+
+/// Turns a `protocol_name_list` checked by [`read_client_hello`] (`\x02h2\x08http/1.1`)
+/// into its comma-separated form (`h2,http/1.1`) at the start of `list`; returns its length,
+/// one byte less than the list's.
+pub fn join_alpn_in_place(list: &mut [u8]) -> usize {
+    let (mut read, mut written) = (0, 0);
+    while let Some(&n) = list.get(read) {
+        let end = (read + 1 + usize::from(n)).min(list.len());
+        if written > 0 {
+            list[written] = b',';
+            written += 1;
+        }
+        // Each name moves left by one byte (its length byte), or stays after the first.
+        list.copy_within(read + 1..end, written);
+        written += end - read - 1;
+        read = end;
+    }
+    written
 }
 
 /// The protocol names of a `protocol_name_list` checked by [`read_client_hello`].
@@ -416,6 +447,26 @@ pub(crate) mod tests {
                 "chunk {chunk}"
             );
         }
+    }
+
+    #[test]
+    fn alpn_lists_join_in_place() {
+        for (wire, joined) in [
+            (&b"\x02h2"[..], "h2"),
+            (b"\x02h2\x08http/1.1", "h2,http/1.1"),
+            (b"\x08http/1.1\x02h2\x01x", "http/1.1,h2,x"),
+        ] {
+            let mut list = wire.to_vec();
+            let n = join_alpn_in_place(&mut list);
+            assert_eq!(&list[..n], joined.as_bytes());
+            assert_eq!(n, wire.len() - 1);
+            let names: Vec<&[u8]> = alpn_protocols(wire).collect();
+            assert_eq!(names.join(&b","[..]), joined.as_bytes());
+        }
+        // Bytes that lie about a length stop at the end, whatever they hold.
+        let mut lying = b"\x02h2\x09ab".to_vec();
+        let n = join_alpn_in_place(&mut lying);
+        assert_eq!(&lying[..n], b"h2,ab");
     }
 
     #[test]
