@@ -25,6 +25,8 @@ my ($W, $N) = map { $_ // die "CONNS: two numbers\n" } (split ' ', ($ENV{CONNS} 
 my $pass = ($ENV{PASS} // 'static') eq 'variable' ? '$edge_upstream' : 'nginx_edge';
 my $counters = ($ENV{COUNTERS} // 'on') eq 'off' ? 'edge_counters off;' : '';
 my $long = 'rancher_servers_https';
+# ONLY="edge,map t": profile these nginx only (the table's other columns stay empty).
+my %only = map { $_ => 1 } split /,/, ($ENV{ONLY} // '');
 
 my $dir = tempdir('/tmp/edge-profile.XXXXXX', CLEANUP => !$ENV{KEEP});
 chmod 0755, $dir;
@@ -79,6 +81,7 @@ for my $run (1 .. $runs) {
             $conf{'edge http'} = "load_module $b{module};\nevents {}\nstream { edge_routes $dir/rh$n.json; $counters\n"
                 . "  server { listen 127.0.0.1:%PORT%; edge_route http; proxy_pass $pass; } }\n";
             $conf{plain} = "events {}\nstream { server { listen 127.0.0.1:%PORT%; proxy_pass 127.0.0.1:$backh; } }\n";
+            delete @conf{grep { !$only{$_} } keys %conf} if %only;
             for my $which (sort keys %conf) {
                 (my $tag = "$b{name}-$n-$which") =~ s/\W/_/g;
                 my $port = port();
@@ -154,21 +157,21 @@ for my $spec (@builds) {
             printf $fmt, $label, map { sum($r->{$_}, /^edge/ ? $edge_fns : $map_fns) } @cols;
         }
         my %whole = map { $_ => $r->{$_}{total} } @cols;
-        printf $fmt, '**whole worker**', map { int($whole{$_} + 0.5) } @cols;
+        printf $fmt, '**whole worker**', map { defined $whole{$_} ? int($whole{$_} + 0.5) : '' } @cols;
         for my $map ('map t', "map $long") {
             printf $fmt, "/ $map" =~ s/map $long/map long/r,
-                (map { sprintf '%.3f', $whole{$_} / $whole{$map} } 'edge', 'edge changed'), '', '';
+                (map { $whole{$_} && $whole{$map} ? sprintf('%.3f', $whole{$_} / $whole{$map}) : '' } 'edge', 'edge changed'), '', '';
         }
         print "\n";
         printf "HTTP by Host: nginx-edge %d, plain stream proxy (no routing) %d per connection\n\n",
-            $r->{'edge http'}{total} + 0.5, $r->{plain}{total} + 0.5;
+            $r->{'edge http'}{total} + 0.5, $r->{plain}{total} + 0.5 if $r->{'edge http'} && $r->{plain};
     }
 }
 print "('-': the function is not named in this nginx's symbols, or not called)\n";
 
 sub sum {
     my ($r, $fns) = @_;
-    return '' unless @$fns;
+    return '' unless @$fns && $r;
     my ($n, $any) = (0, 0);
     for my $fn (@$fns) {
         next unless exists $r->{$fn};
