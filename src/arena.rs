@@ -1,5 +1,5 @@
 //! Pure: a global allocator that is the system's `malloc`, except inside `Arena::scoped`,
-//! where every allocation of the process goes to a private mapping instead.
+//! where every allocation of the calling thread goes to a private mapping instead.
 //!
 //! Why: reading a large route table at configuration time allocates and frees megabytes in
 //! the master, which leaves holes between what stays in glibc's main heap. Every worker forked
@@ -24,8 +24,9 @@ use std::sync::Mutex;
 
 /// The page the counters count (the arena is not used where the system's differs).
 const PAGE: usize = 4096;
-/// Mappings alive at once: a configuration's, and the one before it during a reload.
-const SLOTS: usize = 2;
+/// Mappings alive at once: a configuration's (and the one before it during a reload), and
+/// in a worker the tables its threads built (the one in service, the one retiring).
+const SLOTS: usize = 6;
 /// While a scope runs, emptied pages are given back in runs of at least this many (fewer
 /// system calls, each of which costs the event loop's CPU a TLB flush); the rest at its end.
 const GIVE_BACK_RUN: usize = 16;
@@ -33,7 +34,7 @@ const GIVE_BACK_RUN: usize = 16;
 pub struct Arena {
     /// Address space per mapping (reserved, not committed: pages are made as touched).
     span: usize,
-    /// The slot of the open scope, plus one; 0 when none is open.
+    /// Scopes open, on any thread: while 0, an allocation looks no further.
     active: AtomicUsize,
     /// Each slot's mapping start (0: none) and length (the span, then what the scope used),
     /// read without the lock by `dealloc`.
@@ -64,15 +65,16 @@ impl Arena {
         Arena {
             span,
             active: AtomicUsize::new(0),
-            starts: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            lens: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            starts: [const { AtomicUsize::new(0) }; SLOTS],
+            lens: [const { AtomicUsize::new(0) }; SLOTS],
             state: Mutex::new([IDLE; SLOTS]),
         }
     }
 
-    /// Runs `f` with every allocation it makes (on any thread) in a mapping of its own. What
-    /// it returns may keep allocations there; they are freed as usual, from any thread. Also
-    /// says whether it had a mapping (false: `f` ran on the system allocator).
+    /// Runs `f` with every allocation it makes on this thread in a mapping of its own (other
+    /// threads allocate as usual). What it returns may keep allocations there; they are freed
+    /// as usual, from any thread. Also says whether it had a mapping (false: `f` ran on the
+    /// system allocator: no room for another mapping, or a scope already open here).
     pub fn scoped<T>(&self, f: impl FnOnce() -> T) -> (T, bool) {
         let Some(slot) = self.open() else {
             return (f(), false);
@@ -94,10 +96,10 @@ impl Arena {
         if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
             return None;
         }
-        let mut state = self.state.lock().ok()?;
-        if self.active.load(Acquire) != 0 {
+        if self.current().is_some() {
             return None;
         }
+        let mut state = self.state.lock().ok()?;
         let slot = (0..SLOTS).find(|&i| self.starts[i].load(Relaxed) == 0)?;
         // SAFETY: a new private anonymous mapping; nothing else points into it.
         let start = unsafe {
@@ -121,12 +123,22 @@ impl Arena {
         };
         self.lens[slot].store(self.span, Release);
         self.starts[slot].store(start as usize, Release);
-        self.active.store(slot + 1, Release);
+        SCOPE.set((self as *const Arena as usize, slot + 1));
+        self.active.fetch_add(1, Release);
         Some(slot)
     }
 
+    /// The slot of the scope open on this thread, if any.
+    fn current(&self) -> Option<usize> {
+        let (arena, slot) = SCOPE.get();
+        (arena == self as *const Arena as usize)
+            .then_some(slot)?
+            .checked_sub(1)
+    }
+
     fn close(&self, slot: usize) {
-        let _ = self.active.compare_exchange(slot + 1, 0, Release, Relaxed);
+        SCOPE.set((0, 0));
+        self.active.fetch_sub(1, Release);
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -218,9 +230,10 @@ impl Arena {
         }
     }
 
-    /// An allocation in the open scope's mapping, or None (no scope, or no room left).
+    /// An allocation in the mapping of the scope open on this thread, or None (no scope, or
+    /// no room left).
     fn bump(&self, layout: Layout) -> Option<*mut u8> {
-        let slot = self.active.load(Acquire).checked_sub(1)?;
+        let slot = self.current()?;
         let mut state = self.state.lock().ok()?;
         let s = &mut state[slot];
         if !s.open {
@@ -269,6 +282,12 @@ impl Arena {
     pub fn holds(&self, p: *const u8) -> bool {
         self.slot_of(p as usize).is_some()
     }
+}
+
+std::thread_local! {
+    /// The arena (its address) and slot (plus one) of the scope open on this thread. A
+    /// constant initialiser and no destructor: reading it never allocates.
+    static SCOPE: core::cell::Cell<(usize, usize)> = const { core::cell::Cell::new((0, 0)) };
 }
 
 // SAFETY: every allocation is either the system allocator's, or a fresh range of a mapping of
@@ -462,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_mapping_a_nested_scope_and_a_third_fall_back_to_the_system() {
+    fn a_full_mapping_a_nested_scope_and_one_too_many_fall_back_to_the_system() {
         let a = Arena::new(SPAN);
         let (kept, _) = a.scoped(|| {
             let (inner, nested) = a.scoped(|| alloc(&a, 16, 8));
@@ -475,15 +494,39 @@ mod tests {
             free(&a, huge);
             inner
         });
-        let (kept2, mapped) = a.scoped(|| alloc(&a, 16, 8));
-        assert!(mapped && a.holds(kept2.0));
-        let (third, mapped) = a.scoped(|| alloc(&a, 16, 8));
-        assert!(!mapped && !a.holds(third.0), "two mappings at most");
-        assert_eq!(a.mappings(), 2);
-        for p in [kept, kept2, third] {
+        let mut kept = vec![kept];
+        for _ in 1..SLOTS {
+            let (p, mapped) = a.scoped(|| alloc(&a, 16, 8));
+            assert!(mapped && a.holds(p.0));
+            kept.push(p);
+        }
+        let (extra, mapped) = a.scoped(|| alloc(&a, 16, 8));
+        assert!(!mapped && !a.holds(extra.0), "{SLOTS} mappings at most");
+        assert_eq!(a.mappings(), SLOTS);
+        kept.push(extra);
+        for p in kept {
             free(&a, p);
         }
         assert_eq!(a.mappings(), 0);
+    }
+
+    #[test]
+    fn other_threads_allocate_as_usual_while_a_scope_runs() {
+        static A: Arena = Arena::new(SPAN);
+        let (outside, _) = A.scoped(|| {
+            let mine = alloc(&A, 64, 8);
+            let theirs = std::thread::spawn(|| {
+                let (p, l) = alloc(&A, 64, 8);
+                (p as usize, l)
+            })
+            .join()
+            .unwrap();
+            assert!(A.holds(mine.0) && !A.holds(theirs.0 as *const u8));
+            free(&A, mine);
+            theirs
+        });
+        free(&A, (outside.0 as *mut u8, outside.1));
+        assert_eq!(A.mappings(), 0);
     }
 
     /// Random sizes and alignments, freed and grown in any order, in the scope and after it:

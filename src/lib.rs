@@ -54,7 +54,7 @@ pub use wiring::ngx_stream_edge_module;
 /// configuration's route tables are read there). 1 GiB of address space per scope.
 #[cfg(all(feature = "module", not(test)))]
 #[global_allocator]
-static ALLOCATOR: arena::Arena = arena::Arena::new(1 << 30);
+pub(crate) static ALLOCATOR: arena::Arena = arena::Arena::new(1 << 30);
 
 #[cfg(all(feature = "module", not(test)))]
 mod wiring {

@@ -986,7 +986,11 @@ fn spawn(
     publish: Option<(u64, u64)>,
 ) -> std::io::Result<JoinHandle<Built>> {
     spawn_quiet("edge-routes", move || {
-        let built = build(work, &names, zone, publish);
+        // In an arena of its own (see `arena`): what the build frees goes back to the system
+        // when it ends, and what it keeps does not pin the pages of a malloc arena that later
+        // builds fill with their garbage (after a first change at 100,000 routes, the
+        // thread's malloc arena kept 12.6 MB resident, trimmed or not).
+        let (built, _) = crate::ALLOCATOR.scoped(|| build(work, &names, zone, publish));
         // Give back the pages the work freed: a thread's malloc arena otherwise keeps the
         // peak of every build (the table it made may be freed later in the event loop, where
         // nothing trims).
@@ -1043,7 +1047,7 @@ fn spawn_load(
     zone: Option<Arc<Zone>>,
 ) -> std::io::Result<JoinHandle<Loaded>> {
     spawn_quiet("edge-routes", move || {
-        let loaded = load(published, key, zone);
+        let (loaded, _) = crate::ALLOCATOR.scoped(|| load(published, key, zone));
         // As after a build (see `spawn`): what checking the image freed goes back.
         // SAFETY: malloc_trim is thread-safe.
         unsafe { libc::malloc_trim(0) };
