@@ -18,45 +18,62 @@
 //! to the system allocator: the arena is an optimisation, never a condition.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::sync::atomic::{AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::alloc::System;
-use std::sync::Mutex;
+
+use Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// The page the counters count (the arena is not used where the system's differs).
 const PAGE: usize = 4096;
 /// Mappings alive at once: a configuration's (and the one before it during a reload), and
-/// in a worker the tables its threads built (the one in service, the one retiring).
-const SLOTS: usize = 6;
-/// While a scope runs, emptied pages are given back in runs of at least this many (fewer
-/// system calls, each of which costs the event loop's CPU a TLB flush); the rest at its end.
+/// in a worker those of the tables its threads built or loaded (in service, retiring, kept
+/// by a long connection).
+const SLOTS: usize = 16;
+/// Emptied pages are given back in runs of at least this many while a scope runs (fewer
+/// system calls, each of which costs the CPUs a TLB flush); every one when it ends.
 const GIVE_BACK_RUN: usize = 16;
+/// `starts` of a slot being set up.
+const CLAIMED: usize = 1;
 
+/// No lock anywhere: a slot's owner (the thread whose scope it is) alone moves `next`, and
+/// page counters and the live count are atomic, so that a thread freeing into a mapping
+/// never waits for another (the retire thread runs at idle priority: a lock it held while
+/// preempted would stall the event loop).
 pub struct Arena {
     /// Address space per mapping (reserved, not committed: pages are made as touched).
     span: usize,
     /// Scopes open, on any thread: while 0, an allocation looks no further.
     active: AtomicUsize,
-    /// Each slot's mapping start (0: none) and length (the span, then what the scope used),
-    /// read without the lock by `dealloc`.
-    starts: [AtomicUsize; SLOTS],
-    lens: [AtomicUsize; SLOTS],
-    state: Mutex<[Slot; SLOTS]>,
+    /// Mappings alive: while 0, a free looks no further.
+    mapped: AtomicUsize,
+    /// Scopes that ran on the system allocator for want of a mapping.
+    fallbacks: AtomicUsize,
+    slots: [Slot; SLOTS],
 }
 
-#[derive(Clone, Copy)]
 struct Slot {
-    /// Where the next allocation goes, as an offset in the mapping.
-    next: usize,
+    /// The mapping's start (0: none, `CLAIMED`: being set up) and length (the span, then
+    /// what its scope used).
+    start: AtomicUsize,
+    len: AtomicUsize,
+    /// Where the next allocation goes, as an offset: moved by the owner only.
+    next: AtomicUsize,
     /// Live allocations, plus one while the scope is open.
-    live: usize,
-    open: bool,
+    live: AtomicUsize,
+    open: AtomicBool,
 }
 
-const IDLE: Slot = Slot {
-    next: 0,
-    live: 0,
-    open: false,
-};
+impl Slot {
+    const fn idle() -> Slot {
+        Slot {
+            start: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            open: AtomicBool::new(false),
+        }
+    }
+}
 
 impl Arena {
     /// `span`: the address space each scope may use, a multiple of the page size; past it, a
@@ -65,9 +82,9 @@ impl Arena {
         Arena {
             span,
             active: AtomicUsize::new(0),
-            starts: [const { AtomicUsize::new(0) }; SLOTS],
-            lens: [const { AtomicUsize::new(0) }; SLOTS],
-            state: Mutex::new([IDLE; SLOTS]),
+            mapped: AtomicUsize::new(0),
+            fallbacks: AtomicUsize::new(0),
+            slots: [const { Slot::idle() }; SLOTS],
         }
     }
 
@@ -76,7 +93,11 @@ impl Arena {
     /// as usual, from any thread. Also says whether it had a mapping (false: `f` ran on the
     /// system allocator: no room for another mapping, or a scope already open here).
     pub fn scoped<T>(&self, f: impl FnOnce() -> T) -> (T, bool) {
+        if self.current().is_some() {
+            return (f(), false);
+        }
         let Some(slot) = self.open() else {
+            self.fallbacks.fetch_add(1, Relaxed);
             return (f(), false);
         };
         /// Closes the scope on the way out, panics included.
@@ -90,17 +111,25 @@ impl Arena {
         (f(), true)
     }
 
-    /// The slot a new scope may use, mapped, and made active; None to run without one.
+    /// Scopes that ran without a mapping of their own (all were in use, or none could be
+    /// made), since the start.
+    pub fn fallbacks(&self) -> usize {
+        self.fallbacks.load(Relaxed)
+    }
+
+    /// A slot claimed, mapped and made this thread's scope; None to run without one.
     fn open(&self) -> Option<usize> {
         // SAFETY: sysconf has no preconditions.
         if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
             return None;
         }
-        if self.current().is_some() {
-            return None;
-        }
-        let mut state = self.state.lock().ok()?;
-        let slot = (0..SLOTS).find(|&i| self.starts[i].load(Relaxed) == 0)?;
+        let slot = (0..SLOTS).find(|&i| {
+            self.slots[i]
+                .start
+                .compare_exchange(0, CLAIMED, Acquire, Relaxed)
+                .is_ok()
+        })?;
+        let s = &self.slots[slot];
         // SAFETY: a new private anonymous mapping; nothing else points into it.
         let start = unsafe {
             libc::mmap(
@@ -113,16 +142,16 @@ impl Arena {
             )
         };
         if start == libc::MAP_FAILED {
+            s.start.store(0, Release);
             return None;
         }
         // The page counters come first, then the allocations.
-        state[slot] = Slot {
-            next: self.counters_len(),
-            live: 1,
-            open: true,
-        };
-        self.lens[slot].store(self.span, Release);
-        self.starts[slot].store(start as usize, Release);
+        s.next.store(self.counters_len(), Relaxed);
+        s.live.store(1, Relaxed);
+        s.open.store(true, Relaxed);
+        s.len.store(self.span, Relaxed);
+        self.mapped.fetch_add(1, Relaxed);
+        s.start.store(start as usize, Release);
         SCOPE.set((self as *const Arena as usize, slot + 1));
         self.active.fetch_add(1, Release);
         Some(slot)
@@ -139,30 +168,24 @@ impl Arena {
     fn close(&self, slot: usize) {
         SCOPE.set((0, 0));
         self.active.fetch_sub(1, Release);
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        state[slot].open = false;
-        let start = self.starts[slot].load(Relaxed);
+        let s = &self.slots[slot];
+        // From here on no page gets anything more: whoever empties one may give it back.
+        s.open.store(false, Release);
+        let start = s.start.load(Relaxed);
+        let next = s.next.load(Relaxed);
         // Every page emptied, the one the last allocation went to included.
-        self.give_back(
-            start,
-            self.counters_len(),
-            state[slot].next,
-            &state[slot],
-            1,
-        );
+        self.give_back(start, self.counters_len(), next, usize::MAX, 1);
         // Nothing more goes past what was used: the rest of the span goes back to the system
         // (under strict overcommit, each process forked from this one would be charged for
         // all of it). The length is shortened before the unmap, so that a later mapping of
         // the system's there is never taken for ours.
-        let used = state[slot].next.next_multiple_of(PAGE);
+        let used = next.next_multiple_of(PAGE);
         if used < self.span {
-            self.lens[slot].store(used, Release);
+            s.len.store(used, Release);
             // SAFETY: past every allocation of the mapping; nothing points there.
             unsafe { libc::munmap((start + used) as *mut libc::c_void, self.span - used) };
         }
-        self.unref(&mut state, slot);
+        self.unref(slot);
     }
 
     /// Bytes of page counters at the start of a mapping (a u32 per page).
@@ -172,38 +195,38 @@ impl Arena {
 
     /// The slot whose mapping holds `p`, if any.
     fn slot_of(&self, p: usize) -> Option<usize> {
+        if self.mapped.load(Acquire) == 0 {
+            return None;
+        }
         (0..SLOTS).find(|&i| {
-            let start = self.starts[i].load(Acquire);
-            start != 0 && p >= start && p - start < self.lens[i].load(Acquire)
+            let s = &self.slots[i];
+            let start = s.start.load(Acquire);
+            start > CLAIMED && p >= start && p - start < s.len.load(Acquire)
         })
     }
 
     /// Page `page`'s live-allocation counter in the mapping at `start`.
-    ///
-    /// # Safety
-    /// `start` is a live slot's mapping and `page` one of its pages; the state lock is held.
-    unsafe fn counter(start: usize, page: usize) -> *mut u32 {
-        (start as *mut u32).add(page)
+    fn counter(start: usize, page: usize) -> &'static AtomicU32 {
+        // SAFETY: the counters lie at the start of the mapping, which stays mapped while
+        // anything in it is live (the callers hold an allocation of it, or its scope).
+        unsafe { &*(start as *const AtomicU32).add(page) }
     }
 
     /// Gives back the runs of at least `min_run` pages in `[from, to)` (offsets) that hold
-    /// nothing live and will get nothing more: below the next allocation's page while the
-    /// scope is open, any once closed. The state lock is held.
-    fn give_back(&self, start: usize, from: usize, to: usize, slot: &Slot, min_run: usize) {
+    /// nothing live, below page `limit`: no page there will get anything more (below the
+    /// owner's next allocation while the scope is open; any page once it is closed).
+    fn give_back(&self, start: usize, from: usize, to: usize, limit: usize, min_run: usize) {
         let first = from / PAGE;
-        let mut last = to.div_ceil(PAGE);
-        if slot.open {
-            last = last.min(slot.next / PAGE);
-        }
+        let last = to.div_ceil(PAGE).min(limit);
         let mut run: Option<usize> = None;
         for page in first..=last {
-            // SAFETY: the pages are the mapping's, counters below `counters_len`.
-            let empty = page < last && unsafe { *Self::counter(start, page) } == 0;
+            let empty = page < last && Self::counter(start, page).load(Acquire) == 0;
             match (empty, run) {
                 (true, None) => run = Some(page),
                 (false, Some(r)) if page - r < min_run => run = None,
                 (false, Some(r)) => {
-                    // SAFETY: pages of our own mapping with nothing live on them.
+                    // SAFETY: pages of our own mapping with nothing live on them, and none
+                    // will be placed there.
                     unsafe {
                         libc::madvise(
                             (start + r * PAGE) as *mut libc::c_void,
@@ -219,63 +242,64 @@ impl Arena {
     }
 
     /// One reference fewer; the mapping is unmapped with its last one.
-    fn unref(&self, state: &mut [Slot; SLOTS], slot: usize) {
-        state[slot].live -= 1;
-        if state[slot].live == 0 {
-            let start = self.starts[slot].swap(0, Release);
-            let len = self.lens[slot].swap(0, Release);
-            state[slot] = IDLE;
+    fn unref(&self, slot: usize) {
+        let s = &self.slots[slot];
+        if s.live.fetch_sub(1, AcqRel) == 1 {
+            let len = s.len.load(Acquire);
+            let start = s.start.swap(CLAIMED, AcqRel);
+            self.mapped.fetch_sub(1, Relaxed);
             // SAFETY: nothing is live in it any more.
             unsafe { libc::munmap(start as *mut libc::c_void, len) };
+            s.len.store(0, Relaxed);
+            s.start.store(0, Release);
         }
     }
 
     /// An allocation in the mapping of the scope open on this thread, or None (no scope, or
-    /// no room left).
+    /// no room left). Only the owner moves `next`.
     fn bump(&self, layout: Layout) -> Option<*mut u8> {
         let slot = self.current()?;
-        let mut state = self.state.lock().ok()?;
-        let s = &mut state[slot];
-        if !s.open {
-            return None;
-        }
-        let start = self.starts[slot].load(Relaxed);
-        let at = (start + s.next).next_multiple_of(layout.align().max(1)) - start;
+        let s = &self.slots[slot];
+        let start = s.start.load(Relaxed);
+        let next = s.next.load(Relaxed);
+        let at = (start + next).next_multiple_of(layout.align().max(1)) - start;
         let end = at.checked_add(layout.size().max(1))?;
         if end > self.span {
             return None;
         }
-        s.next = end;
-        s.live += 1;
+        s.live.fetch_add(1, Relaxed);
         for page in at / PAGE..end.div_ceil(PAGE) {
-            // SAFETY: a page of the mapping; the lock is held.
-            unsafe { *Self::counter(start, page) += 1 };
+            Self::counter(start, page).fetch_add(1, Relaxed);
         }
+        s.next.store(end, Relaxed);
         Some((start + at) as *mut u8)
     }
 
-    /// Frees an allocation of slot `slot`.
+    /// Frees an allocation of slot `slot`, from any thread.
     fn free(&self, slot: usize, p: usize, size: usize) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        let start = self.starts[slot].load(Relaxed);
+        let s = &self.slots[slot];
+        let start = s.start.load(Relaxed);
         let at = p - start;
         let end = at + size.max(1);
         for page in at / PAGE..end.div_ceil(PAGE) {
-            // SAFETY: a page of the mapping; the lock is held.
-            unsafe { *Self::counter(start, page) -= 1 };
+            Self::counter(start, page).fetch_sub(1, Release);
         }
-        let s = state[slot];
         if end - at >= GIVE_BACK_RUN * PAGE {
-            self.give_back(start, at, end, &s, GIVE_BACK_RUN);
+            if self.current() == Some(slot) {
+                // The owner, its scope open: below its next allocation's page.
+                let limit = s.next.load(Relaxed) / PAGE;
+                self.give_back(start, at, end, limit, GIVE_BACK_RUN);
+            } else if !s.open.load(Acquire) {
+                // Closed: no page gets anything more.
+                self.give_back(start, at, end, usize::MAX, GIVE_BACK_RUN);
+            }
         }
-        self.unref(&mut state, slot);
+        self.unref(slot);
     }
 
     /// Live mappings (for tests and logs).
     pub fn mappings(&self) -> usize {
-        self.starts.iter().filter(|s| s.load(Relaxed) != 0).count()
+        self.mapped.load(Relaxed)
     }
 
     /// Whether `p` lies in one of the arena's mappings.
@@ -602,6 +626,53 @@ mod tests {
             unsafe { a.dealloc(p, l) };
         }
         assert_eq!(a.mappings(), 0);
+    }
+
+    /// Blocks of a closed scope, large and small, freed by four threads at once: the pages
+    /// they give back never hold a block still live.
+    #[test]
+    fn concurrent_frees_after_the_scope_keep_live_blocks() {
+        static A: Arena = Arena::new(64 << 20);
+        let (blocks, _) = A.scoped(|| {
+            (0..400)
+                .map(|i| {
+                    let size = if i % 5 == 0 {
+                        17 * PAGE + i
+                    } else {
+                        24 + i % 700
+                    };
+                    let (p, l) = alloc(&A, size, 8);
+                    // SAFETY: ours, `size` bytes.
+                    unsafe { p.write_bytes((i % 251) as u8, size) };
+                    (p as usize, l, (i % 251) as u8)
+                })
+                .collect::<Vec<_>>()
+        });
+        let (keep, give): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|b| b.2 % 7 == 0);
+        let threads: Vec<_> = give
+            .chunks(give.len().div_ceil(4))
+            .map(|part| {
+                let part = part.to_vec();
+                std::thread::spawn(move || {
+                    for (p, l, _) in part {
+                        free(&A, (p as *mut u8, l));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for (p, l, tag) in keep {
+            // SAFETY: live blocks of `l.size()` bytes.
+            let bytes = unsafe { core::slice::from_raw_parts(p as *const u8, l.size()) };
+            assert!(
+                bytes.iter().all(|&b| b == tag),
+                "a live block lost its bytes"
+            );
+            free(&A, (p as *mut u8, l));
+        }
+        assert_eq!(A.mappings(), 0);
     }
 
     #[test]

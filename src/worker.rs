@@ -70,6 +70,8 @@ pub struct Worker {
     touch: ngx_event_t,
     /// When the zone records were last touched (`upkeep`).
     touched: Cell<u64>,
+    /// Table builds without an arena of their own, as last logged.
+    arena_fallbacks: Cell<usize>,
     /// State of the active checks (see `check`).
     pub checks: Checks,
     /// Tables replaced while sessions or probes still used them: freed off the event loop
@@ -232,6 +234,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> bool {
         refreshes: Vec::new(),
         touch: core::mem::zeroed(),
         touched: Cell::new(now_ms()),
+        arena_fallbacks: Cell::new(crate::ALLOCATOR.fallbacks()),
         checks: Checks {
             ticker: core::mem::zeroed(),
             tick_ms: 0,
@@ -854,6 +857,15 @@ unsafe extern "C" fn on_refresh(ev: *mut ngx_event_t) {
                     w.retire(source.take_retired(), replaced, r.slot);
                     let accepted = source.take_accepted();
                     in_service(log, slot, generation, r.busy + entered.spent());
+                    let fallbacks = crate::ALLOCATOR.fallbacks();
+                    if fallbacks > w.arena_fallbacks.replace(fallbacks) {
+                        ngx_log_error!(
+                            NGX_LOG_INFO,
+                            log,
+                            "edge_routes: {} table build(s) of this process ran without an arena of their own (every mapping in use): memory after changes may stay higher",
+                            fallbacks
+                        );
+                    }
                     wake_checks();
                     keep(w, r, &accepted);
                 } else {
