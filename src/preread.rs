@@ -67,7 +67,7 @@ pub unsafe extern "C" fn preread_handler(s: *mut ngx_stream_session_t) -> ngx_in
                 }
                 if let Some(list) = hello.alpn {
                     ctx.alpn = session::keep_alpn(c.pool, list);
-                    ctx.alpn_wire = true;
+                    ctx.alpn_wire = ctx.alpn.len > 0;
                 }
                 None
             }

@@ -172,7 +172,7 @@ unsafe extern "C" fn edge_alpn(
         return not_found(v);
     };
     // Kept as the wire lists them: joined once, in place, when (and if) it is read.
-    if core::mem::take(&mut ctx.alpn_wire) {
+    if core::mem::take(&mut ctx.alpn_wire) && !ctx.alpn.data.is_null() {
         let list = core::slice::from_raw_parts_mut(ctx.alpn.data, ctx.alpn.len);
         ctx.alpn.len = tls::join_alpn_in_place(list);
     }
