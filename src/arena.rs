@@ -149,7 +149,7 @@ impl Arena {
         s.next.store(self.counters_len(), Relaxed);
         s.live.store(1, Relaxed);
         s.open.store(true, Relaxed);
-        s.len.store(self.span, Relaxed);
+        s.len.store(self.span, Release);
         self.mapped.fetch_add(1, Relaxed);
         s.start.store(start as usize, Release);
         SCOPE.set((self as *const Arena as usize, slot + 1));
@@ -193,15 +193,22 @@ impl Arena {
         (self.span / PAGE * 4).next_multiple_of(PAGE)
     }
 
-    /// The slot whose mapping holds `p`, if any.
-    fn slot_of(&self, p: usize) -> Option<usize> {
+    /// The slot whose mapping holds `p`, if any, and that mapping's start.
+    fn slot_of(&self, p: usize) -> Option<(usize, usize)> {
         if self.mapped.load(Acquire) == 0 {
             return None;
         }
-        (0..SLOTS).find(|&i| {
+        (0..SLOTS).find_map(|i| {
             let s = &self.slots[i];
             let start = s.start.load(Acquire);
-            start > CLAIMED && p >= start && p - start < s.len.load(Acquire)
+            if start <= CLAIMED || p < start {
+                return None;
+            }
+            let len = s.len.load(Acquire);
+            // Still the same mapping: a thread that slept between the two reads must not pair
+            // this start with the length of a later mapping of the slot (a pointer of the
+            // system's, in this mapping's unmapped tail, would be taken for the next one's).
+            (p - start < len && s.start.load(Acquire) == start).then_some((i, start))
         })
     }
 
@@ -275,10 +282,9 @@ impl Arena {
         Some((start + at) as *mut u8)
     }
 
-    /// Frees an allocation of slot `slot`, from any thread.
-    fn free(&self, slot: usize, p: usize, size: usize) {
+    /// Frees an allocation of slot `slot`, whose mapping starts at `start`, from any thread.
+    fn free(&self, slot: usize, start: usize, p: usize, size: usize) {
         let s = &self.slots[slot];
-        let start = s.start.load(Relaxed);
         let at = p - start;
         let end = at + size.max(1);
         for page in at / PAGE..end.div_ceil(PAGE) {
@@ -338,7 +344,7 @@ unsafe impl GlobalAlloc for Arena {
 
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
         match self.slot_of(p as usize) {
-            Some(slot) => self.free(slot, p as usize, layout.size()),
+            Some((slot, start)) => self.free(slot, start, p as usize, layout.size()),
             None => System.dealloc(p, layout),
         }
     }
