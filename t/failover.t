@@ -80,7 +80,12 @@ for my $n (1 .. $clients) {
 }
 my @failed = grep { $answer{$_} !~ /^f[abc]$/ } sort keys %answer;
 cmp_ok(scalar keys %answer, '>=', 400, 'clients made ' . scalar(keys %answer) . ' connections');
-is(scalar @failed, 0, 'no client saw a failure') or diag("failed: @failed[0 .. ($#failed < 9 ? $#failed : 9)]");
+# A connection fb had already accepted when it was stopped is cut (reset): once bytes went to
+# an upstream, nginx cannot send them elsewhere. Each client has at most one such connection
+# in flight; every one that started after fb was gone must be answered.
+my @late = grep { $start{$_} >= $stopped } @failed;
+ok(@late == 0 && @failed <= $clients, 'no client saw a failure but for one cut in flight each')
+    or diag("failed: @failed[0 .. ($#failed < 9 ? $#failed : 9)]; after the stop: " . scalar(@late));
 
 wait_for(sub { scalar(() = $t->read_file('access.log') =~ /load\.test/g) >= scalar keys %answer }, 'access log');
 my %addr = $t->read_file('access.log') =~ /name=(\S+)\.load\.test .* addr=(.*?) status=/g;
