@@ -184,9 +184,10 @@ pub unsafe fn cancel_timer(ev: *mut nginx_sys::ngx_event_t) {
     }
 }
 
-/// Runs `f` (which frees a table) with glibc's fastbins off. A table read at configuration
-/// time was allocated by the master in the main arena: its millions of small chunks, freed on
-/// any thread, would wait in the main arena's fastbins until the event loop's next large
+/// Runs `f` (which frees a table) with glibc's fastbins off. A table read without an arena of
+/// the module's (see `arena`: a fallback) was allocated by the master in the main arena: its
+/// millions of small chunks, freed on any thread, would wait in the main arena's fastbins
+/// until the event loop's next large
 /// allocation consolidates them all at once (130 ms at 1,000,000 routes). Without fastbins
 /// each chunk is coalesced as it is freed, here.
 pub fn without_fastbins(f: impl FnOnce()) {

@@ -21,9 +21,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(kept, name.as_str().as_bytes());
         }
         if let Some(list) = hello.alpn {
-            for proto in tls::alpn_protocols(list) {
-                assert!(!proto.is_empty());
-            }
+            let names: Vec<&[u8]> = tls::alpn_protocols(list).collect();
+            assert!(names.iter().all(|proto| !proto.is_empty()));
+            // What `$edge_alpn` shows: the list joined in place, as the names with commas.
+            let mut joined = list.to_vec();
+            let n = tls::join_alpn_in_place(&mut joined);
+            assert_eq!(&joined[..n], &names.join(&b","[..])[..]);
         }
     }
     // A prefix of a complete hello never reads as a different hello.
